@@ -1,0 +1,52 @@
+"""Writers for benchmark results: JSON, a markdown table and a ratio-vs-ΔPPL plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def markdown_table(res: dict) -> str:
+    head = ("| format | family | boundary bf16 layers | B/token (model) | ratio vs bf16 | PPL | ΔPPL % | ΔPPL 95% CI | "
+            "KLD | top-1 agree | K rel MSE | V rel MSE |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for f in sorted(res["formats"], key=lambda r: -r["ratio_vs_bf16"]):
+        ci = f.get("delta_ppl_pct_ci95", [float("nan")] * 2)
+        rows.append(
+            f"| {f['name']} | {f['family']} | {','.join(map(str, f['exact_layers'])) or '—'} | "
+            f"{f['bytes_per_token']:.0f} | {f['ratio_vs_bf16']:.2f} | {f['ppl']:.3f} | {f['delta_ppl_pct']:+.2f} | "
+            f"[{ci[0]:+.2f}, {ci[1]:+.2f}] | {f['kld']:.4f} | {f['top1_agree']:.3f} | "
+            f"{f['k_rel_mse']:.4f} | {f['v_rel_mse']:.4f} |")
+    return head + "\n" + "\n".join(rows)
+
+
+def plot_frontier(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"kakeya": "tab:red", "v13": "tab:brown", "turboquant": "tab:blue", "turboquant_plus": "tab:cyan",
+              "int4_per_token_head": "tab:green", "fp8": "tab:purple", "bf16": "black"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for f in res["formats"]:
+        ci = f.get("delta_ppl_pct_ci95")
+        y = f["delta_ppl_pct"]
+        yerr = None if not ci else [[y - ci[0]], [ci[1] - y]]
+        ax.errorbar(f["ratio_vs_bf16"], max(y, 1e-3), yerr=yerr, fmt="o", color=colors.get(f["family"], "gray"),
+                    capsize=2, ms=5)
+        ax.annotate(f["name"], (f["ratio_vs_bf16"], max(y, 1e-3)), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=0.5)
+    ax.set_xlabel("whole-model KV ratio vs bf16 (higher is better)")
+    ax.set_ylabel("ΔPPL vs bf16, % (lower is better; bars = 95% CI)")
+    ax.set_title(f"{res['model']} on {res['corpus']}: {res['windows']} windows × {res['window_tokens']} "
+                 f"tokens, chunk {res['chunk']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""The evaluation protocol on a tiny random Llama (no download)."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kakeya_kv.codecs.base import BF16, Codec
+from kakeya_kv.codecs.exact import ExactCodec
+from kakeya_kv.codecs.kakeya import KakeyaCodec
+from kakeya_kv.harness import SealStats, evaluate, summarize, window_logprobs
+from kakeya_kv.model_format import ModelFormat, vllm_tq_boundary
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+class Zero(Codec):
+    """Stores nothing: any token read from a sealed block is zero."""
+    name = family = "zero"
+    block_tokens = 512
+
+    def bytes_per_token_head(self, d):
+        return 0.0
+
+    def roundtrip(self, k, v, layer):
+        return torch.zeros_like(k), torch.zeros_like(v)
+
+
+def test_exact_format_reproduces_bf16_bit_for_bit(model):
+    ids = torch.randint(0, 97, (1100,), generator=torch.Generator().manual_seed(1))
+    a = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 550, SealStats())
+    b = window_logprobs(model, ids, ModelFormat("exact", "bf16", ExactCodec()), 256, 550, SealStats())
+    assert a.shape == (1100 - 550, 97)
+    assert torch.equal(a, b)
+
+
+def test_chunked_prefill_reads_sealed_blocks(model):
+    ids = torch.randint(0, 97, (1024,), generator=torch.Generator().manual_seed(2))
+    ref = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 1, SealStats())
+    z = window_logprobs(model, ids, ModelFormat("zero", "zero", Zero()), 256, 1, SealStats())
+    # Before the first block is sealed (positions < 512) outputs are identical ...
+    assert torch.allclose(ref[:510], z[:510], atol=1e-5)
+    # ... after it, every position reads the zeroed sealed block.
+    assert (ref[520:] - z[520:]).abs().amax(-1).min() > 1e-4
+
+
+def test_boundary_layers_stay_exact(model):
+    fmt = ModelFormat("zero_all_exact", "zero", Zero(), exact_layers=(0, 1, 2))
+    ids = torch.randint(0, 97, (1024,), generator=torch.Generator().manual_seed(3))
+    ref = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 600, SealStats())
+    got = window_logprobs(model, ids, fmt, 256, 600, SealStats())
+    assert torch.equal(ref, got)
+    assert fmt.bytes_per_token(3, 1, 64) == 3 * 256
+
+
+def test_evaluate_summary_fields(model):
+    wins = [torch.randint(0, 97, (1024,), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    fmts = [ModelFormat("bf16", "bf16", BF16()), ModelFormat("k4v3", "kakeya", KakeyaCodec(4, 3))]
+    ref, (res,) = evaluate(model, wins, fmts, chunk=256)
+    s = summarize(res, ref)
+    assert len(res.nll) == 3 and s["kld"] > 0 and 0 < s["k_rel_mse"] < 0.05
+    lo, hi = s["delta_ppl_pct_ci95"]
+    assert lo <= s["delta_ppl_pct"] + 1e-9 or hi >= s["delta_ppl_pct"] - 1e-9
+    assert summarize(ref, ref)["delta_ppl_pct"] == 0.0
+
+
+def test_vllm_tq_boundary():
+    assert vllm_tq_boundary(30) == (0, 1, 28, 29)
+    assert vllm_tq_boundary(3) == (0, 2)
