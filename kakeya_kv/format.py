@@ -12,11 +12,13 @@ Formats
 ``kakeya`` (default, version 1) — per stream, per block:
     mean   float32[D]   block channel mean (removes K's DC offsets exactly)
     scale  float16[D]   per-channel shaping lambda_c = (w_c / v_c)^(1/4)
-    gain   float16[n]   per-token least-squares gain
+    gain   float16[n]   per-token least-squares gain |g|; sign bit set = the
+                        token was coded uncentred (attention sinks: small norm,
+                        far from the block mean), i.e. mean is not added back
     codes  uint8[n, D*b/8]  b-bit Lloyd-Max N(0,1) indices of
                         z = R (lambda * (x - mean)) / rms,  R = H diag(s) / sqrt(D),
                         s = SplitMix64(ROTATION_SEED) signs, LSB-first packing.
-    decode: x = mean + (R^T (gain * table[codes])) / lambda
+    decode: x = [signbit(g) ? 0 : mean] + (R^T (|g| * table[codes])) / lambda
 ``v13`` (the seed codec, revision 2 with its defects fixed) — see
     :func:`v13_layout`; byte layout of the seed's slot (header 48 B "KK13").
 ``exact`` — bf16 K and V, row-major [n, D]: lossless, bit-exact round trip.

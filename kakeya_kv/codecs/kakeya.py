@@ -43,12 +43,20 @@ def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None
     mean = x.mean(-2) if center else torch.zeros(*lead, d)
     xc = x - mean[..., None, :]
     lam = shaping(xc.pow(2).mean(-2), weight) if shape else torch.ones(*lead, d)
+    # Tokens far from the block mean relative to their own norm (attention
+    # sinks: small-norm, atypical, yet up to half the attention mass) are coded
+    # uncentred; the gain's sign bit carries that choice.
+    raw = (x * lam[..., None, :]).pow(2).sum(-1)
+    cen = (xc * lam[..., None, :]).pow(2).sum(-1)
+    uncentred = raw < cen if center else torch.zeros(*lead, n, dtype=torch.bool)
+    xc = torch.where(uncentred[..., None], x, xc)
     z = (xc * lam[..., None, :]) @ rotation(d, ROTATION_SEED).T
     rms = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
     table = lloyd_max.gaussian_table(st.bits)
     idx = lloyd_max.quantize(z / rms, table)
     c = table[idx.long()]
     gain = (z * c).sum(-1) / c.pow(2).sum(-1).clamp_min(1e-30)
+    gain = torch.where(uncentred, -gain, gain)
     slot = torch.zeros(*lead, st.size, dtype=torch.uint8)
     _put(slot, st["mean"], mean.float())
     _put(slot, st["scale"], lam.half())
@@ -61,12 +69,14 @@ def decode_stream(slot: torch.Tensor, st: StreamLayout) -> torch.Tensor:
     """uint8 [..., st.size] -> float32 [..., n, D]."""
     mean = st["mean"].view(slot).float()
     lam = st["scale"].view(slot).float()
-    gain = st["gain"].view(slot).float()
-    n, row = st["codes"].shape
+    gain16 = st["gain"].view(slot)
+    uncentred = torch.signbit(gain16)
+    gain = gain16.float().abs()
     d = mean.shape[-1]
     idx = bitpack.unpack(st["codes"].view(slot), st.bits, d)
     y = lloyd_max.gaussian_table(st.bits)[idx] * gain[..., None]
-    return mean[..., None, :] + (y @ rotation(d, ROTATION_SEED)) / lam[..., None, :]
+    base = torch.where(uncentred[..., None], 0.0, mean[..., None, :])
+    return base + (y @ rotation(d, ROTATION_SEED)) / lam[..., None, :]
 
 
 def _put(slot: torch.Tensor, f, value: torch.Tensor) -> None:
