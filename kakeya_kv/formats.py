@@ -8,7 +8,7 @@ from .codecs.v13 import V13Codec
 from .model_format import ModelFormat, vllm_tq_boundary
 
 # Our default format's settings evaluated in the comparison (all layers compressed).
-KAKEYA_SETTINGS = ((4, 4), (4, 3), (3, 3), (4, 2))
+KAKEYA_SETTINGS = ((4, 4), (4, 3), (3, 3), (3, 2))
 
 
 def standard_formats(num_layers: int) -> list[ModelFormat]:
@@ -17,7 +17,7 @@ def standard_formats(num_layers: int) -> list[ModelFormat]:
     for kb, vb in KAKEYA_SETTINGS:
         c = KakeyaCodec(kb, vb)
         out.append(ModelFormat(c.name, "kakeya", c))
-    out.append(ModelFormat("v13_k3v2", "v13", V13Codec(), notes="seed defaults: d_eff=D/2, k=16, K b3 + 8% outliers T=2, V b2"))
+    out.append(ModelFormat("v13", "v13", V13Codec(), notes="seed defaults: d_eff=D/2, k=16, K b3 + 8% outliers T=2, V b2"))
     for c in competitor_codecs():
         if c.family == "turboquant":
             out.append(ModelFormat(c.name, c.family, c, tq_skip, notes="as vLLM runs it: layers 0,1,L-2,L-1 bf16"))

@@ -31,21 +31,25 @@ def plot_frontier(res: dict, path: Path) -> None:
 
     colors = {"kakeya": "tab:red", "v13": "tab:brown", "turboquant": "tab:blue", "turboquant_plus": "tab:cyan",
               "int4_per_token_head": "tab:green", "fp8": "tab:purple", "bf16": "black"}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for f in res["formats"]:
-        ci = f.get("delta_ppl_pct_ci95")
-        y = f["delta_ppl_pct"]
-        yerr = None if not ci else [[y - ci[0]], [ci[1] - y]]
-        ax.errorbar(f["ratio_vs_bf16"], max(y, 1e-3), yerr=yerr, fmt="o", color=colors.get(f["family"], "gray"),
-                    capsize=2, ms=5)
-        ax.annotate(f["name"], (f["ratio_vs_bf16"], max(y, 1e-3)), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_yscale("symlog", linthresh=0.5)
-    ax.set_xlabel("whole-model KV ratio vs bf16 (higher is better)")
-    ax.set_ylabel("ΔPPL vs bf16, % (lower is better; bars = 95% CI)")
-    ax.set_title(f"{res['model']} on {res['corpus']}: {res['windows']} windows × {res['window_tokens']} "
-                 f"tokens, chunk {res['chunk']}")
-    ax.grid(alpha=0.3)
+        c = colors.get(f["family"], "gray")
+        x, y, ci = f["ratio_vs_bf16"], f["delta_ppl_pct"], f.get("delta_ppl_pct_ci95")
+        axes[0].errorbar(x, y, yerr=None if not ci else [[y - ci[0]], [ci[1] - y]], fmt="o", color=c,
+                         capsize=2, ms=5)
+        axes[0].annotate(f["name"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if f["family"] != "bf16":
+            axes[1].plot(x, f["kld"], "o", color=c, ms=5)
+            axes[1].annotate(f["name"], (x, f["kld"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_yscale("symlog", linthresh=1.0)
+    axes[0].set_ylabel("ΔPPL vs bf16, % (lower is better; bars = 95% CI over windows)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("mean KL(bf16 ‖ format) per scored token, nats (lower is better)")
+    for ax in axes:
+        ax.set_xlabel("whole-model KV ratio vs bf16 (higher is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M-Instruct, Jane Austen: {res['windows']} windows × {res['window_tokens']} tokens, "
+                 f"second halves scored, chunked prefill {res['chunk']}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

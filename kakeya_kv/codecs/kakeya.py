@@ -37,7 +37,7 @@ def shaping(var: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 
 def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None = None,
-                  shape: bool = True, center: bool = True) -> torch.Tensor:
+                  shape: bool = True, center: bool = True, sink: bool = True) -> torch.Tensor:
     """x float32 [..., n, D] -> uint8 [..., st.size]."""
     *lead, n, d = x.shape
     mean = x.mean(-2) if center else torch.zeros(*lead, d)
@@ -48,7 +48,7 @@ def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None
     # uncentred; the gain's sign bit carries that choice.
     raw = (x * lam[..., None, :]).pow(2).sum(-1)
     cen = (xc * lam[..., None, :]).pow(2).sum(-1)
-    uncentred = raw < cen if center else torch.zeros(*lead, n, dtype=torch.bool)
+    uncentred = raw < cen if (center and sink) else torch.zeros(*lead, n, dtype=torch.bool)
     xc = torch.where(uncentred[..., None], x, xc)
     z = (xc * lam[..., None, :]) @ rotation(d, ROTATION_SEED).T
     rms = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
@@ -89,11 +89,11 @@ class KakeyaCodec(Codec):
     block_tokens = BLOCK_TOKENS
 
     def __init__(self, k_bits: int = 4, v_bits: int = 3, shape: bool = True, center: bool = True,
-                 k_weights: dict[int, torch.Tensor] | None = None, name: str | None = None):
+                 sink: bool = True, k_weights: dict[int, torch.Tensor] | None = None, name: str | None = None):
         self.k_bits, self.v_bits = k_bits, v_bits
-        self.shape, self.center = shape, center
+        self.shape, self.center, self.sink = shape, center, sink
         self.k_weights = k_weights or {}
-        suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter")
+        suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter") + ("" if sink else "_nosink")
         self.name = name or f"kakeya_k{k_bits}v{v_bits}{suffix}"
 
     def layout(self, head_dim: int) -> BlockLayout:
@@ -109,8 +109,8 @@ class KakeyaCodec(Codec):
         kb = k.reshape(h, t // BLOCK_TOKENS, BLOCK_TOKENS, d)
         vb = v.reshape(h, t // BLOCK_TOKENS, BLOCK_TOKENS, d)
         w = self.k_weights.get(layer)
-        ks = encode_stream(kb, lay.k, None if w is None else w[:, None, :], self.shape, self.center)
-        vs = encode_stream(vb, lay.v, None, self.shape, self.center)
+        ks = encode_stream(kb, lay.k, None if w is None else w[:, None, :], self.shape, self.center, self.sink)
+        vs = encode_stream(vb, lay.v, None, self.shape, self.center, self.sink)
         return torch.cat([ks, vs], -1)
 
     def decode(self, slots: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,8 +103,12 @@ def _kmeans(c: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def encode_parts(x: torch.Tensor, layout: StreamLayout, seed: int = V13_SEED,
-                 outlier_threshold: float | None = None, variance_ratio: float = 1.0) -> dict:
-    """Encode one block [n, D] into its fields, each in storage dtype (see :func:`pack_stream`)."""
+                 outlier_threshold: float | None = None, variance_ratio: float = 1.0, d_res: int = 0) -> dict:
+    """Encode one block [n, D] into its fields, each in storage dtype (see :func:`pack_stream`).
+
+    ``d_res`` (the seed's legacy ablation knob): additionally store the d_res
+    largest-|z| residual coordinates of every row exactly (as outliers).
+    """
     n, D, d, k, L, bits, seg_bits, cap = _geom(layout)
     x = x.detach().to(torch.float32)
     if tuple(x.shape) != (n, D):
@@ -132,9 +136,13 @@ def encode_parts(x: torch.Tensor, layout: StreamLayout, seed: int = V13_SEED,
     codes = lloyd_max.quantize(z, lloyd_max.gaussian_table(bits))
     flat = torch.zeros(0, dtype=torch.int64)
     dropped = 0
-    if cap > 0 and outlier_threshold is not None:
+    if cap > 0 and (outlier_threshold is not None or d_res > 0):
         zf = z.flatten()
-        flat = (zf.abs() > outlier_threshold).nonzero()[:, 0]  # row-major = row order
+        sel = zf.abs() > outlier_threshold if outlier_threshold is not None else torch.zeros_like(zf, dtype=torch.bool)
+        if d_res > 0:
+            top = z.abs().topk(min(d_res, L), dim=1).indices + torch.arange(n)[:, None] * L
+            sel[top.flatten()] = True
+        flat = sel.nonzero()[:, 0]  # row-major = row order
         dropped = max(0, flat.numel() - cap)
         if dropped:  # over budget: keep the largest |z|, degrade instead of failing the seal
             keep = torch.sort(zf[flat].abs(), descending=True, stable=True).indices[:cap]
@@ -216,9 +224,9 @@ def decode_parts(p: dict, layout: StreamLayout) -> torch.Tensor:
 
 def encode_stream(x: torch.Tensor, layout: StreamLayout, seed: int = V13_SEED,
                   outlier_threshold: float | None = None, variance_ratio: float = 1.0,
-                  stats: dict | None = None) -> torch.Tensor:
+                  stats: dict | None = None, d_res: int = 0) -> torch.Tensor:
     """One block [n, D] -> uint8 [layout.size]. ``stats`` (if given) receives stored/dropped outlier counts."""
-    p = encode_parts(x, layout, seed, outlier_threshold, variance_ratio)
+    p = encode_parts(x, layout, seed, outlier_threshold, variance_ratio, d_res)
     if stats is not None:
         stats["outliers"] = stats.get("outliers", 0) + p["outliers"]
         stats["outliers_dropped"] = stats.get("outliers_dropped", 0) + p["dropped"]
@@ -238,18 +246,18 @@ class V13Codec(Codec):
 
     def __init__(self, d_eff: int | None = None, k: int = 16, k_bits: int = 3, v_bits: int = 2,
                  k_outlier_frac: float = 0.08, k_outlier_threshold: float | None = 2.0,
-                 variance_ratio: float = 1.0, seed: int = V13_SEED):
+                 variance_ratio: float = 1.0, seed: int = V13_SEED, d_res: int = 0):
         if not 0.0 < variance_ratio <= 1.0:
             raise ValueError(f"variance_ratio {variance_ratio} must be in (0, 1]")
         self.d_eff, self.k, self.k_bits, self.v_bits = d_eff, k, k_bits, v_bits
         self.k_outlier_frac, self.k_outlier_threshold = k_outlier_frac, k_outlier_threshold
-        self.variance_ratio, self.seed = variance_ratio, seed
+        self.variance_ratio, self.seed, self.d_res = variance_ratio, seed, d_res
         v13_layout(max(SUPPORTED_HEAD_DIMS), d_eff, k, k_bits, v_bits, k_outlier_frac)  # validate early
         tags = [f"k{k_bits}v{v_bits}"] if (k_bits, v_bits) != (3, 2) else []
         tags += [f"d{d_eff}"] * (d_eff is not None) + [f"c{k}"] * (k != 16)
         if (k_outlier_frac, k_outlier_threshold) != (0.08, 2.0):
             tags.append(f"o{k_outlier_frac:g}t{k_outlier_threshold}")
-        tags += [f"vr{variance_ratio:g}"] * (variance_ratio < 1.0)
+        tags += [f"vr{variance_ratio:g}"] * (variance_ratio < 1.0) + [f"dres{d_res}"] * (d_res > 0)
         self.name = "_".join(["v13", *tags])
         self.outliers_stored = self.outliers_dropped = 0  # running totals (budget overflow is not an error)
 
@@ -268,7 +276,7 @@ class V13Codec(Codec):
         out = torch.empty(H, lay.slot_bytes, dtype=torch.uint8)
         for h in range(H):
             out[h, :lay.k.size] = encode_stream(k[h], lay.k, self.seed, self.k_outlier_threshold,
-                                                self.variance_ratio, st)
+                                                self.variance_ratio, st, self.d_res)
             out[h, lay.k.size:] = encode_stream(v[h], lay.v, self.seed, None, self.variance_ratio, st)
         self.outliers_stored += st["outliers"]
         self.outliers_dropped += st["outliers_dropped"]
