@@ -1,0 +1,330 @@
+"""Triton kernels for the ``kakeya`` block format (layout from kakeya_kv.format).
+
+* ``seal``: encode full 512-token blocks (K and V, every head, many blocks per
+  launch) from bf16 rows into their slots.
+* ``attention``: queries (decode or chunked prefill) against sealed blocks,
+  read compressed, plus the exact bf16 tail, causal, split over the KV axis.
+  Scores are computed in the format's rotated domain: per block the query is
+  turned once into q' = R (q / lambda), values are accumulated as rotated code
+  vectors and un-rotated once per block, so no token is ever decoded to D-dim.
+* ``decode_blocks``: sealed blocks -> bf16 (tests and tools).
+
+Bit packing is LSB-first (kakeya_kv.bitpack): indices are handled in groups of
+G = lcm(8, b) / b that fill exactly NB = G * b / 8 bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kakeya_kv import lloyd_max
+from kakeya_kv.format import BLOCK_TOKENS, ROTATION_SEED, kakeya_layout
+from kakeya_kv.hadamard import sylvester, signs
+
+
+def _group(bits: int) -> tuple[int, int]:
+    g = math.lcm(8, bits) // bits
+    return g, g * bits // 8
+
+
+@triton.jit
+def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                  G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr):
+    """Codes of TT tokens -> int32 [TT, D]."""
+    grp = tl.arange(0, D // G)
+    word = tl.zeros((TT, D // G), dtype=tl.int64)
+    for m in tl.static_range(NB):
+        p = row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * NB + m
+        byte = tl.load(p, mask=t_mask[:, None], other=0).to(tl.int64)
+        word = word | (byte << (8 * m))
+    shifts = (tl.arange(0, G) * BITS).to(tl.int64)
+    idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(idx, (TT, D)).to(tl.int32)
+
+
+@triton.jit
+def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr,
+                 STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
+                 OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                 G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr):
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    src = src_ptr + item * s_item + head * s_head
+    dst = dst_ptr + item * d_item + head * d_head + STREAM_OFF
+    d = tl.arange(0, D)
+    # Pass 1: channel mean and centred variance (two-pass for exactness on
+    # K channels whose mean is many times their std).
+    acc = tl.zeros((D,), dtype=tl.float32)
+    for t0 in range(0, N, TT):
+        t = t0 + tl.arange(0, TT)
+        acc += tl.sum(tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32), 0)
+    mean = acc / N
+    var = tl.zeros((D,), dtype=tl.float32)
+    for t0 in range(0, N, TT):
+        t = t0 + tl.arange(0, TT)
+        xc = tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32) - mean[None, :]
+        var += tl.sum(xc * xc, 0)
+    var = var / N
+    v = var + 1e-6 * (tl.sum(var, 0) / D) + 1e-12
+    lam = tl.sqrt(tl.sqrt(1.0 / v))
+    lam = lam / tl.exp(tl.sum(tl.log(lam), 0) / D)
+    lam = tl.minimum(tl.maximum(lam, 1e-3), 1e3).to(tl.float16).to(tl.float32)
+    tl.store((dst + OFF_MEAN).to(tl.pointer_type(tl.float32)) + d, mean)
+    tl.store((dst + OFF_SCALE).to(tl.pointer_type(tl.float16)) + d, lam.to(tl.float16))
+    rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)  # R^T (R row-major [D, D])
+    gain_ptr = (dst + OFF_GAIN).to(tl.pointer_type(tl.float16))
+    grp = tl.arange(0, D // G)
+    shifts = (tl.arange(0, G) * BITS).to(tl.int64)
+    for t0 in range(0, N, TT):
+        t = t0 + tl.arange(0, TT)
+        x = tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32)
+        xc = x - mean[None, :]
+        raw = tl.sum((x * lam[None, :]) * (x * lam[None, :]), 1)
+        cen = tl.sum((xc * lam[None, :]) * (xc * lam[None, :]), 1)
+        unc = raw < cen
+        xs = tl.where(unc[:, None], x, xc) * lam[None, :]
+        z = tl.dot(xs, rot_t, input_precision="ieee")
+        rms = tl.maximum(tl.sqrt(tl.sum(z * z, 1) / D), 1e-30)
+        u = z / rms[:, None]
+        idx = tl.zeros((TT, D), dtype=tl.int32)
+        for k in tl.static_range((1 << BITS) - 1):
+            idx += (u > tl.load(mids_ptr + k)).to(tl.int32)
+        c = tl.load(table_ptr + idx)
+        gain = tl.sum(z * c, 1) / tl.maximum(tl.sum(c * c, 1), 1e-30)
+        gain = tl.minimum(gain, 65504.0)
+        gain = tl.where(unc, -gain, gain)
+        tl.store(gain_ptr + t, gain.to(tl.float16))
+        idx3 = tl.reshape(idx.to(tl.int64), (TT, D // G, G))
+        word = tl.sum(idx3 << shifts[None, None, :], 2)
+        for m in tl.static_range(NB):
+            p = dst + OFF_CODES + t[:, None] * (D * BITS // 8) + grp[None, :] * NB + m
+            tl.store(p, ((word >> (8 * m)) & 255).to(tl.uint8))
+
+
+@triton.jit
+def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, rot_ptr, table_ptr,
+                   STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
+                   OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                   G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr):
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = cache_ptr + item * c_item + head * c_head + STREAM_OFF
+    d = tl.arange(0, D)
+    mean = tl.load((slot + OFF_MEAN).to(tl.pointer_type(tl.float32)) + d)
+    lam = tl.load((slot + OFF_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+    rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+    for t0 in range(0, N, TT):
+        t = t0 + tl.arange(0, TT)
+        g = tl.load((slot + OFF_GAIN).to(tl.pointer_type(tl.float16)) + t)
+        unc = (g.to(tl.int16, bitcast=True) < 0)
+        idx = _unpack_codes(slot + OFF_CODES, t, t < N, D * BITS // 8, D, BITS, G, NB, TT)
+        y = tl.load(table_ptr + idx) * tl.abs(g.to(tl.float32))[:, None]
+        x = tl.dot(y, rot, input_precision="ieee") / lam[None, :]
+        x = x + tl.where(unc[:, None], 0.0, mean[None, :])
+        tl.store(out_ptr + item * o_item + head * o_head + t[:, None] * o_tok + d[None, :], x.to(tl.bfloat16))
+
+
+@triton.jit
+def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
+                 nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
+                 rot_ptr, ktab_ptr, vtab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
+                 KV_OFF: tl.constexpr, K_MEAN: tl.constexpr, K_SCALE: tl.constexpr, K_GAIN: tl.constexpr,
+                 K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
+                 V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
+                 VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
+                 BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
+                 PRECISE: tl.constexpr):
+    """One program: BM query rows (token x head-of-group, one request) of one KV head, over the KV
+    blocks b = split, split + SPLITS, ...; block index n_sealed is the exact tail."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tile * BM + tl.arange(0, BM)
+    req = tl.load(req_ptr + tile)
+    qp = tl.load(qpos_ptr + r)                      # -1 marks padding rows
+    row_ok = qp >= 0
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None],
+                other=0.0).to(tl.float32) * (scale * 1.4426950408889634)
+    n_sealed = tl.load(nsealed_ptr + req)
+    seq_len = tl.load(seqlen_ptr + req)
+    tslot = tl.load(tslot_ptr + req).to(tl.int64)
+    m_i = tl.full((BM,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, D), tl.float32)
+    for b in range(split, n_sealed + 1, SPLITS):
+        if b < n_sealed:
+            page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
+            slot = cache_ptr + page * c_page + kvh * c_head
+            kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
+            klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+            # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
+            rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)
+            qr = tl.dot(q / klam[None, :], rot_t, input_precision="ieee")
+            if not PRECISE:
+                qr = qr.to(tl.float16)
+            qmu = tl.sum(q * kmean[None, :], 1)
+            acc_rot = tl.zeros((BM, D), tl.float32)
+            cmass = tl.zeros((BM,), tl.float32)
+            for t0 in range(0, N, TT):
+                t = t0 + tl.arange(0, TT)
+                kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                kunc = kg.to(tl.int16, bitcast=True) < 0
+                kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                kc = tl.load(ktab_ptr + kidx)
+                if PRECISE:
+                    s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
+                else:
+                    s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+                s = s * tl.abs(kg.to(tl.float32))[None, :]
+                s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
+                s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                vunc = vg.to(tl.int16, bitcast=True) < 0
+                vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
+                vc = tl.load(vtab_ptr + vidx) * tl.abs(vg.to(tl.float32))[:, None]
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                if PRECISE:
+                    acc_rot = acc_rot * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
+                else:
+                    acc_rot = acc_rot * alpha[:, None] + tl.dot(p.to(tl.float16), vc.to(tl.float16))
+                cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
+                m_i = m_new
+            # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
+            vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
+            vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+            rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+            acc += tl.dot(acc_rot, rot, input_precision="ieee") / vlam[None, :] + cmass[:, None] * vmean[None, :]
+        else:
+            tail_len = seq_len - n_sealed * N
+            for t0 in range(0, tail_len, TT):
+                t = t0 + tl.arange(0, TT)
+                tm = t < tail_len
+                base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
+                k = tl.load(tail_k_ptr + base, mask=tm[:, None], other=0.0)
+                # bf16 rows are exact in tf32; "ieee" in precise mode (and the interpreter,
+                # whose bf16 dot is wrong).
+                if PRECISE:
+                    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k.to(tl.float32)))
+                s = tl.where(tm[None, :] & ((n_sealed * N + t)[None, :] <= qp[:, None]), s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                v = tl.load(tail_v_ptr + base, mask=tm[:, None], other=0.0)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if PRECISE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+                m_i = m_new
+    o = out_ptr + r[:, None] * o_row + kvh * o_head + split * o_split + d[None, :]
+    tl.store(o, acc / tl.maximum(l_i, 1e-30)[:, None], mask=row_ok[:, None])
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), -float("inf"))
+    tl.store(lse_ptr + r * l_row + kvh * l_head + split, lse, mask=row_ok)
+
+
+class KakeyaKernels:
+    """Per-geometry constants (rotation, tables, layout offsets) on one device."""
+
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, device):
+        self.lay = kakeya_layout(head_dim, k_bits, v_bits)
+        self.D, self.device = head_dim, device
+        h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
+        self.rot = h.to(torch.float32).contiguous().to(device)
+        self.tables = {b: lloyd_max.gaussian_table(b).to(device) for b in (k_bits, v_bits)}
+        self.mids = {b: ((t[1:] + t[:-1]) / 2).contiguous() for b, t in self.tables.items()}
+
+    def _consts(self, st, off):
+        g, nb = _group(st.bits)
+        return dict(STREAM_OFF=off, OFF_MEAN=st["mean"].offset, OFF_SCALE=st["scale"].offset,
+                    OFF_GAIN=st["gain"].offset, OFF_CODES=st["codes"].offset, D=self.D, BITS=st.bits, G=g, NB=nb,
+                    N=BLOCK_TOKENS)
+
+    def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v [I, H, 512, D] (bf16/fp32, token stride may vary) -> slots uint8 [I, H, slot_bytes] (in place)."""
+        I, H = k.shape[:2]
+        for x, st, off in ((k, self.lay.k, 0), (v, self.lay.v, self.lay.k.size)):
+            _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
+                                 self.rot, self.mids[st.bits], self.tables[st.bits], TT=32, num_warps=4,
+                                 **self._consts(st, off))
+
+    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots uint8 [I, H, slot_bytes] -> bf16 k, v [I, H, 512, D] (debug decode)."""
+        I, H = slots.shape[:2]
+        outs = []
+        for st, off in ((self.lay.k, 0), (self.lay.v, self.lay.k.size)):
+            o = torch.empty(I, H, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=slots.device)
+            _decode_kernel[(I, H)](slots, slots.stride(0), slots.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
+                                   self.rot, self.tables[st.bits], TT=32, num_warps=4, **self._consts(st, off))
+            outs.append(o)
+        return outs[0], outs[1]
+
+    def plan(self, q_pos, q_req, num_reqs: int, gqa: int, bm: int = 16) -> dict:
+        """Row/tile bookkeeping for a batch (what a metadata builder does once per step).
+
+        Rows = (token, head-in-group); tiles of bm rows never straddle two requests.
+        """
+        dev = q_pos.device
+        T = q_pos.shape[0]
+        req_rows = torch.repeat_interleave(q_req.to(dev).long(), gqa)
+        counts = torch.bincount(req_rows, minlength=num_reqs)
+        tiles_per_req = (counts + bm - 1) // bm
+        tile_req = torch.repeat_interleave(torch.arange(num_reqs, device=dev), tiles_per_req).to(torch.int32)
+        first_tile = torch.cumsum(tiles_per_req, 0) - tiles_per_req
+        first_row = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(T * gqa, device=dev) - first_row[req_rows]
+        dest = (first_tile[req_rows] + rank // bm) * bm + rank % bm
+        nt = int(tile_req.shape[0])
+        qpos = torch.full((nt * bm,), -1, dtype=torch.int32, device=dev)
+        qpos[dest] = torch.repeat_interleave(q_pos.to(torch.int32), gqa)
+        return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+
+    def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
+                  scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
+                  out_dtype: torch.dtype | None = None, plan: dict | None = None) -> torch.Tensor:
+        """Causal attention of packed query tokens against sealed blocks + exact tail.
+
+        q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
+        contiguous); cache uint8 [pages, Hkv, slot_bytes]; block_table [R, max_blocks] int32; n_sealed, seq_lens,
+        tail_slot [R] int32; tail_k/v [slots, Hkv, T_max, D] bf16 hold positions n_sealed*512 .. seq_len-1.
+        Returns [T, Hq, D] in ``out_dtype`` (default q's dtype).
+        """
+        T, Hq, D = q.shape
+        Hkv = cache.shape[1]
+        if Hq % Hkv or D != self.D:
+            raise ValueError(f"query heads {Hq} / kv heads {Hkv} / head_dim {D} do not fit this geometry ({self.D})")
+        gqa = Hq // Hkv
+        pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
+        dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
+        qq = torch.zeros(nt * bm, Hkv, D, dtype=q.dtype, device=dev)
+        qq[dest] = q.view(T, Hkv, gqa, D).permute(0, 2, 1, 3).reshape(T * gqa, Hkv, D)
+        out = torch.empty(nt * bm, Hkv, splits, D, dtype=torch.float32, device=dev)
+        lse = torch.empty(nt * bm, Hkv, splits, dtype=torch.float32, device=dev)
+        kl, vl = self.lay.k, self.lay.v
+        kg, knb = _group(kl.bits)
+        vg, vnb = _group(vl.bits)
+        _attn_kernel[(nt, Hkv, splits)](
+            qq, qq.stride(0), qq.stride(1), pl["qpos"], pl["tile_req"], cache, cache.stride(0), cache.stride(1),
+            block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
+            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, self.tables[kl.bits], self.tables[vl.bits],
+            out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
+            KV_OFF=kl.size, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
+            K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
+            V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
+            VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=32, SPLITS=splits,
+            PRECISE=precise, num_warps=4)
+        # Merge the splits' partial softmaxes (lse in log2 units).
+        w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
+        o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
+        return o.view(T, gqa, Hkv, D).permute(0, 2, 1, 3).reshape(T, Hq, D).to(out_dtype or q.dtype)
