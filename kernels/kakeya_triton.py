@@ -15,6 +15,7 @@ G = lcm(8, b) / b that fill exactly NB = G * b / 8 bytes.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -23,6 +24,9 @@ import triton.language as tl
 from kakeya_kv import lloyd_max
 from kakeya_kv.format import BLOCK_TOKENS, ROTATION_SEED, kakeya_layout
 from kakeya_kv.hadamard import sylvester, signs
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _group(bits: int) -> tuple[int, int]:
@@ -35,12 +39,13 @@ def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constex
                   G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr):
     """Codes of TT tokens -> int32 [TT, D]."""
     grp = tl.arange(0, D // G)
-    word = tl.zeros((TT, D // G), dtype=tl.int64)
+    WT: tl.constexpr = tl.int64 if NB > 3 else tl.int32   # 40-bit groups (b=5) need int64
+    word = tl.zeros((TT, D // G), dtype=WT)
     for m in tl.static_range(NB):
         p = row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * NB + m
-        byte = tl.load(p, mask=t_mask[:, None], other=0).to(tl.int64)
+        byte = tl.load(p, mask=t_mask[:, None], other=0).to(WT)
         word = word | (byte << (8 * m))
-    shifts = (tl.arange(0, G) * BITS).to(tl.int64)
+    shifts = (tl.arange(0, G) * BITS).to(WT)
     idx = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(idx, (TT, D)).to(tl.int32)
 
@@ -49,7 +54,7 @@ def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constex
 def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr,
                  STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                  OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                 G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr):
+                 G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, PREC: tl.constexpr):
     item = tl.program_id(0)
     head = tl.program_id(1)
     src = src_ptr + item * s_item + head * s_head
@@ -86,7 +91,7 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
         cen = tl.sum((xc * lam[None, :]) * (xc * lam[None, :]), 1)
         unc = raw < cen
         xs = tl.where(unc[:, None], x, xc) * lam[None, :]
-        z = tl.dot(xs, rot_t, input_precision="ieee")
+        z = tl.dot(xs, rot_t, input_precision=PREC)
         rms = tl.maximum(tl.sqrt(tl.sum(z * z, 1) / D), 1e-30)
         u = z / rms[:, None]
         idx = tl.zeros((TT, D), dtype=tl.int32)
@@ -136,7 +141,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
-                 PRECISE: tl.constexpr):
+                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the KV
     blocks b = split, split + SPLITS, ...; block index n_sealed is the exact tail."""
     tile = tl.program_id(0)
@@ -163,7 +168,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
             rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)
-            qr = tl.dot(q / klam[None, :], rot_t, input_precision="ieee")
+            qr = tl.dot(q / klam[None, :], rot_t, input_precision=ROT_PREC)
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(q * kmean[None, :], 1)
@@ -202,7 +207,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
             vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
             rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
-            acc += tl.dot(acc_rot, rot, input_precision="ieee") / vlam[None, :] + cmass[:, None] * vmean[None, :]
+            acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
         else:
             tail_len = seq_len - n_sealed * N
             for t0 in range(0, tail_len, TT):
@@ -257,7 +262,7 @@ class KakeyaKernels:
         for x, st, off in ((k, self.lay.k, 0), (v, self.lay.v, self.lay.k.size)):
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
                                  self.rot, self.mids[st.bits], self.tables[st.bits], TT=32, num_warps=4,
-                                 **self._consts(st, off))
+                                 PREC="ieee" if _INTERPRET else "tf32x3", **self._consts(st, off))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots uint8 [I, H, slot_bytes] -> bf16 k, v [I, H, 512, D] (debug decode)."""
@@ -292,7 +297,8 @@ class KakeyaKernels:
 
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
-                  out_dtype: torch.dtype | None = None, plan: dict | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
+                  num_warps: int = 8) -> torch.Tensor:
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -322,8 +328,8 @@ class KakeyaKernels:
             KV_OFF=kl.size, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
-            VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=32, SPLITS=splits,
-            PRECISE=precise, num_warps=4)
+            VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
+            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", num_warps=num_warps)
         # Merge the splits' partial softmaxes (lse in log2 units).
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
         o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
