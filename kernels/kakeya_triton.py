@@ -141,7 +141,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
-                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr):
+                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the KV
     blocks b = split, split + SPLITS, ...; block index n_sealed is the exact tail."""
     tile = tl.program_id(0)
@@ -178,8 +178,14 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                 t = t0 + tl.arange(0, TT)
                 kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
-                kc = tl.load(ktab_ptr + kidx)
+                if DIAG == 2:   # diagnostics: no unpack (time the rest)
+                    kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+                else:
+                    kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                if DIAG >= 1:   # diagnostics: no table gather
+                    kc = kidx.to(tl.float32)
+                else:
+                    kc = tl.load(ktab_ptr + kidx)
                 if PRECISE:
                     s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
                 else:
@@ -193,8 +199,14 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                 p = tl.exp2(s - m_safe[:, None])
                 vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
-                vc = tl.load(vtab_ptr + vidx) * tl.abs(vg.to(tl.float32))[:, None]
+                if DIAG == 2:
+                    vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+                else:
+                    vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
+                if DIAG >= 1:
+                    vc = vidx.to(tl.float32) * tl.abs(vg.to(tl.float32))[:, None]
+                else:
+                    vc = tl.load(vtab_ptr + vidx) * tl.abs(vg.to(tl.float32))[:, None]
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None]
                 if PRECISE:
@@ -298,7 +310,7 @@ class KakeyaKernels:
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
-                  num_warps: int = 8) -> torch.Tensor:
+                  num_warps: int = 8, diag: int = 0) -> torch.Tensor:
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -329,7 +341,8 @@ class KakeyaKernels:
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
-            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", num_warps=num_warps)
+            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", DIAG=diag,
+            num_warps=num_warps)
         # Merge the splits' partial softmaxes (lse in log2 units).
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
         o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
