@@ -1,1 +1,1 @@
-"""(see module docstrings)"""
+"""Calibration bundles: per-layer statistics the codec and the backend load and validate."""

@@ -1,1 +1,1 @@
-"""(see module docstrings)"""
+"""Triton kernels for the Kakeya block formats (layouts from kakeya_kv.format)."""

@@ -37,8 +37,13 @@ def shaping(var: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 
 def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None = None,
-                  shape: bool = True, center: bool = True, sink: bool = True) -> torch.Tensor:
-    """x float32 [..., n, D] -> uint8 [..., st.size]."""
+                  shape: bool = True, center: bool = True, sink: bool = True,
+                  table: torch.Tensor | None = None, return_u: bool = False):
+    """x float32 [..., n, D] -> uint8 [..., st.size] (and the normalised coordinates if return_u).
+
+    ``table``: Lloyd-Max centroids from a calibration bundle (default: the N(0,1) table);
+    the decoder must be given the same table.
+    """
     *lead, n, d = x.shape
     mean = x.mean(-2) if center else torch.zeros(*lead, d)
     xc = x - mean[..., None, :]
@@ -52,8 +57,9 @@ def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None
     xc = torch.where(uncentred[..., None], x, xc)
     z = (xc * lam[..., None, :]) @ rotation(d, ROTATION_SEED).T
     rms = z.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-    table = lloyd_max.gaussian_table(st.bits)
-    idx = lloyd_max.quantize(z / rms, table)
+    table = lloyd_max.gaussian_table(st.bits) if table is None else table
+    u = z / rms
+    idx = lloyd_max.quantize(u, table)
     c = table[idx.long()]
     gain = (z * c).sum(-1) / c.pow(2).sum(-1).clamp_min(1e-30)
     gain = torch.where(uncentred, -gain, gain)
@@ -62,10 +68,10 @@ def encode_stream(x: torch.Tensor, st: StreamLayout, weight: torch.Tensor | None
     _put(slot, st["scale"], lam.half())
     _put(slot, st["gain"], gain.clamp(-_FP16_MAX, _FP16_MAX).half())
     _put(slot, st["codes"], bitpack.pack(idx, st.bits))
-    return slot
+    return (slot, u) if return_u else slot
 
 
-def decode_stream(slot: torch.Tensor, st: StreamLayout) -> torch.Tensor:
+def decode_stream(slot: torch.Tensor, st: StreamLayout, table: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [..., st.size] -> float32 [..., n, D]."""
     mean = st["mean"].view(slot).float()
     lam = st["scale"].view(slot).float()
@@ -74,7 +80,8 @@ def decode_stream(slot: torch.Tensor, st: StreamLayout) -> torch.Tensor:
     gain = gain16.float().abs()
     d = mean.shape[-1]
     idx = bitpack.unpack(st["codes"].view(slot), st.bits, d)
-    y = lloyd_max.gaussian_table(st.bits)[idx] * gain[..., None]
+    table = lloyd_max.gaussian_table(st.bits) if table is None else table
+    y = table[idx] * gain[..., None]
     base = torch.where(uncentred[..., None], 0.0, mean[..., None, :])
     return base + (y @ rotation(d, ROTATION_SEED)) / lam[..., None, :]
 
@@ -89,12 +96,24 @@ class KakeyaCodec(Codec):
     block_tokens = BLOCK_TOKENS
 
     def __init__(self, k_bits: int = 4, v_bits: int = 3, shape: bool = True, center: bool = True,
-                 sink: bool = True, k_weights: dict[int, torch.Tensor] | None = None, name: str | None = None):
+                 sink: bool = True, k_weights: dict[int, torch.Tensor] | None = None,
+                 k_table: torch.Tensor | None = None, v_table: torch.Tensor | None = None, name: str | None = None):
         self.k_bits, self.v_bits = k_bits, v_bits
+        self.k_table, self.v_table = k_table, v_table
         self.shape, self.center, self.sink = shape, center, sink
         self.k_weights = k_weights or {}
         suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter") + ("" if sink else "_nosink")
         self.name = name or f"kakeya_k{k_bits}v{v_bits}{suffix}"
+
+    @classmethod
+    def from_bundle(cls, tensors: dict, k_bits: int = 4, v_bits: int = 3, use_weights: bool = True,
+                    use_tables: bool = True, name: str | None = None) -> "KakeyaCodec":
+        """Codec with a calibration bundle's K shaping weights and/or fitted tables."""
+        w = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("k_weight.")} if use_weights else None
+        kt = tensors.get(f"k_table.b{k_bits}") if use_tables else None
+        vt = tensors.get(f"v_table.b{v_bits}") if use_tables else None
+        tag = "_cal" + ("w" if w else "") + ("t" if kt is not None or vt is not None else "")
+        return cls(k_bits, v_bits, k_weights=w, k_table=kt, v_table=vt, name=name or f"kakeya_k{k_bits}v{v_bits}{tag}")
 
     def layout(self, head_dim: int) -> BlockLayout:
         return kakeya_layout(head_dim, self.k_bits, self.v_bits)
@@ -109,15 +128,16 @@ class KakeyaCodec(Codec):
         kb = k.reshape(h, t // BLOCK_TOKENS, BLOCK_TOKENS, d)
         vb = v.reshape(h, t // BLOCK_TOKENS, BLOCK_TOKENS, d)
         w = self.k_weights.get(layer)
-        ks = encode_stream(kb, lay.k, None if w is None else w[:, None, :], self.shape, self.center, self.sink)
-        vs = encode_stream(vb, lay.v, None, self.shape, self.center, self.sink)
+        ks = encode_stream(kb, lay.k, None if w is None else w[:, None, :], self.shape, self.center, self.sink,
+                           self.k_table)
+        vs = encode_stream(vb, lay.v, None, self.shape, self.center, self.sink, self.v_table)
         return torch.cat([ks, vs], -1)
 
     def decode(self, slots: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout(head_dim)
         h, m, _ = slots.shape
-        k = decode_stream(slots[..., :lay.k.size], lay.k)
-        v = decode_stream(slots[..., lay.k.size:], lay.v)
+        k = decode_stream(slots[..., :lay.k.size], lay.k, self.k_table)
+        v = decode_stream(slots[..., lay.k.size:], lay.v, self.v_table)
         return k.reshape(h, m * BLOCK_TOKENS, head_dim), v.reshape(h, m * BLOCK_TOKENS, head_dim)
 
     def roundtrip(self, k, v, layer):

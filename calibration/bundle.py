@@ -1,0 +1,101 @@
+"""Calibration bundle = ``calibration.safetensors`` + ``manifest.json`` in one folder.
+
+The manifest carries the bundle format version, the model identity (name and a hash
+of its config), geometry (layers, KV heads, head_dim), RoPE settings, the codec
+format, the calibration corpus and token count, and the SHA-256 of the tensor file.
+:func:`load_bundle` refuses a bundle that is missing, truncated, tampered with, or
+made for another model, geometry or format version, with a message naming the
+mismatch. Tensors only (safetensors) and JSON: nothing is unpickled.
+
+Tensors (all float32):
+  ``k_weight.{L}``  [H, D]  RoPE-pair-averaged query energy per KV head (GQA group
+                            pooled), shrunk towards 1: the w of the K shaping.
+  ``k_table.b{B}`` / ``v_table.b{B}``  [2^B]  Lloyd-Max tables fitted to the codec's
+                            normalised rotated coordinates on calibration text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+BUNDLE_VERSION = 1
+TENSORS = "calibration.safetensors"
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The calibration bundle cannot be used; the message says why and which field."""
+
+
+def config_hash(cfg: dict) -> str:
+    keys = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+            "head_dim", "rope_theta", "rope_scaling", "vocab_size", "intermediate_size")
+    sub = {k: cfg.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(out / TENSORS))
+    man = dict(manifest, bundle_version=BUNDLE_VERSION, tensors_file=TENSORS,
+               tensors_sha256=_sha256(out / TENSORS), tensor_names=sorted(tensors))
+    (out / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def load_bundle(path: Path | str, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                model_config_hash: str | None = None, fmt: str = "kakeya") -> tuple[dict, dict]:
+    """Validate and load a bundle; returns (manifest, tensors)."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise BundleError(f"KAKEYA_CALIBRATION={path}: not a directory")
+    mpath, tpath = root / MANIFEST, root / TENSORS
+    for p in (mpath, tpath):
+        if not p.is_file():
+            raise BundleError(f"calibration bundle {root}: missing {p.name}")
+    try:
+        man = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"calibration bundle {root}: {MANIFEST} is not valid JSON ({e})") from None
+    if man.get("bundle_version") != BUNDLE_VERSION:
+        raise BundleError(f"calibration bundle {root}: bundle_version {man.get('bundle_version')!r}, "
+                          f"this build reads version {BUNDLE_VERSION}")
+    if _sha256(tpath) != man.get("tensors_sha256"):
+        raise BundleError(f"calibration bundle {root}: {TENSORS} does not match the manifest's SHA-256 "
+                          "(truncated or modified)")
+    expect = {"format": fmt, "num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+    if model_config_hash is not None:
+        expect["model_config_hash"] = model_config_hash
+    for k, v in expect.items():
+        if man.get(k) != v:
+            raise BundleError(f"calibration bundle {root} was made for {k}={man.get(k)!r}, "
+                              f"but this model/backend has {k}={v!r}")
+    tensors = load_file(str(tpath))
+    if sorted(tensors) != man.get("tensor_names"):
+        raise BundleError(f"calibration bundle {root}: tensor names differ from the manifest")
+    for name, t in tensors.items():
+        if name.startswith("k_weight."):
+            layer = int(name.split(".")[1])
+            if not 0 <= layer < num_layers or tuple(t.shape) != (num_kv_heads, head_dim):
+                raise BundleError(f"calibration bundle {root}: {name} has shape {tuple(t.shape)}, "
+                                  f"expected ({num_kv_heads}, {head_dim}) for a layer < {num_layers}")
+            if not torch.isfinite(t).all() or (t <= 0).any():
+                raise BundleError(f"calibration bundle {root}: {name} has non-finite or non-positive weights")
+        elif name.startswith(("k_table.b", "v_table.b")):
+            bits = int(name.split(".b")[1])
+            if tuple(t.shape) != (1 << bits,) or not (t[1:] > t[:-1]).all():
+                raise BundleError(f"calibration bundle {root}: {name} must be {1 << bits} ascending values")
+    return man, tensors
