@@ -97,11 +97,13 @@ class KakeyaCodec(Codec):
 
     def __init__(self, k_bits: int = 4, v_bits: int = 3, shape: bool = True, center: bool = True,
                  sink: bool = True, k_weights: dict[int, torch.Tensor] | None = None,
-                 k_table: torch.Tensor | None = None, v_table: torch.Tensor | None = None, name: str | None = None):
+                 k_table: torch.Tensor | None = None, v_table: torch.Tensor | None = None,
+                 v_weights: dict[int, torch.Tensor] | None = None, name: str | None = None):
         self.k_bits, self.v_bits = k_bits, v_bits
         self.k_table, self.v_table = k_table, v_table
         self.shape, self.center, self.sink = shape, center, sink
         self.k_weights = k_weights or {}
+        self.v_weights = v_weights or {}
         suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter") + ("" if sink else "_nosink")
         self.name = name or f"kakeya_k{k_bits}v{v_bits}{suffix}"
 
@@ -130,7 +132,9 @@ class KakeyaCodec(Codec):
         w = self.k_weights.get(layer)
         ks = encode_stream(kb, lay.k, None if w is None else w[:, None, :], self.shape, self.center, self.sink,
                            self.k_table)
-        vs = encode_stream(vb, lay.v, None, self.shape, self.center, self.sink, self.v_table)
+        wv = self.v_weights.get(layer)
+        vs = encode_stream(vb, lay.v, None if wv is None else wv[:, None, :], self.shape, self.center, self.sink,
+                           self.v_table)
         return torch.cat([ks, vs], -1)
 
     def decode(self, slots: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
