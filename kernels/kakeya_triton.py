@@ -133,6 +133,17 @@ def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, ro
 
 
 @triton.jit
+def _lookup(tab_ptr, idx, BITS: tl.constexpr, D: tl.constexpr, LUT: tl.constexpr):
+    """Centroid values of codes idx [TT, D]: LUT 0 = global (L1) gather, 1 = register gather (tl.gather)."""
+    if LUT == 1:
+        k = tl.arange(0, 1 << BITS)
+        tab = tl.load(tab_ptr + k[:, None] + 0 * tl.arange(0, D)[None, :])
+        return tl.gather(tab, idx, 0)
+    else:
+        return tl.load(tab_ptr + idx)
+
+
+@triton.jit
 def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
                  rot_ptr, ktab_ptr, vtab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
@@ -141,9 +152,10 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
-                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0):
-    """One program: BM query rows (token x head-of-group, one request) of one KV head, over the KV
-    blocks b = split, split + SPLITS, ...; block index n_sealed is the exact tail."""
+                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
+                 NS: tl.constexpr = 1):
+    """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
+    blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,91 +172,89 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     m_i = tl.full((BM,), -float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
-    for b in range(split, n_sealed + 1, SPLITS):
-        if b < n_sealed:
-            page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
-            slot = cache_ptr + page * c_page + kvh * c_head
-            kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
-            klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-            # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
-            rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)
-            qr = tl.dot(q / klam[None, :], rot_t, input_precision=ROT_PREC)
-            if not PRECISE:
-                qr = qr.to(tl.float16)
-            qmu = tl.sum(q * kmean[None, :], 1)
-            acc_rot = tl.zeros((BM, D), tl.float32)
-            cmass = tl.zeros((BM,), tl.float32)
-            for t0 in range(0, N, TT):
-                t = t0 + tl.arange(0, TT)
-                kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
-                kunc = kg.to(tl.int16, bitcast=True) < 0
-                if DIAG == 2:   # diagnostics: no unpack (time the rest)
-                    kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
-                else:
-                    kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
-                if DIAG >= 1:   # diagnostics: no table gather
-                    kc = kidx.to(tl.float32)
-                else:
-                    kc = tl.load(ktab_ptr + kidx)
-                if PRECISE:
-                    s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
-                else:
-                    s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
-                s = s * tl.abs(kg.to(tl.float32))[None, :]
-                s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
-                s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
-                vunc = vg.to(tl.int16, bitcast=True) < 0
-                if DIAG == 2:
-                    vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
-                else:
-                    vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
-                if DIAG >= 1:
-                    vc = vidx.to(tl.float32) * tl.abs(vg.to(tl.float32))[:, None]
-                else:
-                    vc = tl.load(vtab_ptr + vidx) * tl.abs(vg.to(tl.float32))[:, None]
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                if PRECISE:
-                    acc_rot = acc_rot * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
-                else:
-                    acc_rot = acc_rot * alpha[:, None] + tl.dot(p.to(tl.float16), vc.to(tl.float16))
-                cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
-                m_i = m_new
-            # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
-            vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
-            vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-            rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
-            acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
-        else:
-            tail_len = seq_len - n_sealed * N
-            for t0 in range(0, tail_len, TT):
-                t = t0 + tl.arange(0, TT)
-                tm = t < tail_len
-                base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
-                k = tl.load(tail_k_ptr + base, mask=tm[:, None], other=0.0)
-                # bf16 rows are exact in tf32; "ieee" in precise mode (and the interpreter,
-                # whose bf16 dot is wrong).
-                if PRECISE:
-                    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k.to(tl.float32)))
-                s = tl.where(tm[None, :] & ((n_sealed * N + t)[None, :] <= qp[:, None]), s, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                v = tl.load(tail_v_ptr + base, mask=tm[:, None], other=0.0)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if PRECISE:
-                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
-                m_i = m_new
+    rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])      # R, loaded once per program
+    for b in range(split, n_sealed, SPLITS):
+        page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
+        slot = cache_ptr + page * c_page + kvh * c_head
+        kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
+        klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+        # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
+        qr = tl.dot(q / klam[None, :], tl.trans(rot), input_precision=ROT_PREC)
+        if not PRECISE:
+            qr = qr.to(tl.float16)
+        qmu = tl.sum(q * kmean[None, :], 1)
+        acc_rot = tl.zeros((BM, D), tl.float32)
+        cmass = tl.zeros((BM,), tl.float32)
+        for t0 in tl.range(0, N, TT, num_stages=NS):
+            t = t0 + tl.arange(0, TT)
+            kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
+            kunc = kg.to(tl.int16, bitcast=True) < 0
+            if DIAG == 2:   # diagnostics: no unpack (time the rest)
+                kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+            else:
+                kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+            if DIAG >= 1:   # diagnostics: no table lookup
+                kc = kidx.to(tl.float32)
+            else:
+                kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)
+            if PRECISE:
+                s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
+            else:
+                s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+            s = s * tl.abs(kg.to(tl.float32))[None, :]
+            s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
+            s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
+            vunc = vg.to(tl.int16, bitcast=True) < 0
+            if DIAG == 2:
+                vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+            else:
+                vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
+            if DIAG >= 1:
+                vc = vidx.to(tl.float32) * tl.abs(vg.to(tl.float32))[:, None]
+            else:
+                vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT) * tl.abs(vg.to(tl.float32))[:, None]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if PRECISE:
+                acc_rot = acc_rot * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
+            else:
+                acc_rot = acc_rot * alpha[:, None] + tl.dot(p.to(tl.float16), vc.to(tl.float16))
+            cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
+            m_i = m_new
+        # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
+        vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
+        vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+        acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
+    if n_sealed % SPLITS == split:
+        tail_len = seq_len - n_sealed * N
+        for t0 in range(0, tail_len, TT):
+            t = t0 + tl.arange(0, TT)
+            tm = t < tail_len
+            base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
+            k = tl.load(tail_k_ptr + base, mask=tm[:, None], other=0.0)
+            # bf16 rows are exact in tf32; "ieee" in precise mode (and the interpreter,
+            # whose bf16 dot is wrong).
+            if PRECISE:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)))
+            s = tl.where(tm[None, :] & ((n_sealed * N + t)[None, :] <= qp[:, None]), s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            v = tl.load(tail_v_ptr + base, mask=tm[:, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PRECISE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+            m_i = m_new
     o = out_ptr + r[:, None] * o_row + kvh * o_head + split * o_split + d[None, :]
     tl.store(o, acc / tl.maximum(l_i, 1e-30)[:, None], mask=row_ok[:, None])
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), -float("inf"))
@@ -310,7 +320,7 @@ class KakeyaKernels:
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
-                  num_warps: int = 8, diag: int = 0) -> torch.Tensor:
+                  num_warps: int = 8, diag: int = 0, lut: int = 0, num_stages: int = 1) -> torch.Tensor:
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -341,8 +351,8 @@ class KakeyaKernels:
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
-            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", DIAG=diag,
-            num_warps=num_warps)
+            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", DIAG=diag, LUT=lut,
+            NS=num_stages, num_warps=num_warps)
         # Merge the splits' partial softmaxes (lse in log2 units).
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
         o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]

@@ -87,3 +87,13 @@ def test_gpu_decode_parity_matrix(d, gqa):
         assert not torch.isnan(out).any()
         for r, L in enumerate(lens):
             assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
+
+
+def test_register_lookup_matches_global_gather():
+    kk, sc, refs = build([1030], 2, 3, 64, device=DEV)
+    q = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(8)).bfloat16().to(DEV)
+    pos = torch.tensor([1029], device=DEV)
+    args = dict(scale=0.125, splits=2, precise=True, out_dtype=torch.float32, **sc)
+    a = kk.attention(q, pos, torch.zeros(1, dtype=torch.long, device=DEV), lut=0, **args)
+    b = kk.attention(q, pos, torch.zeros(1, dtype=torch.long, device=DEV), lut=1, **args)
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

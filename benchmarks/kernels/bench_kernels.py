@@ -47,7 +47,7 @@ def fa_decode_fn(batch, ctx, d):
     return run, bytes_, name
 
 
-def ours_decode_fn(kk: KakeyaKernels, batch, ctx, d, sms, tt=64, warps=8):
+def ours_decode_fn(kk: KakeyaKernels, batch, ctx, d, sms, tt=64, warps=8, lut=0, ns=1):
     tail = 100
     n_sealed = ctx // 512
     seq = n_sealed * 512 + tail
@@ -70,7 +70,7 @@ def ours_decode_fn(kk: KakeyaKernels, batch, ctx, d, sms, tt=64, warps=8):
 
     def run():
         return kk.attention(q, pos, req, cache, bt, ns, sl, tk, tv, ts, scale=d ** -0.5, splits=splits, plan=plan,
-                            tt=tt, num_warps=warps)
+                            tt=tt, num_warps=warps, lut=lut, num_stages=ns)
     bytes_ = batch * (n_sealed * HKV * kk.lay.slot_bytes + tail * HKV * d * 4)
     return run, bytes_, splits
 
@@ -121,19 +121,20 @@ def main():
     for d in (64, 128):
         kk = KakeyaKernels(d, a.kbits, a.vbits, "cuda")
         # Small sweep of tile size / warps on one shape; the best is used for the matrix.
-        for tt in (32, 64, 128):
-            for warps in (4, 8):
-                try:
-                    fn, _, _ = ours_decode_fn(kk, 16, 16384, d, sms, tt, warps)
-                    us = do_bench(fn) * 1e3
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers
-                    print("config failed", d, tt, warps, repr(e)[:120])
-                    continue
-                res["tuning"].append({"head_dim": d, "tt": tt, "num_warps": warps, "us_b16_ctx16k": us})
-                print(f"tune D={d} tt={tt} warps={warps}: {us:.1f} us", flush=True)
-                if d not in best or us < best[d][0]:
-                    best[d] = (us, tt, warps)
-        _, tt, warps = best[d]
+        for tt, warps, lut, ns in [(tt, w, l, n) for tt in (64, 128) for w in (4, 8) for l in (0, 1)
+                                   for n in (1, 3)]:
+            try:
+                fn, _, _ = ours_decode_fn(kk, 16, 16384, d, sms, tt, warps, lut, ns)
+                us = do_bench(fn) * 1e3
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers
+                print("config failed", d, tt, warps, lut, ns, repr(e)[:120])
+                continue
+            res["tuning"].append({"head_dim": d, "tt": tt, "num_warps": warps, "lut": lut, "num_stages": ns,
+                                  "us_b16_ctx16k": us})
+            print(f"tune D={d} tt={tt} warps={warps} lut={lut} ns={ns}: {us:.1f} us", flush=True)
+            if d not in best or us < best[d][0]:
+                best[d] = (us, tt, warps, lut, ns)
+        _, tt, warps, lut, ns = best[d]
         x = (torch.randn(64, HKV, 512, d, device="cuda") * 2).bfloat16()
         slots = torch.zeros(64, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device="cuda")
         seal_us = do_bench(lambda: kk.seal(x, x, slots)) * 1e3 / 64
@@ -146,14 +147,15 @@ def main():
                 fa, fa_bytes, fa_name = fa_decode_fn(batch, ctx, d)
                 fa_us = do_bench(fa) * 1e3
                 del fa
-                ours, bytes_, splits = ours_decode_fn(kk, batch, ctx, d, sms, tt, warps)
+                ours, bytes_, splits = ours_decode_fn(kk, batch, ctx, d, sms, tt, warps, lut, ns)
                 us = do_bench(ours) * 1e3
                 del ours
                 torch.cuda.empty_cache()
                 row = {"format": res["format"], "head_dim": d, "batch": batch, "context": ctx, "us": us,
                        "fa3_bf16_us": fa_us, "baseline": fa_name, "bytes": bytes_, "gbps": bytes_ / us / 1e3,
                        "bf16_bytes": fa_bytes, "speedup_vs_bf16": fa_us / us, "splits": splits,
-                       "floor_us": bytes_ / (res["copy_gbps"] * 1e3), "tt": tt, "num_warps": warps}
+                       "floor_us": bytes_ / (res["copy_gbps"] * 1e3), "tt": tt, "num_warps": warps, "lut": lut,
+                       "num_stages": ns}
                 res["decode"].append(row)
                 print(f"D={d} ctx={ctx:6d} b={batch:2d}  ours {us:8.1f} us ({row['gbps']:6.0f} GB/s)  "
                       f"{fa_name} {fa_us:8.1f} us  x{fa_us / us:.2f}  floor {row['floor_us']:.1f} us", flush=True)
