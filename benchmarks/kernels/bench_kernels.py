@@ -62,14 +62,14 @@ def ours_decode_fn(kk: KakeyaKernels, batch, ctx, d, sms, tt=64, warps=8, lut=0,
     q = torch.randn(batch, HKV * GQA, d, dtype=torch.bfloat16, device="cuda")
     pos = torch.full((batch,), seq - 1, device="cuda")
     req = torch.arange(batch, device="cuda")
-    ns = torch.full((batch,), n_sealed, dtype=torch.int32, device="cuda")
+    nsl = torch.full((batch,), n_sealed, dtype=torch.int32, device="cuda")
     sl = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     ts = torch.arange(batch, dtype=torch.int32, device="cuda")
     plan = kk.plan(pos, req, batch, GQA)
     splits = max(1, min(n_sealed + 1, math.ceil(2 * sms / (plan["nt"] * HKV))))
 
     def run():
-        return kk.attention(q, pos, req, cache, bt, ns, sl, tk, tv, ts, scale=d ** -0.5, splits=splits, plan=plan,
+        return kk.attention(q, pos, req, cache, bt, nsl, sl, tk, tv, ts, scale=d ** -0.5, splits=splits, plan=plan,
                             tt=tt, num_warps=warps, lut=lut, num_stages=ns)
     bytes_ = batch * (n_sealed * HKV * kk.lay.slot_bytes + tail * HKV * d * 4)
     return run, bytes_, splits
