@@ -196,7 +196,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             if DIAG >= 1:   # diagnostics: no table lookup
                 kc = kidx.to(tl.float32)
             else:
-                kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)
+                kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
             if PRECISE:
                 s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
             else:
@@ -215,15 +215,17 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             else:
                 vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
             if DIAG >= 1:
-                vc = vidx.to(tl.float32) * tl.abs(vg.to(tl.float32))[:, None]
+                vc = vidx.to(tl.float32)
             else:
-                vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT) * tl.abs(vg.to(tl.float32))[:, None]
+                vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
+            # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
+            pg = p * tl.abs(vg.to(tl.float32))[None, :]
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if PRECISE:
-                acc_rot = acc_rot * alpha[:, None] + tl.dot(p, vc, input_precision="ieee")
+                acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
             else:
-                acc_rot = acc_rot * alpha[:, None] + tl.dot(p.to(tl.float16), vc.to(tl.float16))
+                acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
             cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
             m_i = m_new
         # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
@@ -270,6 +272,7 @@ class KakeyaKernels:
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
         self.tables = {b: lloyd_max.gaussian_table(b).to(device) for b in (k_bits, v_bits)}
+        self.tables16 = {b: t.half() for b, t in self.tables.items()}
         self.mids = {b: ((t[1:] + t[:-1]) / 2).contiguous() for b, t in self.tables.items()}
 
     def _consts(self, st, off):
@@ -342,10 +345,11 @@ class KakeyaKernels:
         kl, vl = self.lay.k, self.lay.v
         kg, knb = _group(kl.bits)
         vg, vnb = _group(vl.bits)
+        tabs = self.tables if precise else self.tables16
         _attn_kernel[(nt, Hkv, splits)](
             qq, qq.stride(0), qq.stride(1), pl["qpos"], pl["tile_req"], cache, cache.stride(0), cache.stride(1),
             block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
-            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, self.tables[kl.bits], self.tables[vl.bits],
+            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs[kl.bits], tabs[vl.bits],
             out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
             KV_OFF=kl.size, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
