@@ -281,10 +281,12 @@ class KakeyaKernels:
                     OFF_GAIN=st["gain"].offset, OFF_CODES=st["codes"].offset, D=self.D, BITS=st.bits, G=g, NB=nb,
                     N=BLOCK_TOKENS)
 
-    def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, tt: int = 32, num_warps: int = 4,
+    def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, tt: int = 64, num_warps: int | None = None,
              prec: str | None = None) -> None:
         """k, v [I, H, 512, D] (bf16/fp32, token stride may vary) -> slots uint8 [I, H, slot_bytes] (in place)."""
         I, H = k.shape[:2]
+        # Launch defaults from benchmarks/results/seal_sweep_h200.txt.
+        num_warps = num_warps or (4 if self.D <= 64 else 8)
         for x, st, off in ((k, self.lay.k, 0), (v, self.lay.v, self.lay.k.size)):
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
                                  self.rot, self.mids[st.bits], self.tables[st.bits], TT=tt, num_warps=num_warps,
