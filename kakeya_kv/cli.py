@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -42,7 +43,7 @@ def cmd_compare(a) -> int:
 
     from . import data, formats, harness
     from .attention_error import capture_qkv, layer_errors
-    from .report import markdown_table, plot_frontier, write_json
+    from .report import markdown_table, plot_frontier, summary_markdown, write_json
 
     t0 = time.time()
     n_windows = 32 if a.full else a.windows
@@ -92,14 +93,21 @@ def cmd_compare(a) -> int:
     out = Path(a.out)
     write_json(out / "codec_compare.json", res)
     table = markdown_table(res)
-    (out / "SUMMARY.md").write_text(
-        f"# Codec comparison ({res['windows']} windows × {a.window} tokens, second halves scored, "
-        f"chunked prefill {a.chunk})\n\nModel: {res['model']}  \nCorpus: {res['corpus']}  \n"
-        f"bf16 PPL: {res['bf16_ppl']:.4f}  \nCommand: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min)\n\n"
-        f"{table}\n\n![ratio vs ΔPPL](codec_compare.png)\n")
+    (out / "SUMMARY.md").write_text(summary_markdown(res))
     plot_frontier(res, out / "codec_compare.png")
     print(table)
     print(f"\nwrote {out / 'codec_compare.json'}, {out / 'SUMMARY.md'}, {out / 'codec_compare.png'}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    """Re-render SUMMARY.md and the plot from an existing codec_compare.json (no model run)."""
+    from .report import plot_frontier, summary_markdown
+    out = Path(a.out)
+    res = json.loads((out / "codec_compare.json").read_text())
+    (out / "SUMMARY.md").write_text(summary_markdown(res))
+    plot_frontier(res, out / "codec_compare.png")
+    print(summary_markdown(res))
     return 0
 
 
@@ -136,6 +144,9 @@ def main(argv=None) -> int:
     cb.add_argument("--window", type=int, default=2048)
     cb.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     cb.set_defaults(fn=lambda a: __import__("kakeya_calibration.calibrate", fromlist=["run"]).run(a))
+    r = sub.add_parser("report", help="re-render SUMMARY.md + plot from codec_compare.json")
+    r.add_argument("--out", default=str(RESULTS))
+    r.set_defaults(fn=cmd_report)
     f = sub.add_parser("format", help="print the block-format byte layouts")
     f.set_defaults(fn=cmd_format)
     a = p.parse_args(argv)

@@ -24,6 +24,30 @@ def markdown_table(res: dict) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def verdict(res: dict, ours: str = "kakeya") -> str:
+    """Issue-2 check, computed from the rows: for each TurboQuant preset, our settings that
+    have a strictly higher ratio AND a strictly lower ΔPPL (and the CI-separated ones)."""
+    fm = res["formats"]
+    mine = [f for f in fm if f["family"] == ours]
+    lines = ["## Does the default format beat TurboQuant? (computed from the rows above)", "",
+             "| TurboQuant preset | ratio | ΔPPL % | kakeya settings with higher ratio and lower ΔPPL | "
+             "… and lower ΔPPL CI upper bound than its lower bound |", "|---|---|---|---|---|"]
+    for t in sorted((f for f in fm if f["family"] == "turboquant"), key=lambda r: r["ratio_vs_bf16"]):
+        win = [m for m in mine if m["ratio_vs_bf16"] > t["ratio_vs_bf16"] and m["delta_ppl_pct"] < t["delta_ppl_pct"]]
+        sep = [m for m in win if m.get("delta_ppl_pct_ci95") and t.get("delta_ppl_pct_ci95")
+               and m["delta_ppl_pct_ci95"][1] < t["delta_ppl_pct_ci95"][0]]
+        fmt = lambda xs: ", ".join(f"{m['name']} ({m['ratio_vs_bf16']:.2f}×, {m['delta_ppl_pct']:+.2f} %)" for m in xs) or "none"
+        lines.append(f"| {t['name']} | {t['ratio_vs_bf16']:.2f} | {t['delta_ppl_pct']:+.2f} | {fmt(win)} | {fmt(sep)} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(res: dict) -> str:
+    return (f"# Codec comparison ({res['windows']} windows × {res['window_tokens']} tokens, second halves scored, "
+            f"chunked prefill {res['chunk']})\n\nModel: {res['model']}  \nCorpus: {res['corpus']}  \n"
+            f"bf16 PPL: {res['bf16_ppl']:.4f}  \nCommand: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min)\n\n"
+            f"{markdown_table(res)}\n\n{verdict(res)}\n\n![ratio vs ΔPPL](codec_compare.png)\n")
+
+
 def plot_frontier(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")

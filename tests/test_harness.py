@@ -71,3 +71,18 @@ def test_evaluate_summary_fields(model):
 def test_vllm_tq_boundary():
     assert vllm_tq_boundary(30) == (0, 1, 28, 29)
     assert vllm_tq_boundary(3) == (0, 2)
+
+
+def test_verdict_lists_only_dominating_settings():
+    from kakeya_kv.report import verdict
+    row = lambda n, fam, r, d, ci: {"name": n, "family": fam, "ratio_vs_bf16": r, "delta_ppl_pct": d,
+                                    "delta_ppl_pct_ci95": ci}
+    res = {"formats": [row("tq", "turboquant", 3.0, 1.0, [0.8, 1.2]),
+                       row("a", "kakeya", 4.0, 0.5, [0.3, 0.7]),     # dominates, CI-separated
+                       row("b", "kakeya", 3.5, 0.9, [0.7, 1.1]),     # dominates, CIs overlap
+                       row("c", "kakeya", 2.0, 0.1, [0.0, 0.2]),     # lower ratio
+                       row("d", "kakeya", 5.0, 1.5, [1.3, 1.7])]}    # worse ΔPPL
+    line = [l for l in verdict(res).splitlines() if l.startswith("| tq ")][0]
+    cells = [c.strip() for c in line.split("|")]
+    assert "a (" in cells[4] and "b (" in cells[4] and "c (" not in cells[4] and "d (" not in cells[4]
+    assert "a (" in cells[5] and "b (" not in cells[5]
