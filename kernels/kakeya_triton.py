@@ -153,7 +153,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
                  PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
-                 NS: tl.constexpr = 1):
+                 NS: tl.constexpr = 1, EXACT: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -176,63 +176,88 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     for b in range(split, n_sealed, SPLITS):
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
         slot = cache_ptr + page * c_page + kvh * c_head
-        kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
-        klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-        # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
-        qr = tl.dot(q / klam[None, :], tl.trans(rot), input_precision=ROT_PREC)
-        if not PRECISE:
-            qr = qr.to(tl.float16)
-        qmu = tl.sum(q * kmean[None, :], 1)
-        acc_rot = tl.zeros((BM, D), tl.float32)
-        cmass = tl.zeros((BM,), tl.float32)
-        for t0 in tl.range(0, N, TT, num_stages=NS):
-            t = t0 + tl.arange(0, TT)
-            kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
-            kunc = kg.to(tl.int16, bitcast=True) < 0
-            if DIAG == 2:   # diagnostics: no unpack (time the rest)
-                kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
-            else:
-                kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
-            if DIAG >= 1:   # diagnostics: no table lookup
-                kc = kidx.to(tl.float32)
-            else:
-                kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
-            if PRECISE:
-                s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
-            else:
-                s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
-            s = s * tl.abs(kg.to(tl.float32))[None, :]
-            s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
-            s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
-            vunc = vg.to(tl.int16, bitcast=True) < 0
-            if DIAG == 2:
-                vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
-            else:
-                vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
-            if DIAG >= 1:
-                vc = vidx.to(tl.float32)
-            else:
-                vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
-            # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
-            pg = p * tl.abs(vg.to(tl.float32))[None, :]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if PRECISE:
-                acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
-            else:
-                acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
-            cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
-            m_i = m_new
-        # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
-        vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
-        vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-        acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
-    if n_sealed % SPLITS == split:
+        if EXACT:
+            # Exact (bf16) pages: K rows [N, D] then V rows at KV_OFF; positions past qp are masked.
+            for t0 in range(0, N, TT):
+                t = t0 + tl.arange(0, TT)
+                live = (b * N + t) < seq_len      # rows past seq_len may hold a recycled page's bytes
+                kx = tl.load(slot.to(tl.pointer_type(tl.bfloat16)) + t[:, None] * D + d[None, :],
+                             mask=live[:, None], other=0.0).to(tl.float32)
+                if PRECISE:
+                    s = tl.dot(q, tl.trans(kx), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(kx))
+                s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                vx = tl.load((slot + KV_OFF).to(tl.pointer_type(tl.bfloat16)) + t[:, None] * D + d[None, :],
+                             mask=live[:, None], other=0.0).to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if PRECISE:
+                    acc = acc * alpha[:, None] + tl.dot(p, vx, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p, vx)
+                m_i = m_new
+        else:
+            kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
+            klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+            # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
+            qr = tl.dot(q / klam[None, :], tl.trans(rot), input_precision=ROT_PREC)
+            if not PRECISE:
+                qr = qr.to(tl.float16)
+            qmu = tl.sum(q * kmean[None, :], 1)
+            acc_rot = tl.zeros((BM, D), tl.float32)
+            cmass = tl.zeros((BM,), tl.float32)
+            for t0 in tl.range(0, N, TT, num_stages=NS):
+                t = t0 + tl.arange(0, TT)
+                kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                kunc = kg.to(tl.int16, bitcast=True) < 0
+                if DIAG == 2:   # diagnostics: no unpack (time the rest)
+                    kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+                else:
+                    kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                if DIAG >= 1:   # diagnostics: no table lookup
+                    kc = kidx.to(tl.float32)
+                else:
+                    kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
+                if PRECISE:
+                    s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
+                else:
+                    s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+                s = s * tl.abs(kg.to(tl.float32))[None, :]
+                s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
+                s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                vunc = vg.to(tl.int16, bitcast=True) < 0
+                if DIAG == 2:
+                    vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+                else:
+                    vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
+                if DIAG >= 1:
+                    vc = vidx.to(tl.float32)
+                else:
+                    vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
+                # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
+                pg = p * tl.abs(vg.to(tl.float32))[None, :]
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                if PRECISE:
+                    acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
+                else:
+                    acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
+                cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
+                m_i = m_new
+            # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
+            vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
+            vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+            acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
+    if (not EXACT) and (n_sealed % SPLITS == split):
         tail_len = seq_len - n_sealed * N
         for t0 in range(0, tail_len, TT):
             t = t0 + tl.arange(0, TT)
@@ -327,6 +352,11 @@ class KakeyaKernels:
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
                   num_warps: int = 8, diag: int = 0, lut: int = 0, num_stages: int = 1) -> torch.Tensor:
+        return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
+                            splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages)
+
+    def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
+                splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, exact_kv_off: int = 0):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -354,7 +384,7 @@ class KakeyaKernels:
             block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
             tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs[kl.bits], tabs[vl.bits],
             out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
-            KV_OFF=kl.size, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
+            KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
@@ -364,3 +394,16 @@ class KakeyaKernels:
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
         o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
         return o.view(T, gqa, Hkv, D).permute(0, 2, 1, 3).reshape(T, Hq, D).to(out_dtype or q.dtype)
+
+    def attention_exact(self, q, q_pos, q_req, cache, block_table, seq_lens, scale: float, splits: int = 8,
+                        bm: int = 16, precise: bool = False, plan: dict | None = None, tt: int = 64,
+                        num_warps: int = 4) -> torch.Tensor:
+        """Causal attention over exact bf16 pages (layout ``exact``: per head K rows then V rows), the
+        partial last page included. Same query packing as :meth:`attention`."""
+        from kakeya_kv.format import exact_layout
+        lay = exact_layout(self.D)
+        n_blocks = ((seq_lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS).to(torch.int32)
+        dummy = torch.zeros(1, 1, 1, self.D, dtype=torch.bfloat16, device=q.device)
+        return self._launch(q, q_pos, q_req, cache, block_table, n_blocks, seq_lens, dummy, dummy,
+                            torch.zeros_like(seq_lens), scale, splits, bm, precise, None, plan, tt, num_warps, 0, 0, 1,
+                            exact_kv_off=lay.k.size)

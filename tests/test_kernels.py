@@ -97,3 +97,34 @@ def test_register_lookup_matches_global_gather():
     a = kk.attention(q, pos, torch.zeros(1, dtype=torch.long, device=DEV), lut=0, **args)
     b = kk.attention(q, pos, torch.zeros(1, dtype=torch.long, device=DEV), lut=1, **args)
     assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens,gqa", [([1, 513, 40], 3)])
+def test_exact_page_attention_parity(lens, gqa):
+    """Exact (bf16) pages, partial last page included; NaN bytes past seq_len must not leak in."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_kv.format import exact_layout
+    d, hkv = 64, 2
+    g = torch.Generator().manual_seed(3)
+    lay = exact_layout(d)
+    kk = KakeyaKernels(d, 4, 3, DEV)
+    maxb = max((L + 511) // 512 for L in lens)
+    bt = torch.randperm(len(lens) * maxb, generator=g).view(len(lens), maxb).to(torch.int32)
+    cache = torch.full((len(lens) * maxb, hkv, lay.slot_bytes), 0xFF, dtype=torch.uint8)  # bf16 0xFFFF = NaN
+    view = cache.view(-1, hkv, 2, 512, d * 2).view(torch.bfloat16)
+    refs = []
+    for r, L in enumerate(lens):
+        K = torch.randn(hkv, L, d, generator=g).bfloat16()
+        V = torch.randn(hkv, L, d, generator=g).bfloat16()
+        for p in range(L):
+            view[bt[r, p // 512], :, 0, p % 512] = K[:, p]
+            view[bt[r, p // 512], :, 1, p % 512] = V[:, p]
+        refs.append((K.double(), V.double()))
+    q = torch.randn(len(lens), hkv * gqa, d, generator=g).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    out = kk.attention_exact(q, pos, torch.arange(len(lens), device=DEV), cache.to(DEV), bt.to(DEV),
+                             torch.tensor(lens, dtype=torch.int32, device=DEV), scale=d ** -0.5, splits=2,
+                             precise=True)
+    assert torch.isfinite(out.float()).all()
+    for r, L in enumerate(lens):
+        assert rel_err(out[r].float(), ref_attention(q[r], L - 1, refs[r], gqa)) < 1e-2  # bf16 output

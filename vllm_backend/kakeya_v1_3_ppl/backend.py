@@ -1,0 +1,253 @@
+"""vLLM 0.26 attention backend: compressed 512-token pages + an exact per-request tail.
+
+* Compressed layers (``KakeyaBackend``): a page is one sealed block per KV head in the
+  ``kakeya`` format; the request's unsealed tokens live in a bf16 tail slot (one per
+  persistent request row, allocated at model load so vLLM's profiler counts it).
+* Exact layers (``KakeyaExactBackend``: boundary layers, or KAKEYA_FORMAT=exact): bf16 pages
+  in the ``exact`` layout, written in place, no tail.
+
+Both read the cache through the Triton kernels in ``kakeya_kernels``; the per-step plan (phases,
+tail writes, seals) is made on the CPU by :mod:`.plan`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
+
+from kakeya_kv.config import KakeyaConfig
+from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, kakeya_layout
+
+from . import context
+from .plan import TailState, plan_step, to_device
+
+logger = logging.getLogger("kakeya_kv.vllm")
+
+_KERNELS: dict = {}
+
+
+def kernels(head_dim: int, k_bits: int, v_bits: int, device):
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    key = (head_dim, k_bits, v_bits, str(device))
+    if key not in _KERNELS:
+        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device)
+    return _KERNELS[key]
+
+
+def settings(num_layers: int | None = None) -> KakeyaConfig:
+    cfg = KakeyaConfig.from_env(num_layers=num_layers)
+    if cfg.format == "v13":
+        raise ValueError("KAKEYA_FORMAT=v13: the seed format has a CPU reference codec but no Triton attention "
+                         "kernels yet, so the vLLM backend cannot serve it; use KAKEYA_FORMAT=default or exact")
+    return cfg
+
+
+class KakeyaBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True   # writes, attention and seals are ordered inside forward
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"   # vLLM resolves AttentionBackendEnum[get_name()]; KAKEYA is an alias of CUSTOM
+
+    @staticmethod
+    def get_impl_cls():
+        return KakeyaImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KakeyaMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes():
+        return [BLOCK_TOKENS]
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        cfg = settings()
+        lay = kakeya_layout(head_size, cfg.k_bits, cfg.v_bits)
+        if block_size != BLOCK_TOKENS:
+            raise ValueError(f"Kakeya kernel block size must be {BLOCK_TOKENS}, got {block_size}")
+        return (num_blocks, num_kv_heads, lay.slot_bytes)
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size in SUPPORTED_HEAD_DIMS
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+class KakeyaExactBackend(KakeyaBackend):
+    """Exact bf16 pages (boundary layers / exact mode): [blocks, Hkv, K|V, 512, D]."""
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        if block_size != BLOCK_TOKENS:
+            raise ValueError(f"Kakeya kernel block size must be {BLOCK_TOKENS}, got {block_size}")
+        return (num_blocks, num_kv_heads, 2, block_size, head_size)
+
+
+@dataclass
+class KakeyaMetadata:
+    num_actual_tokens: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    phases: list[dict] = field(default_factory=list)   # compressed layers
+    exact: dict | None = None                           # exact layers: one phase over the pages
+    dummy: bool = False
+
+
+class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
+    # Plans are host-side and per-step shapes vary: attention runs eagerly between piecewise graphs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from .spec import KakeyaAttentionSpec
+        self.compressed = isinstance(kv_cache_spec, KakeyaAttentionSpec)
+        mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
+        self.bm = 16
+        self.state = TailState()
+        if self.compressed:
+            _log_startup(vllm_config, kv_cache_spec)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KakeyaMetadata:
+        cam = common_attn_metadata
+        B, T = cam.num_reqs, cam.num_actual_tokens
+        ident = context.current()
+        meta = KakeyaMetadata(num_actual_tokens=T, block_table=cam.block_table_tensor, seq_lens=cam.seq_lens,
+                              slot_mapping=cam.slot_mapping)
+        if ident is None:
+            raise RuntimeError("kakeya: no batch identity from the model runner; the backend needs vLLM's V2 model "
+                               "runner (VLLM_USE_V2_MODEL_RUNNER=1)")
+        if ident.dummy:
+            meta.dummy = True
+            return meta
+        qsl = cam.query_start_loc_cpu.numpy()[:B + 1].astype(np.int64)
+        seq = (cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None else cam.seq_lens.cpu())
+        seq = np.asarray(seq)[:B].astype(np.int64)
+        if self.compressed:
+            phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
+            meta.phases = [to_device(ph, self.device, self.gqa, self.bm) for ph in phases]
+        else:
+            (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
+            meta.exact = to_device(ph, self.device, self.gqa, self.bm)
+        return meta
+
+
+def _log_startup(vllm_config, spec) -> None:
+    cfg = settings()
+    lay = kakeya_layout(spec.head_size, cfg.k_bits, cfg.v_bits)
+    blocks = vllm_config.cache_config.num_gpu_blocks
+    cap = f"{blocks * vllm_config.cache_config.block_size} tokens" if blocks else "unknown"
+    logger.warning(
+        "Kakeya KV: format %s k%dv%d, %.2f B/token/head (%.2fx vs bf16) on compressed layers, boundary bf16 layers "
+        "%s, KV capacity %s", lay.format, cfg.k_bits, cfg.v_bits, lay.bytes_per_token_head, lay.ratio_vs_bf16,
+        list(cfg.boundary_skip_layers) or "none", cap)
+
+
+class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
+    supports_quant_query_input: bool = False
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs):
+        unsupported = [name for name, bad in (
+            ("ALiBi", alibi_slopes is not None), ("sliding window", sliding_window is not None),
+            ("logit soft-cap", bool(logits_soft_cap)), (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
+            (f"kv_cache_dtype {kv_cache_dtype}", kv_cache_dtype not in ("auto", "bfloat16")),
+            ("KV sharing", kv_sharing_target_layer_name is not None)) if bad]
+        if unsupported:
+            raise ValueError(f"Kakeya backend does not support {', '.join(unsupported)}; run this model with another "
+                             "attention backend")
+        if head_size not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"Kakeya backend: head_dim {head_size} not supported (supported {SUPPORTED_HEAD_DIMS})")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        vc = get_current_vllm_config()
+        self.max_slots = vc.scheduler_config.max_num_seqs
+        self.num_layers = vc.model_config.get_num_layers(vc.parallel_config)
+        self.cfg = settings(self.num_layers)
+        self.layer_name: str | None = None
+        self.exact = self.cfg.format == "exact"
+        self.tail_k = self.tail_v = None
+
+    def bind(self, layer_name: str) -> None:
+        """Learn which layer this is (vLLM passes no layer name to the impl's constructor)."""
+        from vllm.model_executor.models.utils import extract_layer_index
+        if self.layer_name == layer_name:
+            return
+        self.layer_name = layer_name
+        self.layer_idx = extract_layer_index(layer_name)
+        self.exact = self.cfg.format == "exact" or self.layer_idx in self.cfg.boundary_skip_layers
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        # Runs before vLLM's memory profiling: the tail pool is counted as non-KV memory.
+        if self.exact or self.tail_k is not None:
+            return
+        dev = torch.device("cuda", torch.cuda.current_device())
+        shape = (self.max_slots, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
+        self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+        self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+        self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, dev)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("Kakeya backend: fused output quantization is not supported")
+        if attn_metadata is None or attn_metadata.dummy:   # profiling / warm-up
+            return output.zero_()
+        m = attn_metadata
+        if self.exact:
+            return self._forward_exact(query, key, value, kv_cache, m, output)
+        for ph in m.phases:
+            if ph["n_write"]:
+                self.tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(torch.bfloat16)
+                self.tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(torch.bfloat16)
+            if ph["n_tok"]:
+                bt = m.block_table[ph["rows"]]
+                out = self.kk.attention(query[ph["tok"]], ph["q_pos"], ph["q_req"], kv_cache, bt, ph["n_sealed"],
+                                        ph["seq_end"], self.tail_k, self.tail_v, ph["tail_slot"], self.scale,
+                                        plan=ph["plan"])
+                output[ph["tok"]] = out.to(output.dtype)
+            if ph["n_seal"]:
+                pages = m.block_table[ph["seal_row"], ph["seal_blk"]].long()
+                sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
+                                     device=kv_cache.device)
+                self.kk.seal(self.tail_k[ph["seal_slot"]], self.tail_v[ph["seal_slot"]], sealed)
+                kv_cache[pages] = sealed
+        return output
+
+    def _forward_exact(self, query, key, value, kv_cache, m, output):
+        T = m.num_actual_tokens
+        sm = m.slot_mapping[:T].long()
+        ok = sm >= 0
+        blk, off = sm[ok] // BLOCK_TOKENS, sm[ok] % BLOCK_TOKENS
+        kv_cache[blk, :, 0, off] = key[:T][ok].to(kv_cache.dtype)
+        kv_cache[blk, :, 1, off] = value[:T][ok].to(kv_cache.dtype)
+        ex = m.exact
+        if not hasattr(self, "kk"):
+            self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device)
+        pages = kv_cache.view(torch.uint8).view(kv_cache.shape[0], kv_cache.shape[1], -1)
+        out = self.kk.attention_exact(query[ex["tok"]], ex["q_pos"], ex["q_req"], pages, m.block_table,
+                                      m.seq_lens.to(torch.int32), self.scale, plan=ex["plan"])
+        output[ex["tok"]] = out.to(output.dtype)
+        return output
+
+
+def exact_page_bytes(head_dim: int, num_kv_heads: int) -> int:
+    return num_kv_heads * exact_layout(head_dim).slot_bytes

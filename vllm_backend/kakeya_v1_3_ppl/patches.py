@@ -1,0 +1,84 @@
+"""The few places where vLLM 0.26 offers no hook; each patch is idempotent and touches only
+layers whose impl is Kakeya's.
+
+1. ``Attention.get_kv_cache_spec``: compressed layers get a :class:`KakeyaAttentionSpec` (page
+   bytes from the block format), exact layers a bf16 spec and the exact backend class.
+2. ``Attention.process_weights_after_loading``: tell the impl its layer name before it allocates
+   (the impl constructor gets none).
+3. ``DefaultModelState.prepare_attn``: stash the step's request ids / persistent rows for the
+   builder (tail slots are keyed by them).
+4. ``InputBatch.make_dummy``: mark warm-up batches so they never touch request state.
+"""
+from __future__ import annotations
+
+import functools
+
+_APPLIED = False
+
+
+def apply() -> None:
+    global _APPLIED
+    if _APPLIED:
+        return
+    import torch
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+
+    from . import context
+    from .backend import KakeyaExactBackend, KakeyaImpl, settings
+    from .spec import KakeyaAttentionSpec
+
+    orig_spec = Attention.get_kv_cache_spec
+
+    @functools.wraps(orig_spec)
+    def get_kv_cache_spec(self, vllm_config):
+        if not isinstance(getattr(self, "impl", None), KakeyaImpl):
+            return orig_spec(self, vllm_config)
+        self.impl.bind(self.layer_name)
+        block_size = vllm_config.cache_config.block_size
+        if block_size % BLOCK_TOKENS:
+            raise ValueError(f"Kakeya backend needs --block-size a multiple of {BLOCK_TOKENS} (got {block_size})")
+        if self.impl.exact:
+            self.attn_backend = KakeyaExactBackend
+            return FullAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads,
+                                     head_size=self.head_size, head_size_v=self.head_size_v, dtype=torch.bfloat16)
+        cfg = settings()
+        lay = kakeya_layout(self.head_size, cfg.k_bits, cfg.v_bits)
+        return KakeyaAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                                   head_size_v=self.head_size_v, dtype=torch.uint8,
+                                   kakeya_slot_bytes=lay.slot_bytes, kakeya_format=f"kakeya-k{cfg.k_bits}v{cfg.v_bits}")
+
+    orig_pwal = Attention.process_weights_after_loading
+
+    @functools.wraps(orig_pwal)
+    def process_weights_after_loading(self, act_dtype):
+        if isinstance(getattr(self, "impl", None), KakeyaImpl):
+            self.impl.bind(self.layer_name)
+        return orig_pwal(self, act_dtype)
+
+    orig_prep = DefaultModelState.prepare_attn
+
+    @functools.wraps(orig_prep)
+    def prepare_attn(self, input_batch, *args, **kwargs):
+        context.set_current(input_batch.req_ids, input_batch.idx_mapping_np,
+                            getattr(input_batch, "_kakeya_dummy", False))
+        return orig_prep(self, input_batch, *args, **kwargs)
+
+    orig_dummy = InputBatch.make_dummy.__func__
+
+    @classmethod
+    @functools.wraps(orig_dummy)
+    def make_dummy(cls, *args, **kwargs):
+        batch = orig_dummy(cls, *args, **kwargs)
+        batch._kakeya_dummy = True
+        return batch
+
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    Attention.process_weights_after_loading = process_weights_after_loading
+    DefaultModelState.prepare_attn = prepare_attn
+    InputBatch.make_dummy = make_dummy
+    _APPLIED = True

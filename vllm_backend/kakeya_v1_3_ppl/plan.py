@@ -1,0 +1,161 @@
+"""Per-step planning on the CPU (no vLLM import): which tokens go where, in which phase.
+
+A request's new tokens may cross 512-token block boundaries (chunked prefill). A block is
+sealed only after the queries inside it have attended to it exactly, so one step runs in
+*phases*: phase j handles, for every request, the j-th block its new tokens touch —
+write those tokens into the request's exact tail, attend (sealed blocks + tail), and seal
+the block if it became full. Decode batches are one phase.
+
+The tail of a request lives in slot ``req_idx`` (vLLM's persistent request row, bounded by
+max_num_seqs, reused when the request finishes, aborts or is preempted). ``TailState`` tracks on
+the CPU which block and how many tokens each slot holds, keyed by request id so that a reused
+row never reads the previous owner's tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kakeya_kv.format import BLOCK_TOKENS as N
+
+
+@dataclass
+class TailState:
+    """CPU mirror of what each tail slot holds: owner request, block index, tokens filled."""
+    owner: dict[int, str] = field(default_factory=dict)
+    block: dict[int, int] = field(default_factory=dict)
+    fill: dict[int, int] = field(default_factory=dict)
+    cached_reads: int = 0   # phases served read-only from an already-sealed (prefix-cached) block
+
+    def holds(self, slot: int, req_id: str, blk: int, fill: int) -> bool:
+        return self.owner.get(slot) == req_id and self.block.get(slot) == blk and self.fill.get(slot) == fill
+
+    def set(self, slot: int, req_id: str, blk: int, fill: int) -> None:
+        self.owner[slot], self.block[slot], self.fill[slot] = req_id, blk, fill
+
+
+@dataclass
+class Phase:
+    tok: np.ndarray          # [Tp] batch token indices whose queries run in this phase
+    q_pos: np.ndarray        # [Tp] absolute positions
+    q_req: np.ndarray        # [Tp] index into this phase's request arrays
+    rows: np.ndarray         # [Rp] batch rows of the phase's requests
+    n_sealed: np.ndarray     # [Rp] sealed blocks readable by this phase's queries
+    seq_end: np.ndarray      # [Rp] causal end (exclusive) of keys for the phase
+    tail_slot: np.ndarray    # [Rp] tail slot (req_idx)
+    write_tok: np.ndarray    # [W] batch token indices written into the tail
+    write_slot: np.ndarray   # [W]
+    write_off: np.ndarray    # [W] offset inside the block (pos % 512)
+    seal_row: np.ndarray     # [S] batch rows whose block fills in this phase
+    seal_blk: np.ndarray     # [S] logical block index to seal
+    seal_slot: np.ndarray    # [S] tail slot holding it
+
+
+def gqa_plan(q_pos: np.ndarray, q_req: np.ndarray, num_reqs: int, gqa: int, bm: int) -> dict:
+    """Query rows (token x head-in-group) packed in tiles of bm rows that never straddle two requests
+    (the kernel's tile -> request map). CPU twin of KakeyaKernels.plan, without a device sync."""
+    T = len(q_pos)
+    req_rows = np.repeat(q_req.astype(np.int64), gqa)
+    counts = np.bincount(req_rows, minlength=num_reqs)
+    tiles_per_req = (counts + bm - 1) // bm
+    tile_req = np.repeat(np.arange(num_reqs), tiles_per_req).astype(np.int32)
+    first_tile = np.cumsum(tiles_per_req) - tiles_per_req
+    first_row = np.cumsum(counts) - counts
+    rank = np.arange(T * gqa) - first_row[req_rows]
+    dest = (first_tile[req_rows] + rank // bm) * bm + rank % bm
+    nt = len(tile_req)
+    qpos = np.full(nt * bm, -1, dtype=np.int32)
+    qpos[dest] = np.repeat(q_pos.astype(np.int32), gqa)
+    return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+
+
+def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
+              state: TailState | None, update: bool = True) -> list[Phase]:
+    """Split one step's batch into phases. qsl [B+1] query start offsets, seq_lens [B] context length
+    including the new tokens, req_idx [B] tail slot per row, req_ids [B]. ``state`` None = no tail
+    (exact pages: one phase, every block readable, nothing sealed)."""
+    B = len(seq_lens)
+    q_len = np.diff(qsl[:B + 1]).astype(np.int64)
+    start = seq_lens[:B].astype(np.int64) - q_len
+    if state is None:
+        tok = np.arange(int(qsl[B]), dtype=np.int64)
+        rows = np.arange(B)
+        q_req = np.repeat(rows, q_len)
+        q_pos = start[q_req] + (tok - qsl[q_req])
+        e = np.empty(0, dtype=np.int64)
+        return [Phase(tok, q_pos, q_req, rows, (seq_lens[:B] + N - 1) // N, seq_lens[:B].astype(np.int64),
+                      np.zeros(B, dtype=np.int64), e, e, e, e, e, e)]
+    b0 = start // N
+    b1 = np.where(q_len > 0, (seq_lens[:B].astype(np.int64) - 1) // N, b0 - 1)
+    n_phases = int((b1 - b0 + 1).max(initial=0))
+    # First phase of each request: does its tail hold the block's earlier tokens?
+    read_only_first = np.zeros(B, dtype=bool)
+    for r in range(B):
+        if q_len[r] == 0:
+            continue
+        off = int(start[r] - b0[r] * N)
+        slot = int(req_idx[r])
+        if off and not state.holds(slot, req_ids[r], int(b0[r]), off):
+            # The block's first `off` tokens are not in the tail: they come from a prefix-cache hit,
+            # i.e. the block is full and already sealed (vLLM recomputes only the last token).
+            if seq_lens[r] != (b0[r] + 1) * N:
+                raise RuntimeError(
+                    f"kakeya: request {req_ids[r]!r} resumes at position {int(start[r])} but its tail slot {slot} "
+                    f"does not hold the block's first {off} tokens and the block is not complete; refusing to "
+                    "attend to missing KV")
+            read_only_first[r] = True
+    phases = []
+    for j in range(n_phases):
+        act = np.nonzero((q_len > 0) & (b0 + j <= b1))[0]
+        blk = b0[act] + j
+        lo = np.maximum(start[act], blk * N)
+        hi = np.minimum(seq_lens[act].astype(np.int64), (blk + 1) * N)
+        ro = read_only_first[act] & (j == 0)
+        toks, poss, reqs, w_tok, w_slot, w_off = [], [], [], [], [], []
+        for i, r in enumerate(act):
+            t0 = qsl[r] + (lo[i] - start[r])
+            n = hi[i] - lo[i]
+            tk = np.arange(t0, t0 + n, dtype=np.int64)
+            toks.append(tk)
+            poss.append(np.arange(lo[i], hi[i], dtype=np.int64))
+            reqs.append(np.full(n, i, dtype=np.int64))
+            if not ro[i]:
+                w_tok.append(tk)
+                w_slot.append(np.full(n, req_idx[r], dtype=np.int64))
+                w_off.append(np.arange(lo[i], hi[i], dtype=np.int64) - blk[i] * N)
+        full = (hi == (blk + 1) * N) & ~ro
+        cat = lambda xs: np.concatenate(xs) if xs else np.empty(0, dtype=np.int64)
+        phases.append(Phase(
+            tok=cat(toks), q_pos=cat(poss), q_req=cat(reqs), rows=act.astype(np.int64),
+            n_sealed=np.where(ro, blk + 1, blk), seq_end=np.where(ro, (blk + 1) * N, hi),
+            tail_slot=req_idx[act].astype(np.int64),
+            write_tok=cat(w_tok), write_slot=cat(w_slot), write_off=cat(w_off),
+            seal_row=act[full].astype(np.int64), seal_blk=blk[full], seal_slot=req_idx[act][full].astype(np.int64)))
+        if update:
+            for i, r in enumerate(act):
+                if ro[i]:
+                    state.cached_reads += 1
+                    if hi[i] == (blk[i] + 1) * N:
+                        state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
+                elif full[i]:
+                    state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
+                else:
+                    state.set(int(req_idx[r]), req_ids[r], int(blk[i]), int(hi[i] - blk[i] * N))
+    return phases
+
+
+def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
+    """Tensors the impl needs for one phase (one small H2D copy per field)."""
+    t = lambda a, dt=torch.int32: torch.from_numpy(np.ascontiguousarray(a)).to(dt).to(device, non_blocking=True)
+    pl = gqa_plan(ph.q_pos, ph.q_req, len(ph.rows), gqa, bm)
+    return dict(
+        tok=t(ph.tok, torch.int64), q_pos=t(ph.q_pos), q_req=t(ph.q_req), rows=t(ph.rows, torch.int64),
+        n_sealed=t(ph.n_sealed), seq_end=t(ph.seq_end), tail_slot=t(ph.tail_slot),
+        write_tok=t(ph.write_tok, torch.int64), write_slot=t(ph.write_slot, torch.int64),
+        write_off=t(ph.write_off, torch.int64), n_write=len(ph.write_tok),
+        seal_row=t(ph.seal_row, torch.int64), seal_blk=t(ph.seal_blk, torch.int64),
+        seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok),
+        plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]), nt=pl["nt"],
+                  bm=bm, gqa=gqa, T=pl["T"]))
