@@ -144,6 +144,15 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, D: tl.constexpr, LUT: tl.constexpr
 
 
 @triton.jit
+def _dot16(a, b, BF16DOT: tl.constexpr):
+    """bf16 x bf16 -> fp32 dot; the interpreter's bf16 dot is wrong, so there it runs in fp32 (same values)."""
+    if BF16DOT:
+        return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
 def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
                  rot_ptr, ktab_ptr, vtab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
@@ -153,7 +162,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
                  PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
-                 NS: tl.constexpr = 1, EXACT: tl.constexpr = 0):
+                 NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -164,8 +173,12 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     qp = tl.load(qpos_ptr + r)                      # -1 marks padding rows
     row_ok = qp >= 0
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None],
-                other=0.0).to(tl.float32) * (scale * 1.4426950408889634)
+    q_raw = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None], other=0.0)
+    sc = scale * 1.4426950408889634
+    q = q_raw.to(tl.float32) * sc
+    # Exact rows (tail, exact pages) in fast mode: bf16 x bf16 products are exact in fp32 accumulation
+    # (as in FlashAttention); pre-scaling q in fp32 and rounding it to tf32 would lose ~11 bits.
+    q16 = q_raw.to(tl.bfloat16)
     n_sealed = tl.load(nsealed_ptr + req)
     seq_len = tl.load(seqlen_ptr + req)
     tslot = tl.load(tslot_ptr + req).to(tl.int64)
@@ -182,23 +195,23 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                 t = t0 + tl.arange(0, TT)
                 live = (b * N + t) < seq_len      # rows past seq_len may hold a recycled page's bytes
                 kx = tl.load(slot.to(tl.pointer_type(tl.bfloat16)) + t[:, None] * D + d[None, :],
-                             mask=live[:, None], other=0.0).to(tl.float32)
+                             mask=live[:, None], other=0.0)
                 if PRECISE:
-                    s = tl.dot(q, tl.trans(kx), input_precision="ieee")
+                    s = tl.dot(q, tl.trans(kx.to(tl.float32)), input_precision="ieee")
                 else:
-                    s = tl.dot(q, tl.trans(kx))
+                    s = _dot16(q16, tl.trans(kx), BF16DOT) * sc
                 s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 vx = tl.load((slot + KV_OFF).to(tl.pointer_type(tl.bfloat16)) + t[:, None] * D + d[None, :],
-                             mask=live[:, None], other=0.0).to(tl.float32)
+                             mask=live[:, None], other=0.0)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 if PRECISE:
-                    acc = acc * alpha[:, None] + tl.dot(p, vx, input_precision="ieee")
+                    acc = acc * alpha[:, None] + tl.dot(p, vx.to(tl.float32), input_precision="ieee")
                 else:
-                    acc = acc * alpha[:, None] + tl.dot(p, vx)
+                    acc = acc * alpha[:, None] + _dot16(p.to(tl.bfloat16), vx, BF16DOT)
                 m_i = m_new
         else:
             kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
@@ -264,12 +277,11 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             tm = t < tail_len
             base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
             k = tl.load(tail_k_ptr + base, mask=tm[:, None], other=0.0)
-            # bf16 rows are exact in tf32; "ieee" in precise mode (and the interpreter,
-            # whose bf16 dot is wrong).
+            # precise: fp32 "ieee"; fast: bf16 x bf16 with fp32 accumulation, like FlashAttention.
             if PRECISE:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)))
+                s = _dot16(q16, tl.trans(k.to(tl.bfloat16)), BF16DOT) * sc
             s = tl.where(tm[None, :] & ((n_sealed * N + t)[None, :] <= qp[:, None]), s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -280,7 +292,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
             if PRECISE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+                acc = acc * alpha[:, None] + _dot16(p.to(tl.bfloat16), v.to(tl.bfloat16), BF16DOT)
             m_i = m_new
     o = out_ptr + r[:, None] * o_row + kvh * o_head + split * o_split + d[None, :]
     tl.store(o, acc / tl.maximum(l_i, 1e-30)[:, None], mask=row_ok[:, None])
@@ -384,7 +396,7 @@ class KakeyaKernels:
             block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
             tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs[kl.bits], tabs[vl.bits],
             out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
-            KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
+            KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET), K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,

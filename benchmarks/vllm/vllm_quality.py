@@ -101,7 +101,20 @@ def run(a) -> int:
         kv_log = [l for l in p.stderr.splitlines() if "Kakeya KV:" in l or "GPU KV cache size" in l]
         r["log"] = kv_log[-3:]
         rows.append(r)
+        json.dump(rows, open(a.out + ".partial", "w"))
         print(f"[{name}] ppl {r['ppl']:.4f} capacity {r['capacity_tokens']} ({time.time() - t0:.0f}s)", flush=True)
+    return finish(rows, a)
+
+
+def merge(a) -> int:
+    rows = []
+    for f in a.inputs:
+        rows.extend(json.load(open(f)))
+    return finish(rows, a, gpu=a.gpu)
+
+
+def finish(rows, a, gpu: str | None = None) -> int:
+    import torch
     base = next((r for r in rows if r.get("name") == "flash_bf16" and "ppl" in r), None)
     for r in rows:
         if base and "ppl" in r:
@@ -117,7 +130,7 @@ def run(a) -> int:
                      for g, h in zip(r["greedy"], base["greedy"])]
             r["greedy_identical_prompts"] = sum(f == len(h) for f, h in zip(first, base["greedy"]))
             r["greedy_first_divergence"] = first
-    out = {"gpu": torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (gpu-kit bf16)",
+    out = {"gpu": gpu or torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (gpu-kit bf16)",
            "windows": a.n, "window_tokens": 2048, "chunk": a.chunk, "gpu_memory_utilization": a.gpu_util,
            "configs": rows}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -142,6 +155,14 @@ def main() -> int:
     pp.add_argument("--out", default=".gpudata/windows.json")
     pp.add_argument("--n", type=int, default=32)
     pp.set_defaults(fn=prep)
+    mg = sub.add_parser("merge", help="merge .partial row files of several calls into one result")
+    mg.add_argument("inputs", nargs="+")
+    mg.add_argument("--gpu", required=True)
+    mg.add_argument("--n", type=int, default=32)
+    mg.add_argument("--chunk", type=int, default=256)
+    mg.add_argument("--gpu-util", type=float, default=0.3)
+    mg.add_argument("--out", default="benchmarks/results/vllm_quality.json")
+    mg.set_defaults(fn=merge)
     for name, fn in (("one", one), ("run", run)):
         s = sub.add_parser(name)
         s.add_argument("--windows", default=".gpudata/windows.json")
