@@ -23,6 +23,7 @@ MODEL = "/tmp/models/SmolLM2-135M-Instruct"
 CONFIGS = {
     # name: (family, LLM kwargs, env)
     "flash_bf16": ("bf16", {"attention_backend": "FLASH_ATTN"}, {}),
+    "triton_bf16": ("bf16", {"attention_backend": "TRITON_ATTN"}, {}),   # numeric-noise reference
     "triton_fp8": ("fp8", {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "fp8"}, {}),
     "int4_per_token_head": ("int4_per_token_head", {"attention_backend": "TRITON_ATTN",
                                                     "kv_cache_dtype": "int4_per_token_head"}, {}),
