@@ -51,8 +51,8 @@ def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constex
 
 
 @triton.jit
-def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr,
-                 STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
+def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr, w_ptr,
+                 HAS_W: tl.constexpr, STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                  OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                  G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, PREC: tl.constexpr):
     item = tl.program_id(0)
@@ -74,7 +74,10 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
         var += tl.sum(xc * xc, 0)
     var = var / N
     v = var + 1e-6 * (tl.sum(var, 0) / D) + 1e-12
-    lam = tl.sqrt(tl.sqrt(1.0 / v))
+    if HAS_W:
+        lam = tl.sqrt(tl.sqrt(tl.load(w_ptr + head * D + d) / v))
+    else:
+        lam = tl.sqrt(tl.sqrt(1.0 / v))
     lam = lam / tl.exp(tl.sum(tl.log(lam), 0) / D)
     lam = tl.minimum(tl.maximum(lam, 1e-3), 1e3).to(tl.float16).to(tl.float32)
     tl.store((dst + OFF_MEAN).to(tl.pointer_type(tl.float32)) + d, mean)
@@ -303,14 +306,21 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
 class KakeyaKernels:
     """Per-geometry constants (rotation, tables, layout offsets) on one device."""
 
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int, device):
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, device, k_table: torch.Tensor | None = None,
+                 v_table: torch.Tensor | None = None):
+        """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1))."""
         self.lay = kakeya_layout(head_dim, k_bits, v_bits)
         self.D, self.device = head_dim, device
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
-        self.tables = {b: lloyd_max.gaussian_table(b).to(device) for b in (k_bits, v_bits)}
-        self.tables16 = {b: t.half() for b, t in self.tables.items()}
-        self.mids = {b: ((t[1:] + t[:-1]) / 2).contiguous() for b, t in self.tables.items()}
+        # Per stream ("k", "v"), so K and V may carry different fitted tables at the same bit width.
+        self.tables = {"k": (lloyd_max.gaussian_table(k_bits) if k_table is None else k_table).float().to(device),
+                       "v": (lloyd_max.gaussian_table(v_bits) if v_table is None else v_table).float().to(device)}
+        for name, bits in (("k", k_bits), ("v", v_bits)):
+            if self.tables[name].shape != (1 << bits,):
+                raise ValueError(f"{name}_table must have {1 << bits} entries for {bits}-bit codes")
+        self.tables16 = {n: t.half() for n, t in self.tables.items()}
+        self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
 
     def _consts(self, st, off):
         g, nb = _group(st.bits)
@@ -319,24 +329,30 @@ class KakeyaKernels:
                     N=BLOCK_TOKENS)
 
     def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, tt: int = 64, num_warps: int | None = None,
-             prec: str | None = None) -> None:
-        """k, v [I, H, 512, D] (bf16/fp32, token stride may vary) -> slots uint8 [I, H, slot_bytes] (in place)."""
+             prec: str | None = None, k_weight: torch.Tensor | None = None) -> None:
+        """k, v [I, H, 512, D] (bf16/fp32, token stride may vary) -> slots uint8 [I, H, slot_bytes] (in place).
+
+        k_weight [H, D]: calibrated K shaping weights of this layer (lambda = (w / var)^(1/4))."""
         I, H = k.shape[:2]
+        if k_weight is not None and tuple(k_weight.shape) != (H, self.D):
+            raise ValueError(f"k_weight must be [{H}, {self.D}], got {tuple(k_weight.shape)}")
         # Launch defaults from benchmarks/results/seal_sweep_h200.txt.
         num_warps = num_warps or (4 if self.D <= 64 else 8)
-        for x, st, off in ((k, self.lay.k, 0), (v, self.lay.v, self.lay.k.size)):
+        for name, x, st, off, w in (("k", k, self.lay.k, 0, k_weight), ("v", v, self.lay.v, self.lay.k.size, None)):
+            wt = self.rot if w is None else w.float().contiguous()   # any pointer when HAS_W = 0
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
-                                 self.rot, self.mids[st.bits], self.tables[st.bits], TT=tt, num_warps=num_warps,
+                                 self.rot, self.mids[name], self.tables[name], wt, HAS_W=int(w is not None),
+                                 TT=tt, num_warps=num_warps,
                                  PREC="ieee" if _INTERPRET else (prec or "tf32x3"), **self._consts(st, off))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots uint8 [I, H, slot_bytes] -> bf16 k, v [I, H, 512, D] (debug decode)."""
         I, H = slots.shape[:2]
         outs = []
-        for st, off in ((self.lay.k, 0), (self.lay.v, self.lay.k.size)):
+        for name, st, off in (("k", self.lay.k, 0), ("v", self.lay.v, self.lay.k.size)):
             o = torch.empty(I, H, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=slots.device)
             _decode_kernel[(I, H)](slots, slots.stride(0), slots.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
-                                   self.rot, self.tables[st.bits], TT=32, num_warps=4, **self._consts(st, off))
+                                   self.rot, self.tables[name], TT=32, num_warps=4, **self._consts(st, off))
             outs.append(o)
         return outs[0], outs[1]
 
@@ -394,7 +410,7 @@ class KakeyaKernels:
         _attn_kernel[(nt, Hkv, splits)](
             qq, qq.stride(0), qq.stride(1), pl["qpos"], pl["tile_req"], cache, cache.stride(0), cache.stride(1),
             block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
-            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs[kl.bits], tabs[vl.bits],
+            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs["k"], tabs["v"],
             out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
             KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET), K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,

@@ -102,3 +102,18 @@ def test_bad_tensor_contents_are_refused(tmp_path):
 def test_pair_average():
     w = torch.arange(8.0)
     assert pair_average(w).tolist() == [2, 3, 4, 5, 2, 3, 4, 5]
+
+
+def test_backend_resolves_bundle_with_skip_layers_and_refuses_mismatch(bundle):
+    """What the vLLM backend applies: fitted tables for its bit widths, K weights except KAKEYA_SKIP_LAYERS."""
+    from kakeya_kv.config import KakeyaConfig
+    from kakeya_v1_3_ppl.calib import resolve
+    path, man, tensors = bundle
+    cfg = KakeyaConfig.from_env({"KAKEYA_CALIBRATION": str(path), "KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "3",
+                                 "KAKEYA_SKIP_LAYERS": "1"}, num_layers=2)
+    cal = resolve(cfg, num_layers=2, num_kv_heads=1, head_dim=64, model_config=None)
+    assert torch.equal(cal.k_table, tensors["k_table.b3"]) and torch.equal(cal.v_table, tensors["v_table.b3"])
+    assert cal.weight(0) is not None and cal.weight(1) is None
+    with pytest.raises(BundleError, match="head_dim"):
+        resolve(cfg, num_layers=2, num_kv_heads=1, head_dim=128, model_config=None)
+    assert resolve(KakeyaConfig(), num_layers=2, num_kv_heads=1, head_dim=64, model_config=None).source is None

@@ -33,11 +33,13 @@ logger = logging.getLogger("kakeya_kv.vllm")
 _KERNELS: dict = {}
 
 
-def kernels(head_dim: int, k_bits: int, v_bits: int, device):
+def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
     from kakeya_kernels.kakeya_triton import KakeyaKernels
-    key = (head_dim, k_bits, v_bits, str(device))
+    key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source)
     if key not in _KERNELS:
-        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device)
+        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device,
+                                      k_table=None if cal is None else cal.k_table,
+                                      v_table=None if cal is None else cal.v_table)
     return _KERNELS[key]
 
 
@@ -155,8 +157,8 @@ def _log_startup(vllm_config, spec) -> None:
     cap = f"{blocks * vllm_config.cache_config.block_size} tokens" if blocks else "unknown"
     logger.warning(
         "Kakeya KV: format %s k%dv%d, %.2f B/token/head (%.2fx vs bf16) on compressed layers, boundary bf16 layers "
-        "%s, KV capacity %s", lay.format, cfg.k_bits, cfg.v_bits, lay.bytes_per_token_head, lay.ratio_vs_bf16,
-        list(cfg.boundary_skip_layers) or "none", cap)
+        "%s, calibration %s, KV capacity %s", lay.format, cfg.k_bits, cfg.v_bits, lay.bytes_per_token_head,
+        lay.ratio_vs_bf16, list(cfg.boundary_skip_layers) or "none", cfg.calibration or "none (data-free)", cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
@@ -182,6 +184,12 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.max_slots = vc.scheduler_config.max_num_seqs
         self.num_layers = vc.model_config.get_num_layers(vc.parallel_config)
         self.cfg = settings(self.num_layers)
+        # Validated here so a wrong bundle fails at model construction with a message naming the mismatch.
+        from .calib import resolve
+        mc = vc.model_config
+        self.cal = resolve(self.cfg, num_layers=self.num_layers, num_kv_heads=mc.get_total_num_kv_heads(),
+                           head_dim=head_size, model_config=mc.hf_config.to_dict())
+        self.k_weight = None
         self.layer_name: str | None = None
         self.exact = self.cfg.format == "exact"
         self.tail_k = self.tail_v = None
@@ -203,7 +211,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         shape = (self.max_slots, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, dev)
+        self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, dev, self.cal)
+        w = self.cal.weight(self.layer_idx)
+        self.k_weight = None if w is None else w.float().to(dev)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -228,7 +238,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
                 pages = m.block_table[ph["seal_row"], ph["seal_blk"]].long()
                 sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
                                      device=kv_cache.device)
-                self.kk.seal(self.tail_k[ph["seal_slot"]], self.tail_v[ph["seal_slot"]], sealed)
+                self.kk.seal(self.tail_k[ph["seal_slot"]], self.tail_v[ph["seal_slot"]], sealed, k_weight=self.k_weight)
                 kv_cache[pages] = sealed
         return output
 
