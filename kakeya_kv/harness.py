@@ -160,3 +160,31 @@ def evaluate(model, windows: list[torch.Tensor], formats: list[ModelFormat], chu
             if progress is not None:
                 progress.update(1)
     return results[0], results[1:]
+
+
+def reference(model, windows: list[torch.Tensor], chunk: int = 256) -> tuple[FormatResult, list[torch.Tensor]]:
+    """bf16 reference result and its scored log-probabilities per window (kept for later KLDs)."""
+    from .codecs.base import BF16
+    res = FormatResult(ModelFormat("bf16", "bf16", BF16()))
+    lps = []
+    for w in windows:
+        score_from = w.shape[0] // 2
+        lp = window_logprobs(model, w, res.fmt, chunk, score_from, res.stats)
+        res.nll.append(-lp.gather(1, w[score_from:][:, None]).mean().item())
+        res.kld.append(0.0)
+        res.top1.append(1.0)
+        lps.append(lp)
+    return res, lps
+
+
+def evaluate_against(model, windows: list[torch.Tensor], fmt: ModelFormat, ref_lps: list[torch.Tensor],
+                     chunk: int = 256) -> FormatResult:
+    """One format on the windows, KLD/top-1 against the stored reference log-probabilities."""
+    r = FormatResult(fmt)
+    for w, ref_lp in zip(windows, ref_lps):
+        score_from = w.shape[0] // 2
+        lp = window_logprobs(model, w, fmt, chunk, score_from, r.stats)
+        r.nll.append(-lp.gather(1, w[score_from:][:, None]).mean().item())
+        r.kld.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item())
+        r.top1.append((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item())
+    return r

@@ -1,0 +1,153 @@
+"""Auto-recipe and per-layer sensitivity on held-out text (HF harness, CPU).
+
+``kakeya-kv recipe --budget-ppl 1.0`` evaluates the settings the vLLM backend can serve — one
+(K bits, V bits) for all compressed layers plus a set of exact bf16 boundary layers — in order of
+decreasing whole-model ratio on windows of the *calibration* books (never the evaluation books),
+and writes the first one whose ΔPPL vs bf16 is within the budget to ``deploy/recipes/<model>.env``
+with the measured numbers in its header.
+
+``kakeya-kv sensitivity`` measures ΔPPL when only layer L is compressed, for every L (the seed's
+per-layer table): it says which layers a boundary set should protect.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+from .codecs.base import BF16
+from .codecs.kakeya import KakeyaCodec
+from .format import kakeya_layout
+from .model_format import ModelFormat
+
+BITS = ((4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
+
+
+def boundary_sets(num_layers: int) -> list[tuple[int, ...]]:
+    L = num_layers
+    return [(), (0,), (0, L - 1), (0, 1, L - 2, L - 1)]
+
+
+def ratio(num_layers: int, head_dim: int, kb: int, vb: int, exact: tuple[int, ...]) -> float:
+    per_head = kakeya_layout(head_dim, kb, vb).bytes_per_token_head
+    comp = num_layers - len(exact)
+    return num_layers * 4 * head_dim / (comp * per_head + len(exact) * 4 * head_dim)
+
+
+def candidates(num_layers: int, head_dim: int) -> list[ModelFormat]:
+    out = []
+    for (kb, vb), ex in itertools.product(BITS, boundary_sets(num_layers)):
+        name = f"kakeya_k{kb}v{vb}" + (f"_b{'-'.join(map(str, ex))}" if ex else "")
+        f = ModelFormat(name, "kakeya", KakeyaCodec(kb, vb, name=name), tuple(ex))
+        f.extra.update(k_bits=kb, v_bits=vb, ratio=ratio(num_layers, head_dim, kb, vb, tuple(ex)))
+        out.append(f)
+    return sorted(out, key=lambda f: -f.extra["ratio"])
+
+
+def held_out_windows(tok, n: int, length: int):
+    import torch
+
+    from . import data
+    ids = data.corpus_tokens(tok, data.CALIB_BOOKS)
+    avail = len(ids) // length
+    if n > avail:
+        raise SystemExit(f"only {avail} held-out windows of {length} tokens")
+    starts = [round(i * (avail - 1) / max(n - 1, 1)) * length for i in range(n)]
+    return [torch.tensor(ids[s:s + length]) for s in starts]
+
+
+def search(model, wins, num_layers: int, head_dim: int, budget_pct: float, chunk: int = 256, log=print):
+    """First candidate (by decreasing ratio) whose mean ΔPPL on the windows is within the budget."""
+    from . import harness
+    ref, ref_lps = harness.reference(model, wins, chunk=chunk)
+    tried = []
+    for f in candidates(num_layers, head_dim):
+        res = harness.evaluate_against(model, wins, f, ref_lps, chunk=chunk)
+        s = harness.summarize(res, ref)
+        row = {"name": f.name, "k_bits": f.extra["k_bits"], "v_bits": f.extra["v_bits"],
+               "boundary": list(f.exact_layers), "ratio": f.extra["ratio"], **s}
+        tried.append(row)
+        log(f"  {f.name:28s} ratio {row['ratio']:.2f}  ΔPPL {s['delta_ppl_pct']:+.2f} % "
+            f"[{s['delta_ppl_pct_ci95'][0]:+.2f}, {s['delta_ppl_pct_ci95'][1]:+.2f}]  KLD {s['kld']:.4f}")
+        if s["delta_ppl_pct"] <= budget_pct:
+            return row, tried, math.exp(sum(ref.nll) / len(ref.nll))
+    return None, tried, math.exp(sum(ref.nll) / len(ref.nll))
+
+
+def recipe_env(row: dict, model_name: str, budget: float, n_windows: int, window: int, command: str) -> str:
+    ci = row["delta_ppl_pct_ci95"]
+    return (f"# Kakeya KV recipe: {model_name} — written by `{command}`\n"
+            f"# Budget: ΔPPL <= {budget:g} %. MEASURED (HF/CPU harness, chunked prefill 256, {n_windows} held-out windows "
+            f"x {window} tokens of the calibration books, disjoint from the evaluation text):\n"
+            f"#   whole-model KV ratio {row['ratio']:.2f}x (block format bytes; the vLLM capacity ratio also pays\n"
+            f"#   the exact-tail pool), ΔPPL {row['delta_ppl_pct']:+.2f} % [95 % CI {ci[0]:+.2f}, {ci[1]:+.2f}], "
+            f"KLD {row['kld']:.4f}\n"
+            f"# Usage: set -a; . {{this file}}; set +a; vllm serve MODEL --attention-backend KAKEYA\n"
+            f"KAKEYA_FORMAT=default\nKAKEYA_K_BITS={row['k_bits']}\nKAKEYA_V_BITS={row['v_bits']}\n"
+            f"KAKEYA_BOUNDARY_SKIP_LAYERS={','.join(map(str, row['boundary']))}\n")
+
+
+def sensitivity(model, wins, num_layers: int, kb: int, vb: int, chunk: int = 256, progress=None) -> list[dict]:
+    """ΔPPL / KLD when only layer L is compressed (k{kb}v{vb}); all other layers exact."""
+    from . import harness
+    ref, ref_lps = harness.reference(model, wins, chunk=chunk)
+    rows = []
+    for layer in range(num_layers):
+        others = tuple(i for i in range(num_layers) if i != layer)
+        f = ModelFormat(f"only_L{layer}", "kakeya", KakeyaCodec(kb, vb), others)
+        res = harness.evaluate_against(model, wins, f, ref_lps, chunk=chunk)
+        rows.append({"layer": layer, **harness.summarize(res, ref)})
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def run_recipe(a) -> int:
+    from .cli import _load
+    t0 = time.time()
+    model, tok = _load(a.threads)
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    wins = held_out_windows(tok, a.windows, a.window)
+    print(f"recipe search: budget ΔPPL <= {a.budget_ppl} %, {len(wins)} held-out windows", file=sys.stderr)
+    best, tried, bf16_ppl = search(model, wins, L, D, a.budget_ppl, log=lambda m: print(m, file=sys.stderr))
+    command = "kakeya-kv " + " ".join(sys.argv[1:])
+    if best is None:
+        print(f"no candidate met the {a.budget_ppl} % budget; tried {len(tried)}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else Path("deploy/recipes") / f"{a.model_name}.env"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(recipe_env(best, a.model_name, a.budget_ppl, len(wins), a.window, command))
+    print(f"wrote {out}: {best['name']} ratio {best['ratio']:.2f}x ΔPPL {best['delta_ppl_pct']:+.2f} % "
+          f"({(time.time() - t0) / 60:.1f} min)")
+    return 0
+
+
+def run_sensitivity(a) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .cli import _load
+    from .report import write_json
+    model, tok = _load(a.threads)
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    wins = held_out_windows(tok, a.windows, a.window)
+    with tqdm(total=L, desc="layers", file=sys.stderr) as bar:
+        rows = sensitivity(model, wins, L, a.k_bits, a.v_bits, progress=bar)
+    res = {"model": "SmolLM2-135M-Instruct", "setting": f"k{a.k_bits}v{a.v_bits}", "windows": len(wins),
+           "text": "held-out calibration books", "command": "kakeya-kv " + " ".join(sys.argv[1:]), "layers": rows}
+    out = Path(a.out)
+    write_json(out / "sensitivity.json", res)
+    lines = [f"# Per-layer sensitivity: only layer L compressed ({res['setting']}, {len(wins)} held-out windows)", "",
+             "| layer | ΔPPL % | 95% CI | KLD |", "|---|---|---|---|"]
+    for r in rows:
+        ci = r["delta_ppl_pct_ci95"]
+        lines.append(f"| {r['layer']} | {r['delta_ppl_pct']:+.3f} | [{ci[0]:+.3f}, {ci[1]:+.3f}] | {r['kld']:.5f} |")
+    (out / "SENSITIVITY.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,44 @@
+"""Recipe search and per-layer sensitivity on a tiny random model (the real runs are CLI commands)."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kakeya_kv.config import KakeyaConfig
+from kakeya_kv.recipe import candidates, ratio, recipe_env, search, sensitivity
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).float().eval()
+    wins = [torch.randint(0, 97, (1024,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    return model, wins
+
+
+def test_candidates_are_ordered_by_ratio_and_servable():
+    c = candidates(30, 64)
+    r = [f.extra["ratio"] for f in c]
+    assert r == sorted(r, reverse=True)
+    assert abs(ratio(30, 64, 4, 3, ()) - 256 / 61.5) < 1e-9
+    assert ratio(30, 64, 3, 2, (0, 29)) < ratio(30, 64, 3, 2, ())
+
+
+def test_search_returns_first_within_budget_and_writes_a_loadable_recipe(tiny):
+    model, wins = tiny
+    best, tried, _ = search(model, wins, 4, 64, budget_pct=1e9, log=lambda m: None)
+    assert best is tried[0] and best["ratio"] == max(f.extra["ratio"] for f in candidates(4, 64))
+    none, tried2, _ = search(model, wins[:1], 4, 64, budget_pct=-1e9, log=lambda m: None)
+    assert none is None and len(tried2) == len(candidates(4, 64))
+    env = recipe_env(best, "tiny", 1.0, 2, 1024, "kakeya-kv recipe")
+    kv = dict(l.split("=", 1) for l in env.splitlines() if l and not l.startswith("#"))
+    cfg = KakeyaConfig.from_env(kv, num_layers=4)
+    assert (cfg.k_bits, cfg.v_bits) == (best["k_bits"], best["v_bits"])
+
+
+def test_sensitivity_has_one_row_per_layer(tiny):
+    model, wins = tiny
+    rows = sensitivity(model, wins[:1], 4, 3, 2)
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["kld"] > 0 for r in rows)   # compressing any single layer changes the output
