@@ -22,10 +22,10 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-from kakeya_kv.config import KakeyaConfig
 from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, kakeya_layout
 
 from . import context
+from .checks import check_capacity, check_layer, settings
 from .plan import TailState, plan_step, to_device
 
 logger = logging.getLogger("kakeya_kv.vllm")
@@ -41,14 +41,6 @@ def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
                                       k_table=None if cal is None else cal.k_table,
                                       v_table=None if cal is None else cal.v_table)
     return _KERNELS[key]
-
-
-def settings(num_layers: int | None = None) -> KakeyaConfig:
-    cfg = KakeyaConfig.from_env(num_layers=num_layers)
-    if cfg.format == "v13":
-        raise ValueError("KAKEYA_FORMAT=v13: the seed format has a CPU reference codec but no Triton attention "
-                         "kernels yet, so the vLLM backend cannot serve it; use KAKEYA_FORMAT=default or exact")
-    return cfg
 
 
 class KakeyaBackend(AttentionBackend):
@@ -122,6 +114,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
         self.bm = 16
         self.state = TailState()
+        cc = vllm_config.cache_config
+        check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
         if self.compressed:
             _log_startup(vllm_config, kv_cache_spec)
 
@@ -167,16 +161,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, **kwargs):
-        unsupported = [name for name, bad in (
-            ("ALiBi", alibi_slopes is not None), ("sliding window", sliding_window is not None),
-            ("logit soft-cap", bool(logits_soft_cap)), (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
-            (f"kv_cache_dtype {kv_cache_dtype}", kv_cache_dtype not in ("auto", "bfloat16")),
-            ("KV sharing", kv_sharing_target_layer_name is not None)) if bad]
-        if unsupported:
-            raise ValueError(f"Kakeya backend does not support {', '.join(unsupported)}; run this model with another "
-                             "attention backend")
-        if head_size not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"Kakeya backend: head_dim {head_size} not supported (supported {SUPPORTED_HEAD_DIMS})")
+        check_layer(head_size=head_size, alibi=alibi_slopes is not None, sliding_window=sliding_window,
+                    logits_soft_cap=logits_soft_cap, attn_type=getattr(attn_type, "value", attn_type), kv_cache_dtype=kv_cache_dtype,
+                    kv_sharing=kv_sharing_target_layer_name is not None)
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype

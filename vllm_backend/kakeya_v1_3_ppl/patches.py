@@ -29,7 +29,8 @@ def apply() -> None:
     from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
     from . import context
-    from .backend import KakeyaExactBackend, KakeyaImpl, settings
+    from .backend import KakeyaExactBackend, KakeyaImpl
+    from .checks import check_block_size, settings
     from .spec import KakeyaAttentionSpec
 
     orig_spec = Attention.get_kv_cache_spec
@@ -40,8 +41,7 @@ def apply() -> None:
             return orig_spec(self, vllm_config)
         self.impl.bind(self.layer_name)
         block_size = vllm_config.cache_config.block_size
-        if block_size % BLOCK_TOKENS:
-            raise ValueError(f"Kakeya backend needs --block-size a multiple of {BLOCK_TOKENS} (got {block_size})")
+        check_block_size(block_size, BLOCK_TOKENS)
         if self.impl.exact:
             self.attn_backend = KakeyaExactBackend
             return FullAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads,
