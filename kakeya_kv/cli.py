@@ -100,6 +100,13 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    if a.backend == "vllm":
+        from .vllm_eval import main as vllm_main
+        return vllm_main(["run", *a.rest])
+    return main(["compare", *a.rest])
+
+
 def cmd_report(a) -> int:
     """Re-render SUMMARY.md and the plot from an existing codec_compare.json (no model run)."""
     from .report import plot_frontier, summary_markdown
@@ -144,6 +151,11 @@ def main(argv=None) -> int:
     cb.add_argument("--window", type=int, default=2048)
     cb.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     cb.set_defaults(fn=lambda a: __import__("kakeya_calibration.calibrate", fromlist=["run"]).run(a))
+    ev = sub.add_parser("eval", help="PPL/KLD of chosen configs: --backend hf (CPU harness) or vllm (GPU, gpu-kit)")
+    ev.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ev.add_argument("rest", nargs=argparse.REMAINDER,
+                    help="hf: compare options (--formats, --windows, ...); vllm: kakeya_kv.vllm_eval run options")
+    ev.set_defaults(fn=cmd_eval)
     rc = sub.add_parser("recipe", help="search the highest-ratio servable setting within a ΔPPL budget (HF/CPU)")
     rc.add_argument("--model", default="smollm2", choices=["smollm2"], help="the embedded default model")
     rc.add_argument("--model-name", default="smollm2-135m-instruct-auto")

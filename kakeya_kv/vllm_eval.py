@@ -1,8 +1,8 @@
 """PPL / greedy parity / KV capacity of KV-cache configurations inside vLLM (GPU, gpu-kit).
 
-    python benchmarks/vllm/vllm_quality.py prep --out .gpudata/windows.json      # CPU: token windows
-    python benchmarks/vllm/vllm_quality.py run --windows .gpudata/windows.json --configs flash,kakeya_exact,...
-        --out $OUT/vllm_quality.json
+    kakeya-kv eval --backend vllm --configs flash_bf16,kakeya_k4v3,...   (= python -m kakeya_kv.vllm_eval run)
+    python -m kakeya_kv.vllm_eval prep --out .gpudata/windows.json       # CPU: the token windows
+    python -m kakeya_kv.vllm_eval merge A.partial B.partial --gpu NAME   # rows of several calls -> one result
 
 Protocol: windows of 2048 tokens (the HF harness's windows of the evaluation books), second half
 scored via prompt_logprobs, prefill in chunks of 256 tokens (max_num_batched_tokens=256) so that
@@ -33,6 +33,10 @@ CONFIGS = {
     "kakeya_k3v3": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "3"}),
     "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
     "kakeya_custom": ("kakeya", {"attention_backend": "CUSTOM"}, {}),
+    # boundary layers exact (mixed page sizes in one KV group) and a calibration bundle
+    "kakeya_k3v2_b0-29": ("kakeya", {"attention_backend": "KAKEYA"},
+                          {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,29"}),
+    "kakeya_k4v3_cal": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_CALIBRATION": ".gpudata/bundle"}),
 }
 for _p in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc"):
     CONFIGS[f"turboquant_{_p}"] = ("turboquant", {"kv_cache_dtype": f"turboquant_{_p}"}, {})
@@ -86,7 +90,7 @@ def run(a) -> int:
     import torch
     rows = []
     for name in a.configs.split(","):
-        cmd = [sys.executable, __file__, "one", "--config", name, "--windows", a.windows, "--n", str(a.n),
+        cmd = [sys.executable, "-m", "kakeya_kv.vllm_eval", "one", "--config", name, "--windows", a.windows, "--n", str(a.n),
                "--chunk", str(a.chunk), "--gpu-util", str(a.gpu_util), "--gen-tokens", str(a.gen_tokens)]
         if a.eager:
             cmd.append("--eager")
@@ -186,8 +190,8 @@ def plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="kakeya-kv eval --backend vllm")
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prep")
     pp.add_argument("--out", default=".gpudata/windows.json")
@@ -217,7 +221,7 @@ def main() -> int:
             s.add_argument("--configs", default="flash_bf16,kakeya_exact,kakeya_k4v3")
             s.add_argument("--out", default="benchmarks/results/vllm_quality.json")
             s.add_argument("--timeout", type=int, default=400)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     return a.fn(a)
 
 
