@@ -32,9 +32,16 @@ class BundleError(ValueError):
 
 
 def config_hash(cfg: dict) -> str:
+    """Model identity that survives transformers versions: geometry + RoPE base/type, whichever key holds them
+    (transformers 5 moved rope_theta/rope_scaling into rope_parameters)."""
     keys = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-            "head_dim", "rope_theta", "rope_scaling", "vocab_size", "intermediate_size")
+            "vocab_size", "intermediate_size")
     sub = {k: cfg.get(k) for k in keys}
+    sub["head_dim"] = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = cfg.get("rope_theta") or rp.get("rope_theta")
+    sub["rope_theta"] = None if theta is None else float(theta)
+    sub["rope_type"] = rp.get("rope_type") or rp.get("type") or "default"
     return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

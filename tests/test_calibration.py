@@ -117,3 +117,13 @@ def test_backend_resolves_bundle_with_skip_layers_and_refuses_mismatch(bundle):
     with pytest.raises(BundleError, match="head_dim"):
         resolve(cfg, num_layers=2, num_kv_heads=1, head_dim=128, model_config=None)
     assert resolve(KakeyaConfig(), num_layers=2, num_kv_heads=1, head_dim=64, model_config=None).source is None
+
+
+def test_config_hash_is_stable_across_rope_key_layouts():
+    from kakeya_calibration.bundle import config_hash
+    base = dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                hidden_size=576, vocab_size=49152, intermediate_size=1536)
+    old = dict(base, rope_theta=100000, rope_scaling=None)                               # transformers 4
+    new = dict(base, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})   # transformers 5
+    assert config_hash(old) == config_hash(new)
+    assert config_hash(dict(base, rope_theta=10000)) != config_hash(old)
