@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     rc.add_argument("--model", default="smollm2", choices=["smollm2"], help="the embedded default model")
     rc.add_argument("--model-name", default="smollm2-135m-instruct-auto")
     rc.add_argument("--budget-ppl", type=float, default=1.0, help="max ΔPPL vs bf16 in percent")
-    rc.add_argument("--windows", type=int, default=4, help="held-out windows (calibration books)")
+    rc.add_argument("--windows", type=int, default=16, help="held-out windows (calibration books)")
     rc.add_argument("--window", type=int, default=2048)
     rc.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     rc.add_argument("--out", default="", help="recipe path (default deploy/recipes/<model-name>.env)")

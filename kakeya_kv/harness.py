@@ -37,6 +37,14 @@ class CodecLayer(DynamicLayer):
         keys = torch.cat([self.keys, kn], -2)
         values = torch.cat([self.values, vn], -2)
         self.keys, self.values = keys, values
+        if self.codec is not None and not self.codec.self_exact:
+            # Written to the cache first, attention reads every token back compressed (the chunk too).
+            kh, vh = self.codec.roundtrip(kn[0].float(), vn[0].float(), self.layer_idx)
+            self.stats.add(self.layer_idx, kn[0].float(), vn[0].float(), kh, vh)
+            self.keys = torch.cat([keys[..., :-kn.shape[-2], :], kh[None].to(keys.dtype)], -2)
+            self.values = torch.cat([values[..., :-vn.shape[-2], :], vh[None].to(values.dtype)], -2)
+            self.n_sealed = self.keys.shape[-2]
+            return self.keys, self.values
         if self.codec is not None:
             bt = self.codec.block_tokens
             upto = (keys.shape[-2] // bt) * bt

@@ -20,6 +20,10 @@ class Codec(ABC):
     name: str
     family: str
     block_tokens: int = 1
+    # Does a prefill chunk attend to its own tokens exact (True) or read them back from the
+    # compressed cache (False)? vLLM's TurboQuant continuation prefill concatenates the raw chunk;
+    # its Triton backend (fp8, int4_per_token_head) writes the chunk to the cache first and reads it back.
+    self_exact: bool = True
 
     @abstractmethod
     def bytes_per_token_head(self, head_dim: int) -> float:

@@ -143,6 +143,7 @@ class Int4PerTokenHead(Codec):
 
     name = family = "int4_per_token_head"
     block_tokens = 1
+    self_exact = False   # TRITON_ATTN: written to the cache before attention
 
     def bytes_per_token_head(self, head_dim: int) -> float:
         return 2.0 * (head_dim / 2 + 4)  # nibbles + fp32 scale, for K and for V
@@ -168,6 +169,7 @@ class FP8E4M3(Codec):
     name = "fp8_e4m3"
     family = "fp8"
     block_tokens = 1
+    self_exact = False   # TRITON_ATTN: written to the cache before attention
 
     def bytes_per_token_head(self, head_dim: int) -> float:
         return 2.0 * head_dim
