@@ -27,6 +27,7 @@ from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, ka
 from . import context
 from .checks import check_capacity, check_layer, settings
 from .plan import TailState, plan_step, to_device
+from .runtime import forward_compressed, forward_exact
 
 logger = logging.getLogger("kakeya_kv.vllm")
 
@@ -211,39 +212,14 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         m = attn_metadata
         if self.exact:
             return self._forward_exact(query, key, value, kv_cache, m, output)
-        for ph in m.phases:
-            if ph["n_write"]:
-                self.tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(torch.bfloat16)
-                self.tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(torch.bfloat16)
-            if ph["n_tok"]:
-                bt = m.block_table[ph["rows"]]
-                out = self.kk.attention(query[ph["tok"]], ph["q_pos"], ph["q_req"], kv_cache, bt, ph["n_sealed"],
-                                        ph["seq_end"], self.tail_k, self.tail_v, ph["tail_slot"], self.scale,
-                                        plan=ph["plan"])
-                output[ph["tok"]] = out.to(output.dtype)
-            if ph["n_seal"]:
-                pages = m.block_table[ph["seal_row"], ph["seal_blk"]].long()
-                sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
-                                     device=kv_cache.device)
-                self.kk.seal(self.tail_k[ph["seal_slot"]], self.tail_v[ph["seal_slot"]], sealed, k_weight=self.k_weight)
-                kv_cache[pages] = sealed
-        return output
+        return forward_compressed(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.phases,
+                                  m.block_table, self.scale, output, self.k_weight)
 
     def _forward_exact(self, query, key, value, kv_cache, m, output):
-        T = m.num_actual_tokens
-        sm = m.slot_mapping[:T].long()
-        ok = sm >= 0
-        blk, off = sm[ok] // BLOCK_TOKENS, sm[ok] % BLOCK_TOKENS
-        kv_cache[blk, :, 0, off] = key[:T][ok].to(kv_cache.dtype)
-        kv_cache[blk, :, 1, off] = value[:T][ok].to(kv_cache.dtype)
-        ex = m.exact
         if not hasattr(self, "kk"):
             self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device)
-        pages = kv_cache.view(torch.uint8).view(kv_cache.shape[0], kv_cache.shape[1], -1)
-        out = self.kk.attention_exact(query[ex["tok"]], ex["q_pos"], ex["q_req"], pages, m.block_table,
-                                      m.seq_lens.to(torch.int32), self.scale, plan=ex["plan"])
-        output[ex["tok"]] = out.to(output.dtype)
-        return output
+        return forward_exact(self.kk, query, key, value, kv_cache, m.exact, m.block_table, m.seq_lens,
+                             m.slot_mapping, m.num_actual_tokens, self.scale, output)
 
 
 def exact_page_bytes(head_dim: int, num_kv_heads: int) -> int:

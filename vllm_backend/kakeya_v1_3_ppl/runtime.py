@@ -1,0 +1,46 @@
+"""The backend's per-layer data path, without vLLM (tested end-to-end on CPU in the Triton interpreter).
+
+``forward_compressed``: for each phase of the step plan — write the phase's tokens into the request's
+exact tail, attend (sealed pages read compressed + tail exact, causal), seal blocks that became full
+straight into their pages. ``forward_exact``: write tokens into bf16 pages in place, attend over pages.
+"""
+from __future__ import annotations
+
+import torch
+
+from kakeya_kv.format import BLOCK_TOKENS
+
+
+def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
+                       output, k_weight=None, precise: bool = False):
+    for ph in phases:
+        if ph["n_write"]:
+            tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
+            tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
+        if ph["n_tok"]:
+            out = kk.attention(query[ph["tok"]], ph["q_pos"], ph["q_req"], kv_cache, block_table[ph["rows"]],
+                               ph["n_sealed"], ph["seq_end"], tail_k, tail_v, ph["tail_slot"], scale,
+                               plan=ph["plan"], precise=precise)
+            output[ph["tok"]] = out.to(output.dtype)
+        if ph["n_seal"]:
+            pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
+            sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
+                                 device=kv_cache.device)
+            kk.seal(tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], sealed, k_weight=k_weight)
+            kv_cache[pages] = sealed
+    return output
+
+
+def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, slot_mapping, num_tokens: int,
+                  scale: float, output, precise: bool = False):
+    """kv_cache: bf16 [pages, Hkv, 2, 512, D]; slot_mapping: page * 512 + offset per token (-1 = padding)."""
+    sm = slot_mapping[:num_tokens].long()
+    ok = sm >= 0
+    blk, off = sm[ok] // BLOCK_TOKENS, sm[ok] % BLOCK_TOKENS
+    kv_cache[blk, :, 0, off] = key[:num_tokens][ok].to(kv_cache.dtype)
+    kv_cache[blk, :, 1, off] = value[:num_tokens][ok].to(kv_cache.dtype)
+    pages = kv_cache.view(torch.uint8).view(kv_cache.shape[0], kv_cache.shape[1], -1)
+    out = kk.attention_exact(query[ex["tok"]], ex["q_pos"], ex["q_req"], pages, block_table,
+                             seq_lens.to(torch.int32), scale, plan=ex["plan"], precise=precise)
+    output[ex["tok"]] = out.to(output.dtype)
+    return output
