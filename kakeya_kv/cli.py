@@ -26,16 +26,9 @@ def _load(threads: int):
 
 
 def _windows(tok, n: int, length: int):
-    import torch
-
+    """Evaluation windows (never the calibration books)."""
     from . import data
-    ids = data.corpus_tokens(tok, data.EVAL_BOOKS)
-    avail = len(ids) // length
-    if n > avail:
-        raise SystemExit(f"only {avail} windows of {length} tokens in the evaluation corpus")
-    # Spread the windows evenly over both evaluation books.
-    starts = [round(i * (avail - 1) / max(n - 1, 1)) * length for i in range(n)]
-    return [torch.tensor(ids[s:s + length]) for s in starts]
+    return data.windows(tok, data.EVAL_BOOKS, n, length)
 
 
 def cmd_compare(a) -> int:

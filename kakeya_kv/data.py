@@ -129,3 +129,14 @@ def corpus_tokens(tokenizer, books: list[str]) -> list[int]:
     for b in books:
         ids.extend(tokenizer((d / f"{b}.txt").read_text(encoding="utf-8"))["input_ids"])
     return ids
+
+
+def windows(tok, books: list[str], n: int, length: int):
+    """n windows of `length` tokens spread evenly over the concatenated books."""
+    import torch
+    ids = corpus_tokens(tok, books)
+    avail = len(ids) // length
+    if n > avail:
+        raise SystemExit(f"only {avail} windows of {length} tokens in {', '.join(books)}")
+    starts = [round(i * (avail - 1) / max(n - 1, 1)) * length for i in range(n)]
+    return [torch.tensor(ids[s:s + length]) for s in starts]

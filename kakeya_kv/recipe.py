@@ -47,15 +47,9 @@ def candidates(num_layers: int, head_dim: int) -> list[ModelFormat]:
 
 
 def held_out_windows(tok, n: int, length: int):
-    import torch
-
+    """Windows of the calibration books: disjoint from the evaluation text."""
     from . import data
-    ids = data.corpus_tokens(tok, data.CALIB_BOOKS)
-    avail = len(ids) // length
-    if n > avail:
-        raise SystemExit(f"only {avail} held-out windows of {length} tokens")
-    starts = [round(i * (avail - 1) / max(n - 1, 1)) * length for i in range(n)]
-    return [torch.tensor(ids[s:s + length]) for s in starts]
+    return data.windows(tok, data.CALIB_BOOKS, n, length)
 
 
 def search(model, wins, num_layers: int, head_dim: int, budget_pct: float, chunk: int = 256, log=print):
