@@ -67,3 +67,13 @@ def test_no_pickle_anywhere():
             if bad.search(line):
                 hits.append(f"{p.relative_to(root)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_tail_pool_is_bounded_and_refused_when_too_large():
+    from kakeya_v1_3_ppl.checks import check_tail_pool, tail_pool_bytes
+    # SmolLM2: 30 layers x 3 heads x 64, 8 rows -> 30 * 8 * 512 * 3 * 64 * 4 B = 90 MiB
+    assert tail_pool_bytes(8, 3, 64, 30) == 8 * 512 * 3 * 64 * 4 * 30
+    assert check_tail_pool(8, 3, 64, 30, 141 * 2**30) == tail_pool_bytes(8, 3, 64, 30)
+    # Qwen3-8B-like: 36 layers x 8 heads x 128 with 1024 rows would need 72 GiB
+    with pytest.raises(ValueError, match=r"--max-num-seqs \d+ or less"):
+        check_tail_pool(1024, 8, 128, 36, 80 * 2**30)

@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, kakeya_layout
 
 from . import context
-from .checks import check_capacity, check_layer, settings
+from .checks import check_capacity, check_layer, check_tail_pool, settings
 from .plan import TailState, plan_step, to_device
 from .runtime import forward_compressed, forward_exact
 
@@ -146,14 +146,20 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
 
 
 def _log_startup(vllm_config, spec) -> None:
-    cfg = settings()
+    from .checks import tail_pool_bytes
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    L = mc.get_num_layers(pc)
+    cfg = settings(L)
     lay = kakeya_layout(spec.head_size, cfg.k_bits, cfg.v_bits)
     blocks = vllm_config.cache_config.num_gpu_blocks
     cap = f"{blocks * vllm_config.cache_config.block_size} tokens" if blocks else "unknown"
+    n_seq = vllm_config.scheduler_config.max_num_seqs
+    pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
     logger.warning(
         "Kakeya KV: format %s k%dv%d, %.2f B/token/head (%.2fx vs bf16) on compressed layers, boundary bf16 layers "
-        "%s, calibration %s, KV capacity %s", lay.format, cfg.k_bits, cfg.v_bits, lay.bytes_per_token_head,
-        lay.ratio_vs_bf16, list(cfg.boundary_skip_layers) or "none", cfg.calibration or "none (data-free)", cap)
+        "%s, calibration %s, exact-tail pool %.0f MiB (max_num_seqs %d), KV capacity %s", lay.format, cfg.k_bits,
+        cfg.v_bits, lay.bytes_per_token_head, lay.ratio_vs_bf16, list(cfg.boundary_skip_layers) or "none",
+        cfg.calibration or "none (data-free)", pool / 2**20, n_seq, cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
@@ -181,6 +187,10 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.layer_name: str | None = None
         self.exact = self.cfg.format == "exact"
         self.tail_k = self.tail_v = None
+        if self.cfg.format != "exact" and torch.cuda.is_available():
+            n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
+            self.tail_pool_bytes = check_tail_pool(self.max_slots, self.num_kv_heads, head_size, n_comp,
+                                                   torch.cuda.get_device_properties(0).total_memory)
 
     def bind(self, layer_name: str) -> None:
         """Learn which layer this is (vLLM passes no layer name to the impl's constructor)."""

@@ -48,3 +48,22 @@ def check_capacity(num_gpu_blocks: int | None, block_size: int, max_model_len: i
         raise ValueError(f"Kakeya backend: the KV budget holds {num_gpu_blocks} pages of {block_size} tokens but one "
                          f"request of max_model_len={max_model_len} needs {need}; raise --gpu-memory-utilization or "
                          "lower --max-model-len")
+
+
+def tail_pool_bytes(max_num_seqs: int, num_kv_heads: int, head_dim: int, compressed_layers: int,
+                    block_tokens: int = 512) -> int:
+    """bf16 K+V of one unsealed block per request row, per compressed layer."""
+    return max_num_seqs * block_tokens * num_kv_heads * head_dim * 2 * 2 * compressed_layers
+
+
+def check_tail_pool(max_num_seqs: int, num_kv_heads: int, head_dim: int, compressed_layers: int,
+                    gpu_total_bytes: int, max_fraction: float = 0.25) -> int:
+    """The exact tails are sized by --max-num-seqs; refuse a pool that would eat the KV budget."""
+    need = tail_pool_bytes(max_num_seqs, num_kv_heads, head_dim, compressed_layers)
+    if need > max_fraction * gpu_total_bytes:
+        per_seq = need / max_num_seqs
+        fit = int(max_fraction * gpu_total_bytes // per_seq)
+        raise ValueError(f"Kakeya backend: the exact-tail pool for --max-num-seqs {max_num_seqs} would take "
+                         f"{need / 2**30:.1f} GiB ({100 * need / gpu_total_bytes:.0f} % of the GPU); use "
+                         f"--max-num-seqs {max(fit, 1)} or less")
+    return need
