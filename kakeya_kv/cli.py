@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     rc.add_argument("--window", type=int, default=2048)
     rc.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     rc.add_argument("--out", default="", help="recipe path (default deploy/recipes/<model-name>.env)")
+    rc.add_argument("--sensitivity", default=str(RESULTS / "sensitivity.json"),
+                    help="per-layer table from `kakeya-kv sensitivity`: boundary sets = its most sensitive layers "
+                         "(first/last layers when the file is absent)")
     rc.set_defaults(fn=lambda a: __import__("kakeya_kv.recipe", fromlist=["run_recipe"]).run_recipe(a))
     se = sub.add_parser("sensitivity", help="ΔPPL when only layer L is compressed, every L (HF/CPU)")
     se.add_argument("--k-bits", type=int, default=3)

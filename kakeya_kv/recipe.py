@@ -25,9 +25,24 @@ from .model_format import ModelFormat
 BITS = ((4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
 
 
-def boundary_sets(num_layers: int) -> list[tuple[int, ...]]:
+def boundary_sets(num_layers: int, sensitive: list[int] | None = None) -> list[tuple[int, ...]]:
+    """Exact-layer sets to try: the most sensitive layers first when a sensitivity table is given
+    (measured: for this format they are middle layers, not the first/last two), else first/last."""
     L = num_layers
+    if sensitive:
+        return [()] + [tuple(sorted(sensitive[:k])) for k in (1, 2, 4) if k <= len(sensitive)]
     return [(), (0,), (0, L - 1), (0, 1, L - 2, L - 1)]
+
+
+def sensitive_layers(path: str | Path | None, num_layers: int) -> list[int] | None:
+    """Layers ordered by KLD when only that layer is compressed (from `kakeya-kv sensitivity`)."""
+    import json
+    if not path or not Path(path).is_file():
+        return None
+    rows = json.loads(Path(path).read_text())["layers"]
+    if len(rows) != num_layers:
+        raise SystemExit(f"{path}: sensitivity table has {len(rows)} layers, the model {num_layers}")
+    return [r["layer"] for r in sorted(rows, key=lambda r: -r["kld"])]
 
 
 def ratio(num_layers: int, head_dim: int, kb: int, vb: int, exact: tuple[int, ...]) -> float:
@@ -36,9 +51,9 @@ def ratio(num_layers: int, head_dim: int, kb: int, vb: int, exact: tuple[int, ..
     return num_layers * 4 * head_dim / (comp * per_head + len(exact) * 4 * head_dim)
 
 
-def candidates(num_layers: int, head_dim: int) -> list[ModelFormat]:
+def candidates(num_layers: int, head_dim: int, sensitive: list[int] | None = None) -> list[ModelFormat]:
     out = []
-    for (kb, vb), ex in itertools.product(BITS, boundary_sets(num_layers)):
+    for (kb, vb), ex in itertools.product(BITS, boundary_sets(num_layers, sensitive)):
         name = f"kakeya_k{kb}v{vb}" + (f"_b{'-'.join(map(str, ex))}" if ex else "")
         f = ModelFormat(name, "kakeya", KakeyaCodec(kb, vb, name=name), tuple(ex))
         f.extra.update(k_bits=kb, v_bits=vb, ratio=ratio(num_layers, head_dim, kb, vb, tuple(ex)))
@@ -52,12 +67,13 @@ def held_out_windows(tok, n: int, length: int):
     return data.windows(tok, data.CALIB_BOOKS, n, length)
 
 
-def search(model, wins, num_layers: int, head_dim: int, budget_pct: float, chunk: int = 256, log=print):
+def search(model, wins, num_layers: int, head_dim: int, budget_pct: float, chunk: int = 256, log=print,
+           sensitive: list[int] | None = None):
     """First candidate (by decreasing ratio) whose mean ΔPPL on the windows is within the budget."""
     from . import harness
     ref, ref_lps = harness.reference(model, wins, chunk=chunk)
     tried = []
-    for f in candidates(num_layers, head_dim):
+    for f in candidates(num_layers, head_dim, sensitive):
         res = harness.evaluate_against(model, wins, f, ref_lps, chunk=chunk)
         s = harness.summarize(res, ref)
         row = {"name": f.name, "k_bits": f.extra["k_bits"], "v_bits": f.extra["v_bits"],
@@ -107,7 +123,9 @@ def run_recipe(a) -> int:
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     wins = held_out_windows(tok, a.windows, a.window)
     print(f"recipe search: budget ΔPPL <= {a.budget_ppl} %, {len(wins)} held-out windows", file=sys.stderr)
-    best, tried, bf16_ppl = search(model, wins, L, D, a.budget_ppl, log=lambda m: print(m, file=sys.stderr))
+    sens = sensitive_layers(a.sensitivity, L)
+    best, tried, bf16_ppl = search(model, wins, L, D, a.budget_ppl, log=lambda m: print(m, file=sys.stderr),
+                                   sensitive=sens)
     command = "kakeya-kv " + " ".join(sys.argv[1:])
     if best is None:
         print(f"no candidate met the {a.budget_ppl} % budget; tried {len(tried)}", file=sys.stderr)

@@ -42,3 +42,19 @@ def test_sensitivity_has_one_row_per_layer(tiny):
     rows = sensitivity(model, wins[:1], 4, 3, 2)
     assert [r["layer"] for r in rows] == [0, 1, 2, 3]
     assert all(r["kld"] > 0 for r in rows)   # compressing any single layer changes the output
+
+
+def test_boundary_sets_follow_the_sensitivity_table(tmp_path):
+    import json
+
+    from kakeya_kv.recipe import boundary_sets, sensitive_layers
+    rows = [{"layer": i, "kld": k} for i, k in enumerate([0.1, 0.5, 0.3, 0.2])]
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"layers": rows}))
+    order = sensitive_layers(p, 4)
+    assert order == [1, 2, 3, 0]
+    assert boundary_sets(4, order) == [(), (1,), (1, 2), (0, 1, 2, 3)]
+    assert boundary_sets(4) == [(), (0,), (0, 3), (0, 1, 2, 3)]
+    assert sensitive_layers(tmp_path / "missing.json", 4) is None
+    with pytest.raises(SystemExit, match="has 4 layers, the model 3"):
+        sensitive_layers(p, 3)
