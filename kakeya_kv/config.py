@@ -66,6 +66,7 @@ class KakeyaConfig:
     boundary_skip_layers: tuple[int, ...] = ()
     skip_layers: tuple[int, ...] = ()
     calibration: str | None = None
+    cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -85,4 +86,5 @@ class KakeyaConfig:
                 "KAKEYA_BOUNDARY_SKIP_LAYERS", env.get("KAKEYA_BOUNDARY_SKIP_LAYERS"), num_layers),
             skip_layers=parse_layer_list("KAKEYA_SKIP_LAYERS", env.get("KAKEYA_SKIP_LAYERS"), num_layers),
             calibration=env.get("KAKEYA_CALIBRATION") or None,
+            cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
         )

@@ -52,13 +52,23 @@ def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr, w_ptr,
+                 sidx_ptr, didx_ptr, flag_ptr,
                  HAS_W: tl.constexpr, STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                  OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                 G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, PREC: tl.constexpr):
+                 G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, PREC: tl.constexpr,
+                 INDIRECT: tl.constexpr = 0):
     item = tl.program_id(0)
     head = tl.program_id(1)
-    src = src_ptr + item * s_item + head * s_head
-    dst = dst_ptr + item * d_item + head * d_head + STREAM_OFF
+    if INDIRECT:
+        # Fixed grid over all requests (CUDA-graph friendly): only flagged items seal, source = their
+        # tail slot, destination = their page.
+        if tl.load(flag_ptr + item) == 0:
+            return
+        src = src_ptr + tl.load(sidx_ptr + item).to(tl.int64) * s_item + head * s_head
+        dst = dst_ptr + tl.load(didx_ptr + item).to(tl.int64) * d_item + head * d_head + STREAM_OFF
+    else:
+        src = src_ptr + item * s_item + head * s_head
+        dst = dst_ptr + item * d_item + head * d_head + STREAM_OFF
     d = tl.arange(0, D)
     # Pass 1: channel mean and centred variance (two-pass for exactness on
     # K channels whose mean is many times their std).
@@ -341,8 +351,22 @@ class KakeyaKernels:
         for name, x, st, off, w in (("k", k, self.lay.k, 0, k_weight), ("v", v, self.lay.v, self.lay.k.size, None)):
             wt = self.rot if w is None else w.float().contiguous()   # any pointer when HAS_W = 0
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
-                                 self.rot, self.mids[name], self.tables[name], wt, HAS_W=int(w is not None),
-                                 TT=tt, num_warps=num_warps,
+                                 self.rot, self.mids[name], self.tables[name], wt, wt, wt, wt,
+                                 HAS_W=int(w is not None), TT=tt, num_warps=num_warps,
+                                 PREC="ieee" if _INTERPRET else (prec or "tf32x3"), **self._consts(st, off))
+
+    def seal_indirect(self, tail_k: torch.Tensor, tail_v: torch.Tensor, slot_idx: torch.Tensor, cache: torch.Tensor,
+                      page_idx: torch.Tensor, flag: torch.Tensor, k_weight: torch.Tensor | None = None, tt: int = 64,
+                      num_warps: int | None = None, prec: str | None = None) -> None:
+        """For every item r with flag[r] != 0: seal tail[slot_idx[r]] ([H, 512, D]) into cache[page_idx[r]].
+        One launch over all items, no host sync (what a captured decode step needs)."""
+        I, H = int(flag.shape[0]), tail_k.shape[1]
+        num_warps = num_warps or (4 if self.D <= 64 else 8)
+        for name, x, st, off, w in (("k", tail_k, self.lay.k, 0, k_weight), ("v", tail_v, self.lay.v, self.lay.k.size, None)):
+            wt = self.rot if w is None else w.float().contiguous()
+            _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), cache, cache.stride(0), cache.stride(1),
+                                 self.rot, self.mids[name], self.tables[name], wt, slot_idx, page_idx, flag,
+                                 HAS_W=int(w is not None), INDIRECT=1, TT=tt, num_warps=num_warps,
                                  PREC="ieee" if _INTERPRET else (prec or "tf32x3"), **self._consts(st, off))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

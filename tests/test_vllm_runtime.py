@@ -97,3 +97,71 @@ def test_compressed_data_path_matches_reference_over_steps():
 def test_exact_pages_data_path_matches_reference_over_steps():
     assert exact_layout(D).slot_bytes == 2 * N * D * 2
     assert _run(exact=True) < 8e-3
+
+
+def test_gpu_planned_decode_path_equals_the_general_path():
+    """DecodeBuffers + forward_decode (fixed launches, no host planning: the CUDA-graph path) give the
+    same outputs and the same sealed pages as the CPU-planned phases, across a block seal."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import DecodeBuffers
+    from kakeya_v1_3_ppl.runtime import forward_decode
+    g = torch.Generator().manual_seed(4)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    L0 = [509, 300]
+    steps = 5
+    K = [(torch.randn(L + steps, HKV, D, generator=g) + torch.randn(D, generator=g) * 3).bfloat16() for L in L0]
+    V = [torch.randn(L + steps, HKV, D, generator=g).bfloat16() for L in L0]
+    bt = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=DEV)
+    rows_slot = np.array([5, 1])                       # persistent request rows (tail slots)
+    cache = torch.zeros(4, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+    tail_k = torch.zeros(6, HKV, N, D, dtype=torch.bfloat16, device=DEV)
+    tail_v = torch.zeros_like(tail_k)
+    state = TailState()
+    ids = ["a", "b"]
+    qsl = np.array([0, L0[0], L0[0] + L0[1]])
+    q = torch.randn(sum(L0), HKV * GQA, D, generator=g).bfloat16().to(DEV)
+    out = torch.zeros_like(q)
+    phases = [to_device(p, DEV, GQA, 16) for p in plan_step(qsl, np.array(L0), rows_slot, ids, state)]
+    forward_compressed(kk, q, torch.cat([K[0][:L0[0]], K[1][:L0[1]]]).to(DEV),
+                       torch.cat([V[0][:L0[0]], V[1][:L0[1]]]).to(DEV), cache, tail_k, tail_v, phases, bt,
+                       D ** -0.5, out, precise=True)
+    a = (cache.clone(), tail_k.clone(), tail_v.clone())
+    b = (cache.clone(), tail_k.clone(), tail_v.clone())
+    buf = DecodeBuffers(8, GQA, 16, DEV)
+    for s in range(steps):
+        seq = np.array([L0[0] + s + 1, L0[1] + s + 1])
+        qd = torch.randn(2, HKV * GQA, D, generator=g).bfloat16().to(DEV)
+        kd = torch.stack([K[0][L0[0] + s], K[1][L0[1] + s]]).to(DEV)
+        vd = torch.stack([V[0][L0[0] + s], V[1][L0[1] + s]]).to(DEV)
+        oa, ob = torch.zeros_like(qd), torch.zeros_like(qd)
+        ph = [to_device(p, DEV, GQA, 16) for p in plan_step(np.array([0, 1, 2]), seq, rows_slot, ids, state)]
+        forward_compressed(kk, qd, kd, vd, a[0], a[1], a[2], ph, bt, D ** -0.5, oa, precise=True)
+        d = buf.fill(2, torch.tensor(seq, dtype=torch.int32, device=DEV), bt, torch.tensor(rows_slot, device=DEV))
+        forward_decode(kk, qd, kd, vd, b[0], b[1], b[2], d, bt, D ** -0.5, ob, precise=True)
+        assert torch.equal(oa, ob), f"step {s}"
+    assert torch.equal(a[0], b[0]) and a[0][3].any()    # block 0 of request a was sealed into page 3
+
+
+def test_gpu_planned_decode_on_exact_pages_equals_the_general_path():
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import DecodeBuffers
+    g = torch.Generator().manual_seed(5)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    bt = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32, device=DEV)
+    cache = torch.randn(4, HKV, 2, N, D, generator=g).bfloat16().to(DEV)   # stale bytes past seq_len
+    lens = [511, 40]
+    buf = DecodeBuffers(4, GQA, 16, DEV)
+    for s in range(3):
+        seq = np.array([lens[0] + s, lens[1] + s])
+        q = torch.randn(2, HKV * GQA, D, generator=g).bfloat16().to(DEV)
+        k = torch.randn(2, HKV, D, generator=g).bfloat16().to(DEV)
+        v = torch.randn(2, HKV, D, generator=g).bfloat16().to(DEV)
+        sm = torch.tensor([int(bt[r, (L - 1) // N]) * N + (L - 1) % N for r, L in enumerate(seq)], device=DEV)
+        (ph,) = plan_step(np.array([0, 1, 2]), seq, np.array([0, 1]), ["a", "b"], None)
+        oa, ob = torch.zeros_like(q), torch.zeros_like(q)
+        sl = torch.tensor(seq, dtype=torch.int32, device=DEV)
+        ca = cache.clone()
+        forward_exact(kk, q, k, v, ca, to_device(ph, DEV, GQA, 16), bt, sl, sm, 2, D ** -0.5, oa, precise=True)
+        d = buf.fill(2, sl, bt, torch.tensor([0, 1], device=DEV))
+        forward_exact(kk, q, k, v, cache, d, bt, sl, sm, 2, D ** -0.5, ob, precise=True)
+        assert torch.equal(oa, ob) and torch.equal(ca, cache)

@@ -26,8 +26,8 @@ from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, ka
 
 from . import context
 from .checks import check_capacity, check_layer, check_tail_pool, settings
-from .plan import TailState, plan_step, to_device
-from .runtime import forward_compressed, forward_exact
+from .plan import DecodeBuffers, TailState, plan_step, to_device
+from .runtime import forward_compressed, forward_decode, forward_exact
 
 logger = logging.getLogger("kakeya_kv.vllm")
 
@@ -100,12 +100,20 @@ class KakeyaMetadata:
     slot_mapping: torch.Tensor
     phases: list[dict] = field(default_factory=list)   # compressed layers
     exact: dict | None = None                           # exact layers: one phase over the pages
+    decode: dict | None = None                          # pure-decode step planned on the GPU (DecodeBuffers)
     dummy: bool = False
 
 
 class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
-    # Plans are host-side and per-step shapes vary: attention runs eagerly between piecewise graphs.
+    # Prefill/mixed steps are planned on the host (attention eager between piecewise graphs); pure-decode
+    # steps are planned on the GPU into persistent buffers, so with KAKEYA_CUDA_GRAPHS=1 (experimental,
+    # not yet validated on a GPU) they may be captured as full graphs.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        return (AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if settings().cuda_graphs
+                else AttentionCGSupport.NEVER)
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -115,6 +123,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
         self.bm = 16
         self.state = TailState()
+        self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.bm, device)
         cc = vllm_config.cache_config
         check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
         if self.compressed:
@@ -136,12 +145,27 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         qsl = cam.query_start_loc_cpu.numpy()[:B + 1].astype(np.int64)
         seq = (cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None else cam.seq_lens.cpu())
         seq = np.asarray(seq)[:B].astype(np.int64)
+        decode = cam.max_query_len == 1 and ident.req_idx_gpu is not None
         if self.compressed:
+            # The CPU plan always runs: it keeps TailState current and checks consistency.
             phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
-            meta.phases = [to_device(ph, self.device, self.gqa, self.bm) for ph in phases]
-        else:
+            if not decode:
+                meta.phases = [to_device(ph, self.device, self.gqa, self.bm) for ph in phases]
+        elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)
+        if decode:
+            meta.decode = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor, ident.req_idx_gpu)
+        return meta
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KakeyaMetadata:
+        """Capture batch (pure decode, no live requests): GPU-planned metadata over rows 0..B-1."""
+        cam = common_attn_metadata
+        B = cam.num_reqs
+        meta = KakeyaMetadata(num_actual_tokens=cam.num_actual_tokens, block_table=cam.block_table_tensor,
+                              seq_lens=cam.seq_lens, slot_mapping=cam.slot_mapping)
+        meta.decode = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor,
+                                    torch.arange(B, dtype=torch.int32, device=cam.seq_lens.device))
         return meta
 
 
@@ -222,14 +246,17 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         m = attn_metadata
         if self.exact:
             return self._forward_exact(query, key, value, kv_cache, m, output)
+        if m.decode is not None:
+            return forward_decode(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.decode,
+                                  m.block_table, self.scale, output, self.k_weight)
         return forward_compressed(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.phases,
                                   m.block_table, self.scale, output, self.k_weight)
 
     def _forward_exact(self, query, key, value, kv_cache, m, output):
         if not hasattr(self, "kk"):
             self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device)
-        return forward_exact(self.kk, query, key, value, kv_cache, m.exact, m.block_table, m.seq_lens,
-                             m.slot_mapping, m.num_actual_tokens, self.scale, output)
+        return forward_exact(self.kk, query, key, value, kv_cache, m.decode if m.decode is not None else m.exact,
+                             m.block_table, m.seq_lens, m.slot_mapping, m.num_actual_tokens, self.scale, output)
 
 
 def exact_page_bytes(head_dim: int, num_kv_heads: int) -> int:

@@ -65,7 +65,7 @@ def apply() -> None:
     @functools.wraps(orig_prep)
     def prepare_attn(self, input_batch, *args, **kwargs):
         context.set_current(input_batch.req_ids, input_batch.idx_mapping_np,
-                            getattr(input_batch, "_kakeya_dummy", False))
+                            getattr(input_batch, "_kakeya_dummy", False), input_batch.idx_mapping)
         return orig_prep(self, input_batch, *args, **kwargs)
 
     orig_dummy = InputBatch.make_dummy.__func__

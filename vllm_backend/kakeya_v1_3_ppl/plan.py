@@ -159,3 +159,45 @@ def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
         seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok),
         plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]), nt=pl["nt"],
                   bm=bm, gqa=gqa, T=pl["T"]))
+
+
+class DecodeBuffers:
+    """Pure-decode steps (one new token per request) planned on the GPU into persistent buffers:
+    no host planning or copies per step, fixed addresses per batch size (what a captured CUDA graph
+    replays). Token r of the batch is request r's new token."""
+
+    def __init__(self, max_reqs: int, gqa: int, bm: int, device):
+        self.n, self.gqa, self.bm = max_reqs, gqa, bm
+        self.tpr = -(-gqa // bm)                                  # tiles per request
+        z = lambda dt: torch.zeros(max_reqs, dtype=dt, device=device)
+        self.q_pos, self.n_sealed, self.seq_end = z(torch.int32), z(torch.int32), z(torch.int32)
+        self.tail_slot, self.seal_flag, self.seal_page = z(torch.int32), z(torch.int32), z(torch.int32)
+        self.slot64, self.off64 = z(torch.int64), z(torch.int64)
+        self.req = torch.arange(max_reqs, dtype=torch.int32, device=device)
+        g = torch.arange(gqa, device=device)
+        r = torch.arange(max_reqs, device=device)
+        self.dest = ((r[:, None] * self.tpr + g[None, :] // bm) * bm + g[None, :] % bm).reshape(-1)
+        self.tile_req = torch.arange(max_reqs, dtype=torch.int32, device=device).repeat_interleave(self.tpr)
+        self.qpos = torch.full((max_reqs * self.tpr * bm,), -1, dtype=torch.int32, device=device)
+
+    def fill(self, B: int, seq_lens: torch.Tensor, block_table: torch.Tensor, req_rows: torch.Tensor) -> dict:
+        if B > self.n:
+            raise ValueError(f"decode batch of {B} requests exceeds max_num_seqs={self.n}")
+        pos = seq_lens[:B].long() - 1
+        ns = pos // N
+        self.q_pos[:B].copy_(pos)
+        self.n_sealed[:B].copy_(ns)
+        self.seq_end[:B].copy_(seq_lens[:B])
+        self.tail_slot[:B].copy_(req_rows[:B])
+        self.slot64[:B].copy_(req_rows[:B])
+        self.off64[:B].copy_(pos % N)
+        self.seal_flag[:B].copy_((pos % N) == N - 1)
+        self.seal_page[:B].copy_(block_table[:B].gather(1, ns[:, None]).squeeze(1))
+        rows = self.tpr * self.bm
+        self.qpos[:B * rows].fill_(-1)
+        self.qpos.index_copy_(0, self.dest[:B * self.gqa], pos.to(torch.int32).repeat_interleave(self.gqa))
+        return dict(B=B, q_pos=self.q_pos[:B], q_req=self.req[:B], n_sealed=self.n_sealed[:B],
+                    seq_end=self.seq_end[:B], tail_slot=self.tail_slot[:B], slot64=self.slot64[:B],
+                    off64=self.off64[:B], seal_flag=self.seal_flag[:B], seal_page=self.seal_page[:B],
+                    plan=dict(dest=self.dest[:B * self.gqa], qpos=self.qpos[:B * rows],
+                              tile_req=self.tile_req[:B * self.tpr], nt=B * self.tpr, bm=self.bm, gqa=self.gqa, T=B))

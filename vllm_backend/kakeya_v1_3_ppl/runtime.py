@@ -40,7 +40,26 @@ def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, sl
     kv_cache[blk, :, 0, off] = key[:num_tokens][ok].to(kv_cache.dtype)
     kv_cache[blk, :, 1, off] = value[:num_tokens][ok].to(kv_cache.dtype)
     pages = kv_cache.view(torch.uint8).view(kv_cache.shape[0], kv_cache.shape[1], -1)
-    out = kk.attention_exact(query[ex["tok"]], ex["q_pos"], ex["q_req"], pages, block_table,
-                             seq_lens.to(torch.int32), scale, plan=ex["plan"], precise=precise)
-    output[ex["tok"]] = out.to(output.dtype)
+    # ex: a host-planned phase (token indices) or a DecodeBuffers dict (token r = request r, no gather).
+    q = query[:ex["B"]] if "B" in ex else query[ex["tok"]]
+    out = kk.attention_exact(q, ex["q_pos"], ex["q_req"], pages, block_table, seq_lens.to(torch.int32), scale,
+                             plan=ex["plan"], precise=precise)
+    if "B" in ex:
+        output[:ex["B"]] = out.to(output.dtype)
+    else:
+        output[ex["tok"]] = out.to(output.dtype)
+    return output
+
+
+def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, block_table, scale: float, output,
+                   k_weight=None, precise: bool = False):
+    """One new token per request, metadata from DecodeBuffers: write, attend, seal where a block filled —
+    fixed launches, no host sync."""
+    B = d["B"]
+    tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
+    tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
+    out = kk.attention(query[:B], d["q_pos"], d["q_req"], kv_cache, block_table, d["n_sealed"], d["seq_end"],
+                       tail_k, tail_v, d["tail_slot"], scale, plan=d["plan"], precise=precise)
+    output[:B] = out.to(output.dtype)
+    kk.seal_indirect(tail_k, tail_v, d["tail_slot"], kv_cache, d["seal_page"], d["seal_flag"], k_weight)
     return output
