@@ -124,6 +124,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.bm = 16
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.bm, device)
+        self.gpu_decode = settings().cuda_graphs
         cc = vllm_config.cache_config
         check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
         if self.compressed:
@@ -145,7 +146,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         qsl = cam.query_start_loc_cpu.numpy()[:B + 1].astype(np.int64)
         seq = (cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None else cam.seq_lens.cpu())
         seq = np.asarray(seq)[:B].astype(np.int64)
-        decode = cam.max_query_len == 1 and ident.req_idx_gpu is not None
+        # GPU-planned decode steps are CPU-tested for equivalence but not yet run in vLLM on a GPU: opt-in.
+        decode = self.gpu_decode and cam.max_query_len == 1 and ident.req_idx_gpu is not None
         if self.compressed:
             # The CPU plan always runs: it keeps TailState current and checks consistency.
             phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
