@@ -36,6 +36,9 @@ CONFIGS = {
     # boundary layers exact (mixed page sizes in one KV group) and a calibration bundle
     "kakeya_k3v2_b0-29": ("kakeya", {"attention_backend": "KAKEYA"},
                           {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,29"}),
+    # experimental: GPU-planned decode steps captured as full CUDA graphs
+    "kakeya_k4v3_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
+                           {"KAKEYA_CUDA_GRAPHS": "1"}),
     "kakeya_k4v3_cal": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_CALIBRATION": ".gpudata/bundle"}),
 }
 for _p in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc"):
@@ -63,8 +66,9 @@ def one(a) -> int:
     d = json.load(open(a.windows))
     wins = d["windows"][:a.n]
     t0 = time.time()
-    llm = LLM(model=MODEL, enforce_eager=a.eager, gpu_memory_utilization=a.gpu_util, max_model_len=4096,
-              max_num_batched_tokens=a.chunk, max_num_seqs=8, enable_prefix_caching=False, **kw)
+    args = dict(model=MODEL, enforce_eager=a.eager, gpu_memory_utilization=a.gpu_util, max_model_len=4096,
+                max_num_batched_tokens=a.chunk, max_num_seqs=8, enable_prefix_caching=False)
+    llm = LLM(**{**args, **kw})     # a config may override (e.g. enforce_eager=False for CUDA graphs)
     t_load = time.time() - t0
     cc = llm.llm_engine.vllm_config.cache_config
     cap = (cc.num_gpu_blocks or 0) * cc.block_size
