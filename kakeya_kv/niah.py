@@ -54,15 +54,17 @@ def run(model, tok, fmts: list[ModelFormat], contexts=(4096, 8192), depths=(0.1,
     for fmt in fmts:
         row = {"name": fmt.name, "family": fmt.family}
         for ctx in contexts:
-            hits = []
+            hits, answers = [], []
             for i, depth in enumerate(depths):
                 n = NUMBERS[i % len(NUMBERS)]
                 gen = tok.decode(answer(model, build_prompt(tok, hay, ctx, depth, n), fmt))
                 hits.append(str(n) in gen.replace(" ", ""))
+                answers.append(gen)
                 if progress is not None:
                     progress.update(1)
             row[f"niah_{ctx // 1024}k"] = sum(hits) / len(hits)
             row[f"niah_{ctx // 1024}k_hits"] = hits
+            row[f"niah_{ctx // 1024}k_answers"] = answers
         rows.append(row)
     return rows
 
