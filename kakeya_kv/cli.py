@@ -21,7 +21,8 @@ def _load(threads: int):
     torch.set_num_threads(threads)
     d = data.smollm2_dir()
     tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from .query_quant import NAME   # SDPA + the query cast some vLLM KV dtypes apply
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation=NAME).eval()
     return model, tok
 
 

@@ -92,8 +92,15 @@ def codec_cache(model, fmt: ModelFormat, stats: SealStats) -> Cache:
 def window_logprobs(model, ids: torch.Tensor, fmt: ModelFormat, chunk: int, score_from: int,
                     stats: SealStats) -> torch.Tensor:
     """Log-probs [len(ids) - score_from, V] predicting ids[score_from:], via chunked prefill."""
+    from .query_quant import quantized_query
     cache = codec_cache(model, fmt, stats)
     outs = []
+    with quantized_query(getattr(fmt.codec, "query_quant", None)):
+        _chunks(model, ids, cache, chunk, score_from, outs)
+    return torch.cat(outs, 0)
+
+
+def _chunks(model, ids, cache, chunk, score_from, outs):
     for s in range(0, ids.shape[0], chunk):
         piece = ids[s:s + chunk]
         logits = model(input_ids=piece[None], past_key_values=cache, use_cache=True).logits[0]
@@ -101,7 +108,6 @@ def window_logprobs(model, ids: torch.Tensor, fmt: ModelFormat, chunk: int, scor
         lo, hi = max(s, score_from - 1), min(s + piece.shape[0], ids.shape[0] - 1)
         if hi > lo:
             outs.append(torch.log_softmax(logits[lo - s:hi - s].float(), -1))
-    return torch.cat(outs, 0)
 
 
 @dataclass

@@ -86,3 +86,29 @@ def test_verdict_lists_only_dominating_settings():
     cells = [c.strip() for c in line.split("|")]
     assert "a (" in cells[4] and "b (" in cells[4] and "c (" not in cells[4] and "d (" not in cells[4]
     assert "a (" in cells[5] and "b (" not in cells[5]
+
+
+def test_fp8_format_also_quantizes_the_query_like_vllm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kakeya_kv.codecs.base import BF16
+    from kakeya_kv.codecs.competitors import FP8E4M3
+    from kakeya_kv.harness import SealStats, window_logprobs
+    from kakeya_kv.model_format import ModelFormat
+    from kakeya_kv.query_quant import NAME
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).float().eval()
+    model.config._attn_implementation = NAME
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1))
+
+    class KVOnlyFP8(FP8E4M3):
+        query_quant = None
+
+    lp = lambda codec: window_logprobs(model, ids, ModelFormat("f", "fp8", codec), 256, 150, SealStats())
+    ref = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 150, SealStats())
+    with_q, kv_only = lp(FP8E4M3()), lp(KVOnlyFP8())
+    assert not torch.equal(with_q, kv_only)            # the query cast is applied
+    assert not torch.equal(kv_only, ref)               # and the KV cast too

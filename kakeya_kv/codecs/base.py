@@ -24,6 +24,8 @@ class Codec(ABC):
     # compressed cache (False)? vLLM's TurboQuant continuation prefill concatenates the raw chunk;
     # its Triton backend (fp8, int4_per_token_head) writes the chunk to the cache first and reads it back.
     self_exact: bool = True
+    # What the server does to the query for this KV dtype (None = nothing): vLLM casts it to fp8 for fp8 caches.
+    query_quant = None
 
     @abstractmethod
     def bytes_per_token_head(self, head_dim: int) -> float:

@@ -170,6 +170,7 @@ class FP8E4M3(Codec):
     family = "fp8"
     block_tokens = 1
     self_exact = False   # TRITON_ATTN: written to the cache before attention
+    query_quant = staticmethod(lambda q: _fp8_e4m3(q))   # static per-tensor q_scale 1.0 (attention.py query_quant)
 
     def bytes_per_token_head(self, head_dim: int) -> float:
         return 2.0 * head_dim
