@@ -9,7 +9,9 @@ Dummy weights (`load_format="dummy"`) with the exact geometry of `models/<name>/
 token-id prompts (no tokenizer): speed and memory only, never quality. Decode throughput uses the
 prefix cache: a first pass prefills the B prompts (max_tokens=1), the timed second pass re-uses those
 blocks and decodes G tokens per request, so it measures decode over a context of ~C tokens.
-TPOT/TTFT through the OpenAI server are not measured here yet (open).
+`server`: TPOT/TTFT (p50/p99) through the OpenAI server for a request-rate sweep, with vLLM's own
+`vllm bench serve` (random dataset; the SmolLM2 tokenizer from the gpu-kit stands in for the dummy
+model's, whose vocabulary is larger). Not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -80,6 +82,49 @@ def one(a) -> int:
     return 0
 
 
+def server(a) -> int:
+    """One config: start `vllm serve`, sweep request rates with `vllm bench serve`, print RESULT json."""
+    import urllib.request
+    kw, env = CONFIGS[a.config]
+    model_dir = str(HERE / "models" / a.model)
+    port = 8000 + random.Random(a.config).randrange(500)
+    cmd = ["vllm", "serve", model_dir, "--load-format", "dummy", "--tokenizer", a.tokenizer, "--port", str(port),
+           "--gpu-memory-utilization", str(a.gpu_util), "--max-model-len", str(a.input_len + a.output_len + 64),
+           "--max-num-seqs", str(a.max_seqs), "--tensor-parallel-size", str(a.tp)]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    srv = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if srv.poll() is not None or time.time() - t0 > a.startup_s:
+                    raise RuntimeError("server did not start: " + srv.stderr.read().decode(errors="replace")[-2000:])
+                time.sleep(2)
+        sweep = []
+        for rate in a.rates.split(","):
+            res_file = f"/tmp/bench_{a.config}_{rate}.json"
+            b = subprocess.run(["vllm", "bench", "serve", "--backend", "vllm", "--model", model_dir, "--tokenizer",
+                                a.tokenizer, "--port", str(port), "--dataset-name", "random", "--random-input-len",
+                                str(a.input_len), "--random-output-len", str(a.output_len), "--ignore-eos",
+                                "--num-prompts", str(a.num_prompts), "--request-rate", rate, "--save-result",
+                                "--result-filename", res_file], capture_output=True, text=True)
+            if b.returncode:
+                raise RuntimeError(f"vllm bench serve failed at rate {rate}: {(b.stdout + b.stderr)[-1500:]}")
+            r = json.load(open(res_file))
+            sweep.append({"request_rate": rate, **{k: r.get(k) for k in (
+                "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput",
+                "output_throughput", "completed")}})
+        print("RESULT " + json.dumps({"model": a.model, "config": a.config, "tp": a.tp, "sweep": sweep}), flush=True)
+    finally:
+        srv.terminate()
+        srv.wait(timeout=60)
+    return 0
+
+
 def run(a) -> int:
     import torch
     rows = []
@@ -125,6 +170,19 @@ def main() -> int:
             s.add_argument("--configs", default="flash_bf16,fp8,int4_per_token_head,kakeya_k4v3")
             s.add_argument("--out", default="benchmarks/results/serving.json")
             s.add_argument("--timeout", type=int, default=900)
+    sv = sub.add_parser("server", help="TPOT/TTFT sweep through the OpenAI server (one config)")
+    sv.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    sv.add_argument("--model", default="qwen3-8b-like")
+    sv.add_argument("--tokenizer", default="/tmp/models/SmolLM2-135M-Instruct")
+    sv.add_argument("--input-len", type=int, default=8192)
+    sv.add_argument("--output-len", type=int, default=128)
+    sv.add_argument("--num-prompts", type=int, default=64)
+    sv.add_argument("--rates", default="1,4,16")
+    sv.add_argument("--gpu-util", type=float, default=0.9)
+    sv.add_argument("--max-seqs", type=int, default=64)
+    sv.add_argument("--tp", type=int, default=1)
+    sv.add_argument("--startup-s", type=int, default=600)
+    sv.set_defaults(fn=server)
     a = p.parse_args()
     return a.fn(a)
 
