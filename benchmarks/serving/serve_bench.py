@@ -88,7 +88,7 @@ def server(a) -> int:
     kw, env = CONFIGS[a.config]
     model_dir = str(HERE / "models" / a.model)
     port = 8000 + random.Random(a.config).randrange(500)
-    cmd = ["vllm", "serve", model_dir, "--load-format", "dummy", "--tokenizer", a.tokenizer, "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--load-format", "dummy", "--tokenizer", a.tokenizer, "--port", str(port),
            "--gpu-memory-utilization", str(a.gpu_util), "--max-model-len", str(a.input_len + a.output_len + 64),
            "--max-num-seqs", str(a.max_seqs), "--tensor-parallel-size", str(a.tp)]
     for k, v in kw.items():
@@ -107,7 +107,7 @@ def server(a) -> int:
         sweep = []
         for rate in a.rates.split(","):
             res_file = f"/tmp/bench_{a.config}_{rate}.json"
-            b = subprocess.run(["vllm", "bench", "serve", "--backend", "vllm", "--model", model_dir, "--tokenizer",
+            b = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm", "--model", model_dir, "--tokenizer",
                                 a.tokenizer, "--port", str(port), "--dataset-name", "random", "--random-input-len",
                                 str(a.input_len), "--random-output-len", str(a.output_len), "--ignore-eos",
                                 "--num-prompts", str(a.num_prompts), "--request-rate", rate, "--save-result",
