@@ -92,3 +92,18 @@ def test_gqa_plan_tiles_do_not_straddle_requests():
     assert pl["tile_req"].tolist() == [0, 0, 1]
     assert sorted(pl["dest"].tolist()) == [0, 1, 2, 3, 4, 5, 8, 9, 10]
     assert (pl["qpos"] >= 0).sum() == 9
+
+
+def test_decode_buffers_mask_padding_rows_of_a_captured_batch():
+    import torch
+
+    from kakeya_v1_3_ppl.plan import DecodeBuffers
+    buf = DecodeBuffers(4, gqa=3, bm=16, device="cpu")
+    seq = torch.tensor([512, 7, 0], dtype=torch.int32)        # third row: padding (no request)
+    bt = torch.tensor([[5, 6], [7, 8], [0, 0]], dtype=torch.int32)
+    d = buf.fill(3, seq, bt, torch.tensor([2, 0], dtype=torch.int32))
+    assert d["slot64"].tolist() == [2, 0, 4] and d["off64"].tolist() == [511, 6, 0]
+    assert d["seal_flag"].tolist() == [1, 0, 0] and d["seal_page"].tolist()[:2] == [5, 7]
+    qpos = d["plan"]["qpos"].view(3, 16)
+    assert (qpos[0, :3] == 511).all() and (qpos[1, :3] == 6).all() and (qpos[2] == -1).all() and (qpos[:, 3:] == -1).all()
+    assert d["plan"]["nt"] == 3 and d["plan"]["tile_req"].tolist() == [0, 1, 2]

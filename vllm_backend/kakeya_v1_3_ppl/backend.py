@@ -232,7 +232,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         if self.exact or self.tail_k is not None:
             return
         dev = torch.device("cuda", torch.cuda.current_device())
-        shape = (self.max_slots, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
+        # One extra slot: padding rows of a captured decode batch write there (DecodeBuffers.scratch).
+        shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, dev, self.cal)

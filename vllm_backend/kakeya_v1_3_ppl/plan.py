@@ -164,10 +164,12 @@ def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
 class DecodeBuffers:
     """Pure-decode steps (one new token per request) planned on the GPU into persistent buffers:
     no host planning or copies per step, fixed addresses per batch size (what a captured CUDA graph
-    replays). Token r of the batch is request r's new token."""
+    replays). Token r of the batch is request r's new token. Padding rows of a captured batch size
+    (seq_len 0) write into ``scratch_slot``, never seal, and their query rows are masked."""
 
-    def __init__(self, max_reqs: int, gqa: int, bm: int, device):
+    def __init__(self, max_reqs: int, gqa: int, bm: int, device, scratch_slot: int | None = None):
         self.n, self.gqa, self.bm = max_reqs, gqa, bm
+        self.scratch = max_reqs if scratch_slot is None else scratch_slot
         self.tpr = -(-gqa // bm)                                  # tiles per request
         z = lambda dt: torch.zeros(max_reqs, dtype=dt, device=device)
         self.q_pos, self.n_sealed, self.seq_end = z(torch.int32), z(torch.int32), z(torch.int32)
@@ -183,21 +185,27 @@ class DecodeBuffers:
     def fill(self, B: int, seq_lens: torch.Tensor, block_table: torch.Tensor, req_rows: torch.Tensor) -> dict:
         if B > self.n:
             raise ValueError(f"decode batch of {B} requests exceeds max_num_seqs={self.n}")
-        pos = seq_lens[:B].long() - 1
+        valid = seq_lens[:B] > 0
+        pos = (seq_lens[:B].long() - 1).clamp_min(0)
         ns = pos // N
+        n_real = min(B, int(req_rows.shape[0]))
+        rows = torch.full((B,), self.scratch, dtype=torch.int64, device=seq_lens.device)
+        rows[:n_real] = req_rows[:n_real].long()
+        rows = torch.where(valid, rows, torch.full_like(rows, self.scratch))
         self.q_pos[:B].copy_(pos)
         self.n_sealed[:B].copy_(ns)
         self.seq_end[:B].copy_(seq_lens[:B])
-        self.tail_slot[:B].copy_(req_rows[:B])
-        self.slot64[:B].copy_(req_rows[:B])
+        self.tail_slot[:B].copy_(rows)
+        self.slot64[:B].copy_(rows)
         self.off64[:B].copy_(pos % N)
-        self.seal_flag[:B].copy_((pos % N) == N - 1)
+        self.seal_flag[:B].copy_(((pos % N) == N - 1) & valid)
         self.seal_page[:B].copy_(block_table[:B].gather(1, ns[:, None]).squeeze(1))
-        rows = self.tpr * self.bm
-        self.qpos[:B * rows].fill_(-1)
-        self.qpos.index_copy_(0, self.dest[:B * self.gqa], pos.to(torch.int32).repeat_interleave(self.gqa))
+        rows_per_req = self.tpr * self.bm
+        self.qpos[:B * rows_per_req].fill_(-1)
+        qp = torch.where(valid, pos, torch.full_like(pos, -1)).to(torch.int32)
+        self.qpos.index_copy_(0, self.dest[:B * self.gqa], qp.repeat_interleave(self.gqa))
         return dict(B=B, q_pos=self.q_pos[:B], q_req=self.req[:B], n_sealed=self.n_sealed[:B],
                     seq_end=self.seq_end[:B], tail_slot=self.tail_slot[:B], slot64=self.slot64[:B],
                     off64=self.off64[:B], seal_flag=self.seal_flag[:B], seal_page=self.seal_page[:B],
-                    plan=dict(dest=self.dest[:B * self.gqa], qpos=self.qpos[:B * rows],
+                    plan=dict(dest=self.dest[:B * self.gqa], qpos=self.qpos[:B * rows_per_req],
                               tile_req=self.tile_req[:B * self.tpr], nt=B * self.tpr, bm=self.bm, gqa=self.gqa, T=B))
