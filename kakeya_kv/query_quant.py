@@ -7,6 +7,7 @@ import contextlib
 
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "kakeya_sdpa"
 _state = {"quantize": None}   # None or a callable applied to the query
@@ -20,6 +21,8 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(NAME, _attention)
+# The mask builder is looked up by the same name: without it the model would run without a causal mask.
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 @contextlib.contextmanager

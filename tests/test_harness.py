@@ -112,3 +112,24 @@ def test_fp8_format_also_quantizes_the_query_like_vllm():
     with_q, kv_only = lp(FP8E4M3()), lp(KVOnlyFP8())
     assert not torch.equal(with_q, kv_only)            # the query cast is applied
     assert not torch.equal(kv_only, ref)               # and the KV cast too
+
+
+def test_kakeya_sdpa_equals_sdpa_without_query_quant():
+    """The harness's attention is transformers' SDPA (causal mask included, also for chunks that attend a
+    cache) unless a format casts the query."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kakeya_kv.codecs.base import BF16
+    from kakeya_kv.harness import SealStats, window_logprobs
+    from kakeya_kv.model_format import ModelFormat
+    from kakeya_kv.query_quant import NAME
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).float().eval()
+    ids = torch.randint(0, 97, (96,), generator=torch.Generator().manual_seed(1))
+    bf16 = ModelFormat("bf16", "bf16", BF16())
+    ref = window_logprobs(model, ids, bf16, 32, 48, SealStats())
+    model.config._attn_implementation = NAME
+    got = window_logprobs(model, ids, bf16, 32, 48, SealStats())
+    assert torch.allclose(ref, got, atol=1e-5)
