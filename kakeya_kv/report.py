@@ -45,7 +45,9 @@ def summary_markdown(res: dict) -> str:
     return (f"# Codec comparison ({res['windows']} windows × {res['window_tokens']} tokens, second halves scored, "
             f"chunked prefill {res['chunk']})\n\nModel: {res['model']}  \nCorpus: {res['corpus']}  \n"
             f"bf16 PPL: {res['bf16_ppl']:.4f}  \nCommand: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min)\n\n"
-            f"{markdown_table(res)}\n\n{verdict(res)}\n\n![ratio vs ΔPPL](codec_compare.png)\n")
+            f"{markdown_table(res)}\n\n{verdict(res)}\n\n"
+            + "".join(f"> {n}\n\n" for n in res.get("notes", []))
+            + "![ratio vs ΔPPL](codec_compare.png)\n")
 
 
 def plot_frontier(res: dict, path: Path) -> None:
