@@ -28,7 +28,13 @@ def standard_formats(num_layers: int) -> list[ModelFormat]:
 
 
 def by_name(num_layers: int, names: list[str]) -> list[ModelFormat]:
+    import re
     allf = {f.name: f for f in standard_formats(num_layers)}
+    for n in names:   # any kakeya bit widths the format allows, e.g. kakeya_k5v4
+        m = re.fullmatch(r"kakeya_k(\d)v(\d)", n)
+        if m and n not in allf:
+            c = KakeyaCodec(int(m[1]), int(m[2]))
+            allf[n] = ModelFormat(c.name, "kakeya", c)
     unknown = [n for n in names if n not in allf]
     if unknown:
         raise SystemExit(f"unknown format(s) {unknown}; known: {sorted(allf)}")
