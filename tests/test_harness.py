@@ -133,3 +133,11 @@ def test_kakeya_sdpa_equals_sdpa_without_query_quant():
     model.config._attn_implementation = NAME
     got = window_logprobs(model, ids, bf16, 32, 48, SealStats())
     assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_by_name_builds_any_allowed_kakeya_setting():
+    from kakeya_kv import formats
+    f = formats.by_name(30, ["kakeya_k5v4"])
+    assert [x.name for x in f] == ["bf16", "kakeya_k5v4"] and f[1].codec.k_bits == 5
+    with pytest.raises(SystemExit, match="unknown format"):
+        formats.by_name(30, ["kakeya_k9v9x"])
