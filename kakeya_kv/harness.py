@@ -153,24 +153,32 @@ def summarize(res: FormatResult, ref: FormatResult) -> dict:
     }
 
 
+def _score_window(r: FormatResult, model, w: torch.Tensor, chunk: int, ref_lp: torch.Tensor | None) -> torch.Tensor:
+    """Run r's format on window w (second half scored); append NLL, and KLD / top-1 against ref_lp
+    (None: r is the reference). Returns the scored log-probabilities."""
+    score_from = w.shape[0] // 2
+    lp = window_logprobs(model, w, r.fmt, chunk, score_from, r.stats)
+    r.nll.append(-lp.gather(1, w[score_from:][:, None]).mean().item())
+    if ref_lp is None:
+        r.kld.append(0.0)
+        r.top1.append(1.0)
+    else:
+        r.kld.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item())
+        r.top1.append((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item())
+    return lp
+
+
 def evaluate(model, windows: list[torch.Tensor], formats: list[ModelFormat], chunk: int = 256,
              progress=None) -> tuple[FormatResult, list[FormatResult]]:
-    """Run every format on every window; the first format must be the bf16 reference."""
+    """Run every format on every window; the first format must be the bf16 reference. Window-major, so
+    only one window's reference log-probabilities are held at a time."""
     results = [FormatResult(f) for f in formats]
     for w in windows:
-        score_from = w.shape[0] // 2
-        targets = w[score_from:]
-        ref_lp = None
-        for r in results:
-            lp = window_logprobs(model, w, r.fmt, chunk, score_from, r.stats)
-            r.nll.append(-lp.gather(1, targets[:, None]).mean().item())
-            if ref_lp is None:
-                ref_lp = lp
-                r.kld.append(0.0)
-                r.top1.append(1.0)
-            else:
-                r.kld.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item())
-                r.top1.append((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item())
+        ref_lp = _score_window(results[0], model, w, chunk, None)
+        if progress is not None:
+            progress.update(1)
+        for r in results[1:]:
+            _score_window(r, model, w, chunk, ref_lp)
             if progress is not None:
                 progress.update(1)
     return results[0], results[1:]
@@ -180,15 +188,7 @@ def reference(model, windows: list[torch.Tensor], chunk: int = 256) -> tuple[For
     """bf16 reference result and its scored log-probabilities per window (kept for later KLDs)."""
     from .codecs.base import BF16
     res = FormatResult(ModelFormat("bf16", "bf16", BF16()))
-    lps = []
-    for w in windows:
-        score_from = w.shape[0] // 2
-        lp = window_logprobs(model, w, res.fmt, chunk, score_from, res.stats)
-        res.nll.append(-lp.gather(1, w[score_from:][:, None]).mean().item())
-        res.kld.append(0.0)
-        res.top1.append(1.0)
-        lps.append(lp)
-    return res, lps
+    return res, [_score_window(res, model, w, chunk, None) for w in windows]
 
 
 def evaluate_against(model, windows: list[torch.Tensor], fmt: ModelFormat, ref_lps: list[torch.Tensor],
@@ -196,9 +196,5 @@ def evaluate_against(model, windows: list[torch.Tensor], fmt: ModelFormat, ref_l
     """One format on the windows, KLD/top-1 against the stored reference log-probabilities."""
     r = FormatResult(fmt)
     for w, ref_lp in zip(windows, ref_lps):
-        score_from = w.shape[0] // 2
-        lp = window_logprobs(model, w, fmt, chunk, score_from, r.stats)
-        r.nll.append(-lp.gather(1, w[score_from:][:, None]).mean().item())
-        r.kld.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item())
-        r.top1.append((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean().item())
+        _score_window(r, model, w, chunk, ref_lp)
     return r

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from .codecs.base import BF16
 from .codecs.kakeya import KakeyaCodec
 from .format import kakeya_layout
 from .model_format import ModelFormat
@@ -139,8 +138,6 @@ def run_recipe(a) -> int:
 
 
 def run_sensitivity(a) -> int:
-    import json
-
     from tqdm import tqdm
 
     from .cli import _load

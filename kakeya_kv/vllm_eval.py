@@ -91,7 +91,6 @@ def one(a) -> int:
 
 
 def run(a) -> int:
-    import torch
     rows = []
     for name in a.configs.split(","):
         cmd = [sys.executable, "-m", "kakeya_kv.vllm_eval", "one", "--config", name, "--windows", a.windows, "--n", str(a.n),
@@ -134,7 +133,6 @@ def finish(rows, a, gpu: str | None = None) -> int:
             sd = (sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1)) ** 0.5
             half = 1.96 * sd / math.sqrt(len(d))
             r["delta_ppl_pct_ci95"] = [100 * (math.exp(m - half) - 1), 100 * (math.exp(m + half) - 1)]
-            same = [sum(x == y for x, y in zip(g, h)) / max(len(h), 1) for g, h in zip(r["greedy"], base["greedy"])]
             first = [next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), len(h))
                      for g, h in zip(r["greedy"], base["greedy"])]
             r["greedy_identical_prompts"] = sum(f == len(h) for f, h in zip(first, base["greedy"]))

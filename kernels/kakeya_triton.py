@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kakeya_kv import lloyd_max
-from kakeya_kv.format import BLOCK_TOKENS, ROTATION_SEED, kakeya_layout
+from kakeya_kv.format import BLOCK_TOKENS, ROTATION_SEED, exact_layout, kakeya_layout
 from kakeya_kv.hadamard import sylvester, signs
 
 
@@ -313,6 +313,25 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     tl.store(lse_ptr + r * l_row + kvh * l_head + split, lse, mask=row_ok)
 
 
+def gqa_plan(q_pos, q_req, num_reqs: int, gqa: int, bm: int) -> dict:
+    """Query rows (token x head-in-group) packed in tiles of bm rows that never straddle two requests
+    (the kernel's tile -> request map). numpy in, numpy out: a metadata builder computes it on the host."""
+    import numpy as np
+    T = len(q_pos)
+    req_rows = np.repeat(np.asarray(q_req).astype(np.int64), gqa)
+    counts = np.bincount(req_rows, minlength=num_reqs)
+    tiles_per_req = (counts + bm - 1) // bm
+    tile_req = np.repeat(np.arange(num_reqs), tiles_per_req).astype(np.int32)
+    first_tile = np.cumsum(tiles_per_req) - tiles_per_req
+    first_row = np.cumsum(counts) - counts
+    rank = np.arange(T * gqa) - first_row[req_rows]
+    dest = (first_tile[req_rows] + rank // bm) * bm + rank % bm
+    nt = len(tile_req)
+    qpos = np.full(nt * bm, -1, dtype=np.int32)
+    qpos[dest] = np.repeat(np.asarray(q_pos).astype(np.int32), gqa)
+    return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+
+
 class KakeyaKernels:
     """Per-geometry constants (rotation, tables, layout offsets) on one device."""
 
@@ -321,6 +340,7 @@ class KakeyaKernels:
         """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1))."""
         self.lay = kakeya_layout(head_dim, k_bits, v_bits)
         self.D, self.device = head_dim, device
+        self._no_tail = None
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
         # Per stream ("k", "v"), so K and V may carry different fitted tables at the same bit width.
@@ -386,19 +406,9 @@ class KakeyaKernels:
         Rows = (token, head-in-group); tiles of bm rows never straddle two requests.
         """
         dev = q_pos.device
-        T = q_pos.shape[0]
-        req_rows = torch.repeat_interleave(q_req.to(dev).long(), gqa)
-        counts = torch.bincount(req_rows, minlength=num_reqs)
-        tiles_per_req = (counts + bm - 1) // bm
-        tile_req = torch.repeat_interleave(torch.arange(num_reqs, device=dev), tiles_per_req).to(torch.int32)
-        first_tile = torch.cumsum(tiles_per_req, 0) - tiles_per_req
-        first_row = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(T * gqa, device=dev) - first_row[req_rows]
-        dest = (first_tile[req_rows] + rank // bm) * bm + rank % bm
-        nt = int(tile_req.shape[0])
-        qpos = torch.full((nt * bm,), -1, dtype=torch.int32, device=dev)
-        qpos[dest] = torch.repeat_interleave(q_pos.to(torch.int32), gqa)
-        return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+        pl = gqa_plan(q_pos.cpu().numpy(), q_req.cpu().numpy(), num_reqs, gqa, bm)
+        return dict(pl, dest=torch.from_numpy(pl["dest"]).to(dev), qpos=torch.from_numpy(pl["qpos"]).to(dev),
+                    tile_req=torch.from_numpy(pl["tile_req"]).to(dev))
 
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
@@ -452,10 +462,10 @@ class KakeyaKernels:
                         num_warps: int = 4) -> torch.Tensor:
         """Causal attention over exact bf16 pages (layout ``exact``: per head K rows then V rows), the
         partial last page included. Same query packing as :meth:`attention`."""
-        from kakeya_kv.format import exact_layout
-        lay = exact_layout(self.D)
         n_blocks = ((seq_lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS).to(torch.int32)
-        dummy = torch.zeros(1, 1, 1, self.D, dtype=torch.bfloat16, device=q.device)
-        return self._launch(q, q_pos, q_req, cache, block_table, n_blocks, seq_lens, dummy, dummy,
-                            torch.zeros_like(seq_lens), scale, splits, bm, precise, None, plan, tt, num_warps, 0, 0, 1,
-                            exact_kv_off=lay.k.size)
+        if self._no_tail is None or self._no_tail.device != q.device:
+            self._no_tail = torch.zeros(1, 1, 1, self.D, dtype=torch.bfloat16, device=q.device)
+        # EXACT skips the tail loop: the tail tensors are placeholders, seq_lens serves as the slot array.
+        return self._launch(q, q_pos, q_req, cache, block_table, n_blocks, seq_lens, self._no_tail, self._no_tail,
+                            seq_lens, scale, splits, bm, precise, None, plan, tt, num_warps, 0, 0, 1,
+                            exact_kv_off=exact_layout(self.D).k.size)

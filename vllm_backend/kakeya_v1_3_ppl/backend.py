@@ -22,7 +22,7 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, exact_layout, kakeya_layout
+from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, kakeya_layout
 
 from . import context
 from .checks import check_capacity, check_layer, check_tail_pool, settings
@@ -260,7 +260,3 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
             self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device)
         return forward_exact(self.kk, query, key, value, kv_cache, m.decode if m.decode is not None else m.exact,
                              m.block_table, m.seq_lens, m.slot_mapping, m.num_actual_tokens, self.scale, output)
-
-
-def exact_page_bytes(head_dim: int, num_kv_heads: int) -> int:
-    return num_kv_heads * exact_layout(head_dim).slot_bytes

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kakeya_kernels.kakeya_triton import gqa_plan
 from kakeya_kv.format import BLOCK_TOKENS as N
 
 
@@ -53,26 +54,8 @@ class Phase:
     seal_slot: np.ndarray    # [S] tail slot holding it
 
 
-def gqa_plan(q_pos: np.ndarray, q_req: np.ndarray, num_reqs: int, gqa: int, bm: int) -> dict:
-    """Query rows (token x head-in-group) packed in tiles of bm rows that never straddle two requests
-    (the kernel's tile -> request map). CPU twin of KakeyaKernels.plan, without a device sync."""
-    T = len(q_pos)
-    req_rows = np.repeat(q_req.astype(np.int64), gqa)
-    counts = np.bincount(req_rows, minlength=num_reqs)
-    tiles_per_req = (counts + bm - 1) // bm
-    tile_req = np.repeat(np.arange(num_reqs), tiles_per_req).astype(np.int32)
-    first_tile = np.cumsum(tiles_per_req) - tiles_per_req
-    first_row = np.cumsum(counts) - counts
-    rank = np.arange(T * gqa) - first_row[req_rows]
-    dest = (first_tile[req_rows] + rank // bm) * bm + rank % bm
-    nt = len(tile_req)
-    qpos = np.full(nt * bm, -1, dtype=np.int32)
-    qpos[dest] = np.repeat(q_pos.astype(np.int32), gqa)
-    return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
-
-
 def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
-              state: TailState | None, update: bool = True) -> list[Phase]:
+              state: TailState | None) -> list[Phase]:
     """Split one step's batch into phases. qsl [B+1] query start offsets, seq_lens [B] context length
     including the new tokens, req_idx [B] tail slot per row, req_ids [B]. ``state`` None = no tail
     (exact pages: one phase, every block readable, nothing sealed)."""
@@ -133,16 +116,15 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
             tail_slot=req_idx[act].astype(np.int64),
             write_tok=cat(w_tok), write_slot=cat(w_slot), write_off=cat(w_off),
             seal_row=act[full].astype(np.int64), seal_blk=blk[full], seal_slot=req_idx[act][full].astype(np.int64)))
-        if update:
-            for i, r in enumerate(act):
-                if ro[i]:
-                    state.cached_reads += 1
-                    if hi[i] == (blk[i] + 1) * N:
-                        state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
-                elif full[i]:
+        for i, r in enumerate(act):
+            if ro[i]:
+                state.cached_reads += 1
+                if hi[i] == (blk[i] + 1) * N:
                     state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
-                else:
-                    state.set(int(req_idx[r]), req_ids[r], int(blk[i]), int(hi[i] - blk[i] * N))
+            elif full[i]:
+                state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
+            else:
+                state.set(int(req_idx[r]), req_ids[r], int(blk[i]), int(hi[i] - blk[i] * N))
     return phases
 
 
