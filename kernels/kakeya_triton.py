@@ -190,7 +190,7 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     sc = scale * 1.4426950408889634
     q = q_raw.to(tl.float32) * sc
     # Exact rows (tail, exact pages) in fast mode: bf16 x bf16 products are exact in fp32 accumulation
-    # (as in FlashAttention); pre-scaling q in fp32 and rounding it to tf32 would lose ~11 bits.
+    # (as in FlashAttention); pre-scaling q in fp32 and rounding it to tf32 (10-bit mantissa) would not be.
     q16 = q_raw.to(tl.bfloat16)
     n_sealed = tl.load(nsealed_ptr + req)
     seq_len = tl.load(seqlen_ptr + req)
