@@ -5,6 +5,7 @@ The vLLM backend, the CLI and the tests all read settings through here.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,59 @@ def _int_env(env, name: str, default: int, allowed: tuple[int, ...]) -> int:
 
 
 FORMATS = ("kakeya", "v13", "exact")
+EXACT = "exact"   # what KakeyaConfig.layer_bits gives for a layer stored as bf16
+
+
+def parse_layer_bits(raw: str | None, fmt: str = "kakeya", num_layers: int | None = None,
+                     name: str = "KAKEYA_LAYER_BITS") -> tuple[tuple[int, int, int], ...]:
+    """Parse "17:4/3,18:4/3,20-24:5/4" -> ((17, 4, 3), (18, 4, 3), (20, 5, 4), ...), sorted by layer.
+
+    Each entry is LAYER or FIRST-LAST (inclusive), then K bits / V bits the format allows.
+    """
+    if raw is None or raw.strip() == "":
+        return ()
+    from .format import ALLOWED_BITS
+    allowed = ALLOWED_BITS[fmt]
+    seen: dict[int, str] = {}
+    out = []
+    for tok in raw.split(","):
+        tok = tok.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?:(\d+)/(\d+)", tok)
+        if not m:
+            raise ConfigError(f"{name}={raw!r}: bad entry {tok!r} (use LAYER:KBITS/VBITS or FIRST-LAST:KBITS/VBITS, "
+                              f"e.g. \"17:4/3,20-24:5/4\")")
+        lo = int(m[1])
+        hi = int(m[2]) if m[2] is not None else lo
+        kb, vb = int(m[3]), int(m[4])
+        if hi < lo:
+            raise ConfigError(f"{name}={raw!r}: range {tok!r} is empty (first layer after last)")
+        if num_layers is not None and hi >= num_layers:
+            raise ConfigError(f"{name}={raw!r}: layer {hi} out of range for a model with {num_layers} layers")
+        if kb not in allowed["k"] or vb not in allowed["v"]:
+            raise ConfigError(f"{name}={raw!r}: {tok!r}: format {fmt} allows K bits {allowed['k']} and "
+                              f"V bits {allowed['v']}")
+        for layer in range(lo, hi + 1):
+            if layer in seen:
+                raise ConfigError(f"{name}={raw!r}: layer {layer} set twice ({seen[layer]!r} and {tok!r})")
+            seen[layer] = tok
+            out.append((layer, kb, vb))
+    return tuple(sorted(out))
+
+
+def format_layer_bits(layer_bits) -> str:
+    """Inverse of parse_layer_bits, merging consecutive layers of equal widths into ranges."""
+    parts, run = [], []
+    for layer, kb, vb in sorted(layer_bits):
+        if run and run[-1][0] == layer - 1 and run[-1][1:] == (kb, vb):
+            run.append((layer, kb, vb))
+            continue
+        if run:
+            parts.append(run)
+        run = [(layer, kb, vb)]
+    if run:
+        parts.append(run)
+    return ",".join((f"{r[0][0]}" if len(r) == 1 else f"{r[0][0]}-{r[-1][0]}") + f":{r[0][1]}/{r[0][2]}"
+                    for r in parts)
 
 
 @dataclass(frozen=True)
@@ -64,6 +118,7 @@ class KakeyaConfig:
     k_bits: int = 4
     v_bits: int = 3
     boundary_skip_layers: tuple[int, ...] = ()
+    layer_bits: tuple[tuple[int, int, int], ...] = ()   # (layer, k_bits, v_bits) overriding k_bits/v_bits
     skip_layers: tuple[int, ...] = ()
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
@@ -78,13 +133,55 @@ class KakeyaConfig:
         if fmt not in FORMATS:
             raise ConfigError(f"KAKEYA_FORMAT={fmt!r}: unknown format (allowed: default, {', '.join(FORMATS)})")
         from .format import ALLOWED_BITS
+        boundary = parse_layer_list("KAKEYA_BOUNDARY_SKIP_LAYERS", env.get("KAKEYA_BOUNDARY_SKIP_LAYERS"), num_layers)
+        raw_lb = env.get("KAKEYA_LAYER_BITS")
+        if fmt == "exact" and raw_lb and raw_lb.strip():
+            raise ConfigError(f"KAKEYA_LAYER_BITS={raw_lb!r}: KAKEYA_FORMAT=exact stores every layer as bf16; "
+                              "unset one of them")
+        layer_bits = parse_layer_bits(raw_lb, fmt, num_layers)
+        clash = sorted({layer for layer, _, _ in layer_bits} & set(boundary))
+        if clash:
+            raise ConfigError(f"KAKEYA_LAYER_BITS={raw_lb!r}: layer(s) {clash} are also in "
+                              f"KAKEYA_BOUNDARY_SKIP_LAYERS (exact bf16); list each layer in one of them")
         return cls(
             format=fmt,
             k_bits=_int_env(env, "KAKEYA_K_BITS", 4 if fmt == "kakeya" else 3, ALLOWED_BITS[fmt]["k"]),
             v_bits=_int_env(env, "KAKEYA_V_BITS", 3 if fmt == "kakeya" else 2, ALLOWED_BITS[fmt]["v"]),
-            boundary_skip_layers=parse_layer_list(
-                "KAKEYA_BOUNDARY_SKIP_LAYERS", env.get("KAKEYA_BOUNDARY_SKIP_LAYERS"), num_layers),
+            boundary_skip_layers=boundary,
+            layer_bits=layer_bits,
             skip_layers=parse_layer_list("KAKEYA_SKIP_LAYERS", env.get("KAKEYA_SKIP_LAYERS"), num_layers),
             calibration=env.get("KAKEYA_CALIBRATION") or None,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
         )
+
+    def bits_for(self, layer: int) -> tuple[int, int] | str:
+        """(k_bits, v_bits) the layer is stored with, or EXACT (bf16: boundary layer or exact format)."""
+        if self.format == "exact" or layer in self.boundary_skip_layers:
+            return EXACT
+        for lay, kb, vb in self.layer_bits:
+            if lay == layer:
+                return kb, vb
+        return self.k_bits, self.v_bits
+
+    def layer_plan(self, num_layers: int) -> list[tuple[int, int] | str]:
+        """bits_for every layer of a num_layers model (checks that the knobs fit the model)."""
+        listed = [lay for lay, _, _ in self.layer_bits] + list(self.boundary_skip_layers)
+        if listed and max(listed) >= num_layers:
+            raise ConfigError(f"KAKEYA_LAYER_BITS / KAKEYA_BOUNDARY_SKIP_LAYERS name layer {max(listed)}, "
+                              f"the model has {num_layers} layers")
+        return [self.bits_for(i) for i in range(num_layers)]
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines of a recipe file (blank lines and # comments skipped); only KAKEYA_* keys allowed."""
+    env = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, val = line.partition("=")
+        key = key.strip()
+        if not eq or not key.startswith("KAKEYA_"):
+            raise ConfigError(f"{path}:{n}: expected KAKEYA_NAME=value, got {line!r}")
+        env[key] = val.strip()
+    return env

@@ -1,10 +1,13 @@
 """The named whole-model formats that `kakeya-kv compare` evaluates."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .codecs.base import BF16
 from .codecs.competitors import competitor_codecs
 from .codecs.kakeya import KakeyaCodec
 from .codecs.v13 import V13Codec
+from .config import EXACT, KakeyaConfig, format_layer_bits, read_env_file
 from .model_format import ModelFormat, vllm_tq_boundary
 
 # Our default format's settings evaluated in the comparison (all layers compressed).
@@ -27,7 +30,31 @@ def standard_formats(num_layers: int) -> list[ModelFormat]:
     return out
 
 
+def from_config(cfg: KakeyaConfig, num_layers: int, name: str) -> ModelFormat:
+    """The whole-model format a KAKEYA_* setting serves: per-layer widths, boundary layers exact."""
+    if cfg.format == "exact":
+        return ModelFormat(name, "bf16", BF16(), notes="KAKEYA_FORMAT=exact")
+    make = KakeyaCodec if cfg.format == "kakeya" else (lambda kb, vb: V13Codec(k_bits=kb, v_bits=vb))
+    plan = cfg.layer_plan(num_layers)
+    default = make(cfg.k_bits, cfg.v_bits)
+    per_layer = {i: make(*b) for i, b in enumerate(plan) if b != EXACT and b != (cfg.k_bits, cfg.v_bits)}
+    notes = f"k{cfg.k_bits}v{cfg.v_bits}"
+    if cfg.layer_bits:
+        notes += f"; KAKEYA_LAYER_BITS={format_layer_bits(cfg.layer_bits)}"
+    if cfg.boundary_skip_layers:
+        notes += f"; exact layers {','.join(map(str, cfg.boundary_skip_layers))}"
+    return ModelFormat(name, cfg.format, default, cfg.boundary_skip_layers, notes=notes, layer_codecs=per_layer)
+
+
+def from_recipe(path: str, num_layers: int) -> ModelFormat:
+    """A recipe env file (deploy/recipes/*.env) as a format named after the file."""
+    f = from_config(KakeyaConfig.from_env(read_env_file(path), num_layers=num_layers), num_layers, Path(path).stem)
+    f.extra["recipe"] = str(path)
+    return f
+
+
 def by_name(num_layers: int, names: list[str]) -> list[ModelFormat]:
+    """Formats by name: the standard ones, any kakeya_k{b}v{b} the format allows, or recipe:PATH (an env file)."""
     import re
     allf = {f.name: f for f in standard_formats(num_layers)}
     for n in names:   # any kakeya bit widths the format allows, e.g. kakeya_k5v4
@@ -35,6 +62,8 @@ def by_name(num_layers: int, names: list[str]) -> list[ModelFormat]:
         if m and n not in allf:
             c = KakeyaCodec(int(m[1]), int(m[2]))
             allf[n] = ModelFormat(c.name, "kakeya", c)
+        elif n.startswith("recipe:"):
+            allf[n] = from_recipe(n[len("recipe:"):], num_layers)
     unknown = [n for n in names if n not in allf]
     if unknown:
         raise SystemExit(f"unknown format(s) {unknown}; known: {sorted(allf)}")
