@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -63,20 +64,38 @@ def write_bundle(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     return out
 
 
+_TENSOR_NAME = re.compile(r"k_weight\.(\d+)|([kv])_table\.b(\d+)")
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _bundle_file(root: Path, name: str) -> Path:
+    """A bundle file must be a regular file inside the bundle folder itself (a link may not lead elsewhere)."""
+    p = root / name
+    if not p.is_file():
+        raise BundleError(f"calibration bundle {root}: missing {name}")
+    if p.resolve().parent != root:
+        raise BundleError(f"calibration bundle {root}: {name} links to {p.resolve()}, outside the bundle folder; "
+                          "copy the file into the folder")
+    return p
+
+
 def load_bundle(path: Path | str, *, num_layers: int, num_kv_heads: int, head_dim: int,
-                model_config_hash: str | None = None, fmt: str = "kakeya") -> tuple[dict, dict]:
-    """Validate and load a bundle; returns (manifest, tensors)."""
-    root = Path(path).resolve()
+                model_config_hash: str | None = None, fmt: str = "kakeya",
+                k_bits: tuple[int, ...] = (), v_bits: tuple[int, ...] = ()) -> tuple[dict, dict]:
+    """Validate and load a bundle; returns (manifest, tensors). ``k_bits``/``v_bits``: widths the caller will
+    serve, whose fitted tables must be in the bundle (never a silent fallback to the data-free tables)."""
+    root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise BundleError(f"KAKEYA_CALIBRATION={path}: not a directory")
-    mpath, tpath = root / MANIFEST, root / TENSORS
-    for p in (mpath, tpath):
-        if not p.is_file():
-            raise BundleError(f"calibration bundle {root}: missing {p.name}")
+    mpath, tpath = _bundle_file(root, MANIFEST), _bundle_file(root, TENSORS)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"calibration bundle {root}: {MANIFEST} is {mpath.stat().st_size} bytes, not a manifest")
     try:
         man = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"calibration bundle {root}: {MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(man, dict):
+        raise BundleError(f"calibration bundle {root}: {MANIFEST} must hold a JSON object")
     if man.get("bundle_version") != BUNDLE_VERSION:
         raise BundleError(f"calibration bundle {root}: bundle_version {man.get('bundle_version')!r}, "
                           f"this build reads version {BUNDLE_VERSION}")
@@ -94,15 +113,26 @@ def load_bundle(path: Path | str, *, num_layers: int, num_kv_heads: int, head_di
     if sorted(tensors) != man.get("tensor_names"):
         raise BundleError(f"calibration bundle {root}: tensor names differ from the manifest")
     for name, t in tensors.items():
-        if name.startswith("k_weight."):
-            layer = int(name.split(".")[1])
+        m = _TENSOR_NAME.fullmatch(name)
+        if m is None:
+            raise BundleError(f"calibration bundle {root}: unknown tensor {name!r} (expected k_weight.L, "
+                              "k_table.bB, v_table.bB)")
+        if m[1] is not None:
+            layer = int(m[1])
             if not 0 <= layer < num_layers or tuple(t.shape) != (num_kv_heads, head_dim):
                 raise BundleError(f"calibration bundle {root}: {name} has shape {tuple(t.shape)}, "
                                   f"expected ({num_kv_heads}, {head_dim}) for a layer < {num_layers}")
             if not torch.isfinite(t).all() or (t <= 0).any():
                 raise BundleError(f"calibration bundle {root}: {name} has non-finite or non-positive weights")
-        elif name.startswith(("k_table.b", "v_table.b")):
-            bits = int(name.split(".b")[1])
-            if tuple(t.shape) != (1 << bits,) or not (t[1:] > t[:-1]).all():
-                raise BundleError(f"calibration bundle {root}: {name} must be {1 << bits} ascending values")
+        else:
+            bits = int(m[3])
+            if tuple(t.shape) != (1 << bits,) or not torch.isfinite(t).all() or not (t[1:] > t[:-1]).all():
+                raise BundleError(f"calibration bundle {root}: {name} must be {1 << bits} ascending finite values")
+    for stream, widths in (("k", k_bits), ("v", v_bits)):
+        have = sorted(int(n.split(".b")[1]) for n in tensors if n.startswith(f"{stream}_table.b"))
+        for b in widths:
+            if b not in have:
+                raise BundleError(f"calibration bundle {root} has no {stream}_table.b{b} (it has widths {have}) for "
+                                  f"{stream.upper()} bits {b}; re-run `kakeya-kv calibrate`, or unset "
+                                  "KAKEYA_CALIBRATION")
     return man, tensors

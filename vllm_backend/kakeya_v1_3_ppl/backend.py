@@ -25,7 +25,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, kakeya_layout
 
 from . import context
-from .checks import check_capacity, check_layer, check_tail_pool, settings
+from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
 from .plan import DecodeBuffers, TailState, plan_step, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
 
@@ -80,6 +80,13 @@ class KakeyaBackend(AttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        # vLLM's own refusal is a bare list of reasons; ours says what to do instead.
+        reasons = super().validate_configuration(*args, **kwargs)
+        check_selection(reasons)
+        return reasons
 
 
 class KakeyaExactBackend(KakeyaBackend):

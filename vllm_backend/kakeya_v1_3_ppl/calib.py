@@ -36,7 +36,8 @@ def resolve(cfg: KakeyaConfig, *, num_layers: int, num_kv_heads: int, head_dim: 
         return _CACHE[key]
     from kakeya_calibration.bundle import config_hash, load_bundle
     _, t = load_bundle(cfg.calibration, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                       model_config_hash=None if model_config is None else config_hash(model_config))
+                       model_config_hash=None if model_config is None else config_hash(model_config),
+                       k_bits=(cfg.k_bits,), v_bits=(cfg.v_bits,))
     cal = Calibration(k_table=t.get(f"k_table.b{cfg.k_bits}"), v_table=t.get(f"v_table.b{cfg.v_bits}"),
                       k_weights={int(n.split(".")[1]): w for n, w in t.items()
                                  if n.startswith("k_weight.") and int(n.split(".")[1]) not in cfg.skip_layers},

@@ -4,17 +4,71 @@ Every refusal is one line that names the setting and what to do instead.
 """
 from __future__ import annotations
 
-from kakeya_kv.config import KakeyaConfig
+import difflib
+import functools
+import inspect
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from kakeya_kv import config as _config
+from kakeya_kv.config import ConfigError, KakeyaConfig
 from kakeya_kv.format import SUPPORTED_HEAD_DIMS
+
+# Read by the CPU tools, not the backend, but legitimately set in the same shells.
+_TOOL_ENV = frozenset({"KAKEYA_WHEEL_DIR"})
+
+
+@functools.cache
+def known_env_names() -> frozenset[str]:
+    """Every KAKEYA_* variable the code reads. The knobs are taken from kakeya_kv.config's own source, so a knob
+    added there is known here without keeping a second list in step."""
+    return frozenset(re.findall(r'"(KAKEYA_[A-Z0-9_]+)"', inspect.getsource(_config))) | _TOOL_ENV
+
+
+def check_env_names(env) -> None:
+    """A misspelt knob (KAKEYA_KBITS=3) would otherwise be ignored silently and serve the defaults."""
+    known = known_env_names()
+    for name in sorted(n for n in env if n.startswith("KAKEYA_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{name} is not a Kakeya setting ({hint}known: {', '.join(sorted(known))}); "
+                          "rename or unset it")
+
+
+def _calibration_path(cfg: KakeyaConfig) -> KakeyaConfig:
+    """Resolve KAKEYA_CALIBRATION once, so every process (and the log line) names the same absolute folder."""
+    if not cfg.calibration:
+        return cfg
+    if cfg.format == "exact":
+        raise ConfigError(f"KAKEYA_CALIBRATION={cfg.calibration!r} has no effect with KAKEYA_FORMAT=exact "
+                          "(nothing is quantized); unset one of them")
+    p = Path(cfg.calibration).expanduser().resolve()
+    if not p.is_dir():
+        raise ConfigError(f"KAKEYA_CALIBRATION={cfg.calibration!r} (resolved to {p}) is not a directory; point it "
+                          "at a folder written by `kakeya-kv calibrate --out DIR`, or unset it")
+    return replace(cfg, calibration=str(p))
 
 
 def settings(num_layers: int | None = None, env=None) -> KakeyaConfig:
     """KAKEYA_* settings as the backend serves them."""
+    env = os.environ if env is None else env
+    check_env_names(env)
     cfg = KakeyaConfig.from_env(env, num_layers=num_layers)
     if cfg.format == "v13":
         raise ValueError("KAKEYA_FORMAT=v13: the seed format has a CPU reference codec but no Triton attention "
                          "kernels yet, so the vLLM backend cannot serve it; use KAKEYA_FORMAT=default or exact")
-    return cfg
+    return _calibration_path(cfg)
+
+
+def check_selection(reasons: list[str]) -> None:
+    """vLLM's backend selector lists why a backend does not fit a layer (MLA, sliding window, attention sinks,
+    encoder or non-causal attention, head size, dtype, KV-cache dtype): turn that list into one actionable line."""
+    if reasons:
+        raise ValueError(f"Kakeya backend cannot serve this model: {'; '.join(reasons)}; serve it with another "
+                         "--attention-backend (e.g. FLASH_ATTN) or a supported model (bf16, full causal attention, "
+                         f"head_dim in {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
 
 
 def check_layer(*, head_size: int, alibi: bool, sliding_window, logits_soft_cap, attn_type: str,
