@@ -95,10 +95,12 @@ def cmd_compare(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    """quality.json (issue 5's schema) from either backend, same config names."""
     if a.backend == "vllm":
         from .vllm_eval import main as vllm_main
         return vllm_main(["run", *a.rest])
-    return main(["compare", *a.rest])
+    from .hf_eval import main as hf_main
+    return hf_main(a.rest)
 
 
 def cmd_report(a) -> int:
@@ -147,10 +149,12 @@ def main(argv=None) -> int:
     cb.add_argument("--window", type=int, default=2048)
     cb.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     cb.set_defaults(fn=lambda a: __import__("kakeya_calibration.calibrate", fromlist=["run"]).run(a))
-    ev = sub.add_parser("eval", help="PPL/KLD of chosen configs: --backend hf (CPU harness) or vllm (GPU, gpu-kit)")
+    ev = sub.add_parser("eval", help="quality.json (PPL, KLD, NIAH, ratio) of vLLM config names: --backend hf "
+                                     "(CPU harness twins) or vllm (GPU, gpu-kit)")
     ev.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ev.add_argument("rest", nargs=argparse.REMAINDER,
-                    help="hf: compare options (--formats, --windows, ...); vllm: kakeya_kv.vllm_eval run options")
+                    help="hf: kakeya_kv.hf_eval options (--configs, --windows, --niah-depths, --out); "
+                         "vllm: kakeya_kv.vllm_eval run options")
     ev.set_defaults(fn=cmd_eval)
     rc = sub.add_parser("recipe", help="search the highest-ratio servable setting within a ΔPPL budget (HF/CPU)")
     rc.add_argument("--model", default="smollm2", choices=["smollm2"], help="the embedded default model")
@@ -161,8 +165,9 @@ def main(argv=None) -> int:
     rc.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     rc.add_argument("--out", default="", help="recipe path (default deploy/recipes/<model-name>.env)")
     rc.add_argument("--sensitivity", default=str(RESULTS / "sensitivity.json"),
-                    help="per-layer table from `kakeya-kv sensitivity`: boundary sets = its most sensitive layers "
-                         "(first/last layers when the file is absent)")
+                    help="per-layer table from `kakeya-kv sensitivity`: its most sensitive layers are the ones "
+                         "upgraded to more bits (KAKEYA_LAYER_BITS) or kept exact; without it only uniform bits "
+                         "and first/last exact layers are tried")
     rc.set_defaults(fn=lambda a: __import__("kakeya_kv.recipe", fromlist=["run_recipe"]).run_recipe(a))
     se = sub.add_parser("sensitivity", help="ΔPPL when only layer L is compressed, every L (HF/CPU)")
     se.add_argument("--k-bits", type=int, default=3)

@@ -1,10 +1,12 @@
 """Auto-recipe and per-layer sensitivity on held-out text (HF harness, CPU).
 
 ``kakeya-kv recipe --budget-ppl 1.0`` evaluates the settings the vLLM backend can serve — one
-(K bits, V bits) for all compressed layers plus a set of exact bf16 boundary layers — in order of
-decreasing whole-model ratio on windows of the *calibration* books (never the evaluation books),
-and writes the first one whose ΔPPL vs bf16 is within the budget to ``deploy/recipes/<model>.env``
-with the measured numbers in its header.
+(K bits, V bits) for all compressed layers, plus either a set of exact bf16 boundary layers or the
+most sensitive layers upgraded to one step more bits (KAKEYA_LAYER_BITS) — in order of decreasing
+whole-model ratio on windows of the *calibration* books (never the evaluation books), and writes the
+first one whose ΔPPL vs bf16 is within the budget to ``deploy/recipes/<model>.env`` with the
+measured numbers in its header. Upgrading sensitive layers costs far fewer bytes than keeping them
+exact, so the search tries 1, 2, 4, 8, 16 upgraded layers before any exact layer at the same base.
 
 ``kakeya-kv sensitivity`` measures ΔPPL when only layer L is compressed, for every L (the seed's
 per-layer table): it says which layers a boundary set should protect.
@@ -18,10 +20,18 @@ import time
 from pathlib import Path
 
 from .codecs.kakeya import KakeyaCodec
-from .format import kakeya_layout
+from .config import KakeyaConfig, format_layer_bits
+from .format import ALLOWED_BITS
 from .model_format import ModelFormat
 
 BITS = ((4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
+UPGRADE_COUNTS = (1, 2, 4, 8, 16)   # how many of the most sensitive layers get one step more bits
+
+
+def upgraded(kb: int, vb: int) -> tuple[int, int] | None:
+    """One step more bits on each stream (None when the format allows no more)."""
+    ks, vs = ALLOWED_BITS["kakeya"]["k"], ALLOWED_BITS["kakeya"]["v"]
+    return (kb + 1, vb + 1) if kb + 1 in ks and vb + 1 in vs else None
 
 
 def boundary_sets(num_layers: int, sensitive: list[int] | None = None) -> list[tuple[int, ...]]:
@@ -44,18 +54,44 @@ def sensitive_layers(path: str | Path | None, num_layers: int) -> list[int] | No
     return [r["layer"] for r in sorted(rows, key=lambda r: -r["kld"])]
 
 
-def ratio(num_layers: int, head_dim: int, kb: int, vb: int, exact: tuple[int, ...]) -> float:
-    per_head = kakeya_layout(head_dim, kb, vb).bytes_per_token_head
-    comp = num_layers - len(exact)
-    return num_layers * 4 * head_dim / (comp * per_head + len(exact) * 4 * head_dim)
+def setting_env(kb: int, vb: int, exact: tuple[int, ...] = (), layer_bits=()) -> dict[str, str]:
+    """The KAKEYA_* variables of one servable setting (what the recipe file will contain)."""
+    return {"KAKEYA_FORMAT": "default", "KAKEYA_K_BITS": str(kb), "KAKEYA_V_BITS": str(vb),
+            "KAKEYA_BOUNDARY_SKIP_LAYERS": ",".join(map(str, exact)),
+            "KAKEYA_LAYER_BITS": format_layer_bits(layer_bits)}
+
+
+def setting_format(env: dict[str, str], num_layers: int, name: str) -> ModelFormat:
+    """The format the backend serves for these variables (validated like the backend validates them)."""
+    from .formats import from_config
+    return from_config(KakeyaConfig.from_env(env, num_layers=num_layers), num_layers, name)
+
+
+def ratio(num_layers: int, head_dim: int, kb: int, vb: int, exact: tuple[int, ...], layer_bits=()) -> float:
+    """Whole-model KV ratio vs bf16 from the per-layer block layouts."""
+    f = setting_format(setting_env(kb, vb, exact, layer_bits), num_layers, "ratio")
+    return f.ratio_vs_bf16(num_layers, 1, head_dim)
 
 
 def candidates(num_layers: int, head_dim: int, sensitive: list[int] | None = None) -> list[ModelFormat]:
+    """Every setting to try, by decreasing ratio: uniform bits × boundary sets, and (with a sensitivity
+    table) uniform bits with the 1, 2, 4, ... most sensitive layers upgraded one step."""
+    settings = [(kb, vb, tuple(ex), ()) for (kb, vb), ex in itertools.product(BITS, boundary_sets(num_layers, sensitive))]
+    for kb, vb in BITS:
+        up = upgraded(kb, vb)
+        if not sensitive or up is None:
+            continue
+        for n in UPGRADE_COUNTS:
+            if n < len(sensitive):
+                settings.append((kb, vb, (), tuple((layer, *up) for layer in sorted(sensitive[:n]))))
     out = []
-    for (kb, vb), ex in itertools.product(BITS, boundary_sets(num_layers, sensitive)):
-        name = f"kakeya_k{kb}v{vb}" + (f"_b{'-'.join(map(str, ex))}" if ex else "")
-        f = ModelFormat(name, "kakeya", KakeyaCodec(kb, vb, name=name), tuple(ex))
-        f.extra.update(k_bits=kb, v_bits=vb, ratio=ratio(num_layers, head_dim, kb, vb, tuple(ex)))
+    for kb, vb, ex, lb in settings:
+        name = (f"kakeya_k{kb}v{vb}" + (f"_b{'-'.join(map(str, ex))}" if ex else "")
+                + (f"_up{len(lb)}k{lb[0][1]}v{lb[0][2]}" if lb else ""))
+        env = setting_env(kb, vb, ex, lb)
+        f = setting_format(env, num_layers, name)
+        f.extra.update(k_bits=kb, v_bits=vb, layer_bits=env["KAKEYA_LAYER_BITS"], env=env,
+                       ratio=f.ratio_vs_bf16(num_layers, 1, head_dim))
         out.append(f)
     return sorted(out, key=lambda f: -f.extra["ratio"])
 
@@ -76,7 +112,7 @@ def search(model, wins, num_layers: int, head_dim: int, budget_pct: float, chunk
         res = harness.evaluate_against(model, wins, f, ref_lps, chunk=chunk)
         s = harness.summarize(res, ref)
         row = {"name": f.name, "k_bits": f.extra["k_bits"], "v_bits": f.extra["v_bits"],
-               "boundary": list(f.exact_layers), "ratio": f.extra["ratio"], **s}
+               "boundary": list(f.exact_layers), "layer_bits": f.extra["layer_bits"], "ratio": f.extra["ratio"], **s}
         tried.append(row)
         log(f"  {f.name:28s} ratio {row['ratio']:.2f}  ΔPPL {s['delta_ppl_pct']:+.2f} % "
             f"[{s['delta_ppl_pct_ci95'][0]:+.2f}, {s['delta_ppl_pct_ci95'][1]:+.2f}]  KLD {s['kld']:.4f}")
@@ -95,7 +131,8 @@ def recipe_env(row: dict, model_name: str, budget: float, n_windows: int, window
             f"KLD {row['kld']:.4f}\n"
             f"# Usage: set -a; . {{this file}}; set +a; vllm serve MODEL --attention-backend KAKEYA\n"
             f"KAKEYA_FORMAT=default\nKAKEYA_K_BITS={row['k_bits']}\nKAKEYA_V_BITS={row['v_bits']}\n"
-            f"KAKEYA_BOUNDARY_SKIP_LAYERS={','.join(map(str, row['boundary']))}\n")
+            f"KAKEYA_BOUNDARY_SKIP_LAYERS={','.join(map(str, row['boundary']))}\n"
+            f"KAKEYA_LAYER_BITS={row.get('layer_bits', '')}\n")
 
 
 def sensitivity(model, wins, num_layers: int, kb: int, vb: int, chunk: int = 256, progress=None) -> list[dict]:

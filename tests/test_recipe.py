@@ -58,3 +58,33 @@ def test_boundary_sets_follow_the_sensitivity_table(tmp_path):
     assert sensitive_layers(tmp_path / "missing.json", 4) is None
     with pytest.raises(SystemExit, match="has 4 layers, the model 3"):
         sensitive_layers(p, 3)
+
+
+def test_candidates_upgrade_the_most_sensitive_layers():
+    from kakeya_kv.recipe import candidates, ratio
+    order = [23, 18, 24, 17, 14, 15, 7, 19, 20, 25, 4, 21, 12, 8, 16, 5, 3, 27]
+    c = {f.name: f for f in candidates(30, 64, order)}
+    up4 = c["kakeya_k3v2_up4k4v3"]
+    assert up4.extra["layer_bits"] == "17-18:4/3,23-24:4/3" and up4.exact_layers == ()
+    assert [i for i in range(30) if up4.codec_for(i).k_bits == 4] == [17, 18, 23, 24]
+    r = up4.extra["ratio"]
+    assert r == ratio(30, 64, 3, 2, (), ((17, 4, 3), (18, 4, 3), (23, 4, 3), (24, 4, 3)))
+    # Upgrades cost fewer bytes than exact layers and more than nothing:
+    assert c["kakeya_k3v2"].extra["ratio"] > r > c["kakeya_k3v2_b23"].extra["ratio"]
+    assert c["kakeya_k3v2_up1k4v3"].extra["ratio"] > c["kakeya_k3v2_up2k4v3"].extra["ratio"] > r
+    assert "kakeya_k4v4_up16k5v5" in c and not any("up" in n for n in {f.name for f in candidates(30, 64)})
+
+
+def test_search_over_upgrades_writes_layer_bits(tiny, monkeypatch):
+    import kakeya_kv.recipe as recipe
+    model, wins = tiny
+    monkeypatch.setattr(recipe, "BITS", ((3, 2),))
+    none, tried, _ = recipe.search(model, wins[:1], 4, 64, budget_pct=-1e9, log=lambda m: None, sensitive=[2, 1, 3, 0])
+    assert none is None
+    assert [t["layer_bits"] for t in tried if t["layer_bits"]] == ["2:4/3", "1-2:4/3"]
+    row = next(t for t in tried if t["layer_bits"] == "1-2:4/3")
+    env = recipe_env(row, "tiny", 1.0, 1, 1024, "kakeya-kv recipe")
+    kv = dict(l.split("=", 1) for l in env.splitlines() if l and not l.startswith("#"))
+    cfg = KakeyaConfig.from_env(kv, num_layers=4)
+    assert cfg.layer_plan(4) == [(3, 2), (4, 3), (4, 3), (3, 2)]
+    assert f"ratio {row['ratio']:.2f}x" in env
