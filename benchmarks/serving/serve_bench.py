@@ -1,21 +1,20 @@
-"""Serving benchmark (issue 6), offline part: KV capacity, max concurrent long requests, prefill and
-decode throughput in vLLM for each KV configuration, same card, one subprocess per configuration.
+"""Serving benchmark (issue 6): KV capacity, max concurrent long requests, decode and prefill
+throughput, TPOT/TTFT through the OpenAI server, for vLLM's KV formats and Kakeya, same card.
 
-    source .gpukit/setup.sh; source scripts/device_install.sh
-    python benchmarks/serving/serve_bench.py --model qwen3-8b-like --configs flash_bf16,kakeya_k4v3 \
-        --contexts 8192,32768 --out $OUT/serving.json
+    python -m benchmarks.serving.serve_bench run --rows main --deadline-s 480 --out $OUT/serving_main.json
+    python -m benchmarks.serving.serve_bench sweep --rows qwen3-8b-like:flash_bf16,qwen3-8b-like:kakeya ...
+    python -m benchmarks.serving.serve_bench report --inputs A.json B.json [--sweep S.json] --out serving.json
 
-Dummy weights (`load_format="dummy"`) with the exact geometry of `models/<name>/config.json`,
-token-id prompts (no tokenizer): speed and memory only, never quality. Decode throughput uses the
-prefix cache: a first pass prefills the B prompts (max_tokens=1), the timed second pass re-uses those
-blocks and decodes G tokens per request, so it measures decode over a context of ~C tokens.
-`server`: TPOT/TTFT (p50/p99) through the OpenAI server for a request-rate sweep, with vLLM's own
-`vllm bench serve` (random dataset; the SmolLM2 tokenizer from the gpu-kit stands in for the dummy
-model's, whose vocabulary is larger). Not yet run on a GPU.
+`run` starts one subprocess (`one`) per row, in priority order, each bounded by --row-limit-s and
+by the call's --deadline-s; rows are written to --out as they complete, a row cut by a limit keeps
+what it measured and says why the rest is missing. Device jobs: serving_job.sh. Not yet run on a GPU.
+Method (also in serving.md): benchmarks/serving/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -24,166 +23,430 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = {
-    "flash_bf16": ({"attention_backend": "FLASH_ATTN"}, {}),
-    "fp8": ({"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "fp8"}, {}),
-    "int4_per_token_head": ({"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "int4_per_token_head"}, {}),
-    "turboquant_4bit_nc": ({"kv_cache_dtype": "turboquant_4bit_nc"}, {}),    # gpu-kit --with-fa2
-    "turboquant_3bit_nc": ({"kv_cache_dtype": "turboquant_3bit_nc"}, {}),
-    "kakeya_k4v3": ({"attention_backend": "KAKEYA"}, {}),
-    "kakeya_k4v3_graphs": ({"attention_backend": "KAKEYA"}, {"KAKEYA_CUDA_GRAPHS": "1"}),
-    "kakeya_k3v2": ({"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
-}
+from . import rows as R
+from .runner import Deadline, emit, parse_vllm_log, run_child
+from .stats import Step, decode_rate, median, summarize_rate
+from .workload import (decode_shape, max_batch, poisson_arrivals, random_ids, shared_prefix_prompts,
+                       sweep_prompt_count, usable_contexts)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(1000, vocab - 1000) for _ in range(length)]} for _ in range(n)]
+# ----------------------------------------------------------------------------- child (GPU)
+
+def model_info(path: str) -> dict:
+    c = json.load(open(Path(path) / "config.json"))
+    heads = c["num_attention_heads"]
+    return {"num_layers": c["num_hidden_layers"], "num_kv_heads": c.get("num_key_value_heads", heads),
+            "head_dim": c.get("head_dim") or c["hidden_size"] // heads, "vocab": c["vocab_size"],
+            "max_position": c.get("max_position_embeddings", 1 << 20)}
+
+
+def _engine_run(llm, prompts: list[list[int]], sp, tag: str) -> tuple[list[Step], dict]:
+    """Add every prompt to the engine at once, step it to completion, log each step's new tokens."""
+    eng = llm.llm_engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, sp)
+    seen, cached, steps = {}, {}, []
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        t = time.perf_counter()
+        tok = act = 0
+        for o in outs:
+            n = len(o.outputs[0].token_ids)          # cumulative output (the default output kind)
+            if n > seen.get(o.request_id, 0):
+                tok += n - seen.get(o.request_id, 0)
+                act += 1
+            seen[o.request_id] = n
+            cached[o.request_id] = getattr(o, "num_cached_tokens", None)
+        if tok:
+            steps.append(Step(t, tok, act))
+    return steps, cached
+
+
+def _sp(max_tokens: int):
+    from vllm import SamplingParams
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+
+
+def _timed_generate(llm, prompts, max_tokens: int) -> float:
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], _sp(max_tokens), use_tqdm=False)
+    return time.perf_counter() - t
 
 
 def one(a) -> int:
-    kw, env = CONFIGS[a.config]
+    """One row in this process (GPU): prints PARTIAL lines after each measurement and a RESULT line."""
+    _, kw, env = R.CONFIGS[a.config]
     os.environ.update(env)
-    from vllm import LLM, SamplingParams
-    model_dir = str(HERE / "models" / a.model)
-    vocab = json.load(open(Path(model_dir) / "config.json"))["vocab_size"]
-    ctxs = [int(c) for c in a.contexts.split(",")]
+    spec = R.MODELS[a.model]
+    info = model_info(spec["path"])
+    stop_at = a.stop_at or float("inf")
+    ctxs, too_long = usable_contexts([int(c) for c in a.contexts.split(",")], info["max_position"])
+    row = {"model": a.model, "config": a.config, "tp": a.tp, **info, "max_num_seqs": a.max_seqs,
+           "gpu_memory_utilization": a.gpu_util, "max_num_batched_tokens": a.batched_tokens,
+           "mode": "eager" if kw.get("enforce_eager", True) else "compiled+cudagraphs", "not_measured": {}, "details": {}}
+    nm = row["not_measured"]
+    for c in too_long:
+        for m in ("decode_tok_s_b16", "decode_tok_s_max_batch", "max_batch"):
+            nm[R.field_name(m, c)] = f"model max_position_embeddings {info['max_position']} < context {c}"
+    if not ctxs:
+        raise SystemExit(f"no requested context fits {a.model} (max_position_embeddings {info['max_position']})")
+
+    def progress(doing: str) -> bool:
+        row["in_progress"] = doing
+        emit("PARTIAL", row)
+        return time.time() < stop_at - a.min_measure_s
+
+    from vllm import LLM
     t0 = time.time()
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=True,
-              gpu_memory_utilization=a.gpu_util, max_model_len=max(ctxs) + a.gen + 16, max_num_seqs=a.max_seqs,
-              max_num_batched_tokens=a.batched_tokens, tensor_parallel_size=a.tp, **kw)
+    llm = LLM(model=spec["path"], load_format="dummy" if spec["dummy"] else "auto", skip_tokenizer_init=True,
+              enable_prefix_caching=True, gpu_memory_utilization=a.gpu_util, max_model_len=max(ctxs),
+              max_num_seqs=a.max_seqs, max_num_batched_tokens=a.batched_tokens, tensor_parallel_size=a.tp,
+              seed=0, **{"enforce_eager": True, **kw})
     cc = llm.llm_engine.vllm_config.cache_config
-    cap = (cc.num_gpu_blocks or 0) * cc.block_size
-    row = {"model": a.model, "config": a.config, "tp": a.tp, "capacity_tokens": cap, "block_size": cc.block_size,
-           "init_s": time.time() - t0, "max_num_seqs": a.max_seqs}
-    one_tok = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
-    gen = SamplingParams(max_tokens=a.gen, ignore_eos=True, detokenize=False)
-    # Prefill throughput: 4 fresh prompts of 8k tokens.
-    p = _prompts(4, 8192, vocab, 1)
-    llm.generate(_prompts(1, 512, vocab, 99), one_tok, use_tqdm=False)          # warm-up
-    t = time.time()
-    llm.generate(p, one_tok, use_tqdm=False)
-    row["prefill_tok_s"] = 4 * 8192 / (time.time() - t)
-    for C in ctxs:
-        fit = cap // (C + a.gen)
-        row[f"max_batch_{C // 1024}k"] = min(fit, a.max_seqs)
-        for label, B in (("b16", 16), ("max_batch", min(fit, a.max_seqs))):
-            if B < 1 or B > fit:
-                row[f"decode_tok_s_{label}_{C // 1024}k"] = None
+    row.update(init_s=time.time() - t0, block_size=cc.block_size, capacity_tokens=(cc.num_gpu_blocks or 0) * cc.block_size,
+               max_model_len=max(ctxs))
+    vocab, seed = info["vocab"], 1234
+
+    def measure(name: str, fields: list[str], fn) -> None:
+        """Run one measurement unless the row's time is nearly up; any failure becomes its fields' reason."""
+        if not progress(name):
+            for f in fields:
+                nm.setdefault(f, f"row time budget used up before {name}")
+            return
+        try:
+            fn()
+        except Exception as e:                      # the row goes on; the reason is recorded per field
+            for f in fields:
+                nm.setdefault(f, f"{name} failed: {type(e).__name__}: {e}"[:300])
+
+    def warmup():
+        rng_prompt = random_ids(random.Random(seed), 2048, vocab)
+        row["details"]["warmup_s"] = _timed_generate(llm, [rng_prompt], 8)
+
+    measure("warm-up", [], warmup)
+
+    def decode_at(C: int):
+        shape = decode_shape(C, a.gen)
+        B_max = max_batch(row["capacity_tokens"], C, a.max_seqs)
+        row[R.field_name("max_batch", C)] = B_max
+        det = row["details"].setdefault(f"{C // 1024}k", {"prefix_tokens": shape.prefix, "unique_tokens": shape.unique,
+                                                          "gen_tokens": shape.gen, "max_batch_from_capacity": B_max})
+        prefix = random_ids(random.Random(seed + C), shape.prefix, vocab)
+        fill_s = _timed_generate(llm, [prefix], 1)            # the shared prefix, once (prefix cache)
+        det["prefix_fill_s"] = fill_s
+        det["prefill_tok_s_single_prefix"] = shape.prefix / fill_s
+        for label, B in (("b16", 16), ("max_batch", B_max)):
+            f = R.field_name(f"decode_tok_s_{label}", C)
+            if B < 1 or (label == "b16" and B_max < 16):
+                nm[f] = (f"capacity {row['capacity_tokens']} tokens holds {B_max} requests of {C} tokens"
+                         + (" (< 16)" if label == "b16" else ""))
                 continue
-            prompts = _prompts(B, C, vocab, 1000 + C + B)
-            llm.generate(prompts, one_tok, use_tqdm=False)                       # fill the prefix cache
-            t = time.time()
-            llm.generate(prompts, gen, use_tqdm=False)                           # decode over cached context
-            row[f"decode_tok_s_{label}_{C // 1024}k"] = B * a.gen / (time.time() - t)
-            llm.reset_prefix_cache()
-    print("RESULT " + json.dumps(row), flush=True)
-    return 0
-
-
-def server(a) -> int:
-    """One config: start `vllm serve`, sweep request rates with `vllm bench serve`, print RESULT json."""
-    import urllib.request
-    kw, env = CONFIGS[a.config]
-    model_dir = str(HERE / "models" / a.model)
-    port = 8000 + random.Random(a.config).randrange(500)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--load-format", "dummy", "--tokenizer", a.tokenizer, "--port", str(port),
-           "--gpu-memory-utilization", str(a.gpu_util), "--max-model-len", str(a.input_len + a.output_len + 64),
-           "--max-num-seqs", str(a.max_seqs), "--tensor-parallel-size", str(a.tp)]
-    for k, v in kw.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    srv = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        t0 = time.time()
-        while True:
+            if label == "max_batch" and B == 16 and "b16" in det:
+                det["max_batch"] = det["b16"]
+                row[f] = row[R.field_name("decode_tok_s_b16", C)]
+                continue
+            if not progress(f"{f} (batch {B})"):
+                nm[f] = f"row time budget used up before {f}"
+                continue
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if srv.poll() is not None or time.time() - t0 > a.startup_s:
-                    raise RuntimeError("server did not start: " + srv.stderr.read().decode(errors="replace")[-2000:])
-                time.sleep(2)
-        sweep = []
-        for rate in a.rates.split(","):
-            res_file = f"/tmp/bench_{a.config}_{rate}.json"
-            b = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm", "--model", model_dir, "--tokenizer",
-                                a.tokenizer, "--port", str(port), "--dataset-name", "random", "--random-input-len",
-                                str(a.input_len), "--random-output-len", str(a.output_len), "--ignore-eos",
-                                "--num-prompts", str(a.num_prompts), "--request-rate", rate, "--save-result",
-                                "--result-filename", res_file], capture_output=True, text=True)
-            if b.returncode:
-                raise RuntimeError(f"vllm bench serve failed at rate {rate}: {(b.stdout + b.stderr)[-1500:]}")
-            r = json.load(open(res_file))
-            sweep.append({"request_rate": rate, **{k: r.get(k) for k in (
-                "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput",
-                "output_throughput", "completed")}})
-        print("RESULT " + json.dumps({"model": a.model, "config": a.config, "tp": a.tp, "sweep": sweep}), flush=True)
-    finally:
-        srv.terminate()
-        srv.wait(timeout=60)
+                warm = shared_prefix_prompts(prefix, B, shape.unique, vocab, seed + 7 * B + C)
+                _engine_run(llm, warm, _sp(3), f"w{label}{C}")                 # warm-up at this batch
+                timed = shared_prefix_prompts(prefix, B, shape.unique, vocab, seed + 7 * B + C + 1)
+                steps, cached = _engine_run(llm, timed, _sp(shape.gen), f"t{label}{C}")
+                r = decode_rate(steps, B)
+                hits = [v for v in cached.values() if v is not None]
+                r.update(batch=B, prefix_cached_tokens_min=min(hits) if hits else None)
+                det[label] = r
+                row[f] = r["tok_s"]
+                if label == "max_batch":
+                    row[R.field_name("max_batch", C) + "_ran"] = r["max_active"]
+            except Exception as e:
+                nm[f] = f"{type(e).__name__}: {e}"[:300]
+
+    def prefill():
+        n = min(a.prefill_tokens, max(ctxs) - 16)
+        rng = random.Random(seed + 99)
+        times = [_timed_generate(llm, [random_ids(rng, n, vocab)], 1) for _ in range(a.prefill_reps + 1)]
+        row["details"]["prefill"] = {"prompt_tokens": n, "batch": 1, "times_s": times, "first_dropped": True}
+        row["prefill_tok_s"] = n / median(times[1:])
+
+    # Priority order: the longest context first (the claim), then prefill, then the shorter contexts.
+    ordered = sorted(ctxs, reverse=True)
+    measure(f"decode {ordered[0] // 1024}k", [R.field_name(m, ordered[0]) for m in
+                                            ("decode_tok_s_b16", "decode_tok_s_max_batch", "max_batch")],
+            lambda: decode_at(ordered[0]))
+    measure("prefill", ["prefill_tok_s"], prefill)
+    for C in ordered[1:]:
+        measure(f"decode {C // 1024}k", [R.field_name(m, C) for m in
+                                       ("decode_tok_s_b16", "decode_tok_s_max_batch", "max_batch")],
+                lambda C=C: decode_at(C))
+    row.pop("in_progress", None)
+    row["row_s"] = time.time() - t0
+    emit("RESULT", row)
     return 0
+
+
+# ----------------------------------------------------------------------------- orchestration (no CUDA here)
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        return f"{len(out)}x {out[0]}" if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def preflight(config: str) -> str | None:
+    """Reasons known before starting vLLM: a Kakeya refusal, TurboQuant without the FA2 extension."""
+    why = R.refusal(config)
+    if why:
+        return why
+    if config.startswith("turboquant"):
+        spec = importlib.util.find_spec("vllm")
+        if spec is not None and spec.origin:
+            fa = Path(spec.origin).parent / "vllm_flash_attn"
+            if not any(fa.glob("_vllm_fa2_C*.so")):
+                return "vLLM's TurboQuant needs FlashAttention-2: the gpu-kit was built without --with-fa2"
+    return None
+
+
+def _write(path: str, res: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _settings(a) -> dict:
+    return {"gpu_memory_utilization": a.gpu_util, "max_num_seqs": a.max_seqs, "max_num_batched_tokens":
+            a.batched_tokens, "contexts": a.contexts, "decode_gen_tokens": a.gen, "tp": a.tp}
+
+
+def _child_reason(res, budget: float) -> str:
+    doing = res.data.get("in_progress", "start-up")
+    if res.timed_out:
+        return f"row time limit {budget:.0f}s reached during {doing}"
+    return f"child exited rc={res.rc} during {doing}: {res.error_line()}"
 
 
 def run(a) -> int:
-    import torch
-    rows = []
-    for name in a.configs.split(","):
-        cmd = [sys.executable, __file__, "one", "--config", name, "--model", a.model, "--contexts", a.contexts,
-               "--gen", str(a.gen), "--gpu-util", str(a.gpu_util), "--max-seqs", str(a.max_seqs),
-               "--batched-tokens", str(a.batched_tokens), "--tp", str(a.tp)]
+    from .report import markdown
+    deadline = Deadline(a.deadline_s)
+    res = {"gpu": gpu_name(), "settings": _settings(a), "plan": a.rows, "rows": []}
+    os.makedirs(a.log_dir, exist_ok=True)
+    for model, config in R.parse_rows(a.rows):
         t0 = time.time()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            out, rc = p.stdout + p.stderr, p.returncode
-        except subprocess.TimeoutExpired as e:
-            out, rc = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), -9
-        line = [l for l in out.splitlines() if l.startswith("RESULT ")]
-        if rc or not line:
-            print(f"[{name}] FAILED rc={rc} ({time.time() - t0:.0f}s)\n{out[-2500:]}", flush=True)
-            rows.append({"model": a.model, "config": name, "tp": a.tp, "error": out[-800:]})
+        why = preflight(config)
+        budget = deadline.budget(a.row_limit_s, reserve_s=a.reserve_s)
+        if why is None and budget < a.min_row_s:
+            why = f"call deadline: {max(budget, 0):.0f}s left for the row (< {a.min_row_s}s)"
+        if why:
+            row = R.assemble_row(model, config, a.tp, {}, status="not_run", reason=why)
         else:
-            rows.append(json.loads(line[0][7:]))
-            print(f"[{name}] {rows[-1]} ({time.time() - t0:.0f}s)", flush=True)
-        json.dump(rows, open(a.out + ".partial", "w"))
-    res = {"gpu": torch.cuda.get_device_name(0), "rows": rows}
-    json.dump(res, open(a.out, "w"), indent=1)
+            cmd = [sys.executable, "-m", "benchmarks.serving.serve_bench", "one", "--model", model, "--config", config,
+                   "--tp", str(a.tp), "--contexts", a.contexts, "--gen", str(a.gen), "--gpu-util", str(a.gpu_util),
+                   "--max-seqs", str(a.max_seqs), "--batched-tokens", str(a.batched_tokens),
+                   "--stop-at", str(time.time() + budget)]
+            log = os.path.join(a.log_dir, f"{model}__{config}__tp{a.tp}.log")
+            child = run_child(cmd, log, budget, cwd=str(ROOT))
+            data = {**child.data, **parse_vllm_log(child.log_text)}
+            ok = child.final and child.rc == 0
+            row = R.assemble_row(model, config, a.tp, data, status="ok" if ok else "partial",
+                                 reason=None if ok else _child_reason(child, budget))
+        row["gpu"] = res["gpu"]
+        row["wall_s"] = round(time.time() - t0, 1)
+        res["rows"].append(row)
+        res["elapsed_s"] = round(a.deadline_s - deadline.left(), 1)
+        _write(a.out, res)
+        open(os.path.splitext(a.out)[0] + ".md", "w").write(markdown(res))
+        print(f"[{model} / {config}] {row['status']} in {row['wall_s']}s: capacity {row['capacity_tokens']} "
+              f"b16@32k {row['decode_tok_s_b16_32k']} max@32k {row['decode_tok_s_max_batch_32k']} "
+              f"(batch {row['max_batch_32k']}) prefill {row['prefill_tok_s']}", flush=True)
     return 0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("one", one), ("run", run)):
-        s = sub.add_parser(name)
-        s.add_argument("--model", default="qwen3-8b-like", choices=sorted(d.name for d in (HERE / "models").iterdir()))
-        s.add_argument("--contexts", default="8192,32768")
-        s.add_argument("--gen", type=int, default=64, help="decode tokens per request in the timed pass")
-        s.add_argument("--gpu-util", type=float, default=0.9)
-        s.add_argument("--max-seqs", type=int, default=64, help="same for every config (the Kakeya tail pool scales with it)")
-        s.add_argument("--batched-tokens", type=int, default=8192)
-        s.add_argument("--tp", type=int, default=1)
-        s.set_defaults(fn=fn)
-        if name == "one":
-            s.add_argument("--config", required=True, choices=sorted(CONFIGS))
+# ----------------------------------------------------------------------------- request-rate sweep
+
+def cli_flags(kw: dict) -> list[str]:
+    """LLM(**kw) keyword arguments of a config -> `vllm serve` flags."""
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                out.append(flag)
         else:
-            s.add_argument("--configs", default="flash_bf16,fp8,int4_per_token_head,kakeya_k4v3")
-            s.add_argument("--out", default="benchmarks/results/serving.json")
-            s.add_argument("--timeout", type=int, default=900)
-    sv = sub.add_parser("server", help="TPOT/TTFT sweep through the OpenAI server (one config)")
-    sv.add_argument("--config", required=True, choices=sorted(CONFIGS))
-    sv.add_argument("--model", default="qwen3-8b-like")
-    sv.add_argument("--tokenizer", default="/tmp/models/SmolLM2-135M-Instruct")
-    sv.add_argument("--input-len", type=int, default=8192)
-    sv.add_argument("--output-len", type=int, default=128)
-    sv.add_argument("--num-prompts", type=int, default=64)
-    sv.add_argument("--rates", default="1,4,16")
-    sv.add_argument("--gpu-util", type=float, default=0.9)
-    sv.add_argument("--max-seqs", type=int, default=64)
-    sv.add_argument("--tp", type=int, default=1)
-    sv.add_argument("--startup-s", type=int, default=600)
-    sv.set_defaults(fn=server)
-    a = p.parse_args()
+            out += [flag, str(v)]
+    return out
+
+
+def sweep_one(model: str, config: str, a, deadline: Deadline) -> dict:
+    from . import client
+    from .runner import _kill_group
+    _, kw, env = R.CONFIGS[config]
+    spec, rates = R.MODELS[model], [float(r) for r in a.rates.split(",")]
+    info = model_info(spec["path"])
+    kw = {"enforce_eager": True, **kw}
+    port = a.port
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", spec["path"], "--served-model-name", "bench",
+           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--enable-prefix-caching",
+           "--gpu-memory-utilization", str(a.gpu_util), "--max-model-len", str(a.context), "--max-num-seqs",
+           str(a.max_seqs), "--max-num-batched-tokens", str(a.batched_tokens), "--tensor-parallel-size", str(a.tp),
+           "--seed", "0"] + (["--load-format", "dummy"] if spec["dummy"] else []) + cli_flags(kw)
+    out = {"model": model, "config": config, "tp": a.tp, "input_tokens": None, "output_tokens": a.output_len,
+           "sweep": []}
+    why = preflight(config)
+    if why:
+        out["error"] = why
+        return out
+    log = open(os.path.join(a.log_dir, f"serve__{model}__{config}__tp{a.tp}.log"), "w")
+    srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True,
+                           cwd=str(ROOT))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        if not client.wait_healthy(base + "/health", min(a.startup_s, deadline.left() - 30),
+                                   alive=lambda: srv.poll() is None):
+            out["error"] = "server did not become healthy: " + open(log.name, errors="replace").read()[-400:]
+            return out
+        out["startup_s"] = time.time() - t0
+        out.update(parse_vllm_log(open(log.name, errors="replace").read()))
+        prefix = random_ids(random.Random(5), a.prefix_len, info["vocab"])
+        out["input_tokens"] = a.prefix_len + a.unique_len
+        client.post_json(base + "/v1/completions", client.completion_body("bench", prefix, 1, stream=False), 600)
+        # Warm-up (kernel JIT, first-use allocations): a few concurrent requests, not recorded.
+        warm = shared_prefix_prompts(prefix, 4, a.unique_len, info["vocab"], seed=99)
+        asyncio.run(client.run_load("127.0.0.1", port, [client.completion_body("bench", w, 8) for w in warm],
+                                    [0.0] * 4, a.request_timeout_s))
+        for i, rate in enumerate(rates):
+            n = sweep_prompt_count(rate, a.duration_s, a.min_prompts, a.max_prompts)
+            if deadline.left() < a.duration_s + 60:
+                out["sweep"].append({"request_rate": rate, "skipped": "call deadline"})
+                continue
+            prompts = shared_prefix_prompts(prefix, n, a.unique_len, info["vocab"], seed=100 + i)
+            bodies = [client.completion_body("bench", p, a.output_len) for p in prompts]
+            offs = poisson_arrivals(rate, n, seed=200 + i)
+            traces, wall = asyncio.run(client.run_load("127.0.0.1", port, bodies, offs, a.request_timeout_s))
+            out["sweep"].append(summarize_rate(rate, traces, a.output_len, wall))
+            print(f"[{model} / {config}] rate {rate}: {out['sweep'][-1]}", flush=True)
+    finally:
+        _kill_group(srv, 15)
+        srv.wait()
+        log.close()
+    return out
+
+
+def sweep(a) -> int:
+    if a.prefix_len % 512 or a.prefix_len + a.unique_len + a.output_len > a.context:
+        raise SystemExit(f"--prefix-len {a.prefix_len} must be whole 512-token blocks and prefix + unique + output "
+                         f"must fit --context {a.context}")
+    deadline = Deadline(a.deadline_s)
+    os.makedirs(a.log_dir, exist_ok=True)
+    res = {"gpu": gpu_name(), "settings": {"rates": a.rates, "prefix_tokens": a.prefix_len,
+                                            "unique_tokens": a.unique_len, "output_tokens": a.output_len,
+                                            "duration_s": a.duration_s, "max_num_seqs": a.max_seqs,
+                                            "gpu_memory_utilization": a.gpu_util, "tp": a.tp}, "rows": []}
+    for model, config in R.parse_rows(a.rows):
+        if deadline.left() < a.startup_s / 2:
+            res["rows"].append({"model": model, "config": config, "tp": a.tp, "error": "call deadline", "sweep": []})
+        else:
+            res["rows"].append(sweep_one(model, config, a, deadline))
+        _write(a.out, res)
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(a) -> int:
+    from .report import markdown, plot
+    rows, gpus = [], []
+    for f in a.inputs:
+        d = json.load(open(f))
+        gpus.append(d.get("gpu", "unknown"))
+        for r in d["rows"]:
+            rows.append({**r, "gpu": r.get("gpu", d.get("gpu"))})
+    if a.sweep:
+        s = json.load(open(a.sweep))
+        rows = R.merge_latency(rows, s["rows"], a.ref_rate)
+    for r in rows:
+        R.check_row(r)
+    res = {"gpu": " + ".join(sorted(set(gpus))), "settings": json.load(open(a.inputs[0])).get("settings", {}),
+           "rows": rows}
+    _write(a.out, res)
+    base = os.path.splitext(a.out)[0]
+    open(base + ".md", "w").write(markdown(res))
+    plot(res, base + ".png")
+    print(open(base + ".md").read())
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="serve_bench")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(s):
+        s.add_argument("--tp", type=int, default=1)
+        s.add_argument("--gpu-util", type=float, default=0.9)
+        s.add_argument("--max-seqs", type=int, default=96,
+                       help="same for every row; covers every config's largest 32k batch on an H200 "
+                            "(the Kakeya exact-tail pool scales with it)")
+        s.add_argument("--batched-tokens", type=int, default=16384)
+
+    o = sub.add_parser("one", help="one row in this process (GPU)")
+    common(o)
+    o.add_argument("--model", required=True, choices=sorted(R.MODELS))
+    o.add_argument("--config", required=True, choices=sorted(R.CONFIGS))
+    o.add_argument("--contexts", default="32768,8192")
+    o.add_argument("--gen", type=int, default=32, help="decode tokens per request in the timed pass")
+    o.add_argument("--prefill-tokens", type=int, default=8192)
+    o.add_argument("--prefill-reps", type=int, default=3)
+    o.add_argument("--stop-at", type=float, default=0.0, help="wall-clock time (epoch s) the row must end by")
+    o.add_argument("--min-measure-s", type=float, default=15.0, help="skip a measurement with less time left")
+    o.set_defaults(fn=one)
+
+    r = sub.add_parser("run", help="rows in priority order, one subprocess each, bounded in time")
+    common(r)
+    r.add_argument("--rows", default="main", help=f"plan ({', '.join(R.PLANS)}) or model:config,...")
+    r.add_argument("--contexts", default="32768,8192")
+    r.add_argument("--gen", type=int, default=32)
+    r.add_argument("--deadline-s", type=float, default=480, help="the whole call's budget for rows")
+    r.add_argument("--row-limit-s", type=float, default=150)
+    r.add_argument("--min-row-s", type=float, default=45, help="do not start a row with less time than this")
+    r.add_argument("--reserve-s", type=float, default=5)
+    r.add_argument("--log-dir", default="/tmp/serving_logs")
+    r.add_argument("--out", default="benchmarks/results/serving.json")
+    r.set_defaults(fn=run)
+
+    s = sub.add_parser("sweep", help="TPOT/TTFT for a request-rate sweep through the OpenAI server")
+    common(s)
+    s.add_argument("--rows", default="qwen3-8b-like:flash_bf16,qwen3-8b-like:kakeya")
+    s.add_argument("--rates", default="1,4,16")
+    s.add_argument("--context", type=int, default=8192, help="--max-model-len of the server")
+    s.add_argument("--prefix-len", type=int, default=7680, help="shared prefix (prefix cache), whole 512-blocks")
+    s.add_argument("--unique-len", type=int, default=256)
+    s.add_argument("--output-len", type=int, default=128)
+    s.add_argument("--duration-s", type=float, default=30, help="arrivals per rate: about this many seconds")
+    s.add_argument("--min-prompts", type=int, default=16)
+    s.add_argument("--max-prompts", type=int, default=400)
+    s.add_argument("--request-timeout-s", type=float, default=180)
+    s.add_argument("--startup-s", type=float, default=240)
+    s.add_argument("--deadline-s", type=float, default=500)
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--log-dir", default="/tmp/serving_logs")
+    s.add_argument("--out", default="benchmarks/results/serving_sweep.json")
+    s.set_defaults(fn=sweep)
+
+    rp = sub.add_parser("report", help="merge call outputs -> serving.json/.md/.png (CPU)")
+    rp.add_argument("--inputs", nargs="+", required=True)
+    rp.add_argument("--sweep", default=None)
+    rp.add_argument("--ref-rate", type=float, default=None, help="sweep rate for tpot/ttft_p50_ms (default: lowest)")
+    rp.add_argument("--out", default="benchmarks/results/serving.json")
+    rp.set_defaults(fn=report)
+    a = p.parse_args(argv)
     return a.fn(a)
 
 

@@ -1,0 +1,129 @@
+"""serving.json -> serving.md (tables, ratios vs FLASH_ATTN bf16, issue-6 goal verdicts) and a plot."""
+from __future__ import annotations
+
+from .rows import BASELINE, CONFIGS
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def expected_capacity_ratio(row: dict) -> float | None:
+    """Kakeya rows: bf16 bytes / format bytes per token and head (compressed layers, no boundary layers)."""
+    if row.get("family") != "kakeya" or not row.get("head_dim"):
+        return None
+    from kakeya_kv.format import kakeya_layout
+    _, _, env = CONFIGS[row["config"]]
+    try:
+        lay = kakeya_layout(row["head_dim"], int(env.get("KAKEYA_K_BITS", 4)), int(env.get("KAKEYA_V_BITS", 3)))
+    except (ValueError, KeyError):
+        return None
+    return lay.ratio_vs_bf16
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios vs the FLASH_ATTN bf16 row of the same model and tp; goal verdicts on Kakeya rows."""
+    base = {(r["model"], r["tp"]): r for r in rows if r["config"] == BASELINE}
+    out = []
+    for r in rows:
+        r = dict(r)
+        b = base.get((r["model"], r["tp"]))
+        if b is not None and r is not b:
+            r["capacity_ratio"] = _ratio(r.get("capacity_tokens"), b.get("capacity_tokens"))
+            for f in ("decode_tok_s_b16_32k", "decode_tok_s_max_batch_32k", "decode_tok_s_b16_8k",
+                      "decode_tok_s_max_batch_8k", "prefill_tok_s"):
+                r[f + "_ratio"] = _ratio(r.get(f), b.get(f))
+        if r.get("family") == "kakeya" and b is not None and r.get("status") != "not_run":
+            r["goals"] = goals(r)
+        out.append(r)
+    return out
+
+
+def goals(r: dict) -> dict:
+    """Issue 6: decode at 32k >= 1.0x bf16 at batch 16 and >= 3x at each one's largest batch;
+    capacity >= the format's ratio x bf16 capacity within 5 %."""
+    def verdict(x, goal, label):
+        if x is None:
+            return f"not measured ({label})"
+        return f"{'met' if x >= goal else 'missed'}: {x:.2f}x (goal {goal:.2f}x)"
+    exp = expected_capacity_ratio(r)
+    return {"decode_b16_32k": verdict(r.get("decode_tok_s_b16_32k_ratio"), 1.0, "decode at batch 16, 32k"),
+            "decode_max_batch_32k": verdict(r.get("decode_tok_s_max_batch_32k_ratio"), 3.0,
+                                            "decode at the largest batch, 32k"),
+            "capacity": verdict(r.get("capacity_ratio"), 0.95 * exp, "capacity") if exp else
+            "no expected ratio for this row"}
+
+
+def _f(v, fmt="{:.0f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown(res: dict) -> str:
+    rows = add_ratios(res["rows"])
+    meta = res.get("settings", {})
+    lines = [f"# Serving benchmark ({res.get('gpu', 'GPU not recorded')})", "",
+             "vLLM 0.26, one subprocess per row, same settings for every row: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(meta.items())) + ".",
+             "Dummy weights for the 8B-like models (speed and memory only). Decode at context C: a shared prefix of "
+             "C-512 tokens prefilled once (prefix cache), each request adds a unique 64-token suffix and decodes; "
+             "tok/s = batch / median step time over lock-step decode steps (after a warm-up pass). Prefix pages are "
+             "physically shared, so max batch is computed from capacity (capacity // C, capped by max_num_seqs), "
+             "not from memory actually filled.", "",
+             "| model | config | tp | capacity tokens | × bf16 | max batch 32k | decode tok/s b16 32k | × | "
+             "decode tok/s max batch 32k | × | decode tok/s b16 8k | max batch 8k | decode max 8k | prefill tok/s | "
+             "TPOT p50 ms | TTFT p50 ms |", "|" + "---|" * 16]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['tp']} | {_f(r.get('capacity_tokens'))} | "
+            f"{_f(r.get('capacity_ratio'), '{:.2f}')} | {_f(r.get('max_batch_32k'))} | "
+            f"{_f(r.get('decode_tok_s_b16_32k'))} | {_f(r.get('decode_tok_s_b16_32k_ratio'), '{:.2f}')} | "
+            f"{_f(r.get('decode_tok_s_max_batch_32k'))} | {_f(r.get('decode_tok_s_max_batch_32k_ratio'), '{:.2f}')} | "
+            f"{_f(r.get('decode_tok_s_b16_8k'))} | {_f(r.get('max_batch_8k'))} | "
+            f"{_f(r.get('decode_tok_s_max_batch_8k'))} | {_f(r.get('prefill_tok_s'))} | "
+            f"{_f(r.get('tpot_p50_ms'), '{:.1f}')} | {_f(r.get('ttft_p50_ms'), '{:.0f}')} |")
+    g = [r for r in rows if r.get("goals")]
+    if g:
+        lines += ["", "## Issue-6 goals (Kakeya rows vs FLASH_ATTN bf16 of the same model)", ""]
+        for r in g:
+            lines.append(f"- {r['model']} / {r['config']} (tp {r['tp']}): "
+                         + "; ".join(f"{k} {v}" for k, v in r["goals"].items()))
+    nm = [r for r in rows if r.get("not_measured")]
+    if nm:
+        lines += ["", "## Not measured (fields grouped by reason)", ""]
+        for r in nm:
+            by_reason: dict = {}
+            for f, why in sorted(r["not_measured"].items()):
+                by_reason.setdefault(why, []).append(f)
+            for why, fs in by_reason.items():
+                lines.append(f"- {r['model']} / {r['config']} (tp {r['tp']}): {', '.join(fs)} — {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> bool:
+    """Capacity and decode tok/s relative to FLASH_ATTN bf16, one group of bars per row; False if no data."""
+    rows = [r for r in add_ratios(res["rows"]) if r["config"] != BASELINE and r.get("capacity_ratio")]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [("capacity_ratio", "KV capacity"), ("decode_tok_s_b16_32k_ratio", "decode b16 @32k"),
+            ("decode_tok_s_max_batch_32k_ratio", "decode max batch @32k")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
+    w = 0.8 / len(keys)
+    for i, (k, label) in enumerate(keys):
+        xs = [j + (i - 1) * w for j in range(len(rows))]
+        ys = [r.get(k) or 0 for r in rows]
+        ax.bar(xs, ys, width=w, label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['model']}\n{r['config']}" + (f" tp{r['tp']}" if r["tp"] > 1 else "") for r in rows],
+                       fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("× FLASH_ATTN bf16 (same model, tp)")
+    ax.set_title(f"vLLM 0.26 serving, {res.get('gpu', '')} (missing bar = not measured)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,153 @@
+"""Configurations, job plans and the serving.json row schema (pure Python, CPU-tested).
+
+Schema (issue 6), one row per (model, config, tp): every SCHEMA field is present; a field that was
+not measured is None and `not_measured[field]` says why. Extra fields are allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+SCHEMA = ("model", "config", "tp", "capacity_tokens", "decode_tok_s_b16_32k", "decode_tok_s_max_batch_32k",
+          "max_batch_32k", "tpot_p50_ms", "ttft_p50_ms", "prefill_tok_s")
+
+# Every measured field the offline child may produce (schema fields and extras).
+MEASURED = ("capacity_tokens", "prefill_tok_s", "decode_tok_s_b16_32k", "decode_tok_s_max_batch_32k",
+            "max_batch_32k", "decode_tok_s_b16_8k", "decode_tok_s_max_batch_8k", "max_batch_8k")
+LATENCY = ("tpot_p50_ms", "ttft_p50_ms")
+
+# name: (family, LLM kwargs, env). Rows run eager unless the kwargs say otherwise (same mode for all).
+CONFIGS: dict[str, tuple[str, dict, dict]] = {
+    "flash_bf16": ("bf16", {"attention_backend": "FLASH_ATTN"}, {}),
+    "flash_bf16_graphs": ("bf16", {"attention_backend": "FLASH_ATTN", "enforce_eager": False}, {}),
+    "kakeya": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default"}),
+    "kakeya_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
+                      {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}),
+    "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
+    "kakeya_v13": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "v13"}),
+    "fp8": ("fp8", {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "fp8"}, {}),
+    "int4_per_token_head": ("int4_per_token_head",
+                            {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "int4_per_token_head"}, {}),
+    # TurboQuant picks its own backend (and FLASH_ATTN for its forced boundary layers); needs FA2.
+    "turboquant_4bit_nc": ("turboquant", {"kv_cache_dtype": "turboquant_4bit_nc"}, {}),
+    "turboquant_3bit_nc": ("turboquant", {"kv_cache_dtype": "turboquant_3bit_nc"}, {}),
+}
+BASELINE = "flash_bf16"
+
+# model name -> directory with config.json (dummy weights) or a real HF folder on the device.
+MODELS = {
+    "qwen3-8b-like": {"path": str(HERE / "models" / "qwen3-8b-like"), "dummy": True},
+    "llama3.1-8b-like": {"path": str(HERE / "models" / "llama3.1-8b-like"), "dummy": True},
+    "smollm2-135m": {"path": "/tmp/models/SmolLM2-135M-Instruct", "dummy": False},
+}
+
+# Device-call plans: rows in priority order (the most decisive first; a call deadline cuts the tail).
+PLANS = {
+    "main": [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "int4_per_token_head", "fp8",
+                                            "turboquant_4bit_nc", "turboquant_3bit_nc", "kakeya_v13")]
+            + [("llama3.1-8b-like", c) for c in ("flash_bf16", "kakeya")]
+            + [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")]
+            + [("qwen3-8b-like", "flash_bf16_graphs")],
+    "tp2": [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya")],
+    "smoke": [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")],
+}
+
+
+def parse_rows(spec: str) -> list[tuple[str, str]]:
+    """A plan name, or "model:config,model:config,..."; validated against MODELS and CONFIGS."""
+    if spec in PLANS:
+        return list(PLANS[spec])
+    out = []
+    for item in spec.split(","):
+        model, sep, config = item.strip().partition(":")
+        if not sep or model not in MODELS or config not in CONFIGS:
+            raise ValueError(f"row {item!r}: expected MODEL:CONFIG with MODEL in {sorted(MODELS)} and CONFIG in "
+                             f"{sorted(CONFIGS)}, or a plan name {sorted(PLANS)}")
+        out.append((model, config))
+    return out
+
+
+def refusal(config: str, env_settings=None) -> str | None:
+    """Why the Kakeya backend refuses a config before any GPU work (asked from its own start-up checks)."""
+    family, _, env = CONFIGS[config]
+    if family != "kakeya":
+        return None
+    if env_settings is None:
+        from kakeya_v1_3_ppl.checks import settings as env_settings
+    try:
+        env_settings(env=dict(env))
+    except ValueError as e:
+        return f"refused by the Kakeya backend: {e}"
+    return None
+
+
+def field_name(measure: str, context: int) -> str:
+    """decode_tok_s_b16 + 32768 -> decode_tok_s_b16_32k."""
+    return f"{measure}_{context // 1024}k"
+
+
+def assemble_row(model: str, config: str, tp: int, data: dict, *, status: str, reason: str | None = None,
+                 skipped: dict | None = None) -> dict:
+    """A schema row from what a child reported.
+
+    status: "ok" (child finished), "partial" (killed or failed after some measurements), "not_run".
+    `reason` explains every schema/measured field still missing; `skipped` holds the child's own
+    per-field reasons (e.g. "does not fit"), which win over the generic one.
+    """
+    row = {k: v for k, v in data.items() if k not in ("not_measured",)}
+    row.update(model=model, config=config, tp=tp, family=CONFIGS[config][0], status=status)
+    nm = dict(data.get("not_measured") or {})
+    nm.update(skipped or {})
+    for f in SCHEMA + MEASURED:
+        row.setdefault(f, None)
+        if row[f] is None and f not in nm:
+            if f in LATENCY:
+                nm[f] = "latency sweep not run for this row (serve_bench.py sweep, separate call)"
+            else:
+                nm[f] = reason or "not reported by the benchmark child"
+    row["not_measured"] = {k: v for k, v in nm.items() if row.get(k) is None}
+    return row
+
+
+def check_row(row: dict) -> None:
+    """Raise if a row breaks the schema: a missing field, a wrong type, a None without a reason."""
+    for f in SCHEMA:
+        if f not in row:
+            raise ValueError(f"row {row.get('model')}/{row.get('config')}: missing field {f!r}")
+    if not isinstance(row["model"], str) or not isinstance(row["config"], str) or not isinstance(row["tp"], int):
+        raise ValueError("model/config must be str and tp int")
+    for f in SCHEMA[3:]:
+        v = row[f]
+        if v is None:
+            if f not in row.get("not_measured", {}):
+                raise ValueError(f"row {row['model']}/{row['config']}: {f} is None without a reason")
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"row {row['model']}/{row['config']}: {f}={v!r} is not a non-negative number")
+    for f in ("capacity_tokens", "max_batch_32k"):
+        if row[f] is not None and not isinstance(row[f], int):
+            raise ValueError(f"{f} must be an int")
+
+
+def merge_latency(rows: list[dict], sweep_rows: list[dict], ref_rate: float | None) -> list[dict]:
+    """Copy TPOT/TTFT p50 at the reference request rate from sweep rows into matching offline rows."""
+    by_key = {(s["model"], s["config"], s["tp"]): s for s in sweep_rows}
+    out = []
+    for r in rows:
+        r = dict(r, not_measured=dict(r.get("not_measured", {})))
+        s = by_key.get((r["model"], r["config"], r["tp"]))
+        if s is not None:
+            r["sweep"] = s.get("sweep", [])
+            pts = [p for p in r["sweep"] if p.get("completed")]
+            pick = [p for p in pts if p.get("request_rate") == ref_rate] if ref_rate is not None else pts[:1]
+            if pick:
+                r["latency_request_rate"] = pick[0]["request_rate"]
+                for f in LATENCY:
+                    r[f] = pick[0].get(f)
+                    if r[f] is not None:
+                        r["not_measured"].pop(f, None)
+            elif s.get("error"):
+                for f in LATENCY:
+                    r["not_measured"][f] = f"sweep failed: {s['error'][:200]}"
+        out.append(r)
+    return out

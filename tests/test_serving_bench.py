@@ -1,0 +1,369 @@
+"""Serving benchmark (issue 6): the CPU-testable parts — workload, statistics, time-bounded
+subprocesses, row schema, report, the streaming client against a fake server, and the
+orchestrator end-to-end on a machine without vLLM (rows must come back with reasons)."""
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.serving import client, report, rows as R, runner, stats, workload
+from benchmarks.serving.serve_bench import cli_flags, main as bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- workload
+
+def test_decode_shape_keeps_prefix_whole_blocks_and_fits_context():
+    s = workload.decode_shape(32768, 32)
+    assert s.prefix == 32256 and s.prefix % 512 == 0
+    assert s.prompt + s.gen <= 32768
+    for bad in ((1000, 32), (512, 32), (8192, 1), (8192, 500)):
+        with pytest.raises(ValueError):
+            workload.decode_shape(*bad)
+    with pytest.raises(ValueError):
+        workload.decode_shape(8192, 32, unique=481)
+
+
+def test_max_batch_and_contexts():
+    assert workload.max_batch(700_000, 32768, 96) == 21
+    assert workload.max_batch(10_000_000, 32768, 96) == 96
+    assert workload.max_batch(20_000, 32768, 96) == 0
+    assert workload.usable_contexts([32768, 8192], 8192) == ([8192], [32768])
+
+
+def test_shared_prefix_prompts_share_prefix_and_differ_in_suffix():
+    prefix = workload.random_ids(random.Random(0), 1024, 50_000)
+    ps = workload.shared_prefix_prompts(prefix, 20, 64, 50_000, seed=3)
+    assert all(p[:1024] == prefix and len(p) == 1088 for p in ps)
+    assert len({tuple(p[1024:]) for p in ps}) == 20
+    assert all(workload.LOW_ID <= t < 50_000 - workload.LOW_ID for p in ps for t in p)
+    assert ps == workload.shared_prefix_prompts(prefix, 20, 64, 50_000, seed=3)     # deterministic
+
+
+def test_poisson_arrivals_rate_and_edge_cases():
+    offs = workload.poisson_arrivals(4.0, 4000, seed=1)
+    assert offs[0] == 0 and all(b >= a for a, b in zip(offs, offs[1:]))
+    assert abs(len(offs) / offs[-1] - 4.0) < 0.3
+    assert workload.poisson_arrivals(math.inf, 3, 0) == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        workload.poisson_arrivals(0, 3, 0)
+    assert workload.sweep_prompt_count(4, 30, 16, 400) == 120
+    assert workload.sweep_prompt_count(0.1, 30, 16, 400) == 16
+    assert workload.sweep_prompt_count(100, 30, 16, 400) == 400
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        xs = rng.normal(size=n)
+        for q in (0, 10, 50, 90, 99, 100):
+            assert stats.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+
+
+def _step_log(batch, dt, n_decode, prefill_s=0.5, jitter=None):
+    steps, t = [stats.Step(prefill_s, batch, batch)], prefill_s   # step 1: prefill + first token
+    for i in range(n_decode):
+        t += dt * (1 + (jitter[i] if jitter else 0))
+        steps.append(stats.Step(t, batch, batch))
+    steps.append(stats.Step(t + dt, batch // 2, batch // 2))       # stragglers finishing
+    return steps
+
+
+def test_decode_rate_is_batch_over_median_step():
+    r = stats.decode_rate(_step_log(16, 0.02, 30), 16)
+    assert r["tok_s"] == pytest.approx(16 / 0.02)
+    assert r["step_ms_p50"] == pytest.approx(20)
+    assert r["window_tok_s"] == pytest.approx(16 / 0.02)
+    # One slow outlier step moves the mean, not the median.
+    jit = [0.0] * 30
+    jit[10] = 5.0
+    r = stats.decode_rate(_step_log(16, 0.02, 30, jitter=jit), 16)
+    assert r["tok_s"] == pytest.approx(800)
+    assert r["window_tok_s"] < 700
+
+
+def test_decode_rate_refuses_when_the_batch_never_ran_together():
+    steps = [stats.Step(0.1 * i, 8, 8) for i in range(20)]           # only 8 of 16 ever active
+    with pytest.raises(ValueError, match="max active requests seen 8"):
+        stats.decode_rate(steps, 16)
+
+
+def test_request_trace_ttft_tpot():
+    t = stats.RequestTrace(sent=1.0, chunks=[(1.5, 1), (1.6, 1), (1.8, 2)])
+    assert t.ttft() == pytest.approx(0.5)
+    assert t.tpot() == pytest.approx(0.3 / 3)
+    assert t.tokens == 4
+    assert stats.RequestTrace(sent=0.0).ttft() is None
+
+
+def test_summarize_rate_counts_only_complete_requests():
+    good = [stats.RequestTrace(sent=0.0, chunks=[(0.1 * (i + 1), 1), (0.1 * (i + 1) + 0.05, 3)]) for i in range(9)]
+    short = stats.RequestTrace(sent=0.0, chunks=[(0.2, 1)])
+    err = stats.RequestTrace(sent=0.0, error="HTTP 500")
+    s = stats.summarize_rate(2.0, good + [short, err], expected_tokens=4, wall_s=3.0)
+    assert (s["completed"], s["failed"]) == (9, 2)
+    assert s["ttft_p50_ms"] == pytest.approx(500)
+    assert s["tpot_p50_ms"] == pytest.approx(50 / 3)
+    assert "HTTP 500" in s["errors"] and any("got 1 of 4" in e for e in s["errors"])
+    assert stats.summarize_rate(math.inf, [], 4, 1.0)["request_rate"] is None
+
+
+# ----------------------------------------------------------------------------- time-bounded children
+
+def test_deadline_with_fake_clock():
+    now = [100.0]
+    d = runner.Deadline(60, clock=lambda: now[0])
+    assert d.budget(150, reserve_s=5) == 55
+    now[0] = 150.0
+    assert d.left() == 10 and d.budget(150, reserve_s=5) == 5
+    now[0] = 170.0
+    assert d.budget(150) < 0
+
+
+def _py(code):
+    return [sys.executable, "-c", code]
+
+
+def test_run_child_result_partial_and_timeout(tmp_path):
+    ok = runner.run_child(_py("from benchmarks.serving.runner import emit\n"
+                              "emit('PARTIAL', {'a': 1}); emit('RESULT', {'a': 2})"), str(tmp_path / "ok.log"), 30,
+                          cwd=str(ROOT))
+    assert ok.rc == 0 and ok.final and ok.data == {"a": 2} and not ok.timed_out
+    slow = runner.run_child(_py("from benchmarks.serving.runner import emit\nimport time\n"
+                                "emit('PARTIAL', {'capacity_tokens': 5}); time.sleep(60)"),
+                            str(tmp_path / "slow.log"), 2, cwd=str(ROOT), grace_s=2)
+    assert slow.timed_out and slow.rc is None and not slow.final
+    assert slow.data == {"capacity_tokens": 5}
+    assert slow.wall_s < 15
+    bad = runner.run_child(_py("raise RuntimeError('boom')"), str(tmp_path / "bad.log"), 30)
+    assert bad.rc == 1 and bad.data == {} and "RuntimeError: boom" in bad.error_line()
+    assert runner.run_child(_py("pass"), str(tmp_path / "no.log"), 0).timed_out
+
+
+def test_run_child_kills_the_whole_process_group(tmp_path):
+    """A grandchild (vLLM's engine core) must not survive its parent's timeout."""
+    pidfile = tmp_path / "gc.pid"
+    code = ("import subprocess, sys, time\n"
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(120)")
+    res = runner.run_child(_py(code), str(tmp_path / "g.log"), 3, grace_s=2)
+    assert res.timed_out
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        # a zombie still answers kill(0); its state in /proc says it is dead
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("grandchild survived")
+
+
+def test_parse_vllm_log():
+    text = ("INFO kv_cache_utils.py:1 GPU KV cache size: 1,930,592 tokens\n"
+            "INFO Maximum concurrency for 32,768 tokens per request: 58.91x\n"
+            "WARNING Kakeya KV: format kakeya k4v3, 119.00 B/token/head (4.30x vs bf16) on compressed layers, "
+            "boundary bf16 layers none, calibration none (data-free), exact-tail pool 7000 MiB (max_num_seqs 96), "
+            "KV capacity 8018432 tokens\n")
+    d = runner.parse_vllm_log(text)
+    assert d["log_kv_cache_tokens"] == 1930592
+    assert d["log_max_concurrency"] == pytest.approx(58.91) and d["log_max_concurrency_tokens"] == 32768
+    assert d["kakeya_tail_pool_mib"] == 7000 and d["kakeya_log"].startswith("format kakeya")
+    assert runner.parse_vllm_log("nothing") == {}
+
+
+# ----------------------------------------------------------------------------- rows and report
+
+def test_parse_rows_and_refusal():
+    assert R.parse_rows("main")[:2] == [("qwen3-8b-like", "flash_bf16"), ("qwen3-8b-like", "kakeya")]
+    assert R.parse_rows("smollm2-135m:kakeya") == [("smollm2-135m", "kakeya")]
+    for bad in ("nope", "qwen3-8b-like:nope", "nope:kakeya"):
+        with pytest.raises(ValueError):
+            R.parse_rows(bad)
+    assert "v13" in R.refusal("kakeya_v13") and "Kakeya backend" in R.refusal("kakeya_v13")
+    assert R.refusal("kakeya") is None and R.refusal("fp8") is None
+    for name in R.PLANS["main"]:
+        assert name[0] in R.MODELS and name[1] in R.CONFIGS
+
+
+def _row(config, **kw):
+    data = {"capacity_tokens": 1000, "prefill_tok_s": 5000.0, "decode_tok_s_b16_32k": 400.0,
+            "decode_tok_s_max_batch_32k": 500.0, "max_batch_32k": 21, "head_dim": 128, **kw}
+    return R.assemble_row("qwen3-8b-like", config, 1, data, status="ok")
+
+
+def test_assemble_row_gives_every_missing_field_a_reason():
+    r = R.assemble_row("m", "kakeya", 1, {"capacity_tokens": 10, "not_measured": {"decode_tok_s_b16_32k": "no fit"}},
+                       status="partial", reason="row time limit 150s reached during decode 32k")
+    R.check_row(r)
+    assert r["not_measured"]["decode_tok_s_b16_32k"] == "no fit"
+    assert "row time limit" in r["not_measured"]["prefill_tok_s"]
+    assert "sweep" in r["not_measured"]["tpot_p50_ms"]
+    assert "capacity_tokens" not in r["not_measured"]
+    r["prefill_tok_s"], r["not_measured"] = None, {}
+    with pytest.raises(ValueError, match="without a reason"):
+        R.check_row(r)
+    r = _row("flash_bf16")
+    r["capacity_tokens"] = 1.5
+    with pytest.raises(ValueError):
+        R.check_row(r)
+
+
+def test_goals_and_markdown():
+    rows = [_row("flash_bf16"),
+            _row("kakeya", capacity_tokens=4200, decode_tok_s_b16_32k=200.0, decode_tok_s_max_batch_32k=1600.0,
+                 max_batch_32k=90)]
+    rows.append(R.assemble_row("qwen3-8b-like", "kakeya_v13", 1, {}, status="not_run", reason=R.refusal("kakeya_v13")))
+    res = {"gpu": "1x TEST GPU", "settings": {"max_num_seqs": 96}, "rows": rows}
+    out = report.add_ratios(rows)
+    k = out[1]
+    assert k["capacity_ratio"] == pytest.approx(4.2)
+    assert k["goals"]["decode_b16_32k"].startswith("missed: 0.50x")
+    assert k["goals"]["decode_max_batch_32k"].startswith("met: 3.20x")
+    exp = report.expected_capacity_ratio(k)
+    assert exp == pytest.approx(512 / 119)
+    assert k["goals"]["capacity"].startswith("met")        # 4.2 >= 0.95 * 4.30
+    md = report.markdown(res)
+    assert "1x TEST GPU" in md and "| qwen3-8b-like | kakeya | 1 | 4200 | 4.20 |" in md
+    assert "kakeya_v13 (tp 1): capacity_tokens, decode_tok_s_b16_32k" in md and "refused by the Kakeya backend" in md
+    assert "goals" not in out[2]                              # a refused row gets no verdicts
+
+
+def test_plot_only_with_data(tmp_path):
+    assert not report.plot({"rows": [_row("flash_bf16")]}, str(tmp_path / "a.png"))
+    assert report.plot({"gpu": "x", "rows": [_row("flash_bf16"), _row("kakeya", capacity_tokens=4000)]},
+                       str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_merge_latency_picks_the_reference_rate():
+    rows = [_row("flash_bf16"), _row("kakeya")]
+    sweep = [{"model": "qwen3-8b-like", "config": "kakeya", "tp": 1, "sweep": [
+        {"request_rate": 1.0, "completed": 10, "tpot_p50_ms": 30.0, "ttft_p50_ms": 200.0},
+        {"request_rate": 4.0, "completed": 40, "tpot_p50_ms": 45.0, "ttft_p50_ms": 300.0}]},
+        {"model": "qwen3-8b-like", "config": "flash_bf16", "tp": 1, "error": "server did not become healthy", "sweep": []}]
+    out = R.merge_latency(rows, sweep, ref_rate=4.0)
+    assert out[1]["tpot_p50_ms"] == 45.0 and out[1]["latency_request_rate"] == 4.0
+    assert "tpot_p50_ms" not in out[1]["not_measured"]
+    assert out[0]["tpot_p50_ms"] is None and "sweep failed" in out[0]["not_measured"]["tpot_p50_ms"]
+    for r in out:
+        R.check_row(r)
+
+
+def test_cli_flags():
+    assert cli_flags({"attention_backend": "KAKEYA", "enforce_eager": True, "kv_cache_dtype": "fp8"}) == [
+        "--attention-backend", "KAKEYA", "--enforce-eager", "--kv-cache-dtype", "fp8"]
+    assert cli_flags({"enforce_eager": False}) == []
+
+
+# ----------------------------------------------------------------------------- streaming client
+
+async def _fake_server(chunks, status=b"200 OK", delay=0.01):
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+        body = json.loads(await reader.readexactly(n))
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        events = chunks(body) if status.startswith(b"200") else [b'{"error": "bad"}']
+        for ev in events:
+            data = ev if ev.startswith(b"data:") else b"data: " + ev + b"\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            await asyncio.sleep(delay)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _tokens_stream(body):
+    out = [json.dumps({"choices": [{"index": 0, "text": "", "token_ids": [7] * (2 if i == 1 else 1)}]}).encode()
+           for i in range(body["max_tokens"] - 1)]
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def test_stream_completion_against_a_fake_server():
+    async def go():
+        srv = await _fake_server(_tokens_stream)
+        port = srv.sockets[0].getsockname()[1]
+        body = client.completion_body("bench", [1, 2, 3], 5)
+        t = await client.stream_completion("127.0.0.1", port, body, 10)
+        traces, wall = await client.run_load("127.0.0.1", port, [body] * 3, [0.0, 0.05, 0.1], 10)
+        srv.close()
+        return t, traces, wall
+    t, traces, wall = asyncio.run(go())
+    assert t.error is None and t.tokens == 5 and len(t.chunks) == 4
+    assert t.ttft() > 0 and t.tpot() > 0
+    assert [x.tokens for x in traces] == [5, 5, 5] and wall >= 0.1
+    assert traces[2].sent - traces[0].sent >= 0.09          # open-loop arrival offsets respected
+    s = stats.summarize_rate(30.0, traces, 5, wall)
+    assert s["completed"] == 3 and s["tpot_p50_ms"] > 0
+
+
+def test_stream_completion_reports_http_errors_and_timeouts():
+    async def go():
+        srv = await _fake_server(_tokens_stream, status=b"400 Bad Request")
+        port = srv.sockets[0].getsockname()[1]
+        bad = await client.stream_completion("127.0.0.1", port, client.completion_body("b", [1], 3), 10)
+        srv.close()
+        slow = await _fake_server(_tokens_stream, delay=1.0)
+        port = slow.sockets[0].getsockname()[1]
+        late = await client.stream_completion("127.0.0.1", port, client.completion_body("b", [1], 5), 0.5)
+        slow.close()
+        refused = await client.stream_completion("127.0.0.1", 1, client.completion_body("b", [1], 3), 5)
+        return bad, late, refused
+    bad, late, refused = asyncio.run(go())
+    assert bad.error.startswith("HTTP 400")
+    assert late.error.startswith("timeout")
+    assert refused.error and refused.tokens == 0
+
+
+# ----------------------------------------------------------------------------- orchestrator without vLLM
+
+def test_run_without_vllm_writes_schema_rows_with_reasons(tmp_path):
+    """On this CPU machine every started row fails at `import vllm`; each must still be a schema row
+    with a reason, and the v13 row is refused before any start."""
+    out = tmp_path / "serving.json"
+    rc = bench_main(["run", "--rows", "qwen3-8b-like:flash_bf16,qwen3-8b-like:kakeya_v13", "--deadline-s", "120",
+                     "--row-limit-s", "60", "--min-row-s", "1", "--log-dir", str(tmp_path / "logs"),
+                     "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    flash, v13 = res["rows"]
+    for r in res["rows"]:
+        R.check_row(r)
+    assert v13["status"] == "not_run" and "KAKEYA_FORMAT=v13" in v13["not_measured"]["capacity_tokens"]
+    if importlib_has_vllm():
+        pytest.skip("vLLM installed here: the failure path is not exercised")
+    assert flash["status"] == "partial"
+    assert "vllm" in flash["not_measured"]["capacity_tokens"].lower()
+    assert (tmp_path / "serving.md").exists()
+    # A call deadline already spent: rows are not started, and say so.
+    rc = bench_main(["run", "--rows", "qwen3-8b-like:flash_bf16", "--deadline-s", "0", "--out", str(out),
+                     "--log-dir", str(tmp_path / "logs")])
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["status"] == "not_run" and "call deadline" in r["not_measured"]["decode_tok_s_b16_32k"]
+
+
+def importlib_has_vllm():
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
