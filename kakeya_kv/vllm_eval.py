@@ -1,228 +1,426 @@
-"""PPL / greedy parity / KV capacity of KV-cache configurations inside vLLM (GPU, gpu-kit).
+"""Quality of KV-cache configurations inside vLLM (GPU, gpu-kit): PPL, top-k KLD, NIAH, capacity.
 
-    kakeya-kv eval --backend vllm --configs flash_bf16,kakeya_k4v3,...   (= python -m kakeya_kv.vllm_eval run)
-    python -m kakeya_kv.vllm_eval prep --out .gpudata/windows.json       # CPU: the token windows
-    python -m kakeya_kv.vllm_eval merge A.partial B.partial --gpu NAME   # rows of several calls -> one result
+    python -m kakeya_kv.vllm_eval prep                     # CPU: windows + NIAH prompts -> .gpudata/windows.json
+    kakeya-kv eval --backend vllm --configs flash_bf16,turboquant_4bit_nc,kakeya_k4v3,recipe:deploy/recipes/x.env
+        (= python -m kakeya_kv.vllm_eval run)              # GPU -> quality.{json,md,png}, vllm_quality.{json,md}
+    python -m kakeya_kv.vllm_eval merge A.raw.json B.raw.json --out ...   # rows of several calls -> one result
 
-Protocol: windows of 2048 tokens (the HF harness's windows of the evaluation books), second half
-scored via prompt_logprobs, prefill in chunks of 256 tokens (max_num_batched_tokens=256) so that
-scored tokens attend to sealed/compressed blocks. Every config runs in its own subprocess (fresh
-GPU memory) with the same gpu_memory_utilization; capacity = the KV tokens vLLM reports.
+Protocol. Windows of 2048 tokens (the HF harness's evaluation windows), second half scored through
+prompt_logprobs=k (NLL of the text + the top-k for KLD vs the FLASH_ATTN bf16 row). Every request is
+prefilled in chunks of `chunk` = 256 tokens: long_prefill_token_threshold caps each request's tokens
+per step, while max_num_seqs requests share a step (max_num_batched_tokens = chunk x max_num_seqs), so
+a scored token (position >= 1024 = 4 chunks) attends earlier chunks only through the KV cache. Many
+windows in flight per step cut the step count 32x against one window per step; TurboQuant's
+continuation prefill is a per-request Python loop, so its cost per chunk stays, the per-step overhead
+goes. Proof in the output: TurboQuant presets must differ from bf16 and from each other
+(`protocol_check`), and every row records the scheduler settings vLLM reports.
+
+Each config runs in its own process (fresh GPU memory, same gpu_memory_utilization; capacity = KV
+tokens vLLM reports), which prints `PHASE name` on entering a phase and `PART {json}` when a part is
+measured (load, each group of windows, NIAH per context, greedy). The parent bounds each config's wall
+time and the whole call's (--budget-s): a config it kills, or never starts, keeps what it measured and
+lists the rest under not_measured with the reason; nothing is dropped silently.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 MODEL = "/tmp/models/SmolLM2-135M-Instruct"
-CONFIGS = {
-    # name: (family, LLM kwargs, env)
-    "flash_bf16": ("bf16", {"attention_backend": "FLASH_ATTN"}, {}),
-    "triton_bf16": ("bf16", {"attention_backend": "TRITON_ATTN"}, {}),   # numeric-noise reference
-    "triton_fp8": ("fp8", {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "fp8"}, {}),
-    "int4_per_token_head": ("int4_per_token_head", {"attention_backend": "TRITON_ATTN",
-                                                    "kv_cache_dtype": "int4_per_token_head"}, {}),
-    "kakeya_exact": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "exact"}),
-    "kakeya_k4v3": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default"}),
-    "kakeya_k4v4": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "4", "KAKEYA_V_BITS": "4"}),
-    "kakeya_k3v3": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "3"}),
-    "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
-    "kakeya_custom": ("kakeya", {"attention_backend": "CUSTOM"}, {}),
-    # boundary layers exact (mixed page sizes in one KV group) and a calibration bundle
-    "kakeya_k3v2_b0-29": ("kakeya", {"attention_backend": "KAKEYA"},
-                          {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,29"}),
-    # experimental: GPU-planned decode steps captured as full CUDA graphs
-    "kakeya_k4v3_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
-                           {"KAKEYA_CUDA_GRAPHS": "1"}),
-    "kakeya_k4v3_cal": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_CALIBRATION": ".gpudata/bundle"}),
-}
-for _p in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc"):
-    CONFIGS[f"turboquant_{_p}"] = ("turboquant", {"kv_cache_dtype": f"turboquant_{_p}"}, {})
+BASELINE = "flash_bf16"
+NIAH_PHASES = ("niah_4k", "niah_8k")
 
 
+# ---------------------------------------------------------------- CPU: inputs
 def prep(a) -> int:
     from transformers import AutoTokenizer
 
-    from kakeya_kv import data
-    from kakeya_kv.cli import _windows
+    from . import data, niah
+    from .cli import _windows
     tok = AutoTokenizer.from_pretrained(data.smollm2_dir())
     wins = _windows(tok, a.n, 2048)
+    ctxs = [int(c) for c in a.niah_contexts.split(",")]
+    hay = data.corpus_tokens(tok, data.EVAL_BOOKS)[:max(ctxs)]
+    trials = niah.trials(tok, hay, ctxs, niah.depths(a.niah_depths), a.max_model_len)
+    meta = {"corpus": "Jane Austen (Debian r-cran-janeaustenr): " + ", ".join(data.EVAL_BOOKS),
+            "window_tokens": 2048, "niah_contexts": ctxs, "niah_depths": list(niah.depths(a.niah_depths)),
+            "niah_max_new": niah.MAX_NEW, "max_model_len": a.max_model_len}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    json.dump({"windows": [w.tolist() for w in wins]}, open(a.out, "w"))
-    print(f"wrote {len(wins)} windows to {a.out}")
+    Path(a.out).write_text(json.dumps({"meta": meta, "windows": [w.tolist() for w in wins], "niah": trials}))
+    print(f"wrote {len(wins)} windows and {len(trials)} NIAH prompts to {a.out}")
     return 0
+
+
+# ---------------------------------------------------------------- GPU: one config (child process)
+def emit(kind: str, obj=None) -> None:
+    print(kind if obj is None else f"{kind} {json.dumps(obj)}", flush=True)
+
+
+def topk_arrays(prompt_logprobs, ids: list[int], start: int, k: int):
+    """(target log-probs [P], top-k token ids [P, k], top-k log-probs [P, k]) for positions start.. of a
+    prompt, from vLLM's per-position {token: Logprob} dicts (top-k plus the prompt token itself)."""
+    import numpy as np
+    n = len(ids) - start
+    tgt = np.empty(n, np.float64)
+    tid = np.full((n, k), -1, np.int64)
+    tlp = np.full((n, k), -np.inf, np.float64)
+    for j, p in enumerate(range(start, len(ids))):
+        d = prompt_logprobs[p]
+        tgt[j] = d[ids[p]].logprob
+        best = sorted(d.items(), key=lambda kv: -kv[1].logprob)[:k]
+        tid[j, :len(best)] = [t for t, _ in best]
+        tlp[j, :len(best)] = [lp.logprob for _, lp in best]
+    return tgt, tid, tlp
 
 
 def one(a) -> int:
-    """Run one config in this process; print one RESULT json line."""
-    family, kw, env = CONFIGS[a.config]
-    os.environ.update(env)
+    """Measure one config in this process (its KAKEYA_* environment is set by the parent)."""
+    import numpy as np
+    emit("PHASE", "load")
     from vllm import LLM, SamplingParams
-    d = json.load(open(a.windows))
+
+    from . import niah
+    d = json.loads(Path(a.windows).read_text())
     wins = d["windows"][:a.n]
     t0 = time.time()
-    args = dict(model=MODEL, enforce_eager=a.eager, gpu_memory_utilization=a.gpu_util, max_model_len=4096,
-                max_num_batched_tokens=a.chunk, max_num_seqs=8, enable_prefix_caching=False)
-    llm = LLM(**{**args, **kw})     # a config may override (e.g. enforce_eager=False for CUDA graphs)
-    t_load = time.time() - t0
-    cc = llm.llm_engine.vllm_config.cache_config
-    cap = (cc.num_gpu_blocks or 0) * cc.block_size
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    t0 = time.time()
-    outs = llm.generate([{"prompt_token_ids": w} for w in wins], sp, use_tqdm=False)
-    t_ppl = time.time() - t0
-    win_nll = []
-    for w, o in zip(wins, outs):
-        h = len(w) // 2
-        win_nll.append(-sum(o.prompt_logprobs[p][w[p]].logprob for p in range(h, len(w))) / (len(w) - h))
-    # Greedy continuations of 8 prompts of 1000 tokens: prefill and generation cross 512-token seals.
-    gen = llm.generate([{"prompt_token_ids": w[:a.gen_prompt]} for w in wins[:8]],
-                       SamplingParams(max_tokens=a.gen_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    res = {"name": a.config, "family": family, "capacity_tokens": cap, "block_size": cc.block_size,
-           "ppl": math.exp(sum(win_nll) / len(win_nll)), "window_nll": win_nll,
-           "greedy": [list(g.outputs[0].token_ids) for g in gen], "load_s": t_load, "ppl_s": t_ppl}
-    print("RESULT " + json.dumps(res), flush=True)
+    args = dict(model=a.model, enforce_eager=True, gpu_memory_utilization=a.gpu_util, max_model_len=a.max_model_len,
+                max_num_seqs=a.max_seqs, max_num_batched_tokens=a.chunk * a.max_seqs,
+                long_prefill_token_threshold=a.chunk, enable_prefix_caching=False, max_logprobs=a.topk)
+    llm = LLM(**{**args, **json.loads(a.llm)})     # a config may override (e.g. enforce_eager=False)
+    cfg = llm.llm_engine.vllm_config
+    sc, cc = cfg.scheduler_config, cfg.cache_config
+    import torch
+    emit("PART", {"phase": "load", "capacity_tokens": (cc.num_gpu_blocks or 0) * cc.block_size,
+                  "block_size": cc.block_size, "gpu": torch.cuda.get_device_name(0), "load_s": time.time() - t0,
+                  "scheduler": {"max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
+                                "long_prefill_token_threshold": sc.long_prefill_token_threshold,
+                                "enable_chunked_prefill": sc.enable_chunked_prefill}})
+    emit("PHASE", "ppl")
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=a.topk, temperature=0.0)
+    os.makedirs(a.topk_dir, exist_ok=True)
+    for g0 in range(0, len(wins), a.group):
+        t0 = time.time()
+        idx = list(range(g0, min(g0 + a.group, len(wins))))
+        outs = llm.generate([{"prompt_token_ids": wins[i]} for i in idx], sp, use_tqdm=False)
+        nll, tids, tlps = [], [], []
+        for i, o in zip(idx, outs):
+            tgt, tid, tlp = topk_arrays(o.prompt_logprobs, wins[i], len(wins[i]) // 2, a.topk)
+            nll.append(float(-tgt.mean()))
+            tids.append(tid)
+            tlps.append(tlp)
+        path = os.path.join(a.topk_dir, f"{a.name.replace(':', '_').replace('/', '_')}.w{g0}.npz")
+        np.savez(path, window_ids=np.array(idx), ids=np.stack(tids).astype(np.int32), lp=np.stack(tlps).astype(np.float32))
+        emit("PART", {"phase": "ppl", "window_ids": idx, "window_nll": nll, "topk_files": [path],
+                      "ppl_s": time.time() - t0})
+    trials = d.get("niah", [])
+    for phase in NIAH_PHASES:
+        tl = [t for t in trials if f"niah_{t['context'] // 1024}k" == phase]
+        if not tl or not a.niah:
+            continue
+        emit("PHASE", phase)
+        t0 = time.time()
+        outs = llm.generate([{"prompt_token_ids": t["ids"]} for t in tl],
+                            SamplingParams(max_tokens=niah.MAX_NEW, temperature=0.0), use_tqdm=False)
+        emit("PART", {"phase": phase, **niah.score(tl, [o.outputs[0].text for o in outs]),
+                      phase + "_s": time.time() - t0})
+    if a.gen_tokens:
+        emit("PHASE", "greedy")
+        gen = llm.generate([{"prompt_token_ids": w[:a.gen_prompt]} for w in wins[:8]],
+                           SamplingParams(max_tokens=a.gen_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        emit("PART", {"phase": "greedy", "greedy": [list(g.outputs[0].token_ids) for g in gen]})
+    emit("DONE")
     return 0
 
 
-def run(a) -> int:
-    rows = []
-    for name in a.configs.split(","):
-        cmd = [sys.executable, "-m", "kakeya_kv.vllm_eval", "one", "--config", name, "--windows", a.windows, "--n", str(a.n),
-               "--chunk", str(a.chunk), "--gpu-util", str(a.gpu_util), "--gen-tokens", str(a.gen_tokens)]
-        if a.eager:
-            cmd.append("--eager")
-        t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if p.returncode or not line:
-            tail = (p.stdout + p.stderr)[-3000:]
-            print(f"[{name}] FAILED rc={p.returncode} ({time.time() - t0:.0f}s)\n{tail}", flush=True)
-            rows.append({"name": name, "error": tail[-800:]})
-            continue
-        r = json.loads(line[0][7:])
-        kv_log = [l for l in p.stderr.splitlines() if "Kakeya KV:" in l or "GPU KV cache size" in l]
-        r["log"] = kv_log[-3:]
-        rows.append(r)
-        json.dump(rows, open(a.out + ".partial", "w"))
-        print(f"[{name}] ppl {r['ppl']:.4f} capacity {r['capacity_tokens']} ({time.time() - t0:.0f}s)", flush=True)
-    return finish(rows, a)
+# ---------------------------------------------------------------- parent: configs under a deadline
+class Collector:
+    """Builds one config's raw row from the child's PHASE/PART lines (thread-safe enough: one child
+    per collector)."""
+
+    def __init__(self, c):
+        self.row = {"name": c.name, "family": c.family, "env": c.env, "llm": c.llm, "timing": {}}
+        self.phase, self.done, self.completed = None, set(), False
+        self.t_phase = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        kind, _, rest = line.partition(" ")
+        if kind == "PHASE":
+            self.phase, self.t_phase = json.loads(rest), time.monotonic()
+        elif kind == "PART":
+            part = json.loads(rest)
+            ph = part.pop("phase")
+            if ph == "ppl":
+                for k in ("window_ids", "window_nll", "topk_files"):
+                    self.row.setdefault(k, []).extend(part[k])
+                self.row["timing"]["ppl_s"] = self.row["timing"].get("ppl_s", 0.0) + part.pop("ppl_s")
+            else:
+                self.row.update(part)
+                self.done.add(ph)
+            self.row["timing"][ph + "_end_s"] = time.monotonic() - self.t0
+        elif kind == "DONE":
+            self.completed = True
+
+    def start(self):
+        self.t0 = time.monotonic()
 
 
-def merge(a) -> int:
-    rows = []
-    for f in a.inputs:
-        rows.extend(json.load(open(f)))
-    return finish(rows, a, gpu=a.gpu)
+def finish_row(col: Collector, res, limit_s: float, n_windows: int, want_niah: bool) -> dict:
+    """The raw row, with a not_measured entry for everything the child did not deliver and why."""
+    r = col.row
+    r["timing"]["wall_s"] = res.elapsed_s
+    if col.completed and res.rc == 0:
+        why = None
+    elif res.timed_out:
+        why = f"killed at the {limit_s:.0f} s limit in phase {col.phase!r}"
+    else:
+        tail = [l for l in res.stderr_tail.splitlines() if l.strip()]
+        why = f"process failed (rc {res.rc}) in phase {col.phase!r}: {tail[-1][:300] if tail else 'no stderr'}"
+        r["error_tail"] = res.stderr_tail[-1500:]
+    if why is None:
+        return r
+    miss = r.setdefault("not_measured", [])
+    if "load" not in col.done:
+        miss.append({"what": "config", "reason": why})
+        return r
+    got = len(r.get("window_ids", []))
+    if got < n_windows:
+        miss.append({"what": "windows", "reason": f"{got} of {n_windows} windows measured; {why}"})
+    for ph in NIAH_PHASES if want_niah else ():
+        if ph not in col.done:
+            miss.append({"what": ph, "reason": why})
+    return r
 
 
-def finish(rows, a, gpu: str | None = None) -> int:
-    import torch
-    base = next((r for r in rows if r.get("name") == "flash_bf16" and "ppl" in r), None)
+def not_started(c, reason: str) -> dict:
+    return {"name": c.name, "family": c.family, "env": c.env, "llm": c.llm,
+            "not_measured": [{"what": "config", "reason": reason}]}
+
+
+def child_env(c, gpu: int | None, base_env=None) -> dict:
+    """The parent's environment without any KAKEYA_* (a sourced recipe must not leak into other
+    configs) + the config's own, pinned to one GPU when lanes are used."""
+    env = {k: v for k, v in (os.environ if base_env is None else base_env).items() if not k.startswith("KAKEYA_")}
+    env.update(c.env)
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def child_cmd(c, a) -> list[str]:
+    cmd = [sys.executable, "-m", "kakeya_kv.vllm_eval", "one", "--name", c.name, "--llm", json.dumps(c.llm),
+           "--windows", a.windows, "--n", str(a.n), "--chunk", str(a.chunk), "--max-seqs", str(a.max_seqs),
+           "--group", str(a.group), "--gpu-util", str(a.gpu_util), "--topk", str(a.topk),
+           "--topk-dir", a.topk_dir, "--max-model-len", str(a.max_model_len), "--model", a.model,
+           "--gen-tokens", str(a.gen_tokens), "--gen-prompt", str(a.gen_prompt)]
+    return cmd + ([] if a.niah else ["--no-niah"])
+
+
+def run_all(configs, a, make_cmd=child_cmd, on_row=None) -> list[dict]:
+    """Run configs in order over a.gpus lanes (one GPU each), bounded by a.timeout per config and
+    a.budget_s for the whole run (0 = none). Returns the raw rows in config order."""
+    from .subproc import run_streaming
+    t0 = time.monotonic()
+    queue, rows, lock = list(configs), {}, threading.Lock()
+
+    def lane(gpu):
+        while True:
+            with lock:
+                if not queue:
+                    return
+                c = queue.pop(0)
+            left = a.budget_s - (time.monotonic() - t0) - a.reserve_s if a.budget_s else float("inf")
+            if left < a.min_config_s:
+                r = not_started(c, f"not started: {max(left, 0):.0f} s of the call's budget left "
+                                   f"(< {a.min_config_s:.0f} s needed)")
+            else:
+                limit = min(a.timeout, left)
+                col = Collector(c)
+                col.start()
+                res = run_streaming(make_cmd(c, a), limit, env=child_env(c, gpu if a.gpus > 1 else None),
+                                    on_line=col)
+                r = finish_row(col, res, limit, a.n, a.niah)
+                print(f"[{c.name}] {'ok' if not r.get('not_measured') else r['not_measured']} "
+                      f"({res.elapsed_s:.0f} s, last phase {col.phase})", flush=True)
+            with lock:
+                rows[c.name] = r
+                if on_row is not None:
+                    on_row([rows[x.name] for x in configs if x.name in rows])
+
+    threads = [threading.Thread(target=lane, args=(g,)) for g in range(max(a.gpus, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [rows[c.name] for c in configs]
+
+
+# ---------------------------------------------------------------- results
+def add_ratios_and_kld(rows: list[dict]) -> None:
+    """ratio_vs_bf16 from capacities; per-window top-k KLD vs the baseline (computed once per row)."""
+    import numpy as np
+
+    from .quality import kld_topk
+    base = next((r for r in rows if r["name"] == BASELINE and r.get("window_nll")), None)
+    bcap = base.get("capacity_tokens") if base else None
+    bmaps = {}
+    if base:
+        for f in base.get("topk_files", []):
+            if os.path.exists(f):
+                z = np.load(f, allow_pickle=False)
+                for j, w in enumerate(z["window_ids"].tolist()):
+                    bmaps[w] = (z["ids"][j], z["lp"][j])
     for r in rows:
-        if base and "ppl" in r:
-            r["ratio_vs_bf16"] = r["capacity_tokens"] / base["capacity_tokens"]
-            r["delta_ppl_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
-            d = [x - y for x, y in zip(r["window_nll"], base["window_nll"])]
-            m = sum(d) / len(d)
-            sd = (sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1)) ** 0.5
-            half = 1.96 * sd / math.sqrt(len(d))
-            r["delta_ppl_pct_ci95"] = [100 * (math.exp(m - half) - 1), 100 * (math.exp(m + half) - 1)]
+        if r.get("capacity_tokens") and bcap:
+            r["ratio_vs_bf16"] = r["capacity_tokens"] / bcap
+        if "window_kld" in r or not r.get("window_nll"):
+            continue
+        if r is base:
+            r["window_kld"] = [0.0] * len(r["window_nll"])
+            continue
+        mine = {}
+        for f in r.get("topk_files", []):
+            if os.path.exists(f):
+                z = np.load(f, allow_pickle=False)
+                for j, w in enumerate(z["window_ids"].tolist()):
+                    mine[w] = (z["ids"][j], z["lp"][j])
+        if not bmaps or any(w not in mine or w not in bmaps for w in r["window_ids"]):
+            r["kld_missing_reason"] = "top-k log-probabilities of this config or of the baseline not available"
+            continue
+        r["window_kld"] = [float(kld_topk(bmaps[w][0], bmaps[w][1], mine[w][0], mine[w][1]).mean())
+                           for w in r["window_ids"]]
+
+
+def add_greedy(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["name"] == BASELINE and r.get("greedy")), None)
+    for r in rows:
+        if base and r.get("greedy"):
             first = [next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), len(h))
                      for g, h in zip(r["greedy"], base["greedy"])]
             r["greedy_identical_prompts"] = sum(f == len(h) for f, h in zip(first, base["greedy"]))
             r["greedy_first_divergence"] = first
-    out = {"gpu": gpu or torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (gpu-kit bf16)",
-           "windows": a.n, "window_tokens": 2048, "chunk": a.chunk, "gpu_memory_utilization": a.gpu_util,
-           "configs": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    json.dump(out, open(a.out, "w"), indent=1)
-    md = markdown(out)
-    open(os.path.splitext(a.out)[0] + ".md", "w").write(md)
-    plot(out, os.path.splitext(a.out)[0] + ".png")
-    print(md)
+
+
+def header(rows: list[dict], a, meta: dict) -> dict:
+    gpus = sorted({r["gpu"] for r in rows if r.get("gpu")})
+    gpu = " / ".join(gpus) or "unknown (no config loaded)"
+    if a.gpus > 1:
+        gpu += f" ({a.gpus} GPUs of one host, configs spread over them)"
+    sched = {json.dumps(r["scheduler"], sort_keys=True) for r in rows if r.get("scheduler")}
+    return {"gpu": gpu, "model": "SmolLM2-135M-Instruct (gpu-kit bf16)", "corpus": meta.get("corpus", "?"),
+            "windows": a.n, "backend": "vllm 0.26",
+            "protocol": {"window_tokens": meta.get("window_tokens", 2048), "scored": "second half of each window",
+                         "chunk": a.chunk, "max_num_seqs": a.max_seqs, "max_num_batched_tokens": a.chunk * a.max_seqs,
+                         "long_prefill_token_threshold": a.chunk, "enforce_eager": True,
+                         "gpu_memory_utilization": a.gpu_util, "max_model_len": a.max_model_len,
+                         "prompt_logprobs_topk": a.topk, "per_config_limit_s": a.timeout, "budget_s": a.budget_s,
+                         "scheduler_as_vllm_reports": [json.loads(s) for s in sorted(sched)],
+                         "niah": {"contexts": meta.get("niah_contexts"), "depths": meta.get("niah_depths"),
+                                  "max_new_tokens": meta.get("niah_max_new")}},
+            "kld_method": f"top-{a.topk} prompt logprobs, baseline's top-{a.topk} + rest bucket (quality.kld_topk)",
+            "ratio_method": "KV capacity tokens vLLM reports / FLASH_ATTN bf16's, same gpu_memory_utilization"}
+
+
+def finish(rows: list[dict], a, meta: dict, aliases: dict | None = None) -> dict:
+    from . import quality, report
+    add_ratios_and_kld(rows)
+    add_greedy(rows)
+    by = {r["name"]: r for r in rows}
+    full = list(rows)
+    for alias, target in (aliases or {}).items():     # a recipe equal to a measured setting: not re-run
+        t = by[target]
+        full.append({**{k: v for k, v in t.items() if k not in ("env", "llm")}, "name": alias, "same_setting_as": target})
+    doc = quality.document(header(rows, a, meta), full, BASELINE)
+    quality.validate(doc)
+    out = Path(a.out)
+    report.write_json(out, doc)
+    report.write_json(out.with_suffix(".raw.json"), {"meta": meta, "rows": rows, "aliases": aliases or {}})
+    out.with_suffix(".md").write_text(report.quality_markdown(doc))
+    report.plot_quality(doc, out.with_suffix(".png"))
+    v4 = report.issue4_doc(doc)
+    report.write_json(out.parent / "vllm_quality.json", v4)
+    (out.parent / "vllm_quality.md").write_text(report.issue4_markdown(v4))
+    if a.hf_json and Path(a.hf_json).exists():
+        hf = json.loads(Path(a.hf_json).read_text())
+        (out.parent / "HF_VS_VLLM.md").write_text(report.gap_markdown(hf, doc))
+    return doc
+
+
+def run(a) -> int:
+    from .vllm_configs import dedupe, resolve
+    names = [n for n in a.configs.split(",") if n]
+    if BASELINE not in names:
+        names.insert(0, BASELINE)        # ΔPPL, KLD and ratios are against it
+    configs, aliases = dedupe([resolve(n) for n in names])
+    meta = json.loads(Path(a.windows).read_text()).get("meta", {})
+    if not a.niah:
+        meta = {**meta, "niah_contexts": None}
+    rows = run_all(configs, a, on_row=lambda rs: finish(rs, a, meta, aliases) if a.write_partial else None)
+    doc = finish(rows, a, meta, aliases)
+    print(Path(a.out).with_suffix(".md").read_text())
+    return 0 if all(r["ppl"] is not None for r in doc["configs"]) else 1
+
+
+def merge(a) -> int:
+    """Rows of several raw files (later files win per config name) -> one result."""
+    rows, meta, aliases = {}, {}, {}
+    for f in a.inputs:
+        d = json.loads(Path(f).read_text())
+        meta = meta or d["meta"]
+        aliases.update(d.get("aliases", {}))
+        rows.update({r["name"]: r for r in d["rows"]})
+    finish(list(rows.values()), a, meta, aliases)
     return 0
-
-
-def markdown(out: dict) -> str:
-    lines = [f"# vLLM quality and capacity ({out['gpu']}, {out['model']})", "",
-             f"{out['windows']} windows x {out['window_tokens']} tokens (Austen evaluation books, the HF harness's "
-             f"windows), second halves scored via prompt_logprobs, prefill chunks of {out['chunk']} tokens, "
-             f"gpu_memory_utilization {out['gpu_memory_utilization']}, enforce_eager. Capacity = KV tokens vLLM "
-             "reports; ratio = capacity / FLASH_ATTN bf16 capacity; CI = 95 % over windows of the paired "
-             "per-window NLL difference. Greedy: 8 prompts of 1000 tokens + 256 generated tokens, count of "
-             "continuations identical to FLASH_ATTN.", "",
-             "| config | family | capacity tokens | ratio | PPL | ΔPPL % | 95% CI | greedy identical |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(out["configs"], key=lambda r: -r.get("ratio_vs_bf16", 0)):
-        if "ppl" not in r:
-            lines.append(f"| {r['name']} | | FAILED | | | | | |")
-            continue
-        ci = r.get("delta_ppl_pct_ci95", [0, 0])
-        lines.append(f"| {r['name']} | {r['family']} | {r['capacity_tokens']} | {r.get('ratio_vs_bf16', 0):.2f} | "
-                     f"{r['ppl']:.4f} | {r.get('delta_ppl_pct', 0):+.2f} | [{ci[0]:+.2f}, {ci[1]:+.2f}] | "
-                     f"{r.get('greedy_identical_prompts', '-')}/{len(r['greedy'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(out: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    colors = {"kakeya": "tab:red", "turboquant": "tab:blue", "int4_per_token_head": "tab:green", "fp8": "tab:purple",
-              "bf16": "black"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in out["configs"]:
-        if "delta_ppl_pct" not in r:
-            continue
-        x, y, ci = r["ratio_vs_bf16"], r["delta_ppl_pct"], r["delta_ppl_pct_ci95"]
-        ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", color=colors.get(r["family"], "gray"), capsize=2)
-        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("KV capacity vs FLASH_ATTN bf16 (tokens vLLM reports)")
-    ax.set_ylabel("ΔPPL vs FLASH_ATTN bf16, % (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.set_title(f"vLLM 0.26, {out['gpu']}: {out['windows']} windows, chunked prefill {out['chunk']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kakeya-kv eval --backend vllm")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prep")
+    pp = sub.add_parser("prep", help="CPU: evaluation windows + NIAH prompts for the device")
     pp.add_argument("--out", default=".gpudata/windows.json")
     pp.add_argument("--n", type=int, default=32)
+    pp.add_argument("--niah-contexts", default="4096,8192")
+    pp.add_argument("--niah-depths", type=int, default=10, help="needle depths per context")
+    pp.add_argument("--max-model-len", type=int, default=8192, help="SmolLM2's max_position_embeddings")
     pp.set_defaults(fn=prep)
-    mg = sub.add_parser("merge", help="merge .partial row files of several calls into one result")
-    mg.add_argument("inputs", nargs="+")
-    mg.add_argument("--gpu", required=True)
-    mg.add_argument("--n", type=int, default=32)
-    mg.add_argument("--chunk", type=int, default=256)
-    mg.add_argument("--gpu-util", type=float, default=0.3)
-    mg.add_argument("--out", default="benchmarks/results/vllm_quality.json")
-    mg.set_defaults(fn=merge)
-    for name, fn in (("one", one), ("run", run)):
+    for name, fn in (("one", one), ("run", run), ("merge", merge)):
         s = sub.add_parser(name)
+        s.set_defaults(fn=fn)
         s.add_argument("--windows", default=".gpudata/windows.json")
         s.add_argument("--n", type=int, default=32)
-        s.add_argument("--chunk", type=int, default=256)
+        s.add_argument("--chunk", type=int, default=256, help="prefill tokens per request per step")
+        s.add_argument("--max-seqs", type=int, default=32, help="requests in flight per step")
+        s.add_argument("--group", type=int, default=16, help="windows per generate call (one PART each)")
         s.add_argument("--gpu-util", type=float, default=0.3)
-        s.add_argument("--gen-tokens", type=int, default=256)
+        s.add_argument("--topk", type=int, default=20, help="prompt_logprobs k for the KLD")
+        s.add_argument("--topk-dir", default=".gpudata/topk")
+        s.add_argument("--max-model-len", type=int, default=8192)
+        s.add_argument("--model", default=MODEL)
+        s.add_argument("--gen-tokens", type=int, default=0, help="greedy parity tokens (issue 4; 0 = skip)")
         s.add_argument("--gen-prompt", type=int, default=1000)
-        s.add_argument("--eager", action="store_true")
-        s.set_defaults(fn=fn)
+        s.add_argument("--no-niah", dest="niah", action="store_false")
         if name == "one":
-            s.add_argument("--config", required=True)
+            s.add_argument("--name", required=True)
+            s.add_argument("--llm", default="{}", help="JSON of extra LLM(...) arguments")
+            continue
+        s.add_argument("--out", default="benchmarks/results/quality.json")
+        s.add_argument("--hf-json", default="benchmarks/results/quality_hf.json",
+                       help="HF/CPU quality.json: HF_VS_VLLM.md is written next to --out when it exists")
+        s.add_argument("--gpus", type=int, default=1, help="lanes, one GPU each (CUDA_VISIBLE_DEVICES)")
+        s.add_argument("--timeout", type=float, default=240, help="wall seconds per config")
+        s.add_argument("--budget-s", type=float, default=0, help="wall seconds for the whole run (0 = none)")
+        s.add_argument("--reserve-s", type=float, default=15, help="kept for writing results at the end")
+        s.add_argument("--min-config-s", type=float, default=45, help="no config is started with less left")
+        s.add_argument("--write-partial", action="store_true", help="rewrite the results after every config")
+        if name == "run":
+            s.add_argument("--configs", default="flash_bf16,kakeya_k4v3")
         else:
-            s.add_argument("--configs", default="flash_bf16,kakeya_exact,kakeya_k4v3")
-            s.add_argument("--out", default="benchmarks/results/vllm_quality.json")
-            s.add_argument("--timeout", type=int, default=400)
+            s.add_argument("inputs", nargs="+")
     a = p.parse_args(argv)
     return a.fn(a)
 

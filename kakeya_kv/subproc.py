@@ -1,0 +1,70 @@
+"""Run a command with a wall-clock limit, streaming its output lines; on timeout kill its whole
+process group (vLLM's engine core and workers are grandchildren that would otherwise keep the GPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Finished:
+    rc: int | None              # None when killed for the time limit
+    timed_out: bool
+    elapsed_s: float
+    stdout: list[str] = field(default_factory=list)
+    stderr_tail: str = ""
+
+
+def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_line=None,
+                  keep_stderr: int = 4000) -> Finished:
+    """Run cmd; call on_line(line) for each stdout line as it arrives; stop it after timeout_s."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+
+    def read_out():
+        for line in p.stdout:
+            line = line.rstrip("\n")
+            out.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    def read_err():          # drained continuously so a chatty child never blocks on a full pipe
+        for line in p.stderr:
+            err.append(line)
+            while len(err) > 400:
+                err.pop(0)
+
+    threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    timed_out = False
+    try:
+        p.wait(timeout=max(timeout_s, 0.0))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(p)
+    for t in threads:
+        t.join(timeout=10)
+    return Finished(None if timed_out else p.returncode, timed_out, time.monotonic() - t0, out,
+                    "".join(err)[-keep_stderr:])
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGTERM the group (vLLM shuts its engine down), then SIGKILL whatever of the group is left."""
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()

@@ -1,0 +1,163 @@
+"""vLLM evaluation driver without vLLM: config names and recipes, the per-config/whole-call time limits
+(fake child processes), top-k extraction, and the result files."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kakeya_kv import vllm_eval
+from kakeya_kv.config import ConfigError
+from kakeya_kv.vllm_configs import VllmConfig, dedupe, resolve
+
+RECIPES = Path(__file__).parent.parent / "deploy" / "recipes"
+
+
+def test_resolve_names_and_recipes(tmp_path):
+    assert resolve("turboquant_3bit_nc").llm == {"kv_cache_dtype": "turboquant_3bit_nc"}
+    c = resolve("kakeya_k5v4")
+    assert c.env["KAKEYA_K_BITS"] == "5" and c.llm == {"attention_backend": "KAKEYA"} and c.hf_format == "kakeya_k5v4"
+    with pytest.raises(ConfigError):
+        resolve("kakeya_k9v4")
+    with pytest.raises(ConfigError, match="unknown vLLM config"):
+        resolve("nope")
+    f = tmp_path / "mine.env"
+    f.write_text("# NOT MEASURED\nKAKEYA_K_BITS=3\nKAKEYA_V_BITS=2\nKAKEYA_LAYER_BITS=17-18:4/3\n")
+    r = resolve(f"recipe:{f}")
+    assert r.name == "recipe:mine" and r.env["KAKEYA_LAYER_BITS"] == "17-18:4/3" and r.family == "kakeya"
+    f.write_text("KAKEYA_K_BITS=11\n")
+    with pytest.raises(ConfigError):
+        resolve(f"recipe:{f}")
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("smollm2-*.env")), ids=lambda p: p.name)
+def test_every_smollm2_recipe_resolves(path):
+    assert resolve(f"recipe:{path}").env
+
+
+def test_dedupe_merges_equal_settings_only(tmp_path):
+    f = tmp_path / "same.env"
+    f.write_text("KAKEYA_FORMAT=default\nKAKEYA_K_BITS=3\nKAKEYA_V_BITS=2\nKAKEYA_BOUNDARY_SKIP_LAYERS=\n")
+    g = tmp_path / "other.env"
+    g.write_text("KAKEYA_K_BITS=3\nKAKEYA_V_BITS=2\nKAKEYA_BOUNDARY_SKIP_LAYERS=0\n")
+    run, alias = dedupe([resolve(n) for n in ("flash_bf16", "kakeya_k3v2", f"recipe:{f}", f"recipe:{g}",
+                                               "turboquant_k8v4", "triton_bf16")])
+    assert [c.name for c in run] == ["flash_bf16", "kakeya_k3v2", "recipe:other", "turboquant_k8v4", "triton_bf16"]
+    assert alias == {"recipe:same": "kakeya_k3v2"}
+
+
+def test_child_env_isolates_kakeya_knobs():
+    env = vllm_eval.child_env(resolve("kakeya_k3v2"), 1, {"PATH": "/bin", "KAKEYA_LAYER_BITS": "1:4/3"})
+    assert env["KAKEYA_K_BITS"] == "3" and "KAKEYA_LAYER_BITS" not in env and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in vllm_eval.child_env(resolve("flash_bf16"), None, {})
+
+
+class _LP:
+    def __init__(self, lp):
+        self.logprob = lp
+
+
+def test_topk_arrays_from_prompt_logprobs():
+    ids = [5, 1, 2, 3]
+    plp = [None] + [{t: _LP(-0.1 * (t + 1)) for t in range(4)} | {ids[p]: _LP(-9.0 - p)} for p in range(1, 4)]
+    plp[3] = {t: _LP(-0.1 * (t + 1)) for t in range(4)}       # the prompt token 3 is inside the top-k here
+    tgt, tid, tlp = vllm_eval.topk_arrays(plp, ids, 2, 2)
+    assert tgt.tolist() == pytest.approx([-11.0, -0.4]) and tid.tolist() == [[0, 1], [0, 1]]
+    assert tlp[0].tolist() == pytest.approx([-0.1, -0.2])
+
+
+FAKE_CHILD = r'''
+import json, sys, time
+name = sys.argv[1]
+def emit(k, o=None):
+    print(k if o is None else k + " " + json.dumps(o), flush=True)
+if name == "broken":
+    emit("PHASE", "load")
+    sys.stderr.write("ValueError: Selected backend is not valid\n")
+    sys.exit(1)
+emit("PHASE", "load")
+emit("PART", {"phase": "load", "capacity_tokens": {"flash_bf16": 1000, "slow": 2700}.get(name, 4150),
+              "gpu": "Fake GPU", "scheduler": {"long_prefill_token_threshold": 256}})
+emit("PHASE", "ppl")
+for g in (0, 2):
+    emit("PART", {"phase": "ppl", "window_ids": [g, g + 1], "window_nll": [3.0 + g / 10, 3.1 + g / 10],
+                  "topk_files": [], "ppl_s": 0.1})
+    if name == "slow":
+        time.sleep(60)
+for ph in ("niah_4k", "niah_8k"):
+    emit("PHASE", ph)
+    emit("PART", {"phase": ph, ph: 1.0})
+emit("DONE")
+'''
+
+
+def _args(tmp_path, **kw):
+    a = dict(n=4, gpus=1, timeout=5.0, budget_s=0, reserve_s=0, min_config_s=1.0, niah=True, chunk=256, max_seqs=32,
+             gpu_util=0.3, topk=20, max_model_len=8192, out=str(tmp_path / "quality.json"), hf_json="")
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_run_all_bounds_each_config_and_reports_why(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    cmd = lambda c, a: [sys.executable, str(script), c.name]
+    cfgs = [resolve("flash_bf16")] + [VllmConfig(n, "kakeya") for n in ("slow", "broken")]
+    t0 = time.monotonic()
+    rows = vllm_eval.run_all(cfgs, _args(tmp_path), make_cmd=cmd)
+    assert time.monotonic() - t0 < 30                     # the sleeping child was killed, not waited for
+    ok, slow, broken = rows
+    assert ok["window_ids"] == [0, 1, 2, 3] and ok["niah_8k"] == 1.0 and not ok.get("not_measured")
+    assert slow["window_ids"] == [0, 1]                   # the group measured before the kill is kept
+    why = {m["what"]: m["reason"] for m in slow["not_measured"]}
+    assert "2 of 4 windows" in why["windows"] and "limit in phase 'ppl'" in why["niah_4k"]
+    assert broken["not_measured"][0]["what"] == "config" and "Selected backend" in broken["not_measured"][0]["reason"]
+    doc = vllm_eval.finish(rows, _args(tmp_path), {"corpus": "c"})
+    by = {r["name"]: r for r in doc["configs"]}
+    assert by["slow"]["ratio_vs_bf16"] == 2.7 and by["slow"]["ppl"] is not None and by["broken"]["ppl"] is None
+    assert by["flash_bf16"]["kld"] == 0.0 and by["slow"]["kld"] is None         # no top-k files in this fake
+    for f in ("quality.json", "quality.md", "quality.png", "vllm_quality.json", "vllm_quality.md", "quality.raw.json"):
+        assert (tmp_path / f).exists(), f
+
+
+def test_budget_stops_launching_configs(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    cmd = lambda c, a: [sys.executable, str(script), c.name]
+    cfgs = [resolve("flash_bf16"), VllmConfig("slow", "kakeya"), VllmConfig("late", "kakeya")]
+    rows = vllm_eval.run_all(cfgs, _args(tmp_path, timeout=60, budget_s=7.0, min_config_s=3.0), make_cmd=cmd)
+    assert rows[0]["window_ids"] == [0, 1, 2, 3]
+    assert "limit in phase 'ppl'" in rows[1]["not_measured"][-1]["reason"]      # cut to what the budget left
+    assert rows[2]["not_measured"] == [{"what": "config", "reason": rows[2]["not_measured"][0]["reason"]}]
+    assert rows[2]["not_measured"][0]["reason"].startswith("not started")
+
+
+def test_finish_kld_from_topk_files_and_aliases(tmp_path):
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.dirichlet(np.ones(30) * 0.3, (2, 8)))
+    ids = np.argsort(-lp, -1)[..., :5]
+
+    def save(name, noise):
+        q = lp + noise * rng.normal(size=lp.shape)
+        q = q - np.log(np.exp(q).sum(-1, keepdims=True))
+        qi = np.argsort(-q, -1)[..., :5]
+        f = tmp_path / f"{name}.npz"
+        np.savez(f, window_ids=np.array([0, 1]), ids=qi.astype(np.int32),
+                 lp=np.take_along_axis(q, qi, -1).astype(np.float32))
+        return str(f)
+
+    assert ids.shape == (2, 8, 5)
+    base = {"name": "flash_bf16", "family": "bf16", "capacity_tokens": 100, "gpu": "G", "window_ids": [0, 1],
+            "window_nll": [3.0, 3.1], "topk_files": [save("b", 0.0)], "niah_4k": 1.0, "niah_8k": 1.0}
+    ours = {"name": "kakeya_k3v2", "family": "kakeya", "capacity_tokens": 561, "gpu": "G", "window_ids": [0, 1],
+            "window_nll": [3.02, 3.13], "topk_files": [save("k", 0.5)], "niah_4k": 1.0, "niah_8k": 0.5}
+    doc = vllm_eval.finish([base, ours], _args(tmp_path, n=2), {"corpus": "c"}, {"recipe:x": "kakeya_k3v2"})
+    by = {r["name"]: r for r in doc["configs"]}
+    assert by["kakeya_k3v2"]["kld"] > 0 and by["kakeya_k3v2"]["ratio_vs_bf16"] == 5.61
+    assert by["recipe:x"]["same_setting_as"] == "kakeya_k3v2" and by["recipe:x"]["kld"] == by["kakeya_k3v2"]["kld"]
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["gpu"] == "G" and saved["protocol"]["long_prefill_token_threshold"] == 256
+    assert "= kakeya_k3v2 (same setting, not re-run)" in (tmp_path / "quality.md").read_text()
