@@ -157,6 +157,48 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, D: tl.constexpr, LUT: tl.constexpr
 
 
 @triton.jit
+def _pair_lookup(ptab_ptr, pair):
+    """Pair codes -> [.., 2] fp16 centroids (low code first): one 32-bit load from the pair table
+    (entry = fp16 c[lo] | fp16 c[hi] << 16) gives two centroids."""
+    w = tl.load(ptab_ptr + pair)
+    lo = w.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr):
+    """Centroids of TT tokens -> fp16 [TT, D], two codes per table lookup (LUT 2). 4-bit codes need no
+    unpack at all (a byte is a pair); wider groups split into G/2 pairs of 2*BITS bits."""
+    grp = tl.arange(0, D // G)
+    P: tl.constexpr = G // 2
+    PM: tl.constexpr = (1 << (2 * BITS)) - 1
+    if NB == 1:
+        word = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :], mask=t_mask[:, None], other=0).to(tl.int32)
+    else:
+        WT: tl.constexpr = tl.int64 if NB > 3 else tl.int32
+        word = tl.zeros((TT, D // G), dtype=WT)
+        for m in tl.static_range(NB):
+            byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * NB + m, mask=t_mask[:, None], other=0)
+            word = word | (byte.to(WT) << (8 * m))
+    if P == 1:
+        return tl.reshape(_pair_lookup(ptab_ptr, word), (TT, D))
+    elif P == 2:
+        x0 = _pair_lookup(ptab_ptr, (word & PM).to(tl.int32))
+        x1 = _pair_lookup(ptab_ptr, ((word >> (2 * BITS)) & PM).to(tl.int32))
+        # [TT, D/4, e, i] -> dims g*4 + 2i + e
+        return tl.reshape(tl.permute(tl.join(x0, x1), (0, 1, 3, 2)), (TT, D))
+    else:
+        x0 = _pair_lookup(ptab_ptr, (word & PM).to(tl.int32))
+        x1 = _pair_lookup(ptab_ptr, ((word >> (2 * BITS)) & PM).to(tl.int32))
+        x2 = _pair_lookup(ptab_ptr, ((word >> (4 * BITS)) & PM).to(tl.int32))
+        x3 = _pair_lookup(ptab_ptr, ((word >> (6 * BITS)) & PM).to(tl.int32))
+        # [TT, D/8, e, i%2, i//2] -> dims g*8 + 2i + e
+        return tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 4, 3, 2)), (TT, D))
+
+
+@triton.jit
 def _dot16(a, b, BF16DOT: tl.constexpr):
     """bf16 x bf16 -> fp32 dot; the interpreter's bf16 dot is wrong, so there it runs in fp32 (same values)."""
     if BF16DOT:
@@ -166,16 +208,17 @@ def _dot16(a, b, BF16DOT: tl.constexpr):
 
 
 @triton.jit
-def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
+def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
-                 rot_ptr, ktab_ptr, vtab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
+                 rot_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
                  KV_OFF: tl.constexpr, K_MEAN: tl.constexpr, K_SCALE: tl.constexpr, K_GAIN: tl.constexpr,
                  K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
                  PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
-                 NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1):
+                 NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
+                 GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -186,7 +229,14 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     qp = tl.load(qpos_ptr + r)                      # -1 marks padding rows
     row_ok = qp >= 0
     d = tl.arange(0, D)
-    q_raw = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None], other=0.0)
+    if GATHER:
+        # Rows read straight from q [T, Hq, D]: tile row r is query row src = token * GQA + head-in-group.
+        src = tl.maximum(tl.load(src_ptr + r), 0)
+        qh = kvh * GQA + src % GQA
+        q_raw = tl.load(q_ptr + (src // GQA)[:, None] * q_row + qh[:, None] * q_head + d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+    else:
+        q_raw = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None], other=0.0)
     sc = scale * 1.4426950408889634
     q = q_raw.to(tl.float32) * sc
     # Exact rows (tail, exact pages) in fast mode: bf16 x bf16 products are exact in fp32 accumulation
@@ -240,14 +290,19 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                 t = t0 + tl.arange(0, TT)
                 kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                if DIAG == 2:   # diagnostics: no unpack (time the rest)
-                    kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+                if LUT == 2:
+                    kc = _pair_codes(slot + K_CODES, t, t < N, kptab_ptr, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                    if PRECISE:
+                        kc = kc.to(tl.float32)
                 else:
-                    kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
-                if DIAG >= 1:   # diagnostics: no table lookup
-                    kc = kidx.to(tl.float32)
-                else:
-                    kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
+                    if DIAG == 2:   # diagnostics: no unpack (time the rest)
+                        kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+                    else:
+                        kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                    if DIAG >= 1:   # diagnostics: no table lookup
+                        kc = kidx.to(tl.float32)
+                    else:
+                        kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
                 if PRECISE:
                     s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
                 else:
@@ -261,14 +316,21 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
                 p = tl.exp2(s - m_safe[:, None])
                 vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                if DIAG == 2:
-                    vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+                if LUT == 2:
+                    vc = _pair_codes(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, D * VBITS // 8, D, VBITS, VG, VNB,
+                                     TT)
+                    if PRECISE:
+                        vc = vc.to(tl.float32)
                 else:
-                    vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT)
-                if DIAG >= 1:
-                    vc = vidx.to(tl.float32)
-                else:
-                    vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
+                    if DIAG == 2:
+                        vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+                    else:
+                        vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB,
+                                             TT)
+                    if DIAG >= 1:
+                        vc = vidx.to(tl.float32)
+                    else:
+                        vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
                 # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
                 pg = p * tl.abs(vg.to(tl.float32))[None, :]
                 l_i = l_i * alpha + tl.sum(p, 1)
@@ -313,6 +375,29 @@ def _attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page, c_h
     tl.store(lse_ptr + r * l_row + kvh * l_head + split, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_kernel(part_ptr, p_row, p_head, p_split, lse_ptr, l_row, l_head, dest_ptr, o_ptr, o_tok, o_head, n_rows,
+                    SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, GQA: tl.constexpr):
+    """Merge the splits' partial softmaxes of RB query rows (token x head-in-group) of one KV head and write
+    them in o's dtype at o[token, kvh * GQA + g] (o may be the caller's output tensor)."""
+    i = tl.program_id(0) * RB + tl.arange(0, RB)
+    kvh = tl.program_id(1)
+    ok = i < n_rows
+    row = tl.load(dest_ptr + i, mask=ok, other=0).to(tl.int64)
+    sp = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    lse = tl.load(lse_ptr + row[:, None] * l_row + kvh * l_head + sp[None, :],
+                  mask=ok[:, None] & (sp[None, :] < SPLITS), other=-float("inf"))
+    m = tl.max(lse, 1)
+    w = tl.exp2(lse - tl.where(m == -float("inf"), 0.0, m)[:, None])      # log2 units, as the kernel writes
+    w = w / tl.maximum(tl.sum(w, 1), 1e-30)[:, None]
+    part = tl.load(part_ptr + row[:, None, None] * p_row + kvh * p_head + sp[None, :, None] * p_split
+                   + d[None, None, :], mask=ok[:, None, None] & (sp[None, :, None] < SPLITS), other=0.0)
+    o = tl.sum(part * w[:, :, None], 1)
+    dst = o_ptr + (i // GQA).to(tl.int64)[:, None] * o_tok + (kvh * GQA + i % GQA)[:, None] * o_head + d[None, :]
+    tl.store(dst, o.to(o_ptr.dtype.element_ty), mask=ok[:, None])
+
+
 def gqa_plan(q_pos, q_req, num_reqs: int, gqa: int, bm: int) -> dict:
     """Query rows (token x head-in-group) packed in tiles of bm rows that never straddle two requests
     (the kernel's tile -> request map). numpy in, numpy out: a metadata builder computes it on the host."""
@@ -329,15 +414,39 @@ def gqa_plan(q_pos, q_req, num_reqs: int, gqa: int, bm: int) -> dict:
     nt = len(tile_req)
     qpos = np.full(nt * bm, -1, dtype=np.int32)
     qpos[dest] = np.repeat(np.asarray(q_pos).astype(np.int32), gqa)
-    return dict(dest=dest, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+    src = np.full(nt * bm, -1, dtype=np.int32)      # inverse of dest: tile row -> query row (-1 = padding)
+    src[dest] = np.arange(T * gqa, dtype=np.int32)
+    return dict(dest=dest, src=src, qpos=qpos, tile_req=tile_req, nt=nt, bm=bm, gqa=gqa, T=T)
+
+
+def pair_table(table16: torch.Tensor) -> torch.Tensor:
+    """fp16 centroids [2^b] -> int32 [4^b]: entry j packs c[j % 2^b] (low half) and c[j >> b] (high half),
+    i.e. the two LSB-first codes of a 2b-bit pair (the kernels' LUT 2)."""
+    n = table16.shape[0]
+    bits16 = table16.view(torch.int16).to(torch.int32) & 0xFFFF
+    j = torch.arange(n * n, device=table16.device)
+    return (bits16[j % n] | (bits16[j // n] << 16)).to(torch.int32).contiguous()
+
+
+LUTS = (0, 1, 2)   # centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup)
+
+
+def _check_variant(lut, fused) -> None:
+    if lut not in LUTS:
+        raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table), got {lut!r}")
+    if fused not in (True, False, 0, 1):
+        raise ValueError(f"fused must be a bool, got {fused!r}")
 
 
 class KakeyaKernels:
     """Per-geometry constants (rotation, tables, layout offsets) on one device."""
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, device, k_table: torch.Tensor | None = None,
-                 v_table: torch.Tensor | None = None):
-        """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1))."""
+                 v_table: torch.Tensor | None = None, lut: int = 0, fused: bool = False):
+        """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1)).
+        lut / fused: default decode-attention variant (see LUTS and :meth:`_launch`)."""
+        _check_variant(lut, fused)
+        self.lut, self.fused = lut, bool(fused)
         self.lay = kakeya_layout(head_dim, k_bits, v_bits)
         self.D, self.device = head_dim, device
         self._no_tail = None
@@ -350,6 +459,7 @@ class KakeyaKernels:
             if self.tables[name].shape != (1 << bits,):
                 raise ValueError(f"{name}_table must have {1 << bits} entries for {bits}-bit codes")
         self.tables16 = {n: t.half() for n, t in self.tables.items()}
+        self.pair_tables = {n: pair_table(t) for n, t in self.tables16.items()}
         self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
 
     def _consts(self, st, off):
@@ -408,58 +518,94 @@ class KakeyaKernels:
         dev = q_pos.device
         pl = gqa_plan(q_pos.cpu().numpy(), q_req.cpu().numpy(), num_reqs, gqa, bm)
         return dict(pl, dest=torch.from_numpy(pl["dest"]).to(dev), qpos=torch.from_numpy(pl["qpos"]).to(dev),
-                    tile_req=torch.from_numpy(pl["tile_req"]).to(dev))
+                    tile_req=torch.from_numpy(pl["tile_req"]).to(dev), src=torch.from_numpy(pl["src"]).to(dev))
 
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
-                  num_warps: int = 8, diag: int = 0, lut: int = 0, num_stages: int = 1) -> torch.Tensor:
+                  num_warps: int = 8, diag: int = 0, lut: int | None = None, num_stages: int = 1,
+                  fused: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """lut / fused: kernel variant (default: the constructor's). out: optional [T, Hq, D] destination
+        (fused path: the combine kernel writes it in place, in its dtype)."""
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
-                            splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages)
+                            splits, bm, precise, out_dtype, plan, tt, num_warps, diag,
+                            self.lut if lut is None else lut, num_stages, self.fused if fused is None else fused, out)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
-                splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, exact_kv_off: int = 0):
+                splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
+                exact_kv_off: int = 0):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
         contiguous); cache uint8 [pages, Hkv, slot_bytes]; block_table [R, max_blocks] int32; n_sealed, seq_lens,
         tail_slot [R] int32; tail_k/v [slots, Hkv, T_max, D] bf16 hold positions n_sealed*512 .. seq_len-1.
-        Returns [T, Hq, D] in ``out_dtype`` (default q's dtype).
+        Returns [T, Hq, D] in ``out_dtype`` (default q's dtype), or ``out``.
+
+        fused = False: query rows packed into tiles and the splits merged by torch ops (~10 launches);
+        fused = True: the kernel gathers its query rows itself and one combine kernel writes the output (2).
         """
         T, Hq, D = q.shape
         Hkv = cache.shape[1]
         if Hq % Hkv or D != self.D:
             raise ValueError(f"query heads {Hq} / kv heads {Hkv} / head_dim {D} do not fit this geometry ({self.D})")
+        _check_variant(lut, fused)
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
-        qq = torch.zeros(nt * bm, Hkv, D, dtype=q.dtype, device=dev)
-        qq[dest] = q.view(T, Hkv, gqa, D).permute(0, 2, 1, 3).reshape(T * gqa, Hkv, D)
-        out = torch.empty(nt * bm, Hkv, splits, D, dtype=torch.float32, device=dev)
+        if fused:
+            src = pl.get("src")
+            if src is None:   # plans built without the inverse map (e.g. older callers)
+                src = torch.full((nt * bm,), -1, dtype=torch.int32, device=dev)
+                src[dest] = torch.arange(T * gqa, dtype=torch.int32, device=dev)
+            qq, src_arg, g_arg = q, src, gqa
+        else:
+            qq = torch.zeros(nt * bm, Hkv, D, dtype=q.dtype, device=dev)
+            qq[dest] = q.view(T, Hkv, gqa, D).permute(0, 2, 1, 3).reshape(T * gqa, Hkv, D)
+            src_arg, g_arg = pl["qpos"], 1
+        if qq.stride(2) != 1:
+            qq = qq.contiguous()
+        part = torch.empty(nt * bm, Hkv, splits, D, dtype=torch.float32, device=dev)
         lse = torch.empty(nt * bm, Hkv, splits, dtype=torch.float32, device=dev)
         kl, vl = self.lay.k, self.lay.v
         kg, knb = _group(kl.bits)
         vg, vnb = _group(vl.bits)
         tabs = self.tables if precise else self.tables16
         _attn_kernel[(nt, Hkv, splits)](
-            qq, qq.stride(0), qq.stride(1), pl["qpos"], pl["tile_req"], cache, cache.stride(0), cache.stride(1),
-            block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
+            qq, qq.stride(0), qq.stride(1), src_arg, pl["qpos"], pl["tile_req"], cache, cache.stride(0),
+            cache.stride(1), block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
             tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs["k"], tabs["v"],
-            out, out.stride(0), out.stride(1), out.stride(2), lse, lse.stride(0), lse.stride(1), scale,
-            KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET), K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
+            self.pair_tables["k"], self.pair_tables["v"],
+            part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), scale,
+            KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET),
+            K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", DIAG=diag, LUT=lut,
-            NS=num_stages, num_warps=num_warps)
+            NS=num_stages, GATHER=int(fused), GQA=g_arg, num_warps=num_warps)
+        if fused:
+            if out is None:
+                out = torch.empty(T, Hq, D, dtype=out_dtype or q.dtype, device=dev)
+            elif tuple(out.shape) != (T, Hq, D) or out.stride(2) != 1:
+                raise ValueError(f"out must be [{T}, {Hq}, {D}] with unit stride in the last dim")
+            rb = 16
+            _combine_kernel[(triton.cdiv(T * gqa, rb), Hkv)](
+                part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), dest,
+                out, out.stride(0), out.stride(1), T * gqa, SPLITS=splits, SP=triton.next_power_of_2(splits),
+                D=self.D, RB=rb, GQA=gqa, num_warps=4)
+            return out
         # Merge the splits' partial softmaxes (lse in log2 units).
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
-        o = (out * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
-        return o.view(T, gqa, Hkv, D).permute(0, 2, 1, 3).reshape(T, Hq, D).to(out_dtype or q.dtype)
+        o = (part * w[..., None]).sum(2)[dest]  # [T*gqa, Hkv, D]
+        o = o.view(T, gqa, Hkv, D).permute(0, 2, 1, 3).reshape(T, Hq, D).to(out_dtype or q.dtype)
+        if out is not None:
+            out.copy_(o)
+            return out
+        return o
 
     def attention_exact(self, q, q_pos, q_req, cache, block_table, seq_lens, scale: float, splits: int = 8,
                         bm: int = 16, precise: bool = False, plan: dict | None = None, tt: int = 64,
-                        num_warps: int = 4) -> torch.Tensor:
+                        num_warps: int = 4, fused: bool | None = None) -> torch.Tensor:
         """Causal attention over exact bf16 pages (layout ``exact``: per head K rows then V rows), the
         partial last page included. Same query packing as :meth:`attention`."""
         n_blocks = ((seq_lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS).to(torch.int32)
@@ -468,4 +614,4 @@ class KakeyaKernels:
         # EXACT skips the tail loop: the tail tensors are placeholders, seq_lens serves as the slot array.
         return self._launch(q, q_pos, q_req, cache, block_table, n_blocks, seq_lens, self._no_tail, self._no_tail,
                             seq_lens, scale, splits, bm, precise, None, plan, tt, num_warps, 0, 0, 1,
-                            exact_kv_off=exact_layout(self.D).k.size)
+                            self.fused if fused is None else fused, None, exact_kv_off=exact_layout(self.D).k.size)

@@ -76,17 +76,79 @@ def test_fast_mode_close_to_precise():
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("gqa", [1, 3, 8])
-def test_gpu_decode_parity_matrix(d, gqa):
+@pytest.mark.parametrize("lut,fused", [(0, False), (2, True)])
+def test_gpu_decode_parity_matrix(d, gqa, lut, fused):
     lens = [1, 511, 512, 513, 4097]
     kk, sc, refs = build(lens, 2, gqa, d, device=DEV, seed=d + gqa)
     q = torch.randn(len(lens), 2 * gqa, d, generator=torch.Generator().manual_seed(9)).bfloat16().to(DEV)
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
     for precise, bound in ((True, 1e-3), (False, 5e-3)):
-        out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
-                           precise=precise, out_dtype=torch.float32, **sc)
-        assert not torch.isnan(out).any()
-        for r, L in enumerate(lens):
-            assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
+        for tt, warps in ((64, 8), (128, 4)):
+            out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
+                               precise=precise, out_dtype=torch.float32, lut=lut, fused=fused, tt=tt,
+                               num_warps=warps, **sc)
+            assert not torch.isnan(out).any()
+            for r, L in enumerate(lens):
+                assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
+
+
+def test_pair_table_packs_two_codes():
+    from kakeya_kernels.kakeya_triton import pair_table
+    from kakeya_kv import lloyd_max
+    t16 = lloyd_max.gaussian_table(3).half()
+    pt = pair_table(t16)
+    assert pt.shape == (64,) and pt.dtype == torch.int32
+    lo = (pt & 0xFFFF).to(torch.int16).view(torch.float16)
+    hi = ((pt >> 16) & 0xFFFF).to(torch.int16).view(torch.float16)
+    j = torch.arange(64)
+    assert torch.equal(lo, t16[j % 8]) and torch.equal(hi, t16[j // 8])   # LSB-first: low code = lower dim
+
+
+@pytest.mark.parametrize("kb,vb", [(4, 3), (2, 5), (6, 2)])
+def test_pair_lookup_matches_global_gather(kb, vb):
+    """LUT 2 (two codes per lookup) for every group shape: 1, 2 and 4 pairs per group."""
+    kk, sc, refs = build([1030], 2, 3, 64, kb=kb, vb=vb, device=DEV)
+    q = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(8)).bfloat16().to(DEV)
+    pos = torch.tensor([1029], device=DEV)
+    req = torch.zeros(1, dtype=torch.long, device=DEV)
+    args = dict(scale=0.125, splits=2, out_dtype=torch.float32, **sc)
+    # fast mode: the same fp16 centroids either way
+    assert torch.allclose(kk.attention(q, pos, req, lut=0, **args), kk.attention(q, pos, req, lut=2, **args),
+                          atol=1e-6, rtol=1e-5)
+    out = kk.attention(q, pos, req, lut=2, precise=True, **args)     # fp16 centroids in the precise path
+    assert rel_err(out[0], ref_attention(q[0], 1029, refs[0], 3)) < 1e-3
+
+
+def test_fused_launch_matches_torch_combine():
+    """In-kernel query gather + combine kernel == packed queries + torch merge; writes a given output in place;
+    a plan without the inverse row map still works."""
+    lens, gqa = [1, 513, 40], 3
+    kk, sc, refs = build(lens, 2, gqa, 64, device=DEV)
+    q = torch.randn(len(lens), 2 * gqa, 64, generator=torch.Generator().manual_seed(4)).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    args = dict(scale=0.125, splits=3, precise=True, **sc)
+    ref = kk.attention(q, pos, req, out_dtype=torch.float32, fused=False, **args)
+    plan = kk.plan(pos, req, len(lens), gqa)
+    plan.pop("src")
+    got = kk.attention(q, pos, req, out_dtype=torch.float32, fused=True, plan=plan, **args)
+    assert torch.allclose(ref, got, atol=1e-5, rtol=1e-5)
+    out = torch.full((len(lens), 2 * gqa, 64), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert kk.attention(q, pos, req, fused=True, out=out, **args) is out
+    assert torch.allclose(out.float(), ref, atol=2e-2, rtol=1e-2)
+    for r, L in enumerate(lens):
+        assert rel_err(got[r], ref_attention(q[r], L - 1, refs[r], gqa)) < 1e-3
+
+
+def test_kernel_variant_validated():
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    with pytest.raises(ValueError, match="lut must be one of"):
+        KakeyaKernels(64, 4, 3, DEV, lut=3)
+    kk, sc, _ = build([600], 1, 1, 64, device=DEV)
+    q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="lut must be one of"):
+        kk.attention(q, torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV), scale=0.1,
+                     lut=-1, **sc)
 
 
 def test_register_lookup_matches_global_gather():

@@ -1,0 +1,131 @@
+"""Instruction-count proxy for decode-attention variants, without a GPU.
+
+Compiles ``_attn_kernel`` for sm_90 (Triton + its bundled ptxas), disassembles the cubin (cuobjdump) and
+counts the SASS instructions of the sealed-block token loop (the innermost loop that reads code bytes) per
+code element per thread. A proxy only: it ignores latency, occupancy and memory; speed needs the GPU.
+
+python benchmarks/kernels/sass_count.py [--json OUT] [--d 64 128] [--lut 0 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kakeya_kernels import kakeya_triton as K
+from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+
+_PTR_TYPES = {"q_ptr": "*bf16", "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "cache_ptr": "*u8",
+              "rot_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
+
+_ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_tok", "o_row", "o_head", "o_split"}
+
+
+def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90):
+    lay = kakeya_layout(d, kb, vb)
+    kl, vl = lay.k, lay.v
+    (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
+    const = dict(KV_OFF=kl.size, EXACT=0, BF16DOT=1, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset,
+                 K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
+                 V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
+                 KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=8, PRECISE=0,
+                 ROT_PREC="tf32", DIAG=0, LUT=lut, NS=1)
+    params = list(inspect.signature(K._attn_kernel.fn).parameters)
+    sig = {}
+    for p in params:
+        if p in const:
+            sig[p] = "constexpr"
+        elif p.endswith("_ptr"):
+            sig[p] = _PTR_TYPES.get(p, "*i32")
+        else:
+            sig[p] = "fp32" if p == "scale" else "i32"
+    # As the JIT would specialise a real launch: pointers and strides that are multiples of 16 (not bt_req,
+    # l_row, l_head: they depend on the batch and the split count).
+    aligned = [i for i, p in enumerate(params) if sig[p].startswith("*") or p in _ALIGNED_INTS]
+    src = ASTSource(K._attn_kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+
+
+def sass(cubin: bytes) -> list[tuple[int, str]]:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def innermost_loops(ins):
+    """(start, end) address ranges of backward branches that contain no other backward branch."""
+    loops = []
+    for a, t in ins:
+        m = re.search(r"BRA\s+(?:`\()?\.?L?_?x?_?\w*?0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a:
+            loops.append((int(m.group(1), 16), a))
+    return [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+
+
+def opcode(t: str) -> str:
+    t = re.sub(r"^@!?U?P\w+\s+", "", t.strip())
+    op = t.split()[0]
+    keep = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "HMMA")
+    return op if op.startswith(keep) else op.split(".")[0]
+
+
+def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps)
+    ins = sass(ck.asm["cubin"])
+    best = None
+    for lo, hi in innermost_loops(ins):
+        ops = collections.Counter(opcode(t) for a, t in ins if lo <= a <= hi)
+        # The sealed-block loop is the one that loads code bytes (the tail loop reads bf16 rows).
+        if any(o.startswith("LDG.E.U8") for o in ops) and (best is None or sum(ops.values()) > sum(best.values())):
+            best = ops
+    elems = tt * d * 2 / (32 * num_warps)          # K and V code elements per thread per iteration
+    n = sum(best.values())
+    cat = collections.Counter()
+    for o, c in best.items():
+        cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
+            else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
+    return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps,
+            "loop_instructions": n, "per_element": n / elems,
+            "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},
+            "spills": int(getattr(ck.metadata, "n_spills", -1)) if hasattr(ck.metadata, "n_spills") else None,
+            "top_opcodes": best.most_common(12)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--lut", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--bits", default="4,3")
+    a = ap.parse_args()
+    kb, vb = map(int, a.bits.split(","))
+    rows = []
+    for d in a.d:
+        for lut in a.lut:
+            r = count(d, kb, vb, lut)
+            rows.append(r)
+            kinds = " ".join(f"{k} {v:.2f}" for k, v in r["per_element_by_kind"].items())
+            print(f"D={d} k{kb}v{vb} lut={lut}: {r['loop_instructions']} SASS instr/iteration = "
+                  f"{r['per_element']:.2f} per code element per thread ({kinds})", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"what": "SASS instruction counts of the sealed-block token loop, sm_90, compiled on CPU "
+                               "(a proxy, not a measurement of speed)", "triton": triton.__version__, "rows": rows},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
