@@ -189,7 +189,11 @@ def main(argv=None) -> int:
     r.set_defaults(fn=cmd_report)
     f = sub.add_parser("format", help="print the block-format byte layouts")
     f.set_defaults(fn=cmd_format)
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    if extra and a.cmd != "eval":    # eval hands its options to the backend's own parser
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if a.cmd == "eval":
+        a.rest = extra + a.rest
     return a.fn(a)
 
 
