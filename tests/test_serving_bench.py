@@ -367,3 +367,113 @@ def test_run_without_vllm_writes_schema_rows_with_reasons(tmp_path):
 def importlib_has_vllm():
     import importlib.util
     return importlib.util.find_spec("vllm") is not None
+
+
+# ----------------------------------------------------------------------------- the GPU child against a fake vLLM
+
+class _FakeEngine:
+    """Steps like vLLM's engine: first step prefills (one token per new request), then one token per
+    request per step; reports prefix-cache hits in whole 512-token blocks of earlier prompts."""
+
+    def __init__(self, capacity_tokens, block_size, step_s, cache, fail_add=False):
+        import types
+        self.vllm_config = types.SimpleNamespace(cache_config=types.SimpleNamespace(
+            num_gpu_blocks=capacity_tokens // block_size, block_size=block_size))
+        self.step_s, self.cache, self.fail_add, self.reqs = step_s, cache, fail_add, {}
+
+    def hit(self, p):
+        k = (len(p) // 512) * 512
+        while k and tuple(p[:k]) not in self.cache["seen"]:
+            k -= 512
+        return k
+
+    def remember(self, p):
+        if self.cache["on"]:
+            for k in range(512, len(p) + 1, 512):
+                self.cache["seen"].add(tuple(p[:k]))
+
+    def add_request(self, rid, prompt, sp):
+        if self.fail_add:
+            raise TypeError("add_request() got an unexpected argument")
+        p = prompt["prompt_token_ids"]
+        self.reqs[rid] = {"left": sp.max_tokens, "hit": self.hit(p), "prompt": True, "p": p}
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
+
+    def step(self):
+        import types
+        time.sleep(self.step_s)
+        outs = []
+        for rid, r in list(self.reqs.items()):
+            if r.pop("prompt", None) is not None:
+                self.remember(self.reqs[rid]["p"])
+            r["left"] -= 1
+            outs.append(types.SimpleNamespace(request_id=rid, num_cached_tokens=r["hit"],
+                                              outputs=[types.SimpleNamespace(token_ids=[7])]))
+            if r["left"] == 0:
+                del self.reqs[rid]
+        return outs
+
+
+def _fake_vllm(monkeypatch, **engine_kw):
+    import types
+    cache = {"on": engine_kw.pop("prefix_cache", True), "seen": set()}
+    mod = types.ModuleType("vllm")
+    sp_mod = types.ModuleType("vllm.sampling_params")
+
+    class SamplingParams:
+        def __init__(self, max_tokens, **kw):
+            self.max_tokens = max_tokens
+
+    class LLM:
+        def __init__(self, **kw):
+            self.kw = kw
+            self.llm_engine = _FakeEngine(cache=cache, **engine_kw)
+
+        def generate(self, prompts, sp, use_tqdm=False):
+            fail, self.llm_engine.fail_add = self.llm_engine.fail_add, False
+            for i, p in enumerate(prompts):
+                self.llm_engine.add_request(f"g{i}", p, sp)
+            while self.llm_engine.has_unfinished_requests():
+                self.llm_engine.step()
+            self.llm_engine.fail_add = fail
+
+    mod.LLM, mod.SamplingParams = LLM, SamplingParams
+    sp_mod.RequestOutputKind = types.SimpleNamespace(DELTA=2)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
+
+
+def _child_row(capsys, *extra):
+    assert bench_main(["one", "--model", "qwen3-8b-like", "--config", "flash_bf16", "--gen", "12",
+                       "--prefill-reps", "2", *extra]) == 0     # a later --gen wins
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+    return json.loads(lines[-1][7:])
+
+
+def test_child_measures_through_a_fake_engine(monkeypatch, capsys):
+    _fake_vllm(monkeypatch, capacity_tokens=700_000, block_size=16, step_s=0.002)
+    r = _child_row(capsys)
+    assert r["capacity_tokens"] == 700_000 and r["max_batch_32k"] == 21 and r["max_batch_8k"] == 85
+    assert r["max_batch_32k_ran"] == 21
+    d = r["details"]["32k"]
+    assert d["prefix_hit_tokens"] == 32256 and d["b16"]["prefix_cached_tokens_min"] == 32256
+    assert d["b16"]["method"] == "engine step log" and d["b16"]["batch"] == 16
+    # batch / median step: the fake's step is >= 2 ms, so the rate is at most batch / 2 ms
+    assert 0 < r["decode_tok_s_b16_32k"] <= 16 / 0.002 * 1.01
+    assert 0 < r["decode_tok_s_max_batch_32k"] <= 21 / 0.002 * 1.01
+    assert r["prefill_tok_s"] > 0 and r["details"]["prefill"]["prompt_tokens"] == 8192
+    assert not r["not_measured"]
+
+
+def test_child_falls_back_and_refuses_a_prefix_miss(monkeypatch, capsys):
+    _fake_vllm(monkeypatch, capacity_tokens=400_000, block_size=16, step_s=0.01, fail_add=True)
+    r = _child_row(capsys, "--contexts", "32768", "--gen", "40")      # 32 steps apart: clear of timing noise
+    assert r["details"]["32k"]["max_batch"]["method"] == "differential LLM.generate"
+    assert r["decode_tok_s_max_batch_32k"] > 0 and r["max_batch_32k"] == 12
+    assert r["not_measured"]["decode_tok_s_b16_32k"].startswith("capacity 400000 tokens holds 12 requests")
+    _fake_vllm(monkeypatch, capacity_tokens=700_000, block_size=16, step_s=0.001, prefix_cache=False)
+    r = _child_row(capsys, "--contexts", "32768")
+    assert "prefix cache hit 0 of 32256" in r["not_measured"]["decode_tok_s_b16_32k"]
+    assert r.get("decode_tok_s_b16_32k") is None and r["prefill_tok_s"] > 0
