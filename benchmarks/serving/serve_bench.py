@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from . import rows as R
+from .engine import capacity_tokens, make_llm, measure_decode, model_info, prefix_probe, timed_generate
 from .runner import Deadline, emit, parse_vllm_log, run_child
-from .stats import Step, decode_rate, median, summarize_rate
+from .stats import median, summarize_rate
 from .workload import (decode_shape, max_batch, poisson_arrivals, random_ids, shared_prefix_prompts,
                        sweep_prompt_count, usable_contexts)
 
@@ -34,65 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- child (GPU)
 
-def model_info(path: str) -> dict:
-    c = json.load(open(Path(path) / "config.json"))
-    heads = c["num_attention_heads"]
-    return {"num_layers": c["num_hidden_layers"], "num_kv_heads": c.get("num_key_value_heads", heads),
-            "head_dim": c.get("head_dim") or c["hidden_size"] // heads, "vocab": c["vocab_size"],
-            "max_position": c.get("max_position_embeddings", 1 << 20)}
-
-
-def _engine_run(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple[list[Step], dict]:
-    """Add every prompt to the engine at once, step it to completion, log each step's new tokens
-    (DELTA outputs: each step's RequestOutputs hold only that step's tokens)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-                        output_kind=RequestOutputKind.DELTA)
-    eng = llm.llm_engine
-    for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, sp)
-    cached, steps = {}, []
-    while eng.has_unfinished_requests():
-        outs = eng.step()
-        t = time.perf_counter()
-        new = [len(o.outputs[0].token_ids) for o in outs]
-        for o in outs:
-            if getattr(o, "num_cached_tokens", None) is not None:
-                cached[o.request_id] = o.num_cached_tokens
-        if sum(new):
-            steps.append(Step(t, sum(new), sum(1 for n in new if n)))
-    return steps, cached
-
-
-def _decode_differential(llm, prompts_short, prompts_long, batch: int, g_short: int, g_long: int) -> dict:
-    """Fallback when the engine's step API does not take these arguments: two LLM.generate passes of the
-    same batch and prompt shape, g_long and g_short tokens; the difference cancels prefill and set-up."""
-    t_s = _timed_generate(llm, prompts_short, g_short)
-    t_l = _timed_generate(llm, prompts_long, g_long)
-    if t_l <= t_s:
-        raise ValueError(f"non-increasing pass times {t_s:.3f}s / {t_l:.3f}s")
-    return {"tok_s": batch * (g_long - g_short) / (t_l - t_s), "method": "differential LLM.generate",
-            "pass_s": [t_s, t_l]}
-
-
-def _sp(max_tokens: int):
-    from vllm import SamplingParams
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-
-
-def _timed_generate(llm, prompts, max_tokens: int) -> float:
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], _sp(max_tokens), use_tqdm=False)
-    return time.perf_counter() - t
-
-
 def one(a) -> int:
     """One row in this process (GPU): prints PARTIAL lines after each measurement and a RESULT line."""
     _, kw, env = R.CONFIGS[a.config]
     os.environ.update(env)
-    spec = R.MODELS[a.model]
-    info = model_info(spec["path"])
+    info = model_info(R.MODELS[a.model]["path"])
     stop_at = a.stop_at or float("inf")
     ctxs, too_long = usable_contexts([int(c) for c in a.contexts.split(",")], info["max_position"])
     row = {"model": a.model, "config": a.config, "tp": a.tp, **info, "max_num_seqs": a.max_seqs,
@@ -110,15 +57,11 @@ def one(a) -> int:
         emit("PARTIAL", row)
         return time.time() < stop_at - a.min_measure_s
 
-    from vllm import LLM
     t0 = time.time()
-    llm = LLM(model=spec["path"], load_format="dummy" if spec["dummy"] else "auto", skip_tokenizer_init=True,
-              enable_prefix_caching=True, gpu_memory_utilization=a.gpu_util, max_model_len=max(ctxs),
-              max_num_seqs=a.max_seqs, max_num_batched_tokens=a.batched_tokens, tensor_parallel_size=a.tp,
-              seed=0, **{"enforce_eager": True, **kw})
-    cc = llm.llm_engine.vllm_config.cache_config
-    row.update(init_s=time.time() - t0, block_size=cc.block_size, capacity_tokens=(cc.num_gpu_blocks or 0) * cc.block_size,
-               max_model_len=max(ctxs))
+    llm = make_llm(a.model, a.config, max_model_len=max(ctxs), gpu_util=a.gpu_util, max_seqs=a.max_seqs,
+                   batched_tokens=a.batched_tokens, tp=a.tp)
+    cap, block = capacity_tokens(llm)
+    row.update(init_s=time.time() - t0, block_size=block, capacity_tokens=cap, max_model_len=max(ctxs))
     vocab, seed = info["vocab"], 1234
 
     def measure(name: str, fields: list[str], fn) -> None:
@@ -137,7 +80,7 @@ def one(a) -> int:
 
     def warmup():
         rng_prompt = random_ids(random.Random(seed), 2048, vocab)
-        row["details"]["warmup_s"] = _timed_generate(llm, [rng_prompt], 8)
+        row["details"]["warmup_s"] = timed_generate(llm, [rng_prompt], 8)
 
     measure("warm-up", [], warmup)
 
@@ -145,22 +88,9 @@ def one(a) -> int:
         shape = decode_shape(C, a.gen)
         B_max = max_batch(row["capacity_tokens"], C, a.max_seqs)
         row[R.field_name("max_batch", C)] = B_max
-        det = row["details"].setdefault(f"{C // 1024}k", {"prefix_tokens": shape.prefix, "unique_tokens": shape.unique,
-                                                          "gen_tokens": shape.gen, "max_batch_from_capacity": B_max})
-        prefix = random_ids(random.Random(seed + C), shape.prefix, vocab)
-        fill_s = _timed_generate(llm, [prefix], 1)            # the shared prefix, once (prefix cache)
-        det["prefix_fill_s"] = fill_s
-        det["prefill_tok_s_single_prefix"] = shape.prefix / fill_s
-        # One request first: does it hit the whole prefix? (Kakeya: the hit is on sealed, compressed pages.)
-        # A miss would make every batched request prefill C tokens, so the context is abandoned instead.
-        try:
-            _, cached = _engine_run(llm, shared_prefix_prompts(prefix, 1, shape.unique, vocab, seed - 1), 2, f"p{C}")
-        except (TypeError, AttributeError):
-            cached = {}
-        if cached:
-            det["prefix_hit_tokens"] = hit = min(cached.values())
-            if hit < shape.prefix:
-                raise RuntimeError(f"prefix cache hit {hit} of {shape.prefix} prefix tokens")
+        prefix, det = prefix_probe(llm, shape, vocab, seed + C)
+        det["max_batch_from_capacity"] = B_max
+        row["details"][f"{C // 1024}k"] = det
         for label, B in (("b16", 16), ("max_batch", B_max)):
             f = R.field_name(f"decode_tok_s_{label}", C)
             if B < 1 or (label == "b16" and B_max < 16):
@@ -175,21 +105,7 @@ def one(a) -> int:
                 nm[f] = f"row time budget used up before {f}"
                 continue
             try:
-                s0 = seed + 7 * B + C
-                warm = shared_prefix_prompts(prefix, B, shape.unique, vocab, s0)
-                _timed_generate(llm, warm, 3)                                     # warm-up at this batch
-                timed = shared_prefix_prompts(prefix, B, shape.unique, vocab, s0 + 1)
-                try:
-                    steps, cached = _engine_run(llm, timed, shape.gen, f"t{label}{C}")
-                    r = decode_rate(steps, B)
-                    r["method"] = "engine step log"
-                except (TypeError, AttributeError) as e:   # API drift: keep a number, say how it was made
-                    r = _decode_differential(llm, timed, shared_prefix_prompts(prefix, B, shape.unique, vocab, s0 + 2),
-                                             B, 8, shape.gen)
-                    r["step_api_error"], cached = f"{type(e).__name__}: {e}"[:200], {}
-                hits = list(cached.values())
-                # Kakeya: a hit here is on sealed (compressed) pages; 0 would mean the prefix was recomputed.
-                r.update(batch=B, prefix_cached_tokens_min=min(hits) if hits else None)
+                r = measure_decode(llm, prefix, shape, B, vocab, seed + 7 * B + C, f"t{label}{C}")
                 det[label] = r
                 row[f] = r["tok_s"]
                 if label == "max_batch":
@@ -200,7 +116,7 @@ def one(a) -> int:
     def prefill():
         n = min(a.prefill_tokens, max(ctxs) - 16)
         rng = random.Random(seed + 99)
-        times = [_timed_generate(llm, [random_ids(rng, n, vocab)], 1) for _ in range(a.prefill_reps + 1)]
+        times = [timed_generate(llm, [random_ids(rng, n, vocab)], 1) for _ in range(a.prefill_reps + 1)]
         row["details"]["prefill"] = {"prompt_tokens": n, "batch": 1, "times_s": times, "first_dropped": True}
         row["prefill_tok_s"] = n / median(times[1:])
 
