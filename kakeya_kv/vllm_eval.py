@@ -221,7 +221,7 @@ def child_cmd(c, a) -> list[str]:
     return cmd + ([] if a.niah else ["--no-niah"])
 
 
-def run_all(configs, a, make_cmd=child_cmd, on_row=None) -> list[dict]:
+def run_all(configs, a, make_cmd=None, on_row=None) -> list[dict]:
     """Run configs in order over a.gpus lanes (one GPU each), bounded by a.timeout per config and
     a.budget_s for the whole run (0 = none). Returns the raw rows in config order."""
     from .subproc import run_streaming
@@ -242,7 +242,7 @@ def run_all(configs, a, make_cmd=child_cmd, on_row=None) -> list[dict]:
                 limit = min(a.timeout, left)
                 col = Collector(c)
                 col.start()
-                res = run_streaming(make_cmd(c, a), limit, env=child_env(c, gpu if a.gpus > 1 else None),
+                res = run_streaming((make_cmd or child_cmd)(c, a), limit, env=child_env(c, gpu if a.gpus > 1 else None),
                                     on_line=col)
                 r = finish_row(col, res, limit, a.n, a.niah)
                 print(f"[{c.name}] {'ok' if not r.get('not_measured') else r['not_measured']} "
@@ -357,10 +357,23 @@ def run(a) -> int:
     if BASELINE not in names:
         names.insert(0, BASELINE)        # ΔPPL, KLD and ratios are against it
     configs, aliases = dedupe([resolve(n) for n in names])
-    meta = json.loads(Path(a.windows).read_text()).get("meta", {})
+    d = json.loads(Path(a.windows).read_text())
+    meta = d.get("meta", {})
     if not a.niah:
         meta = {**meta, "niah_contexts": None}
-    rows = run_all(configs, a, on_row=lambda rs: finish(rs, a, meta, aliases) if a.write_partial else None)
+    a.n = min(a.n, len(d["windows"]))
+
+    def write_partial(done: list[dict]):
+        """Results so far, the configs still to run listed as such (a killed call leaves valid files)."""
+        names_done = {r["name"] for r in done}
+        rest = [not_started(c, "not run: the call ended first (partial results written during the run)")
+                for c in configs if c.name not in names_done]
+        try:
+            finish(done + rest, a, meta, aliases)
+        except Exception as e:      # a partial write must never stop the run itself
+            print(f"partial results not written: {type(e).__name__}: {e}", flush=True)
+
+    rows = run_all(configs, a, on_row=write_partial if a.write_partial else None)
     doc = finish(rows, a, meta, aliases)
     print(Path(a.out).with_suffix(".md").read_text())
     return 0 if all(r["ppl"] is not None for r in doc["configs"]) else 1

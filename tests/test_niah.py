@@ -33,3 +33,16 @@ def test_answer_decodes_from_the_codec_cache():
     b = answer(model, ids, ModelFormat("bf16", "bf16", BF16()), max_new=4)
     c = answer(model, ids, ModelFormat("k3v2", "kakeya", KakeyaCodec(3, 2)), max_new=4)
     assert a == b and len(c) == 4
+
+
+def test_same_trials_for_both_backends():
+    from kakeya_kv.niah import MAX_NEW, NUMBERS, depths, prompt_tokens, score, trials
+    assert depths(5) == (0.1, 0.3, 0.5, 0.7, 0.9) and len(set(depths(10))) == 10
+    assert prompt_tokens(4096, 8192) == 4096 and prompt_tokens(8192, 8192) == 8192 - MAX_NEW
+    tl = trials(_Tok(), list(range(5, 90)) * 200, (4096, 8192), depths(10), 8192)
+    assert [len(t["ids"]) for t in tl] == [4096] * 10 + [8192 - MAX_NEW] * 10
+    assert [t["number"] for t in tl[:10]] == list(NUMBERS[:10])
+    texts = [f" {t['number']}." if i % 4 else " the old library" for i, t in enumerate(tl)]
+    s = score(tl, texts)
+    assert s["niah_4k"] == 0.7 and s["niah_8k"] == 0.8 and s["niah_8k_depths"] == list(depths(10))
+    assert score(tl[:1], [" 48 213"])["niah_4k"] == 1.0          # digits split by spaces still count

@@ -161,3 +161,21 @@ def test_finish_kld_from_topk_files_and_aliases(tmp_path):
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["gpu"] == "G" and saved["protocol"]["long_prefill_token_threshold"] == 256
     assert "= kakeya_k3v2 (same setting, not re-run)" in (tmp_path / "quality.md").read_text()
+
+
+def test_run_writes_partial_results_and_recipe_aliases(tmp_path, monkeypatch):
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    monkeypatch.setattr(vllm_eval, "child_cmd", lambda c, a: [sys.executable, str(script), c.name])
+    (tmp_path / "w.json").write_text(json.dumps({"meta": {"corpus": "c"}, "windows": [[1] * 8] * 4}))
+    seen = []
+    real = vllm_eval.finish
+    monkeypatch.setattr(vllm_eval, "finish", lambda rows, *x: seen.append([r["name"] for r in rows]) or real(rows, *x))
+    rc = vllm_eval.main(["run", "--configs", f"kakeya_k3v2,recipe:{RECIPES / 'smollm2-135m-instruct.env'}",
+                         "--windows", str(tmp_path / "w.json"), "--write-partial", "--timeout", "20",
+                         "--out", str(tmp_path / "quality.json"), "--hf-json", ""])
+    assert rc == 0
+    assert seen[0] == ["flash_bf16", "kakeya_k3v2"]          # partial: the config still to run is listed
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["name"] for r in doc["configs"]] == ["flash_bf16", "kakeya_k3v2", "recipe:smollm2-135m-instruct"]
+    assert doc["configs"][2]["same_setting_as"] == "kakeya_k3v2" and doc["windows"] == 4
