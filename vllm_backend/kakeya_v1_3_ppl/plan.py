@@ -72,15 +72,16 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                       np.zeros(B, dtype=np.int64), e, e, e, e, e, e)]
     b0 = start // N
     b1 = np.where(q_len > 0, (seq_lens[:B].astype(np.int64) - 1) // N, b0 - 1)
-    n_phases = int((b1 - b0 + 1).max(initial=0))
     # First phase of each request: does its tail hold the block's earlier tokens?
     read_only_first = np.zeros(B, dtype=bool)
+    hit = np.zeros(B, dtype=bool)      # starts after a prefix-cache hit (its sealed blocks are not its own seals)
     for r in range(B):
         if q_len[r] == 0:
             continue
         off = int(start[r] - b0[r] * N)
         slot = int(req_idx[r])
-        if off and not state.holds(slot, req_ids[r], int(b0[r]), off):
+        hit[r] = start[r] > 0 and not state.holds(slot, req_ids[r], int(b0[r]), off)
+        if off and hit[r]:
             # The block's first `off` tokens are not in the tail: they come from a prefix-cache hit,
             # i.e. the block is full and already sealed (vLLM recomputes only the last token).
             if seq_lens[r] != (b0[r] + 1) * N:
@@ -89,13 +90,15 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                     f"does not hold the block's first {off} tokens and the block is not complete; refusing to "
                     "attend to missing KV")
             read_only_first[r] = True
+    shift = _hit_shifts(hit, q_len, b0, seq_lens[:B].astype(np.int64) // N - 1)
+    n_phases = int((b1 - b0 + 1 + shift).max(initial=0))
     phases = []
     for j in range(n_phases):
-        act = np.nonzero((q_len > 0) & (b0 + j <= b1))[0]
-        blk = b0[act] + j
+        act = np.nonzero((q_len > 0) & (j >= shift) & (b0 + j - shift <= b1))[0]
+        blk = b0[act] + j - shift[act]
         lo = np.maximum(start[act], blk * N)
         hi = np.minimum(seq_lens[act].astype(np.int64), (blk + 1) * N)
-        ro = read_only_first[act] & (j == 0)
+        ro = read_only_first[act] & (j == shift[act])
         toks, poss, reqs, w_tok, w_slot, w_off = [], [], [], [], [], []
         for i, r in enumerate(act):
             t0 = qsl[r] + (lo[i] - start[r])
@@ -126,6 +129,23 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
             else:
                 state.set(int(req_idx[r]), req_ids[r], int(blk[i]), int(hi[i] - blk[i] * N))
     return phases
+
+
+def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: np.ndarray) -> np.ndarray:
+    """Phase offset per request. vLLM puts a block into the prefix cache when it schedules the step that fills it,
+    so a request admitted later in the same step can hit a block that another request seals in this very step
+    (two identical prompts arriving together). Such a request starts after the last phase that seals any of its
+    hit blocks' indices (< its first block); taken in ascending block order, so chained hits wait in turn. No
+    physical page ids here (a host copy of the block table would cost a sync): any same-index seal counts.
+    Requests continuing their own tail keep offset 0, so ordinary steps gain no phases."""
+    shift = np.zeros(len(hit), dtype=np.int64)
+    live = q_len > 0
+    for r in sorted(np.nonzero(hit)[0], key=lambda r: b0[r]):
+        last = np.minimum(last_full, b0[r] - 1)           # each other request's last sealed block below r's start
+        seals = live & (last >= b0) & (np.arange(len(hit)) != r)
+        if seals.any():
+            shift[r] = int((shift + last - b0)[seals].max()) + 1
+    return shift
 
 
 def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
