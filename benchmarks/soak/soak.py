@@ -1,0 +1,241 @@
+"""Soak (issue 7): N mixed requests through vLLM's OpenAI server with the KAKEYA backend, on 127.0.0.1 only.
+
+    source .gpukit/setup.sh; source scripts/device_install.sh
+    python benchmarks/soak/soak.py --out $OUT/soak.json --deadline-s 420
+
+Mix: prompt lengths log-uniform 16 -> 16k tokens (token-id prompts, ~30 % start with one of 4 shared prefixes so the
+prefix cache is hit, also by requests running at the same time), 1-128 new tokens with ignore_eos, ~15 % aborted by
+the client (connection closed before the first token, or after k streamed tokens), `--concurrency` in flight.
+Checks: no request fails or returns fewer tokens than asked; once idle, vLLM's KV usage is back to 0 and GPU memory
+did not grow past the warm-up baseline; throughput per 100 completed requests is logged. SmolLM2's trained context is
+8k, so 16k prompts run past it (VLLM_ALLOW_LONG_MAX_MODEL_LEN): the outputs are meaningless, the cache mechanics are
+what is tested. Bounded: no request is sent after --deadline-s minus a reserve for the checks and shutdown.
+Writes benchmarks/results/soak.json's schema {"gpu","requests","errors","aborted","kv_usage_end","mem_growth_mb"} +
+details. NOT YET RUN on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import random
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_server import Server, gpu_memory_used_mb, request  # noqa: E402
+
+MODEL = "/tmp/models/SmolLM2-135M-Instruct"
+VOCAB_LO, VOCAB_HI = 100, 40000
+MEM_GROWTH_LIMIT_MB = 64.0     # pass criterion: allocator noise, not a leak (KV pages are preallocated)
+
+
+@dataclass
+class Req:
+    idx: int
+    prompt_len: int
+    max_tokens: int
+    prefix: int | None          # index of the shared prefix the prompt starts with
+    abort: str | None           # None, "before_first_token", or "after_tokens"
+    abort_after: int = 0        # streamed tokens read before closing ("after_tokens")
+    seed: int = 0
+
+
+def request_mix(n: int, seed: int = 0, min_len: int = 16, max_len: int = 16384, max_new: int = 128,
+                abort_frac: float = 0.15, shared_frac: float = 0.3, n_prefixes: int = 4) -> list[Req]:
+    """Deterministic request list; the first two requests are the extreme lengths so every run covers them."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i < 2:
+            length = (max_len, min_len)[i]
+        else:
+            length = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len)))))
+        new = rng.randint(1, max_new)
+        prefix = rng.randrange(n_prefixes) if rng.random() < shared_frac else None
+        abort, after = None, 0
+        if i >= 2 and rng.random() < abort_frac:
+            if new > 1 and rng.random() < 0.5:
+                abort, after = "after_tokens", rng.randint(1, new - 1)
+            else:
+                abort = "before_first_token"
+        out.append(Req(i, min(max(length, min_len), max_len), new, prefix, abort, after, rng.randrange(1 << 30)))
+    return out
+
+
+def shared_prefixes(seed: int, n: int = 4, max_len: int = 16384) -> list[list[int]]:
+    rng = random.Random(seed + 1)
+    return [[rng.randrange(VOCAB_LO, VOCAB_HI) for _ in range(min(1024 << k, max_len))] for k in range(n)]
+
+
+def prompt_ids(r: Req, prefixes: list[list[int]]) -> list[int]:
+    rng = random.Random(r.seed)
+    head = prefixes[r.prefix][:r.prompt_len] if r.prefix is not None else []
+    return head + [rng.randrange(VOCAB_LO, VOCAB_HI) for _ in range(r.prompt_len - len(head))]
+
+
+def send(port: int, model: str, r: Req, prefixes, timeout: float) -> dict:
+    """One request; returns a result row (status ok / aborted / error)."""
+    t0 = time.monotonic()
+    body = {"model": model, "prompt": prompt_ids(r, prefixes), "max_tokens": r.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": r.abort == "after_tokens"}
+    row = {"idx": r.idx, "prompt_len": r.prompt_len, "max_tokens": r.max_tokens, "abort": r.abort, "t0": t0}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        if r.abort == "before_first_token":
+            return {**row, "status": "aborted", "t1": time.monotonic()}
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return {**row, "status": "error", "t1": time.monotonic(),
+                    "error": f"HTTP {resp.status}: {resp.read()[:300].decode(errors='replace')}"}
+        if r.abort == "after_tokens":
+            seen = 0
+            while seen < r.abort_after:
+                line = resp.readline()
+                if not line:
+                    return {**row, "status": "error", "t1": time.monotonic(),
+                            "error": f"stream ended after {seen} of {r.abort_after} events"}
+                if line.startswith(b"data: {"):
+                    seen += 1
+            return {**row, "status": "aborted", "t1": time.monotonic()}
+        out = json.loads(resp.read())
+        n = out.get("usage", {}).get("completion_tokens")
+        if n != r.max_tokens:
+            return {**row, "status": "error", "t1": time.monotonic(),
+                    "error": f"{n} completion tokens, asked {r.max_tokens}"}
+        return {**row, "status": "ok", "t1": time.monotonic(), "completion_tokens": n}
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        return {**row, "status": "error", "t1": time.monotonic(), "error": f"{type(e).__name__}: {e}"}
+    finally:
+        conn.close()        # for an abort: the server sees the disconnect and aborts the request
+
+
+def throughput_per_100(rows: list[dict], t_start: float) -> list[dict]:
+    """Completed requests in completion order, in groups of 100: tokens (prompt + new) and requests per second."""
+    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["t1"])
+    out, t_prev = [], t_start
+    for g in range(0, len(done) - len(done) % 100, 100):
+        grp = done[g:g + 100]
+        dt = max(grp[-1]["t1"] - t_prev, 1e-9)
+        out.append({"completed": f"{g + 1}-{g + 100}", "tok_s": sum(r["prompt_len"] + r["completion_tokens"]
+                                                                    for r in grp) / dt, "req_s": 100 / dt})
+        t_prev = grp[-1]["t1"]
+    return out
+
+
+def summarize(rows: list[dict], planned: int, *, gpu: str, kv_usage_end: float | None, mem_base: float | None,
+              mem_end: float | None, wall_s: float, t_start: float, **extra) -> dict:
+    errors = [r for r in rows if r["status"] == "error"]
+    tput = throughput_per_100(rows, t_start)
+    rates = [t["tok_s"] for t in tput[1:]]            # the first group includes the ramp-up
+    growth = None if mem_base is None or mem_end is None else mem_end - mem_base
+    res = {"gpu": gpu, "requests": len(rows), "errors": len(errors),
+           "aborted": sum(r["status"] == "aborted" for r in rows), "kv_usage_end": kv_usage_end,
+           "mem_growth_mb": growth, "planned": planned, "completed": sum(r["status"] == "ok" for r in rows),
+           "not_sent_deadline": planned - len(rows), "wall_s": wall_s, "throughput_per_100": tput,
+           "throughput_min_over_median": min(rates) / statistics.median(rates) if len(rates) >= 2 else None,
+           "error_samples": [f"#{r['idx']} ({r['prompt_len']} tok): {r['error']}" for r in errors[:8]], **extra}
+    res["passed"] = (res["errors"] == 0 and res["requests"] == planned and kv_usage_end == 0.0
+                     and growth is not None and growth <= MEM_GROWTH_LIMIT_MB)
+    return res
+
+
+def settle(srv: Server, model: str, timeout_s: float = 60) -> dict:
+    """Wait until nothing runs or waits, then finish a 1-token request: vLLM publishes scheduler stats (KV usage)
+    only at the end of a step that produced output, so the last abort alone leaves the gauge stale."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        m = srv.metrics()
+        if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
+            break
+        time.sleep(1)
+    request(srv.port, "POST", "/v1/completions", {"model": model, "prompt": [VOCAB_LO + 7] * 16, "max_tokens": 1},
+            timeout=60)
+    return srv.metrics()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline-s", type=float, default=420, help="no request is sent after this minus --reserve-s")
+    ap.add_argument("--reserve-s", type=float, default=75)
+    ap.add_argument("--startup-s", type=float, default=240)
+    ap.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's piecewise CUDA graphs)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)")
+    ap.add_argument("--out", default="benchmarks/results/soak.json")
+    a = ap.parse_args(argv)
+    t_begin = time.monotonic()
+    name = "soak"
+    args = ["--attention-backend", "KAKEYA", "--served-model-name", name, "--max-model-len", str(a.max_len + 256),
+            "--max-num-seqs", str(a.concurrency), "--gpu-memory-utilization", "0.3", "--enable-prefix-caching",
+            *(["--enforce-eager"] if a.eager else []), *a.server_arg]
+    reqs = request_mix(a.requests, a.seed, max_len=a.max_len)
+    prefixes = shared_prefixes(a.seed, max_len=a.max_len)
+    gpu = "unknown"
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - the name is informational
+        pass
+    res = {"gpu": gpu, "requests": 0, "errors": None, "aborted": 0, "kv_usage_end": None, "mem_growth_mb": None}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with Server(a.model, args, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_s=a.startup_s,
+                    log_path=str(out.with_suffix(".server.log"))) as srv:
+            startup = time.monotonic() - t_begin
+            # Warm-up (not counted): the longest prompt and a full batch, so allocator pools reach steady size.
+            warm = [Req(-1 - i, n, 4, None, None, 0, 7 + i) for i, n in enumerate([a.max_len] + [512] * a.concurrency)]
+            with ThreadPoolExecutor(a.concurrency) as ex:
+                bad = [w for w in ex.map(lambda r: send(srv.port, name, r, prefixes, 300), warm) if w["status"] != "ok"]
+            if bad:
+                raise RuntimeError(f"warm-up failed: {bad[0]}")
+            settle(srv, name)
+            mem_base = gpu_memory_used_mb()
+            stop_at = t_begin + a.deadline_s - a.reserve_s
+            rows, lock = [], threading.Lock()
+
+            def one(r: Req):
+                if time.monotonic() > stop_at:
+                    return
+                row = send(srv.port, name, r, prefixes, timeout=max(30.0, stop_at + 60 - time.monotonic()))
+                with lock:
+                    rows.append(row)
+                    if len(rows) % 100 == 0:
+                        print(f"[soak] {len(rows)} done, {sum(x['status'] == 'error' for x in rows)} errors, "
+                              f"{time.monotonic() - t_begin:.0f} s", flush=True)
+
+            t_start = time.monotonic()
+            with ThreadPoolExecutor(a.concurrency) as ex:
+                list(ex.map(one, reqs))
+            wall = time.monotonic() - t_start
+            m = settle(srv, name)
+            time.sleep(2)                                  # let the allocator return what the last steps freed
+            res = summarize(rows, len(reqs), gpu=gpu, kv_usage_end=m.get("vllm:kv_cache_usage_perc"),
+                            mem_base=mem_base, mem_end=gpu_memory_used_mb(), wall_s=wall, t_start=t_start,
+                            startup_s=startup, preemptions=m.get("vllm:num_preemptions_total"),
+                            prefix_cache_hits=m.get("vllm:prefix_cache_hits_total"),
+                            prefix_cache_queries=m.get("vllm:prefix_cache_queries_total"),
+                            concurrency=a.concurrency, max_len=a.max_len, server_args=args)
+    except Exception as e:  # noqa: BLE001 - the result file must say why the soak did not complete
+        res.update(passed=False, failure=f"{type(e).__name__}: {e}"[-3000:])
+    res["total_s"] = time.monotonic() - t_begin
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: res.get(k) for k in ("gpu", "requests", "errors", "aborted", "kv_usage_end",
+                                              "mem_growth_mb", "passed", "failure")}), flush=True)
+    return 0 if res.get("passed") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""CPU parts of the GPU soak and suite helpers: request mix, result summary, Prometheus parsing, server process-group
+stop, and the head padding that makes SmolLM2 splittable for tensor parallel 2."""
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "soak"))
+soak = _load("soak", ROOT / "benchmarks" / "soak" / "soak.py")
+vllm_server = sys.modules["vllm_server"]
+
+
+def test_request_mix_is_deterministic_and_covers_the_range():
+    a, b = soak.request_mix(1000, seed=3), soak.request_mix(1000, seed=3)
+    assert a == b and a != soak.request_mix(1000, seed=4)
+    lens = [r.prompt_len for r in a]
+    assert (max(lens), min(lens)) == (16384, 16) and lens[:2] == [16384, 16]
+    assert sum(n < 512 for n in lens) > 200 and sum(n > 4096 for n in lens) > 100     # log-uniform: both ends
+    aborts = [r for r in a if r.abort]
+    assert 100 < len(aborts) < 200
+    assert {r.abort for r in aborts} == {"before_first_token", "after_tokens"}
+    assert all(1 <= r.abort_after < r.max_tokens for r in aborts if r.abort == "after_tokens")
+    assert all(1 <= r.max_tokens <= 128 for r in a) and 200 < sum(r.prefix is not None for r in a) < 400
+
+
+def test_prompts_have_the_planned_length_and_share_prefixes():
+    prefixes = soak.shared_prefixes(0)
+    assert [len(p) for p in prefixes] == [1024, 2048, 4096, 8192]
+    reqs = [r for r in soak.request_mix(300, seed=0) if r.prefix is not None]
+    for r in reqs[:20]:
+        ids = soak.prompt_ids(r, prefixes)
+        assert len(ids) == r.prompt_len and ids == soak.prompt_ids(r, prefixes)
+        n = min(r.prompt_len, len(prefixes[r.prefix]))
+        assert ids[:n] == prefixes[r.prefix][:n]
+
+
+def _row(i, status, t1, n=10, prompt=100, **kw):
+    return {"idx": i, "status": status, "t1": t1, "prompt_len": prompt, "completion_tokens": n, "max_tokens": n, **kw}
+
+
+def test_summary_counts_throughput_and_pass_criteria():
+    rows = [_row(i, "ok", 1.0 + i * 0.01) for i in range(250)]
+    rows += [_row(1000, "aborted", 5.0), _row(1001, "error", 5.0, error="HTTP 500: boom")]
+    res = soak.summarize(rows, 260, gpu="X", kv_usage_end=0.0, mem_base=1000.0, mem_end=1010.0, wall_s=4.0,
+                         t_start=1.0)
+    assert (res["requests"], res["errors"], res["aborted"], res["completed"]) == (252, 1, 1, 250)
+    assert res["not_sent_deadline"] == 8 and res["mem_growth_mb"] == 10.0
+    assert [t["completed"] for t in res["throughput_per_100"]] == ["1-100", "101-200"]
+    # group 2: 100 requests of 110 tokens between t=1.99 and t=2.99
+    assert res["throughput_per_100"][1]["tok_s"] == pytest.approx(11000, rel=1e-6)
+    assert res["error_samples"] == ["#1001 (100 tok): HTTP 500: boom"] and res["passed"] is False
+    clean = [r for r in rows if r["status"] != "error"]
+    ok = soak.summarize(clean, len(clean), gpu="X", kv_usage_end=0.0, mem_base=1.0, mem_end=2.0, wall_s=1,
+                        t_start=1.0)
+    assert ok["passed"] is True
+    for bad in (dict(kv_usage_end=0.01), dict(mem_end=1.0 + soak.MEM_GROWTH_LIMIT_MB + 1), dict(mem_end=None)):
+        args = {**dict(gpu="X", kv_usage_end=0.0, mem_base=1.0, mem_end=2.0, wall_s=1, t_start=1.0), **bad}
+        assert soak.summarize(clean, len(clean), **args)["passed"] is False, bad
+
+
+def test_prometheus_text_is_summed_over_labels():
+    text = """# HELP vllm:kv_cache_usage_perc KV-cache usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="soak"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="soak"} 0.5
+vllm:num_preemptions_total{engine="0",model_name="soak"} 3.0
+vllm:request_success_total{finished_reason="stop",model_name="a b"} 2.0
+"""
+    m = vllm_server.parse_prometheus(text)
+    assert m == {"vllm:kv_cache_usage_perc": 0.75, "vllm:num_preemptions_total": 3.0,
+                 "vllm:request_success_total": 2.0}
+
+
+def test_server_stop_kills_the_whole_process_group(tmp_path):
+    """stop() must reach children (vLLM's engine core and workers), not only the process it started."""
+    srv = vllm_server.Server("unused", log_path=str(tmp_path / "log"))
+    child_pid = tmp_path / "child"
+    srv.proc = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+c = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open({str(child_pid)!r}, "w").write(str(c.pid))
+time.sleep(600)
+"""], start_new_session=True)
+    for _ in range(100):
+        if child_pid.exists() and child_pid.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(child_pid.read_text())
+    srv.stop(grace_s=5)
+    assert srv.proc.poll() is not None and not srv._group_alive()
+    with pytest.raises(ProcessLookupError):
+        import os
+        os.kill(pid, 0)
+
+
+def test_head_padding_keeps_the_model_function():
+    """The padded checkpoint (zero heads appended, same GQA group) computes the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.vllm_gpu_common import pad_heads
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).float().eval()
+    state, pcfg = pad_heads(model.state_dict(), cfg.to_dict(), 6, 2)
+    assert (pcfg["num_attention_heads"], pcfg["num_key_value_heads"], pcfg["head_dim"]) == (6, 2, 16)
+    padded = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in pcfg.items() if k in cfg.to_dict()})).float().eval()
+    padded.load_state_dict(state)
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, padded(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="same GQA group"):
+        pad_heads(model.state_dict(), cfg.to_dict(), 4, 2)

@@ -1,0 +1,193 @@
+"""Shared pieces of the vLLM GPU tests (test_vllm_gpu.py, test_vllm_lifecycle.py): the model, prompts whose greedy
+continuation is confident, an in-process engine driven one scheduler step at a time, metric readers, and the
+head padding that makes SmolLM2 splittable for tensor parallel 2. Importing this module needs neither vLLM nor a
+GPU (the padding is CPU-tested in test_gpu_helpers.py)."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+MODEL = "/tmp/models/SmolLM2-135M-Instruct"      # written by the gpu-kit's setup.sh (--with-smollm2)
+VOCAB_LO, VOCAB_HI = 100, 40000                  # token ids clear of SmolLM2's special tokens (vocab 49152)
+
+
+def copy_prompt(rng: random.Random, n: int) -> list[int]:
+    """n token ids: a random segment repeated. The model continues the repetition (induction), so greedy
+    decoding has large logit margins: two correct runs agree token for token despite bf16 rounding differences
+    between batch shapes, while a wrong K/V anywhere in the copied span changes the output. Long prompts repeat
+    segments longer than a 512-token block, so copying reads sealed (compressed) blocks, not only the tail."""
+    seg = max(8, min(n // 3, 800))
+    base = [rng.randrange(VOCAB_LO, VOCAB_HI) for _ in range(seg)]
+    return [base[i % seg] for i in range(n)]
+
+
+def first_divergence(a, b) -> int | None:
+    """Index of the first differing token (the shorter length if one is a prefix of the other), None if equal."""
+    a, b = list(a), list(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def assert_same_tokens(got: dict, want: dict, what: str) -> None:
+    bad = {k: first_divergence(got[k], want[k]) for k in want}
+    bad = {k: v for k, v in bad.items() if v is not None}
+    assert not bad, f"{what}: {len(bad)}/{len(want)} outputs differ, first divergence at {bad}"
+
+
+def record(name: str, **fields) -> None:
+    """Diagnostics for the device job's result folder (GPU_TEST_RECORD names a JSON-lines file); a no-op otherwise."""
+    path = os.environ.get("GPU_TEST_RECORD")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **fields}) + "\n")
+
+
+def metric(metrics, name: str) -> float:
+    """Sum of a vLLM metric over its label sets (engines); vLLM's reader strips a counter's _total suffix."""
+    vals = [float(m.value) for m in metrics if m.name == name]
+    if not vals:
+        raise AssertionError(f"{name} not reported (disable_log_stats=False?)")
+    return sum(vals)
+
+
+@contextlib.contextmanager
+def inproc_llm(env: dict[str, str], **kwargs):
+    """An LLM whose engine core runs in this process (no busy loop): every LLMEngine.step() is exactly one scheduler
+    step, so a test can stop at a known number of computed tokens and read the scheduler's state. One at a time:
+    the engine is shut down and the distributed state cleaned on exit. ``env`` (KAKEYA_* knobs) is set for the
+    engine's lifetime."""
+    saved = {k: os.environ.get(k) for k in [*env, "VLLM_ENABLE_V1_MULTIPROCESSING"]}
+    os.environ.update(env)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = None
+    try:
+        from vllm import LLM
+        llm = LLM(**kwargs)
+        yield llm
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Stepper:
+    """Drives an in-process LLM's engine request by request and step by step (greedy, ignore_eos)."""
+
+    def __init__(self, llm):
+        self.llm, self.eng = llm, llm.llm_engine
+        self.sched = self.eng.engine_core.engine_core.scheduler
+        self.n = 0
+        self.out: dict[str, object] = {}      # request id -> final RequestOutput
+
+    def add(self, tokens: list[int], max_tokens: int) -> str:
+        from vllm import SamplingParams
+        self.n += 1
+        rid = f"q{self.n}"
+        self.eng.add_request(rid, {"prompt_token_ids": list(tokens)},
+                             SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                            detokenize=False))
+        return rid
+
+    def step(self) -> None:
+        for o in self.eng.step():
+            if o.finished:
+                self.out[o.request_id] = o
+
+    def computed(self, rid: str) -> int:
+        return self.sched.requests[rid].num_computed_tokens
+
+    def step_until(self, cond, limit: int = 4000) -> None:
+        for _ in range(limit):
+            if cond():
+                return
+            self.step()
+        raise AssertionError(f"condition not reached within {limit} steps")
+
+    def drain(self, limit: int = 20000) -> None:
+        self.step_until(lambda: not self.eng.has_unfinished_requests(), limit)
+
+    def tokens(self, rid: str) -> list[int]:
+        return list(self.out[rid].outputs[0].token_ids)
+
+    def generate(self, prompts: dict, max_tokens: int) -> dict:
+        """All prompts in one batch -> {key: generated token ids}."""
+        ids = {k: self.add(p, max_tokens) for k, p in prompts.items()}
+        self.drain()
+        return {k: self.tokens(r) for k, r in ids.items()}
+
+    def alone(self, prompts: dict, max_tokens: int) -> dict:
+        """Each prompt by itself (no batch neighbours, no KV pressure)."""
+        return {k: self.generate({k: p}, max_tokens)[k] for k, p in prompts.items()}
+
+    def reset_prefix_cache(self) -> None:
+        assert self.llm.reset_prefix_cache(), "prefix cache reset refused (requests still running?)"
+
+    def metric(self, name: str) -> float:
+        return metric(self.llm.get_metrics(), name)
+
+    def kv_usage_when_idle(self) -> tuple[float, float]:
+        """(vllm:kv_cache_usage_perc, the block pool's own usage) with no request left. vLLM publishes scheduler
+        stats only at the end of a step that produced outputs, so an abort alone leaves the gauge stale: finish a
+        1-token request first."""
+        assert not self.eng.has_unfinished_requests()
+        self.generate({"tick": [VOCAB_LO + 7] * 16}, 1)
+        return self.metric("vllm:kv_cache_usage_perc"), self.sched.kv_cache_manager.usage
+
+
+def pad_heads(state: dict[str, torch.Tensor], cfg: dict, num_heads: int, num_kv_heads: int) -> tuple[dict, dict]:
+    """Add all-zero attention heads so that the head counts divide a tensor-parallel size (SmolLM2's 9 query /
+    3 KV heads do not divide 2). New KV heads have zero K/V projections; new query heads zero Q rows and zero
+    o_proj columns, and each keeps the model's GQA group size, so the extra heads add exactly zero to every
+    residual: the padded model computes the same function. Llama-layout (q/k/v/o_proj) checkpoints only."""
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // hq
+    if num_heads % num_kv_heads or num_heads // num_kv_heads != hq // hkv or num_heads < hq or num_kv_heads < hkv:
+        raise ValueError(f"cannot pad {hq}/{hkv} heads to {num_heads}/{num_kv_heads} with the same GQA group")
+    out = {}
+    for name, t in state.items():
+        rows = {"q_proj": num_heads, "k_proj": num_kv_heads, "v_proj": num_kv_heads}
+        kind = next((k for k in (*rows, "o_proj") if f"self_attn.{k}." in name), None)
+        if kind in rows:                          # [H*D, hidden] weight or [H*D] bias: zero rows appended
+            pad = torch.zeros((rows[kind] * d - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+            out[name] = torch.cat([t, pad], 0)
+        elif kind == "o_proj" and name.endswith("weight"):   # [hidden, H*D]: zero columns appended
+            out[name] = torch.cat([t, torch.zeros((t.shape[0], num_heads * d - t.shape[1]), dtype=t.dtype)], 1)
+        else:
+            out[name] = t
+    return out, dict(cfg, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=d)
+
+
+def padded_model_dir(src: str, dst: str, num_heads: int, num_kv_heads: int) -> str:
+    """Write a head-padded copy of a safetensors HF model folder (tokenizer files copied as they are)."""
+    from safetensors.torch import load_file, save_file
+    src_p, dst_p = Path(src), Path(dst)
+    if (dst_p / "config.json").is_file():
+        return dst
+    dst_p.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for f in sorted(src_p.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    state, cfg = pad_heads(state, json.loads((src_p / "config.json").read_text()), num_heads, num_kv_heads)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dst_p / "model.safetensors"),
+              metadata={"format": "pt"})
+    for f in src_p.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            (dst_p / f.name).write_bytes(f.read_bytes())
+    (dst_p / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
