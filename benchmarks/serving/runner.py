@@ -131,3 +131,23 @@ def parse_vllm_log(text: str) -> dict:
         if p := _POOL.findall(m[-1]):
             out["kakeya_tail_pool_mib"] = int(p[-1])
     return out
+
+
+def gpu_name() -> str:
+    """The card(s) as nvidia-smi names them; no CUDA context here (it would hold GPU memory that every
+    row's gpu_memory_utilization counts against)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        return f"{len(out)}x {out[0]}" if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: str, res: dict) -> None:
+    """Atomic (tmp + rename): a call killed mid-write leaves the previous complete file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import rows as R
 from .engine import capacity_tokens, make_llm, measure_decode, model_info, prefix_probe, timed_generate
-from .runner import Deadline, emit, parse_vllm_log, run_child
+from .runner import Deadline, emit, gpu_name, parse_vllm_log, run_child, write_json
 from .stats import median, summarize_rate
 from .workload import (decode_shape, max_batch, poisson_arrivals, random_ids, shared_prefix_prompts,
                        sweep_prompt_count, usable_contexts)
@@ -138,15 +138,6 @@ def one(a) -> int:
 
 # ----------------------------------------------------------------------------- orchestration (no CUDA here)
 
-def gpu_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        return f"{len(out)}x {out[0]}" if out else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def preflight(config: str) -> str | None:
     """Reasons known before starting vLLM: a Kakeya refusal, TurboQuant without the FA2 extension."""
     why = R.refusal(config)
@@ -159,14 +150,6 @@ def preflight(config: str) -> str | None:
             if not any(fa.glob("_vllm_fa2_C*.so")):
                 return "vLLM's TurboQuant needs FlashAttention-2: the gpu-kit was built without --with-fa2"
     return None
-
-
-def _write(path: str, res: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _settings(a) -> dict:
@@ -209,7 +192,7 @@ def run(a) -> int:
         row["wall_s"] = round(time.time() - t0, 1)
         res["rows"].append(row)
         res["elapsed_s"] = round(a.deadline_s - deadline.left(), 1)
-        _write(a.out, res)
+        write_json(a.out, res)
         open(os.path.splitext(a.out)[0] + ".md", "w").write(markdown(res))
         print(f"[{model} / {config}] {row['status']} in {row['wall_s']}s: capacity {row['capacity_tokens']} "
               f"b16@32k {row['decode_tok_s_b16_32k']} max@32k {row['decode_tok_s_max_batch_32k']} "
@@ -303,7 +286,7 @@ def sweep(a) -> int:
             res["rows"].append({"model": model, "config": config, "tp": a.tp, "error": "call deadline", "sweep": []})
         else:
             res["rows"].append(sweep_one(model, config, a, deadline))
-        _write(a.out, res)
+        write_json(a.out, res)
     return 0
 
 
@@ -324,7 +307,7 @@ def report(a) -> int:
         R.check_row(r)
     res = {"gpu": " + ".join(sorted(set(gpus))), "settings": json.load(open(a.inputs[0])).get("settings", {}),
            "rows": rows}
-    _write(a.out, res)
+    write_json(a.out, res)
     base = os.path.splitext(a.out)[0]
     open(base + ".md", "w").write(markdown(res))
     plot(res, base + ".png")
