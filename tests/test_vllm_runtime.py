@@ -32,14 +32,14 @@ def _ref(q, pos, K, V, decoded):
     return torch.einsum("hl,hld->hd", torch.softmax(s, -1), v)
 
 
-def _run(exact: bool):
+def _run(exact: bool, bits=(4, 3), steps=STEPS):
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     g = torch.Generator().manual_seed(0)
-    total = [sum(n for s in STEPS for r, n in s if r == i) for i in range(2)]
+    total = [sum(n for s in steps for r, n in s if r == i) for i in range(2)]
     K = [(torch.randn(HKV, L, D, generator=g) + torch.randn(D, generator=g) * 3).bfloat16() for L in total]
     V = [torch.randn(HKV, L, D, generator=g).bfloat16() for L in total]
-    kk = KakeyaKernels(D, 4, 3, DEV)
-    codec = KakeyaCodec(4, 3)   # decodes the kernel's sealed pages for the reference
+    kk = KakeyaKernels(D, *bits, DEV)
+    codec = KakeyaCodec(*bits)   # decodes the kernel's sealed pages for the reference
     pages = 8
     bt = torch.randperm(pages, generator=g).view(2, 4).to(torch.int32).to(DEV)
     if exact:
@@ -49,7 +49,7 @@ def _run(exact: bool):
     tail_k = torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV)
     tail_v = torch.zeros_like(tail_k)
     state, done, seen = TailState(), [0, 0], []
-    for step in STEPS:
+    for step in steps:
         rows = [r for r, _ in step]
         qlen = [n for _, n in step]
         qsl = np.concatenate([[0], np.cumsum(qlen)])

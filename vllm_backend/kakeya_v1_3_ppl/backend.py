@@ -1,7 +1,8 @@
 """vLLM 0.26 attention backend: compressed 512-token pages + an exact per-request tail.
 
-* Compressed layers (``KakeyaBackend``): a page is one sealed block per KV head in the
-  ``kakeya`` format; the request's unsealed tokens live in a bf16 tail slot (one per
+* Compressed layers (``KakeyaBackend``; ``KakeyaBackend_k{K}v{V}`` for layers whose KAKEYA_LAYER_BITS
+  widths differ from KAKEYA_K_BITS/V_BITS): a page is one sealed block per KV head in the
+  ``kakeya`` format of the layer's widths; the request's unsealed tokens live in a bf16 tail slot (one per
   persistent request row, allocated at model load so vLLM's profiler counts it).
 * Exact layers (``KakeyaExactBackend``: boundary layers, or KAKEYA_FORMAT=exact): bf16 pages
   in the ``exact`` layout, written in place, no tail.
@@ -12,6 +13,7 @@ tail writes, seals) is made on the CPU by :mod:`.plan`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,10 +24,12 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-from kakeya_kv.format import BLOCK_TOKENS, SUPPORTED_HEAD_DIMS, kakeya_layout
+from kakeya_kv.config import EXACT
+from kakeya_kv.format import ALLOWED_BITS, BLOCK_TOKENS, SUPPORTED_HEAD_DIMS
 
 from . import context
 from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
+from .pages import describe, kv_cache_shape
 from .plan import DecodeBuffers, TailState, plan_step, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
 
@@ -35,16 +39,18 @@ _KERNELS: dict = {}
 
 
 def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
+    """One kernel set per (head_dim, widths, device, bundle): layers of equal widths share it."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source)
     if key not in _KERNELS:
-        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device,
-                                      k_table=None if cal is None else cal.k_table,
-                                      v_table=None if cal is None else cal.v_table)
+        kt, vt = (None, None) if cal is None else cal.tables(k_bits, v_bits)
+        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt)
     return _KERNELS[key]
 
 
 class KakeyaBackend(AttentionBackend):
+    # (k_bits, v_bits) of this class's pages; None = KAKEYA_K_BITS / KAKEYA_V_BITS (see backend_for_bits).
+    kakeya_bits: ClassVar[tuple[int, int] | None] = None
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = True   # writes, attention and seals are ordered inside forward
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16]
@@ -65,13 +71,13 @@ class KakeyaBackend(AttentionBackend):
     def get_supported_kernel_block_sizes():
         return [BLOCK_TOKENS]
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
-        cfg = settings()
-        lay = kakeya_layout(head_size, cfg.k_bits, cfg.v_bits)
-        if block_size != BLOCK_TOKENS:
-            raise ValueError(f"Kakeya kernel block size must be {BLOCK_TOKENS}, got {block_size}")
-        return (num_blocks, num_kv_heads, lay.slot_bytes)
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        bits = cls.kakeya_bits
+        if bits is None:
+            cfg = settings()
+            bits = (cfg.k_bits, cfg.v_bits)
+        return kv_cache_shape(bits, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
@@ -92,11 +98,39 @@ class KakeyaBackend(AttentionBackend):
 class KakeyaExactBackend(KakeyaBackend):
     """Exact bf16 pages (boundary layers / exact mode): [blocks, Hkv, K|V, 512, D]."""
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
-        if block_size != BLOCK_TOKENS:
-            raise ValueError(f"Kakeya kernel block size must be {BLOCK_TOKENS}, got {block_size}")
-        return (num_blocks, num_kv_heads, 2, block_size, head_size)
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return kv_cache_shape(EXACT, num_blocks, block_size, num_kv_heads, head_size)
+
+
+def backend_for_bits(k_bits: int, v_bits: int) -> type[KakeyaBackend]:
+    """The backend class of layers stored at these widths. A class per width gives each width its own vLLM
+    attention group (its own metadata builder and kv-cache shape). Created on demand and kept as a module
+    attribute, so it pickles by name; the module ``__getattr__`` recreates it in any other process."""
+    name = f"KakeyaBackend_k{k_bits}v{v_bits}"
+    cls = globals().get(name)
+    if cls is None:
+        if k_bits not in ALLOWED_BITS["kakeya"]["k"] or v_bits not in ALLOWED_BITS["kakeya"]["v"]:
+            raise ValueError(f"kakeya: no {k_bits}-bit K / {v_bits}-bit V format (allowed {ALLOWED_BITS['kakeya']})")
+        cls = type(name, (KakeyaBackend,), {"kakeya_bits": (k_bits, v_bits), "__module__": __name__,
+                                            "__qualname__": name})
+        globals()[name] = cls
+    return cls
+
+
+def backend_for_layer(bits) -> type[KakeyaBackend]:
+    """bits: KakeyaConfig.bits_for(layer). Layers at the default widths keep KakeyaBackend itself."""
+    if bits == EXACT:
+        return KakeyaExactBackend
+    cfg = settings()
+    return KakeyaBackend if tuple(bits) == (cfg.k_bits, cfg.v_bits) else backend_for_bits(*bits)
+
+
+def __getattr__(name: str):
+    m = re.fullmatch(r"KakeyaBackend_k(\d+)v(\d+)", name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return backend_for_bits(int(m[1]), int(m[2]))
 
 
 @dataclass
@@ -178,21 +212,26 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         return meta
 
 
+_LOGGED = False
+
+
 def _log_startup(vllm_config, spec) -> None:
+    global _LOGGED
+    if _LOGGED:   # one builder per width: log the whole model once
+        return
+    _LOGGED = True
     from .checks import tail_pool_bytes
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     L = mc.get_num_layers(pc)
     cfg = settings(L)
-    lay = kakeya_layout(spec.head_size, cfg.k_bits, cfg.v_bits)
     blocks = vllm_config.cache_config.num_gpu_blocks
     cap = f"{blocks * vllm_config.cache_config.block_size} tokens" if blocks else "unknown"
     n_seq = vllm_config.scheduler_config.max_num_seqs
     pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
     logger.warning(
-        "Kakeya KV: format %s k%dv%d, %.2f B/token/head (%.2fx vs bf16) on compressed layers, boundary bf16 layers "
-        "%s, calibration %s, exact-tail pool %.0f MiB (max_num_seqs %d), KV capacity %s", lay.format, cfg.k_bits,
-        cfg.v_bits, lay.bytes_per_token_head, lay.ratio_vs_bf16, list(cfg.boundary_skip_layers) or "none",
-        cfg.calibration or "none (data-free)", pool / 2**20, n_seq, cap)
+        "Kakeya KV: format kakeya, layers %s, calibration %s, exact-tail pool %.0f MiB (max_num_seqs %d), "
+        "KV capacity %s", describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.calibration or "none (data-free)",
+        pool / 2**20, n_seq, cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
@@ -219,6 +258,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.k_weight = None
         self.layer_name: str | None = None
         self.exact = self.cfg.format == "exact"
+        self.bits = EXACT if self.exact else (self.cfg.k_bits, self.cfg.v_bits)   # until bind() knows the layer
         self.tail_k = self.tail_v = None
         if self.cfg.format != "exact" and torch.cuda.is_available():
             n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
@@ -232,7 +272,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
             return
         self.layer_name = layer_name
         self.layer_idx = extract_layer_index(layer_name)
-        self.exact = self.cfg.format == "exact" or self.layer_idx in self.cfg.boundary_skip_layers
+        self.bits = self.cfg.bits_for(self.layer_idx)
+        self.exact = self.bits == EXACT
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Runs before vLLM's memory profiling: the tail pool is counted as non-KV memory.
@@ -243,7 +284,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, dev, self.cal)
+        self.kk = kernels(self.head_size, *self.bits, dev, self.cal)
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)
 

@@ -2,7 +2,8 @@
 layers whose impl is Kakeya's.
 
 1. ``Attention.get_kv_cache_spec``: compressed layers get a :class:`KakeyaAttentionSpec` (page
-   bytes from the block format), exact layers a bf16 spec and the exact backend class.
+   bytes from the layer's block format and widths) and the backend class of those widths, exact
+   layers a bf16 spec and the exact backend class.
 2. ``Attention.process_weights_after_loading``: tell the impl its layer name before it allocates
    (the impl constructor gets none).
 3. ``DefaultModelState.prepare_attn``: stash the step's request ids / persistent rows for the
@@ -20,18 +21,16 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    import torch
     from vllm.model_executor.layers.attention.attention import Attention
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.worker.gpu.input_batch import InputBatch
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-    from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+    from kakeya_kv.format import BLOCK_TOKENS
 
     from . import context
-    from .backend import KakeyaExactBackend, KakeyaImpl
-    from .checks import check_block_size, settings
-    from .spec import KakeyaAttentionSpec
+    from .backend import KakeyaImpl, backend_for_layer
+    from .checks import check_block_size
+    from .spec import layer_spec
 
     orig_spec = Attention.get_kv_cache_spec
 
@@ -42,15 +41,9 @@ def apply() -> None:
         self.impl.bind(self.layer_name)
         block_size = vllm_config.cache_config.block_size
         check_block_size(block_size, BLOCK_TOKENS)
-        if self.impl.exact:
-            self.attn_backend = KakeyaExactBackend
-            return FullAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads,
-                                     head_size=self.head_size, head_size_v=self.head_size_v, dtype=torch.bfloat16)
-        cfg = settings()
-        lay = kakeya_layout(self.head_size, cfg.k_bits, cfg.v_bits)
-        return KakeyaAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
-                                   head_size_v=self.head_size_v, dtype=torch.uint8,
-                                   kakeya_slot_bytes=lay.slot_bytes, kakeya_format=f"kakeya-k{cfg.k_bits}v{cfg.v_bits}")
+        # The layer's backend class decides its kv-cache shape and attention group: exact, default or per width.
+        self.attn_backend = backend_for_layer(self.impl.bits)
+        return layer_spec(self.impl.bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v)
 
     orig_pwal = Attention.process_weights_after_loading
 

@@ -7,7 +7,10 @@ from typing import Self
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from kakeya_kv.config import EXACT
 from kakeya_kv.format import BLOCK_TOKENS
+
+from .pages import layer_layout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,5 +32,19 @@ class KakeyaAttentionSpec(FullAttentionSpec):
         merged = super().merge(specs)
         if any((s.kakeya_slot_bytes, s.kakeya_format) != (specs[0].kakeya_slot_bytes, specs[0].kakeya_format)
                for s in specs):
-            raise ValueError("Kakeya layers in one KV cache group must share one block format")
+            raise ValueError("vLLM merged Kakeya layers of different block formats into one spec (per-layer widths, "
+                             "KAKEYA_LAYER_BITS, need vLLM's per-layer page sizes); unset KAKEYA_LAYER_BITS")
         return replace(merged, kakeya_slot_bytes=specs[0].kakeya_slot_bytes, kakeya_format=specs[0].kakeya_format)
+
+
+def layer_spec(bits, block_size: int, num_kv_heads: int, head_size: int, head_size_v: int) -> FullAttentionSpec:
+    """The spec of one layer: bf16 pages for EXACT, else a Kakeya page of the layer's (k_bits, v_bits) layout.
+    Layers of different widths have different page sizes; vLLM keeps them in one KV-cache group."""
+    import torch
+    if bits == EXACT:
+        return FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
+                                 head_size_v=head_size_v, dtype=torch.bfloat16)
+    return KakeyaAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
+                               head_size_v=head_size_v, dtype=torch.uint8,
+                               kakeya_slot_bytes=layer_layout(bits, head_size).slot_bytes,
+                               kakeya_format=f"kakeya-k{bits[0]}v{bits[1]}")
