@@ -19,9 +19,10 @@ class Finished:
     stderr_tail: str = ""
 
 
-def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_line=None,
+def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_line=None, on_err=None,
                   keep_stderr: int = 4000) -> Finished:
-    """Run cmd; call on_line(line) for each stdout line as it arrives; stop it after timeout_s."""
+    """Run cmd; call on_line(line) for each stdout line (on_err for stderr) as it arrives; stop it
+    after timeout_s."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -38,6 +39,8 @@ def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_
     def read_err():          # drained continuously so a chatty child never blocks on a full pipe
         for line in p.stderr:
             err.append(line)
+            if on_err is not None:
+                on_err(line.rstrip("\n"))
             while len(err) > 400:
                 err.pop(0)
 

@@ -147,7 +147,13 @@ class Collector:
         self.phase, self.done, self.completed = None, set(), False
         self.t_phase = time.monotonic()
 
+    def log(self, line: str) -> None:
+        """vLLM's capacity lines (ours and vLLM's own), wherever the child's logger writes them."""
+        if "Kakeya KV:" in line or "GPU KV cache size" in line:
+            self.row.setdefault("log", []).append(line[-400:])
+
     def __call__(self, line: str) -> None:
+        self.log(line)
         kind, _, rest = line.partition(" ")
         if kind == "PHASE":
             self.phase, self.t_phase = json.loads(rest), time.monotonic()
@@ -243,7 +249,7 @@ def run_all(configs, a, make_cmd=None, on_row=None) -> list[dict]:
                 col = Collector(c)
                 col.start()
                 res = run_streaming((make_cmd or child_cmd)(c, a), limit, env=child_env(c, gpu if a.gpus > 1 else None),
-                                    on_line=col)
+                                    on_line=col, on_err=col.log)
                 r = finish_row(col, res, limit, a.n, a.niah)
                 print(f"[{c.name}] {'ok' if not r.get('not_measured') else r['not_measured']} "
                       f"({res.elapsed_s:.0f} s, last phase {col.phase})", flush=True)
@@ -336,6 +342,12 @@ def finish(rows: list[dict], a, meta: dict, aliases: dict | None = None) -> dict
         t = by[target]
         full.append({**{k: v for k, v in t.items() if k not in ("env", "llm")}, "name": alias, "same_setting_as": target})
     doc = quality.document(header(rows, a, meta), full, BASELINE)
+    sched = [r["scheduler"] for r in rows if r.get("scheduler")]
+    pc = doc["protocol_check"]        # the chunking the protocol relies on, as vLLM itself reports it
+    pc["scheduler_ok"] = bool(sched) and all(s.get("long_prefill_token_threshold") == a.chunk
+                                             and s.get("enable_chunked_prefill", True) for s in sched)
+    if not pc["scheduler_ok"] and sched:
+        pc["ok"] = False
     quality.validate(doc)
     out = Path(a.out)
     report.write_json(out, doc)

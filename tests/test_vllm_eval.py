@@ -79,6 +79,7 @@ if name == "broken":
     sys.stderr.write("ValueError: Selected backend is not valid\n")
     sys.exit(1)
 emit("PHASE", "load")
+sys.stderr.write("(EngineCore pid=1) WARNING Kakeya KV: format kakeya k4v3, KV capacity 4150 tokens\n")
 emit("PART", {"phase": "load", "capacity_tokens": {"flash_bf16": 1000, "slow": 2700}.get(name, 4150),
               "gpu": "Fake GPU", "scheduler": {"long_prefill_token_threshold": 256}})
 emit("PHASE", "ppl")
@@ -111,6 +112,7 @@ def test_run_all_bounds_each_config_and_reports_why(tmp_path):
     assert time.monotonic() - t0 < 30                     # the sleeping child was killed, not waited for
     ok, slow, broken = rows
     assert ok["window_ids"] == [0, 1, 2, 3] and ok["niah_8k"] == 1.0 and not ok.get("not_measured")
+    assert "KV capacity 4150" in ok["log"][0]             # the backend's startup line, read from stderr
     assert slow["window_ids"] == [0, 1]                   # the group measured before the kill is kept
     why = {m["what"]: m["reason"] for m in slow["not_measured"]}
     assert "2 of 4 windows" in why["windows"] and "limit in phase 'ppl'" in why["niah_4k"]
@@ -119,6 +121,10 @@ def test_run_all_bounds_each_config_and_reports_why(tmp_path):
     by = {r["name"]: r for r in doc["configs"]}
     assert by["slow"]["ratio_vs_bf16"] == 2.7 and by["slow"]["ppl"] is not None and by["broken"]["ppl"] is None
     assert by["flash_bf16"]["kld"] == 0.0 and by["slow"]["kld"] is None         # no top-k files in this fake
+    assert doc["protocol_check"]["scheduler_ok"] is True
+    rows[0]["scheduler"] = {"long_prefill_token_threshold": 0, "enable_chunked_prefill": True}   # unchunked
+    bad = vllm_eval.finish(rows, _args(tmp_path), {"corpus": "c"})["protocol_check"]
+    assert bad["scheduler_ok"] is False and bad["ok"] is False
     for f in ("quality.json", "quality.md", "quality.png", "vllm_quality.json", "vllm_quality.md", "quality.raw.json"):
         assert (tmp_path / f).exists(), f
 
