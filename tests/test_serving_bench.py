@@ -477,3 +477,13 @@ def test_child_falls_back_and_refuses_a_prefix_miss(monkeypatch, capsys):
     r = _child_row(capsys, "--contexts", "32768")
     assert "prefix cache hit 0 of 32256" in r["not_measured"]["decode_tok_s_b16_32k"]
     assert r.get("decode_tok_s_b16_32k") is None and r["prefill_tok_s"] > 0
+
+
+def test_pick_rows_prefers_the_most_complete_call():
+    a = R.assemble_row("m", "kakeya", 1, {}, status="not_run", reason="call deadline")
+    b = R.assemble_row("m", "kakeya", 1, {"capacity_tokens": 5}, status="partial", reason="limit")
+    c = R.assemble_row("m", "flash_bf16", 1, {"capacity_tokens": 3}, status="ok")
+    d = R.assemble_row("m", "flash_bf16", 1, {}, status="not_run", reason="call deadline")
+    out = R.pick_rows([a, c, b, d])
+    assert [(r["config"], r["status"]) for r in out] == [("kakeya", "partial"), ("flash_bf16", "ok")]
+    assert R.pick_rows([b, dict(b, capacity_tokens=6)])[0]["capacity_tokens"] == 6     # equal status: later call

@@ -261,7 +261,9 @@ def sweep_one(model: str, config: str, a, deadline: Deadline) -> dict:
             prompts = shared_prefix_prompts(prefix, n, a.unique_len, info["vocab"], seed=100 + i)
             bodies = [client.completion_body("bench", p, a.output_len) for p in prompts]
             offs = poisson_arrivals(rate, n, seed=200 + i)
-            traces, wall = asyncio.run(client.run_load("127.0.0.1", port, bodies, offs, a.request_timeout_s))
+            # An overloaded rate must not run past the call: requests still open then count as failed.
+            timeout = min(a.request_timeout_s, deadline.left() - offs[-1] - 20)
+            traces, wall = asyncio.run(client.run_load("127.0.0.1", port, bodies, offs, timeout))
             out["sweep"].append(summarize_rate(rate, traces, a.output_len, wall))
             print(f"[{model} / {config}] rate {rate}: {out['sweep'][-1]}", flush=True)
     finally:
@@ -300,6 +302,7 @@ def report(a) -> int:
         gpus.append(d.get("gpu", "unknown"))
         for r in d["rows"]:
             rows.append({**r, "gpu": r.get("gpu", d.get("gpu"))})
+    rows = R.pick_rows(rows)
     if a.sweep:
         s = json.load(open(a.sweep))
         rows = R.merge_latency(rows, s["rows"], a.ref_rate)
