@@ -170,3 +170,60 @@ def validate(doc: dict) -> None:
                     raise ValueError(f"quality.json: {r['name']}.{k} must be a string")
             elif not isinstance(v, float) or not math.isfinite(v):
                 raise ValueError(f"quality.json: {r['name']}.{k} must be a finite float, got {v!r}")
+
+
+# ---------------------------------------------------------------- results written before this schema
+HF_TO_VLLM = {"bf16": "flash_bf16", "fp8_e4m3": "triton_fp8"}     # harness format -> vLLM config name
+
+
+def from_codec_compare(*docs: dict) -> dict:
+    """A quality document from `kakeya-kv compare` results (codec_compare*.json; a later document's
+    row replaces an earlier one of the same name). Those files keep no per-window NLL and ran no NIAH."""
+    rows = {}
+    for d in docs:
+        for f in d["formats"]:
+            name = HF_TO_VLLM.get(f["name"], f["name"])
+            rows[name] = {"name": name, "family": f["family"], "hf_format": f["name"],
+                          "ratio_vs_bf16": float(f["ratio_vs_bf16"]), "ppl": float(f["ppl"]), "ppl_ci95": None,
+                          "delta_ppl_pct": float(f["delta_ppl_pct"]), "delta_ppl_pct_ci95": f.get("delta_ppl_pct_ci95"),
+                          "kld": float(f["kld"]), "niah_4k": None, "niah_8k": None, "windows": d["windows"],
+                          "source_command": d.get("command"),
+                          "not_measured": [{"what": "ppl_ci95", "reason": "per-window NLL not kept by compare"}]
+                          + [{"what": k, "reason": "compare runs no NIAH"} for k in NIAH_KEYS]}
+    last = docs[-1]
+    doc = {"gpu": "cpu (HF harness)", "model": last["model"], "corpus": last["corpus"],
+           "windows": min(d["windows"] for d in docs), "backend": "HF/CPU harness (kakeya-kv compare)",
+           "kld_method": "full vocabulary", "ratio_method": "whole-model block-format bytes per token vs bf16",
+           "baseline": "flash_bf16", "configs": list(rows.values())}
+    doc["not_measured"] = [{"name": r["name"], **m} for r in doc["configs"] for m in r["not_measured"]]
+    return doc
+
+
+def from_vllm_quality(old: dict) -> dict:
+    """A quality document from a vllm_quality.json written before quality.json existed (session 3:
+    one window per step, no top-k log-probabilities, no NIAH)."""
+    rows = [r for r in old["configs"] if r.get("window_nll")]
+    base = next(r for r in rows if r["name"] == "flash_bf16")
+    raw = [{"name": r["name"], "family": r["family"], "capacity_tokens": r["capacity_tokens"],
+            "ratio_vs_bf16": r["capacity_tokens"] / base["capacity_tokens"],
+            "window_ids": list(range(len(r["window_nll"]))), "window_nll": r["window_nll"],
+            "window_kld": [0.0] * len(r["window_nll"]) if r is base else None,
+            "kld_missing_reason": "top-k log-probabilities not recorded in that run",
+            "not_measured": [{"what": k, "reason": "NIAH not run in that call"} for k in NIAH_KEYS]} for r in rows]
+    head = {"gpu": old["gpu"], "model": old["model"], "corpus": "Jane Austen evaluation books (the harness's windows)",
+            "windows": old["windows"], "backend": "vllm 0.26 (vllm_quality.json, before quality.json)",
+            "protocol": {"chunk": old.get("chunk"), "max_num_batched_tokens": old.get("chunk"), "max_num_seqs": 8},
+            "ratio_method": "KV capacity tokens vLLM reports / FLASH_ATTN bf16's"}
+    return document(head, raw, "flash_bf16")
+
+
+def load_any(path) -> dict:
+    """quality.json, or a codec_compare.json / legacy vllm_quality.json converted to its schema."""
+    import json
+    from pathlib import Path
+    d = json.loads(Path(path).read_text())
+    if "formats" in d:
+        return from_codec_compare(d)
+    if d.get("configs") and "ppl_ci95" not in d["configs"][0]:
+        return from_vllm_quality(d)
+    return d

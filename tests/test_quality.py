@@ -123,3 +123,29 @@ def test_reports(tmp_path):
     hf["windows"] = 2
     gap = report.gap_markdown(hf, doc, notes="analysis")
     assert "Different window counts" in gap and "| kakeya_k4v3 | 4.15 | 4.15 | +1.01" in gap and gap.endswith("analysis\n")
+
+
+def test_gap_report_from_legacy_documents(tmp_path):
+    fmt = lambda n, fam, ratio, d: {"name": n, "family": fam, "ratio_vs_bf16": ratio, "ppl": 27.0 * (1 + d / 100),
+                                    "delta_ppl_pct": d, "delta_ppl_pct_ci95": [d - 0.1, d + 0.1], "kld": d / 100}
+    cc = {"model": "m", "corpus": "c", "windows": 2, "formats": [fmt("bf16", "bf16", 1.0, 0.0),
+                                                                  fmt("kakeya_k4v3", "kakeya", 4.16, 0.19),
+                                                                  fmt("fp8_e4m3", "fp8", 2.0, 0.07)]}
+    semantics = {**cc, "formats": [fmt("bf16", "bf16", 1.0, 0.0), fmt("fp8_e4m3", "fp8", 2.0, 1.38)]}
+    old = {"gpu": "H200", "model": "m", "windows": 2, "chunk": 256, "configs": [
+        {"name": "flash_bf16", "family": "bf16", "capacity_tokens": 100, "window_nll": [3.0, 3.1]},
+        {"name": "kakeya_k4v3", "family": "kakeya", "capacity_tokens": 415, "window_nll": [3.01, 3.1]},
+        {"name": "triton_fp8", "family": "fp8", "capacity_tokens": 200, "window_nll": [3.02, 3.12]},
+        {"name": "broken", "error": "x"}]}
+    for name, d in (("cc.json", cc), ("sem.json", semantics), ("old.json", old)):
+        (tmp_path / name).write_text(json.dumps(d))
+    quality.validate(quality.load_any(tmp_path / "cc.json"))
+    v = quality.load_any(tmp_path / "old.json")
+    quality.validate(v)
+    assert {r["name"]: r["ratio_vs_bf16"] for r in v["configs"]}["kakeya_k4v3"] == 4.15
+    (tmp_path / "notes.md").write_text("why")
+    report.main(["gap", "--hf", str(tmp_path / "cc.json"), "--hf", str(tmp_path / "sem.json"), "--vllm",
+                 str(tmp_path / "old.json"), "--notes", str(tmp_path / "notes.md"), "--out", str(tmp_path / "g.md")])
+    g = (tmp_path / "g.md").read_text()
+    assert "| triton_fp8 | 2.00 | 2.00 | +1.38" in g            # the later HF document's row wins
+    assert "| kakeya_k4v3 | 4.16 | 4.15 | +0.19" in g and g.rstrip().endswith("why")
