@@ -38,10 +38,10 @@ def test_profile_records_keeps_gpu_kernels_only():
 def test_markdown_tables():
     res = {"gpu": "1x TEST", "model": "qwen3-8b-like", "context": 32768, "batch": 16, "variants": [
         {"variant": "flash_eager", "status": "ok", "ms_step_p50": 30.0, "ms_step_p90": 31.0, "tok_s": 533.0,
-         "gpu_busy": 0.8, "init_s": 40.0, "profile": D.kernel_table([("gemm", 10, 100.0)], 5)},
+         "gpu_busy": 0.8, "init_s": 40.0, "method": "engine step log", "profile": D.kernel_table([("gemm", 10, 100.0)], 5)},
         {"variant": "kakeya_full_graphs", "status": "partial", "reason": "time limit 150s"}]}
     md = D.markdown(res)
-    assert "| flash_eager | 30.00 | 31.00 | 533 | 80% | 40 | ok |" in md
+    assert "| flash_eager | 30.00 | 31.00 | 533 | 80% | 40 | engine step log | ok |" in md
     assert "kakeya_full_graphs" in md and "time limit 150s" in md
     assert "| `gemm` | 2.0 | 20.0 | 100.0% |" in md
 

@@ -15,6 +15,10 @@ from .stats import Step
 from .workload import DecodeShape, random_ids, shared_prefix_prompts
 
 
+class StepAPIError(RuntimeError):
+    """The engine's add_request did not take a token-id prompt the way this code calls it (vLLM API drift)."""
+
+
 def model_info(path: str) -> dict:
     c = json.load(open(Path(path) / "config.json"))
     heads = c["num_attention_heads"]
@@ -61,7 +65,13 @@ def engine_run(llm, prompts: list[list[int]], max_tokens: int, tag: str, on_step
     sp = _sp(max_tokens, output_kind=RequestOutputKind.DELTA)
     eng = llm.llm_engine
     for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, sp)
+        try:
+            eng.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, sp)
+        except Exception as e:
+            if i:       # some requests are in: finish them so later measurements start from an idle engine
+                while eng.has_unfinished_requests():
+                    eng.step()
+            raise StepAPIError(f"{type(e).__name__}: {e}") from e
     cached, steps, i = {}, [], 0
     while eng.has_unfinished_requests():
         if on_step is not None:
@@ -100,7 +110,7 @@ def prefix_probe(llm, shape: DecodeShape, vocab: int, seed: int) -> tuple[list[i
            "prefix_fill_s": fill_s, "prefill_tok_s_single_prefix": shape.prefix / fill_s}
     try:
         _, cached = engine_run(llm, shared_prefix_prompts(prefix, 1, shape.unique, vocab, seed - 1), 2, f"probe{shape.context}")
-    except (TypeError, AttributeError):       # step API drift: no probe (decode falls back as well)
+    except StepAPIError:                      # no probe (decode falls back to LLM.generate as well)
         cached = {}
     if cached:
         det["prefix_hit_tokens"] = hit = min(cached.values())
@@ -122,9 +132,9 @@ def measure_decode(llm, prefix: list[int], shape: DecodeShape, batch: int, vocab
         from .stats import decode_rate
         r = decode_rate(steps, batch)
         r["method"] = "engine step log"
-    except (TypeError, AttributeError) as e:     # API drift: keep a number, say how it was made
+    except StepAPIError as e:                    # API drift: keep a number, say how it was made
         r = decode_differential(llm, timed, shared_prefix_prompts(prefix, batch, shape.unique, vocab, seed + 2),
                                 batch, 8, shape.gen)
-        r["step_api_error"], cached = f"{type(e).__name__}: {e}"[:200], {}
+        r["step_api_error"], cached = str(e)[:200], {}
     r.update(batch=batch, prefix_cached_tokens_min=min(cached.values()) if cached else None)
     return r

@@ -64,7 +64,8 @@ def one(a) -> int:
     """One variant in this process (GPU)."""
     config, override, env = VARIANTS[a.variant]
     os.environ.update({**R.CONFIGS[config][2], **env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    from benchmarks.serving.engine import capacity_tokens, engine_run, make_llm, measure_decode, model_info, prefix_probe
+    from benchmarks.serving.engine import (StepAPIError, capacity_tokens, engine_run, make_llm, measure_decode,
+                                           model_info, prefix_probe, timed_generate)
     from benchmarks.serving.workload import decode_shape, shared_prefix_prompts
     info = model_info(R.MODELS[a.model]["path"])
     shape = decode_shape(a.context, a.gen)
@@ -82,7 +83,9 @@ def one(a) -> int:
     prefix, det = prefix_probe(llm, shape, info["vocab"], 4321)
     out["prefix"] = det
     r = measure_decode(llm, prefix, shape, a.batch, info["vocab"], 77, "timed")
-    out.update(ms_step_p50=r.get("step_ms_p50"), ms_step_p90=r.get("step_ms_p90"), tok_s=r["tok_s"], decode=r)
+    # The differential fallback has no per-step intervals: its mean step time stands in for the median.
+    out.update(ms_step_p50=r.get("step_ms_p50") or 1e3 * a.batch / r["tok_s"], ms_step_p90=r.get("step_ms_p90"),
+               tok_s=r["tok_s"], method=r["method"], decode=r)
     emit("PARTIAL", out)
 
     import torch
@@ -98,8 +101,16 @@ def one(a) -> int:
             prof.stop()
 
     prompts = shared_prefix_prompts(prefix, a.batch, shape.unique, info["vocab"], 99)
-    engine_run(llm, prompts, max(shape.gen, first + n + 2), "prof", on_step)
-    out["profile"] = kernel_table(_profile_records(prof), n, a.top)
+    try:
+        engine_run(llm, prompts, max(shape.gen, first + n + 2), "prof", on_step)
+        out["profile"] = kernel_table(_profile_records(prof), n, a.top)
+    except StepAPIError:        # no step hook: profile a whole generate pass (its prefill step included)
+        prof.start()
+        timed_generate(llm, prompts, shape.gen)
+        torch.cuda.synchronize()
+        prof.stop()
+        out["profile"] = kernel_table(_profile_records(prof), shape.gen, a.top)
+        out["profile"]["includes_prefill_step"] = True
     if out.get("ms_step_p50"):
         out["gpu_busy"] = out["profile"]["device_ms_per_step"] / out["ms_step_p50"]
     emit("RESULT", out)
@@ -112,11 +123,13 @@ def markdown(res: dict) -> str:
              "Shared prefix from the prefix cache + unique 64-token suffix per request; ms/step = median interval "
              "between lock-step decode steps after a warm-up pass. GPU busy = profiled kernel time / wall time per "
              "step (estimate).", "",
-             "| variant | ms/step p50 | p90 | tok/s | GPU busy | init s | status |", "|---|---|---|---|---|---|---|"]
+             "| variant | ms/step p50 | p90 | tok/s | GPU busy | init s | method | status |",
+             "|---|---|---|---|---|---|---|---|"]
     f = lambda v, p="{:.2f}": "–" if v is None else p.format(v)   # noqa: E731
     for v in res["variants"]:
         lines.append(f"| {v['variant']} | {f(v.get('ms_step_p50'))} | {f(v.get('ms_step_p90'))} | "
                      f"{f(v.get('tok_s'), '{:.0f}')} | {f(v.get('gpu_busy'), '{:.0%}')} | {f(v.get('init_s'), '{:.0f}')} | "
+                     f"{v.get('method', '')} | "
                      f"{v.get('status', '')}{': ' + v['reason'] if v.get('reason') else ''} |")
     for v in res["variants"]:
         p = v.get("profile")
