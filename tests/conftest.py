@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -12,6 +13,15 @@ except ImportError:  # pragma: no cover
 # before triton.jit decorates anything.
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Probing the GPU initialised CUDA in this process: vLLM's engine and worker processes must be spawned, not
+    # forked (a forked child cannot use the parent's CUDA context).
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "timeout_s(seconds): fail the test if its call runs longer (SIGALRM; the "
+                                       "device has no pytest-timeout)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,3 +31,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    mark = item.get_closest_marker("timeout_s")
+    if mark is None or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid}: still running after {mark.args[0]} s (timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(int(mark.args[0]))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -126,3 +126,21 @@ def test_head_padding_keeps_the_model_function():
         assert torch.allclose(model(ids).logits, padded(ids).logits, atol=1e-5)
     with pytest.raises(ValueError, match="same GQA group"):
         pad_heads(model.state_dict(), cfg.to_dict(), 4, 2)
+
+
+def test_timeout_marker_interrupts_a_long_call():
+    """conftest's SIGALRM timeout (the device has no pytest-timeout) fails a hung test instead of the whole job."""
+    from tests.conftest import pytest_runtest_call
+
+    class Item:
+        nodeid = "t"
+
+        def get_closest_marker(self, name):
+            return pytest.mark.timeout_s(1).mark if name == "timeout_s" else None
+
+    hook = pytest_runtest_call(Item())
+    next(hook)
+    with pytest.raises(TimeoutError, match="still running after 1 s"):
+        time.sleep(3)
+    with pytest.raises(StopIteration):
+        next(hook)

@@ -59,14 +59,14 @@ def metric(metrics, name: str) -> float:
 
 
 @contextlib.contextmanager
-def inproc_llm(env: dict[str, str], **kwargs):
+def inproc_llm(env: dict[str, str], inproc: bool = True, **kwargs):
     """An LLM whose engine core runs in this process (no busy loop): every LLMEngine.step() is exactly one scheduler
-    step, so a test can stop at a known number of computed tokens and read the scheduler's state. One at a time:
-    the engine is shut down and the distributed state cleaned on exit. ``env`` (KAKEYA_* knobs) is set for the
-    engine's lifetime."""
+    step, so a test can stop at a known number of computed tokens and read the scheduler's state (``inproc=False``:
+    vLLM's usual engine process). One at a time: the engine is shut down and the distributed state cleaned on exit.
+    ``env`` (KAKEYA_* knobs) is set for the engine's lifetime."""
     saved = {k: os.environ.get(k) for k in [*env, "VLLM_ENABLE_V1_MULTIPROCESSING"]}
     os.environ.update(env)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inproc else "1"
     llm = None
     try:
         from vllm import LLM
@@ -91,9 +91,11 @@ class Stepper:
 
     def __init__(self, llm):
         self.llm, self.eng = llm, llm.llm_engine
-        self.sched = self.eng.engine_core.engine_core.scheduler
+        core = getattr(self.eng.engine_core, "engine_core", None)     # None: the engine runs in another process
+        self.sched = None if core is None else core.scheduler
         self.n = 0
         self.out: dict[str, object] = {}      # request id -> final RequestOutput
+        self.asked: dict[str, int] = {}       # request id -> max_tokens
 
     def add(self, tokens: list[int], max_tokens: int) -> str:
         from vllm import SamplingParams
@@ -102,6 +104,7 @@ class Stepper:
         self.eng.add_request(rid, {"prompt_token_ids": list(tokens)},
                              SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                             detokenize=False))
+        self.asked[rid] = max_tokens
         return rid
 
     def step(self) -> None:
@@ -141,13 +144,14 @@ class Stepper:
     def metric(self, name: str) -> float:
         return metric(self.llm.get_metrics(), name)
 
-    def kv_usage_when_idle(self) -> tuple[float, float]:
-        """(vllm:kv_cache_usage_perc, the block pool's own usage) with no request left. vLLM publishes scheduler
-        stats only at the end of a step that produced outputs, so an abort alone leaves the gauge stale: finish a
-        1-token request first."""
+    def kv_usage_when_idle(self) -> tuple[float, float | None]:
+        """(vllm:kv_cache_usage_perc, the block pool's own usage or None out of process) with no request left.
+        vLLM publishes scheduler stats only at the end of a step that produced outputs, so an abort alone leaves
+        the gauge stale: finish a 1-token request first."""
         assert not self.eng.has_unfinished_requests()
         self.generate({"tick": [VOCAB_LO + 7] * 16}, 1)
-        return self.metric("vllm:kv_cache_usage_perc"), self.sched.kv_cache_manager.usage
+        pool = None if self.sched is None else self.sched.kv_cache_manager.usage
+        return self.metric("vllm:kv_cache_usage_perc"), pool
 
 
 def pad_heads(state: dict[str, torch.Tensor], cfg: dict, num_heads: int, num_kv_heads: int) -> tuple[dict, dict]:

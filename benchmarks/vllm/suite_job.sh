@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Device job: the vLLM GPU test suite (issues 4 and 7), most essential part first, within one device call.
+#   bash benchmarks/vllm/suite_job.sh [PART ...]     PART: core lifecycle soak tp   (default: core lifecycle)
+#   core       tests/test_vllm_gpu.py: alias + 512-token pages, 200 random aborts -> KV usage 0, prefix hits,
+#              `vllm serve --attention-backend KAKEYA` answers an OpenAI chat request
+#   lifecycle  tests/test_vllm_lifecycle.py: exact vs FLASH_ATTN, aborts at every phase, preemption, prefix hits,
+#              chunk boundaries 511/512/513, mixed lengths (in-process engines, exact and k4v3)
+#   soak       benchmarks/soak/soak.py -> $OUT/soak.json (give it its own call: it uses most of one)
+#   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
+# Stages nothing: the kit's chunks must already be in /tmp/stage (carry .gpukit/b .gpukit/setup.sh and the
+# .gpuwheels pytest wheels: the device has no pytest). Each part runs in its own process group under a time cap
+# (SUITE_BUDGET_S for the whole job, default 470 s) and whatever it leaves behind is killed before the next part.
+# Output in $OUT: suite_<part>.txt (pytest output), gpu_test_record.jsonl (diagnostics), soak.json; a table last.
+set -u
+OUT=${OUT:-/tmp/suite_out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+DEADLINE=$(( T0 + ${SUITE_BUDGET_S:-470} ))
+source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (stage chunks missing?)"; exit 3; }
+source scripts/device_install.sh
+python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
+export PYTHONPATH=${PYTHONPATH:-}:/tmp/pyt PYTHONUNBUFFERED=1 GPU_TEST_RECORD=$OUT/gpu_test_record.jsonl
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "setup took $(( $(date +%s) - T0 )) s"
+
+declare -A RESULT SECONDS_USED
+PARTS=()
+# run_part NAME CAP_S CMD...: capped by the remaining budget; the part's whole process group is killed afterwards.
+run_part() {
+  local name=$1 cap=$2; shift 2
+  PARTS+=("$name")
+  local left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 45 )); then RESULT[$name]="not run (job budget spent)"; SECONDS_USED[$name]=0; return; fi
+  (( cap > left )) && cap=$left
+  local t=$(date +%s)
+  echo "== $name (cap ${cap} s)"
+  setsid timeout -s INT -k 20 "$cap" "$@" > "$OUT/suite_$name.txt" 2>&1 &
+  local pid=$!
+  wait $pid
+  local rc=$?
+  kill -KILL -- -$pid 2>/dev/null
+  SECONDS_USED[$name]=$(( $(date +%s) - t ))
+  local summary
+  summary=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)|^(=+ )?no tests ran|Interrupted" "$OUT/suite_$name.txt" \
+            | tail -1 | tr -d '=' | sed 's/^ *//')
+  (( rc == 124 )) && summary="TIMED OUT at ${cap} s; ${summary:-no summary}"
+  RESULT[$name]="rc=$rc ${summary:-(see suite_$name.txt)}"
+  grep -E "^(FAILED|ERROR) " "$OUT/suite_$name.txt" | head -12
+}
+
+PYTEST="python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short"
+for part in "${@:-core lifecycle}"; do
+  for p in $part; do
+    case $p in
+      core)      run_part core 200 $PYTEST tests/test_vllm_gpu.py ;;
+      lifecycle) run_part lifecycle 330 $PYTEST tests/test_vllm_lifecycle.py ;;
+      tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
+      soak)      left=$(( DEADLINE - $(date +%s) ))
+                 run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
+                 [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed')})")" ;;
+      *)         echo "unknown part $p (core lifecycle soak tp)"; exit 2 ;;
+    esac
+  done
+done
+
+echo
+printf '%-10s %6s  %s\n' part secs result
+for p in "${PARTS[@]}"; do printf '%-10s %6s  %s\n' "$p" "${SECONDS_USED[$p]}" "${RESULT[$p]}"; done
+echo "total $(( $(date +%s) - T0 )) s"
