@@ -487,3 +487,69 @@ def test_pick_rows_prefers_the_most_complete_call():
     out = R.pick_rows([a, c, b, d])
     assert [(r["config"], r["status"]) for r in out] == [("kakeya", "partial"), ("flash_bf16", "ok")]
     assert R.pick_rows([b, dict(b, capacity_tokens=6)])[0]["capacity_tokens"] == 6     # equal status: later call
+
+
+# ----------------------------------------------------------------------------- the sweep against a fake `vllm serve`
+
+_FAKE_SERVE = r'''
+import asyncio, json, sys
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+
+async def handle(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    line = head.split(b"\r\n")[0].decode()
+    if line.startswith("GET /health"):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    else:
+        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+        body = json.loads(await reader.readexactly(n))
+        if not body.get("stream"):
+            data = json.dumps({"choices": [{"text": "", "token_ids": [5] * body["max_tokens"]}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(body["max_tokens"]):
+                await asyncio.sleep(0.002)
+                ev = b"data: " + json.dumps({"choices": [{"text": "", "token_ids": [5]}]}).encode() + b"\n\n"
+                writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+            ev = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
+    await writer.drain()
+    writer.close()
+
+async def main():
+    print("GPU KV cache size: 1,234 tokens", flush=True)
+    srv = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with srv:
+        await srv.serve_forever()
+
+asyncio.run(main())
+'''
+
+
+def test_sweep_against_a_fake_server(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake" / "vllm" / "entrypoints" / "cli"
+    pkg.mkdir(parents=True)
+    for d in (pkg.parents[1], pkg.parent, pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(_FAKE_SERVE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake") + os.pathsep + str(ROOT))
+    out = tmp_path / "sweep.json"
+    assert bench_main(["sweep", "--rows", "qwen3-8b-like:flash_bf16", "--rates", "100,inf", "--context", "2048",
+                       "--prefix-len", "1024", "--unique-len", "16", "--output-len", "5", "--duration-s", "0.05",
+                       "--min-prompts", "4", "--max-prompts", "6", "--startup-s", "30", "--deadline-s", "200",
+                       "--port", "18931", "--log-dir", str(tmp_path / "logs"), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert row["log_kv_cache_tokens"] == 1234 and row["input_tokens"] == 1040
+    r100, rinf = row["sweep"]
+    assert r100["request_rate"] == 100.0 and r100["num_requests"] == 5 and r100["completed"] == 5
+    assert rinf["request_rate"] is None and rinf["num_requests"] == 6 and rinf["completed"] == 6
+    assert r100["tpot_p50_ms"] > 0 and r100["ttft_p50_ms"] > 0
+    # the server's process group is gone
+    with pytest.raises(OSError):
+        client.post_json("http://127.0.0.1:18931/v1/completions", {"max_tokens": 1}, 2)
+    merged = R.merge_latency([_row("flash_bf16")], [row], ref_rate=None)[0]
+    assert merged["tpot_p50_ms"] == r100["tpot_p50_ms"] and merged["latency_request_rate"] == 100.0
+    R.check_row(merged)
