@@ -245,6 +245,7 @@ def test_goals_and_markdown():
     assert "1x TEST GPU" in md and "| qwen3-8b-like | kakeya | 1 | 4200 | 4.20 |" in md
     assert "kakeya_v13 (tp 1): capacity_tokens, decode_tok_s_b16_32k" in md and "refused by the Kakeya backend" in md
     assert "goals" not in out[2]                              # a refused row gets no verdicts
+    assert "| qwen3-8b-like | kakeya | 1 | 90 | – | – | – | – |  |" in md      # concurrency table, nothing invented
 
 
 def test_plot_only_with_data(tmp_path):

@@ -81,6 +81,15 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('decode_tok_s_b16_8k'))} | {_f(r.get('max_batch_8k'))} | "
             f"{_f(r.get('decode_tok_s_max_batch_8k'))} | {_f(r.get('prefill_tok_s'))} | "
             f"{_f(r.get('tpot_p50_ms'), '{:.1f}')} | {_f(r.get('ttft_p50_ms'), '{:.0f}')} |")
+    lines += ["", "## Concurrency at 32k and start-up", "",
+              "| model | config | tp | max batch 32k (capacity) | vLLM's max concurrency (log) | ran together | "
+              "Kakeya tail pool MiB | init s | mode |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") == "not_run":
+            continue
+        lines.append(f"| {r['model']} | {r['config']} | {r['tp']} | {_f(r.get('max_batch_32k'))} | "
+                     f"{_f(r.get('log_max_concurrency'), '{:.2f}')} | {_f(r.get('max_batch_32k_ran'))} | "
+                     f"{_f(r.get('kakeya_tail_pool_mib'))} | {_f(r.get('init_s'))} | {r.get('mode', '')} |")
     g = [r for r in rows if r.get("goals")]
     if g:
         lines += ["", "## Issue-6 goals (Kakeya rows vs FLASH_ATTN bf16 of the same model)", ""]
