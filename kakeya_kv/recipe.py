@@ -22,6 +22,7 @@ from pathlib import Path
 from .codecs.kakeya import KakeyaCodec
 from .config import KakeyaConfig, format_layer_bits
 from .format import ALLOWED_BITS
+from .formats import from_config
 from .model_format import ModelFormat
 
 BITS = ((4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
@@ -63,7 +64,6 @@ def setting_env(kb: int, vb: int, exact: tuple[int, ...] = (), layer_bits=()) ->
 
 def setting_format(env: dict[str, str], num_layers: int, name: str) -> ModelFormat:
     """The format the backend serves for these variables (validated like the backend validates them)."""
-    from .formats import from_config
     return from_config(KakeyaConfig.from_env(env, num_layers=num_layers), num_layers, name)
 
 
@@ -126,8 +126,8 @@ def recipe_env(row: dict, model_name: str, budget: float, n_windows: int, window
     return (f"# Kakeya KV recipe: {model_name} — written by `{command}`\n"
             f"# Budget: ΔPPL <= {budget:g} %. MEASURED (HF/CPU harness, chunked prefill 256, {n_windows} held-out windows "
             f"x {window} tokens of the calibration books, disjoint from the evaluation text):\n"
-            f"#   whole-model KV ratio {row['ratio']:.2f}x (block format bytes; the vLLM capacity ratio also pays\n"
-            f"#   the exact-tail pool), ΔPPL {row['delta_ppl_pct']:+.2f} % [95 % CI {ci[0]:+.2f}, {ci[1]:+.2f}], "
+            f"#   setting {row['name']}: whole-model KV ratio {row['ratio']:.2f}x (per-layer block format bytes; the\n"
+            f"#   vLLM capacity ratio also pays the exact-tail pool), ΔPPL {row['delta_ppl_pct']:+.2f} % [95 % CI {ci[0]:+.2f}, {ci[1]:+.2f}], "
             f"KLD {row['kld']:.4f}\n"
             f"# Usage: set -a; . {{this file}}; set +a; vllm serve MODEL --attention-backend KAKEYA\n"
             f"KAKEYA_FORMAT=default\nKAKEYA_K_BITS={row['k_bits']}\nKAKEYA_V_BITS={row['v_bits']}\n"
