@@ -144,3 +144,64 @@ def test_timeout_marker_interrupts_a_long_call():
         time.sleep(3)
     with pytest.raises(StopIteration):
         next(hook)
+
+
+class _FakeOpenAI:
+    """A stand-in for vLLM's OpenAI server: completions (JSON or SSE stream), /metrics, /health."""
+
+    def __enter__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                body = (b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.0\n"
+                        if self.path == "/metrics" else b"ok")
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                n = len(req["prompt"])
+                if n == 13:
+                    self.send_response(500)
+                    self.end_headers()
+                    self.wfile.write(b"engine dead")
+                    return
+                self.send_response(200)
+                self.end_headers()
+                if req.get("stream"):
+                    for i in range(req["max_tokens"]):
+                        self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+                        self.wfile.flush()
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
+                got = req["max_tokens"] - (n == 17)          # a 17-token prompt comes back one token short
+                self.wfile.write(json.dumps({"usage": {"completion_tokens": got}}).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self.httpd.server_address[1]
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+def test_client_classifies_ok_aborted_and_failed_requests():
+    prefixes = soak.shared_prefixes(0)
+    with _FakeOpenAI() as port:
+        def go(n, max_tokens=8, abort=None, after=0):
+            return soak.send(port, "m", soak.Req(0, n, max_tokens, None, abort, after, 1), prefixes, timeout=10)
+        assert go(20)["status"] == "ok" and go(20)["completion_tokens"] == 8
+        assert go(20, abort="after_tokens", after=3)["status"] == "aborted"
+        assert go(20, abort="before_first_token")["status"] == "aborted"
+        assert go(20, max_tokens=2, abort="after_tokens", after=5)["error"] == "stream ended after 2 of 5 events"
+        assert go(13)["error"].startswith("HTTP 500: engine dead")
+        assert go(17)["error"] == "7 completion tokens, asked 8"
+        srv = vllm_server.Server("unused", port=port)
+        assert soak.settle(srv, "m", timeout_s=5)["vllm:kv_cache_usage_perc"] == 0.0
