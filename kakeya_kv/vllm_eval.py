@@ -9,10 +9,10 @@ Protocol. Windows of 2048 tokens (the HF harness's evaluation windows), second h
 prompt_logprobs=k (NLL of the text + the top-k for KLD vs the FLASH_ATTN bf16 row). Every request is
 prefilled in chunks of `chunk` = 256 tokens: long_prefill_token_threshold caps each request's tokens
 per step, while max_num_seqs requests share a step (max_num_batched_tokens = chunk x max_num_seqs), so
-a scored token (position >= 1024 = 4 chunks) attends earlier chunks only through the KV cache. Many
-windows in flight per step cut the step count 32x against one window per step; TurboQuant's
-continuation prefill is a per-request Python loop, so its cost per chunk stays, the per-step overhead
-goes. Proof in the output: TurboQuant presets must differ from bf16 and from each other
+a scored token (position >= 1024 = 4 chunks) attends earlier chunks only through the KV cache. With
+16 windows per generate call in flight, 32 windows take 16 steps instead of 256 (session 3 ran one
+window per step). TurboQuant's continuation prefill is a per-request Python loop, so its cost per
+chunk stays; the per-step overhead goes. Proof in the output: TurboQuant presets must differ from bf16 and from each other
 (`protocol_check`), and every row records the scheduler settings vLLM reports.
 
 Each config runs in its own process (fresh GPU memory, same gpu_memory_utilization; capacity = KV

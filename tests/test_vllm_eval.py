@@ -185,3 +185,54 @@ def test_run_writes_partial_results_and_recipe_aliases(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "quality.json").read_text())
     assert [r["name"] for r in doc["configs"]] == ["flash_bf16", "kakeya_k3v2", "recipe:smollm2-135m-instruct"]
     assert doc["configs"][2]["same_setting_as"] == "kakeya_k3v2" and doc["windows"] == 4
+
+
+class _FakeOut:
+    def __init__(self, ids, k, text=""):
+        rng = np.random.default_rng(len(ids))
+        self.prompt_logprobs = [None] + [
+            {**{int(t): _LP(float(-1 - j)) for j, t in enumerate(rng.choice(50, k, replace=False))}, ids[p]: _LP(-2.5)}
+            for p in range(1, len(ids))]
+        self.outputs = [type("C", (), {"text": text, "token_ids": [1, 2]})()]
+
+
+def test_child_measures_every_phase_with_a_fake_vllm(tmp_path, monkeypatch, capsys):
+    """The child's use of vLLM's API (LLM, SamplingParams, outputs) on a stand-in module."""
+    import types
+    calls = []
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.append(kw)
+            sc = types.SimpleNamespace(max_num_seqs=kw["max_num_seqs"], max_num_batched_tokens=kw["max_num_batched_tokens"],
+                                       long_prefill_token_threshold=kw["long_prefill_token_threshold"],
+                                       enable_chunked_prefill=True)
+            cc = types.SimpleNamespace(num_gpu_blocks=10, block_size=16)
+            self.llm_engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(scheduler_config=sc, cache_config=cc))
+
+        def generate(self, prompts, sp, use_tqdm=False):
+            k = sp.prompt_logprobs or 0
+            return [_FakeOut(p["prompt_token_ids"], k, text=" 48213." if not k else "") for p in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**{"prompt_logprobs": None, **kw})
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    import torch
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    trial = {"context": 4096, "depth": 0.5, "number": 48213, "ids": [3] * 20}
+    (tmp_path / "w.json").write_text(json.dumps({"windows": [list(range(1, 17))] * 3, "niah": [trial]}))
+    rc = vllm_eval.main(["one", "--name", "recipe:x", "--llm", '{"attention_backend": "KAKEYA"}', "--windows",
+                         str(tmp_path / "w.json"), "--n", "3", "--group", "2", "--topk", "4", "--topk-dir",
+                         str(tmp_path / "topk"), "--gen-tokens", "2"])
+    assert rc == 0 and calls[0]["attention_backend"] == "KAKEYA" and calls[0]["long_prefill_token_threshold"] == 256
+    col = vllm_eval.Collector(resolve("flash_bf16"))
+    col.start()
+    for line in capsys.readouterr().out.splitlines():
+        col(line)
+    r = col.row
+    assert col.completed and r["capacity_tokens"] == 160 and r["window_ids"] == [0, 1, 2]
+    assert r["window_nll"] == pytest.approx([2.5] * 3) and len(r["topk_files"]) == 2
+    assert r["niah_4k"] == 1.0 and "niah_8k" not in r and r["greedy"] == [[1, 2]] * 3
+    z = np.load(r["topk_files"][0], allow_pickle=False)
+    assert z["ids"].shape == (2, 8, 4) and (np.diff(z["lp"], axis=-1) <= 0).all()
