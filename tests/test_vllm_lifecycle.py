@@ -5,7 +5,7 @@ every phase, preemption under a tiny KV budget, prefix-cache hits on sealed and 
 NOT YET RUN on a GPU: written against vLLM 0.26.0's source (scheduler, LLMEngine, InprocClient). Run it in its own
 pytest process (the engines run in-process, one at a time):
     pytest -m gpu -p no:cacheprovider tests/test_vllm_lifecycle.py
-Engines: FLASH_ATTN bf16 (reference outputs only), then KAKEYA exact, then KAKEYA k4v3, each with 256-token
+Engines: FLASH_ATTN bf16 (reference outputs only), then KAKEYA k4v3, then KAKEYA exact, each with 256-token
 prefill chunks, no async scheduling (one LLMEngine.step() = one scheduler step) and 40 KV pages of 512 tokens.
 
 References: KAKEYA exact must reproduce FLASH_ATTN token for token on copy prompts (whose greedy continuation has
@@ -29,7 +29,8 @@ PAGES = 40            # KV budget in 512-token pages (one is vLLM's null block):
 COMMON = dict(model=MODEL, enforce_eager=True, max_model_len=4096, max_num_batched_tokens=256, max_num_seqs=16,
               enable_prefix_caching=True, async_scheduling=False, disable_log_stats=False,
               gpu_memory_utilization=0.3, seed=0)
-FORMATS = {"exact": {"KAKEYA_FORMAT": "exact"}, "k4v3": {"KAKEYA_FORMAT": "default"}}
+# The lossy default first: if the job's time cap cuts the module short, the product's format has been tested.
+FORMATS = {"k4v3": {"KAKEYA_FORMAT": "default"}, "exact": {"KAKEYA_FORMAT": "exact"}}
 
 
 def _prompts(seed: int, lengths) -> dict:
@@ -45,7 +46,9 @@ PARITY = _prompts(1, (600, 777, 1000, 1023, 1100, 1300, 1536, 1700))
 def flash_parity():
     """FLASH_ATTN's greedy outputs, made (and its engine gone) before any KAKEYA engine starts."""
     with inproc_llm({}, attention_backend="FLASH_ATTN", **COMMON) as llm:
-        return Stepper(llm).generate(PARITY, 256)
+        out = Stepper(llm).generate(PARITY, 256)
+        del llm                       # the engine's memory is freed when the context exits
+    return out
 
 
 @pytest.fixture(scope="module", params=list(FORMATS))
@@ -57,6 +60,8 @@ def kk(request, flash_parity):
         cc = llm.llm_engine.vllm_config.cache_config
         assert cc.block_size == 512 and cc.num_gpu_blocks == PAGES
         yield s
+        s.release()
+        del llm, cc
 
 
 def _idle(s: Stepper, what: str) -> None:
@@ -79,7 +84,7 @@ def test_parity_with_flash_attn(kk, flash_parity):
 # Six prompts of 3000-3060 tokens need 6 pages each (36 of the 39 usable), so all are admitted; past 3072
 # tokens each needs a 7th page (42 > 39): the scheduler must preempt running requests to let them grow.
 PRESSURE = _prompts(2, (3000, 3012, 3024, 3036, 3048, 3060))
-PRESSURE_TOKENS = 160
+PRESSURE_TOKENS = 100      # every prompt crosses 3072 tokens
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +158,14 @@ def test_prefix_cache_hits_on_sealed_and_partial_blocks(kk):
     rng = random.Random(4)
     a = copy_prompt(rng, 1100)
     b = a[:700] + copy_prompt(rng, 400)                 # shares block 0 and 188 tokens of A's partial block 1
-    c = copy_prompt(rng, 400)
+    c = copy_prompt(rng, 460)
     kk.reset_prefix_cache()
     cold = {"a": kk.generate({"a": a}, 32)["a"]}
     kk.reset_prefix_cache()
     cold["b"] = kk.generate({"b": b}, 32)["b"]
     kk.reset_prefix_cache()
-    c_out = kk.generate({"c": c}, 200)["c"]             # block 0 of C is filled and sealed during decode
-    d = c + c_out[:150]
+    c_out = kk.generate({"c": c}, 100)["c"]             # block 0 of C is filled and sealed during decode
+    d = c + c_out[:80]
     kk.reset_prefix_cache()
     cold["d"] = kk.generate({"d": d}, 32)["d"]
 
@@ -170,7 +175,7 @@ def test_prefix_cache_hits_on_sealed_and_partial_blocks(kk):
         if prime is not None:
             kk.generate({"prime": prime}, 1)
         else:
-            kk.generate({"prime": c}, 200)              # re-create C's decode-sealed block 0
+            kk.generate({"prime": c}, 100)              # re-create C's decode-sealed block 0
         r = kk.add(prompt, 32)
         kk.drain()
         warm[key], hits[key] = kk.tokens(r), kk.out[r].num_cached_tokens

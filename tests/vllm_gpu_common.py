@@ -97,6 +97,10 @@ class Stepper:
         self.out: dict[str, object] = {}      # request id -> final RequestOutput
         self.asked: dict[str, int] = {}       # request id -> max_tokens
 
+    def release(self) -> None:
+        """Drop the engine references (an in-process engine's GPU memory is freed only when nothing holds it)."""
+        self.llm = self.eng = self.sched = None
+
     def add(self, tokens: list[int], max_tokens: int) -> str:
         from vllm import SamplingParams
         self.n += 1
