@@ -73,7 +73,7 @@ def parse_child_output(text: str) -> tuple[dict, bool]:
     return {}, False
 
 
-def _kill_group(p: subprocess.Popen, grace_s: float) -> None:
+def kill_group(p: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the child's process group, SIGKILL what is left after grace_s."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0)):
         try:
@@ -103,7 +103,7 @@ def run_child(cmd: list[str], log_path: str, timeout_s: float, env: dict | None 
             p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_group(p, grace_s)   # also after a clean exit: stray engine/worker processes
+        kill_group(p, grace_s)   # also after a clean exit: stray engine/worker processes
         rc = p.wait()
     text = open(log_path, errors="replace").read()
     data, final = parse_child_output(text)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import rows as R
 from .engine import capacity_tokens, make_llm, measure_decode, model_info, prefix_probe, timed_generate
-from .runner import Deadline, emit, gpu_name, parse_vllm_log, run_child, write_json
+from .runner import Deadline, emit, gpu_name, kill_group, parse_vllm_log, run_child, write_json
 from .stats import median, summarize_rate
 from .workload import (decode_shape, max_batch, poisson_arrivals, random_ids, shared_prefix_prompts,
                        sweep_prompt_count, usable_contexts)
@@ -217,7 +217,6 @@ def cli_flags(kw: dict) -> list[str]:
 
 def sweep_one(model: str, config: str, a, deadline: Deadline) -> dict:
     from . import client
-    from .runner import _kill_group
     _, kw, env = R.CONFIGS[config]
     spec, rates = R.MODELS[model], [float(r) for r in a.rates.split(",")]
     info = model_info(spec["path"])
@@ -248,7 +247,8 @@ def sweep_one(model: str, config: str, a, deadline: Deadline) -> dict:
         out.update(parse_vllm_log(open(log.name, errors="replace").read()))
         prefix = random_ids(random.Random(5), a.prefix_len, info["vocab"])
         out["input_tokens"] = a.prefix_len + a.unique_len
-        client.post_json(base + "/v1/completions", client.completion_body("bench", prefix, 1, stream=False), 600)
+        client.post_json(base + "/v1/completions", client.completion_body("bench", prefix, 1, stream=False),
+                         max(deadline.left() - 30, 10))
         # Warm-up (kernel JIT, first-use allocations): a few concurrent requests, not recorded.
         warm = shared_prefix_prompts(prefix, 4, a.unique_len, info["vocab"], seed=99)
         asyncio.run(client.run_load("127.0.0.1", port, [client.completion_body("bench", w, 8) for w in warm],
@@ -267,7 +267,7 @@ def sweep_one(model: str, config: str, a, deadline: Deadline) -> dict:
             out["sweep"].append(summarize_rate(rate, traces, a.output_len, wall))
             print(f"[{model} / {config}] rate {rate}: {out['sweep'][-1]}", flush=True)
     finally:
-        _kill_group(srv, 15)
+        kill_group(srv, 15)
         srv.wait()
         log.close()
     return out
