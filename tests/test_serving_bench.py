@@ -188,6 +188,9 @@ def test_parse_vllm_log():
     assert d["log_max_concurrency"] == pytest.approx(58.91) and d["log_max_concurrency_tokens"] == 32768
     assert d["kakeya_tail_pool_mib"] == 7000 and d["kakeya_log"].startswith("format kakeya")
     assert runner.parse_vllm_log("nothing") == {}
+    merged = runner.parse_vllm_log("INFO GPU KV cache size: 34,952 tokens, Maximum concurrency for 8,192 tokens per "
+                                   "request: 4.27x")            # the one-line form of some vLLM versions
+    assert (merged["log_kv_cache_tokens"], merged["log_max_concurrency"]) == (34952, 4.27)
 
 
 # ----------------------------------------------------------------------------- rows and report
