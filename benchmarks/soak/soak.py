@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_server import Server, gpu_memory_used_mb, request  # noqa: E402
+from vllm_server import Server, gpu_memory_used_mb, gpu_name, request  # noqa: E402
 
 MODEL = "/tmp/models/SmolLM2-135M-Instruct"
 VOCAB_LO, VOCAB_HI = 100, 40000
@@ -182,12 +182,7 @@ def main(argv=None) -> int:
             *(["--enforce-eager"] if a.eager else []), *a.server_arg]
     reqs = request_mix(a.requests, a.seed, max_len=a.max_len)
     prefixes = shared_prefixes(a.seed, max_len=a.max_len)
-    gpu = "unknown"
-    try:
-        import torch
-        gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the name is informational
-        pass
+    gpu = gpu_name()
     res = {"gpu": gpu, "requests": 0, "errors": None, "aborted": 0, "kv_usage_end": None, "mem_growth_mb": None}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,16 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+def gpu_name() -> str:
+    """From nvidia-smi, so the client process never creates a CUDA context (it would show in the memory figures)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def gpu_memory_used_mb() -> float | None:
     """Memory in use on the visible GPUs (all processes: the server's engine lives in child processes)."""
     try:
