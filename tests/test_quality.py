@@ -149,3 +149,24 @@ def test_gap_report_from_legacy_documents(tmp_path):
     g = (tmp_path / "g.md").read_text()
     assert "| triton_fp8 | 2.00 | 2.00 | +1.38" in g            # the later HF document's row wins
     assert "| kakeya_k4v3 | 4.16 | 4.15 | +0.19" in g and g.rstrip().endswith("why")
+
+
+def test_hf_rows_join_vllm_names():
+    from types import SimpleNamespace as NS
+
+    from kakeya_kv.codecs.base import BF16
+    from kakeya_kv.codecs.kakeya import KakeyaCodec
+    from kakeya_kv.hf_eval import raw_rows
+    from kakeya_kv.model_format import ModelFormat
+    from kakeya_kv.vllm_configs import resolve
+    bf, k = ModelFormat("bf16", "bf16", BF16()), ModelFormat("kakeya_k4v3", "kakeya", KakeyaCodec(4, 3))
+    res = lambda f, nll, kld: NS(fmt=f, nll=nll, kld=kld, top1=[1.0] * len(nll))
+    configs = [resolve("flash_bf16"), resolve("kakeya_k4v3"), resolve("triton_bf16")]
+    rows = raw_rows(configs, [bf, k, None], res(bf, [3.0, 3.1], [0.0, 0.0]), [res(k, [3.01, 3.12], [0.004, 0.005])],
+                    (30, 3, 64), [{"name": "kakeya_k4v3", "niah_4k": 1.0, "niah_4k_hits": [True]}])
+    doc = quality.document({"gpu": "cpu (HF harness)", "model": "m", "corpus": "c", "windows": 2}, rows, "flash_bf16")
+    quality.validate(doc)
+    by = {r["name"]: r for r in doc["configs"]}
+    assert by["kakeya_k4v3"]["ratio_vs_bf16"] == pytest.approx(256 / 61.5) and by["kakeya_k4v3"]["niah_4k"] == 1.0
+    assert by["kakeya_k4v3"]["kld"] == pytest.approx(0.0045)
+    assert by["triton_bf16"]["not_measured"][0]["reason"] == "no HF/CPU twin for this vLLM config"
