@@ -21,6 +21,8 @@ RECIPES=$(ls deploy/recipes/smollm2-135m-instruct*.env 2>/dev/null | sed 's/^/re
 # Rivals interleaved with ours, so that a cut-off call still has pairs measured in the same run.
 DEFAULT=flash_bf16,turboquant_4bit_nc,kakeya_k4v3,turboquant_3bit_nc,kakeya_k3v2,turboquant_k8v4,int4_per_token_head
 DEFAULT=$DEFAULT,turboquant_k3v4_nc,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
+# With a calibration bundle carried in .gpudata/bundle (kakeya-kv calibrate --out .gpudata/bundle): k4v3 + bundle.
+[ -d .gpudata/bundle ] && DEFAULT=$DEFAULT,kakeya_k4v3_cal
 CONFIGS=${CONFIGS:-$DEFAULT}
 BUDGET=$(( CALL_S - 30 - (SECONDS - T0) ))      # 30 s kept for the copy-back of $OUT
 echo "configs: $CONFIGS"
