@@ -205,3 +205,65 @@ def test_client_classifies_ok_aborted_and_failed_requests():
         assert go(17)["error"] == "7 completion tokens, asked 8"
         srv = vllm_server.Server("unused", port=port)
         assert soak.settle(srv, "m", timeout_s=5)["vllm:kv_cache_usage_perc"] == 0.0
+
+
+class _FakeEngine:
+    """Just enough of vLLM's in-process LLMEngine for Stepper: 256-token chunks, one token per decode step."""
+
+    class _Req:
+        def __init__(self, prompt, max_tokens):
+            self.prompt, self.max_tokens, self.num_computed_tokens, self.out = prompt, max_tokens, 0, []
+
+    def __init__(self):
+        import types
+        self.sched = types.SimpleNamespace(requests={}, kv_cache_manager=types.SimpleNamespace(usage=0.0))
+        self.engine_core = types.SimpleNamespace(engine_core=types.SimpleNamespace(scheduler=self.sched))
+
+    def add_request(self, rid, prompt, params):
+        self.sched.requests[rid] = self._Req(prompt["prompt_token_ids"], params.max_tokens)
+
+    def abort_request(self, ids):
+        for i in ids:
+            self.sched.requests.pop(i, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.sched.requests)
+
+    def step(self):
+        import types
+        outs = []
+        for rid, r in list(self.sched.requests.items()):
+            n = len(r.prompt) + len(r.out)
+            r.num_computed_tokens = min(n, r.num_computed_tokens + 256) if r.num_computed_tokens < len(r.prompt) \
+                else r.num_computed_tokens + 1
+            if r.num_computed_tokens >= len(r.prompt):
+                r.out.append(sum(r.prompt) % 97 + len(r.out))
+            done = len(r.out) == r.max_tokens
+            outs.append(types.SimpleNamespace(request_id=rid, finished=done, num_cached_tokens=0,
+                                              outputs=[types.SimpleNamespace(token_ids=list(r.out))]))
+            if done:
+                del self.sched.requests[rid]
+        return outs
+
+
+def test_stepper_drives_an_engine_step_by_step(monkeypatch):
+    import types
+
+    from tests import vllm_gpu_common as g
+    fake_vllm = types.SimpleNamespace(SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    eng = _FakeEngine()
+    llm = types.SimpleNamespace(llm_engine=eng, reset_prefix_cache=lambda: True,
+                                get_metrics=lambda: [types.SimpleNamespace(name="vllm:kv_cache_usage_perc", value=0.0)])
+    s = g.Stepper(llm)
+    prompts = {"a": [1] * 600, "b": [2] * 10}
+    assert s.generate(prompts, 5) == s.alone(prompts, 5) == {"a": [600 % 97 + i for i in range(5)],
+                                                             "b": [20 + i for i in range(5)]}
+    rid = s.add([3] * 700, 9)
+    s.step_until(lambda: s.computed(rid) == 512)
+    s.eng.abort_request([rid])
+    assert s.kv_usage_when_idle() == (0.0, 0.0) and s.asked["q1"] == 5
+    with pytest.raises(AssertionError, match="not reached"):
+        s.step_until(lambda: False, limit=3)
+    s.release()
+    assert s.llm is None and s.sched is None
