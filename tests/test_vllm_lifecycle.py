@@ -140,13 +140,13 @@ def test_abort_at_every_phase(kk, phase):
     the freed tail slot) gives the same tokens as before the abort."""
     kk.reset_prefix_cache()
     want = kk.generate(PROBE, 40)
-    rng = random.Random(hash(phase) % 1000)
+    rng = random.Random(sum(map(ord, phase)))
     n = {"after_prefill": 700, "mid_block_decode": 600, "decode_at_seal": 500}.get(phase, 1300)
     rid = kk.add(copy_prompt(rng, n), 64)
     stop = {"waiting": lambda: True,
             "mid_prefill": lambda: kk.computed(rid) == 256,              # alone: one 256-token chunk done
             "prefill_at_seal": lambda: kk.computed(rid) == 512,          # the step that filled (and sealed) block 0
-            "after_prefill": lambda: kk.computed(rid) == 700,            # first token sampled, block 1 half full
+            "after_prefill": lambda: kk.computed(rid) == 700,            # first token sampled, block 1 partly full
             "mid_block_decode": lambda: kk.computed(rid) == 620,
             "decode_at_seal": lambda: kk.computed(rid) == 512}[phase]    # token 511 decoded: block 0 sealed in decode
     kk.step_until(stop)
