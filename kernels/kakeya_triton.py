@@ -199,6 +199,17 @@ def _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES: tl.constexpr, D: tl
 
 
 @triton.jit
+def _hada(x, hd, PRECISE: tl.constexpr, BF16DOT: tl.constexpr):
+    """x [BM, D] fp32 times the +-1 matrix hd: fp32 "ieee" when precise, else two exact-B bf16 dots on the high and
+    low bf16 parts of x (~16 mantissa bits, more than the tf32 dot it replaces)."""
+    if PRECISE:
+        return tl.dot(x, hd, input_precision="ieee")
+    else:
+        hi = x.to(tl.bfloat16)
+        return _dot16(hi, hd, BF16DOT) + _dot16((x - hi.to(tl.float32)).to(tl.bfloat16), hd, BF16DOT)
+
+
+@triton.jit
 def _dot16(a, b, BF16DOT: tl.constexpr):
     """bf16 x bf16 -> fp32 dot; the interpreter's bf16 dot is wrong, so there it runs in fp32 (same values)."""
     if BF16DOT:
@@ -210,13 +221,13 @@ def _dot16(a, b, BF16DOT: tl.constexpr):
 @triton.jit
 def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
-                 rot_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
+                 hada_ptr, sgn_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
                  KV_OFF: tl.constexpr, K_MEAN: tl.constexpr, K_SCALE: tl.constexpr, K_GAIN: tl.constexpr,
                  K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
-                 PRECISE: tl.constexpr, ROT_PREC: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
+                 PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
@@ -248,7 +259,11 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     m_i = tl.full((BM,), -float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
-    rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])      # R, loaded once per program
+    # R = H diag(s) / sqrt(D) with H the (symmetric, +-1) Sylvester matrix: one exact bf16 H (32 KB of shared
+    # memory at D=128, fp32 when precise) serves both q' = (q/lambda) R^T = ((q/lambda) s/sqrt(D)) H and
+    # acc R = (acc H) s/sqrt(D); an fp32 R and its transpose took 128 KB and capped occupancy at 1 program/SM.
+    hd = tl.load(hada_ptr + d[:, None] * D + d[None, :])
+    rsg = tl.load(sgn_ptr + d)                                # s / sqrt(D)
     for b in range(split, n_sealed, SPLITS):
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
         slot = cache_ptr + page * c_page + kvh * c_head
@@ -280,12 +295,13 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
             klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
-            qr = tl.dot(q / klam[None, :], tl.trans(rot), input_precision=ROT_PREC)
+            qr = _hada(q * (rsg / klam)[None, :], hd, PRECISE, BF16DOT)
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(q * kmean[None, :], 1)
             acc_rot = tl.zeros((BM, D), tl.float32)
             cmass = tl.zeros((BM,), tl.float32)
+            m_blk = m_i         # acc is rescaled once after the block, not per tile
             for t0 in tl.range(0, N, TT, num_stages=NS):
                 t = t0 + tl.arange(0, TT)
                 kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
@@ -334,7 +350,6 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
                 pg = p * tl.abs(vg.to(tl.float32))[None, :]
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
                 if PRECISE:
                     acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
                 else:
@@ -344,10 +359,12 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
             vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
             vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-            acc += tl.dot(acc_rot, rot, input_precision=ROT_PREC) / vlam[None, :] + cmass[:, None] * vmean[None, :]
+            acc = acc * tl.where(m_blk == -float("inf"), 1.0, tl.exp2(m_blk - m_i))[:, None]   # acc is 0 while m = -inf
+            acc += _hada(acc_rot, hd, PRECISE, BF16DOT) * (rsg / vlam)[None, :] + cmass[:, None] * vmean[None, :]
     if (not EXACT) and (n_sealed % SPLITS == split):
         tail_len = seq_len - n_sealed * N
-        for t0 in range(0, tail_len, TT):
+        # num_stages=1: a pipelined tail would hold 2 stages of K and V tiles in shared memory for the whole kernel
+        for t0 in tl.range(0, tail_len, TT, num_stages=1):
             t = t0 + tl.arange(0, TT)
             tm = t < tail_len
             base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
@@ -452,6 +469,9 @@ class KakeyaKernels:
         self._no_tail = None
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
+        hs = sylvester(head_dim).to(torch.float32)          # +-1; attention uses R = H diag(s) / sqrt(D)
+        self.hada = {True: hs.contiguous().to(device), False: hs.to(torch.bfloat16).contiguous().to(device)}
+        self.sgn = (signs(head_dim, ROTATION_SEED).to(torch.float32) / head_dim ** 0.5).contiguous().to(device)
         # Per stream ("k", "v"), so K and V may carry different fitted tables at the same bit width.
         self.tables = {"k": (lloyd_max.gaussian_table(k_bits) if k_table is None else k_table).float().to(device),
                        "v": (lloyd_max.gaussian_table(v_bits) if v_table is None else v_table).float().to(device)}
@@ -524,16 +544,19 @@ class KakeyaKernels:
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
                   num_warps: int = 8, diag: int = 0, lut: int | None = None, num_stages: int = 1,
-                  fused: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  fused: bool | None = None, out: torch.Tensor | None = None,
+                  maxnreg: int | None = None) -> torch.Tensor:
         """lut / fused: kernel variant (default: the constructor's). out: optional [T, Hq, D] destination
-        (fused path: the combine kernel writes it in place, in its dtype)."""
+        (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register cap per thread
+        (more programs per SM; None = the compiler's choice)."""
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, tt, num_warps, diag,
-                            self.lut if lut is None else lut, num_stages, self.fused if fused is None else fused, out)
+                            self.lut if lut is None else lut, num_stages, self.fused if fused is None else fused, out,
+                            maxnreg)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
-                exact_kv_off: int = 0):
+                maxnreg=None, exact_kv_off: int = 0):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -549,6 +572,8 @@ class KakeyaKernels:
         if Hq % Hkv or D != self.D:
             raise ValueError(f"query heads {Hq} / kv heads {Hkv} / head_dim {D} do not fit this geometry ({self.D})")
         _check_variant(lut, fused)
+        if maxnreg is not None and not 24 <= maxnreg <= 255:
+            raise ValueError(f"maxnreg must be in [24, 255] registers per thread, got {maxnreg}")
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -573,7 +598,7 @@ class KakeyaKernels:
         _attn_kernel[(nt, Hkv, splits)](
             qq, qq.stride(0), qq.stride(1), src_arg, pl["qpos"], pl["tile_req"], cache, cache.stride(0),
             cache.stride(1), block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
-            tail_k.stride(1), tail_k.stride(2), tail_slot, self.rot, tabs["k"], tabs["v"],
+            tail_k.stride(1), tail_k.stride(2), tail_slot, self.hada[bool(precise)], self.sgn, tabs["k"], tabs["v"],
             self.pair_tables["k"], self.pair_tables["v"],
             part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), scale,
             KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET),
@@ -581,8 +606,9 @@ class KakeyaKernels:
             K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset, V_SCALE=vl["scale"].offset,
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
-            PRECISE=precise, ROT_PREC="ieee" if (precise or _INTERPRET) else "tf32", DIAG=diag, LUT=lut,
-            NS=num_stages, GATHER=int(fused), GQA=g_arg, num_warps=num_warps)
+            PRECISE=precise, DIAG=diag, LUT=lut,
+            NS=num_stages, GATHER=int(fused), GQA=g_arg, num_warps=num_warps,
+            **({} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}))
         if fused:
             if out is None:
                 out = torch.empty(T, Hq, D, dtype=out_dtype or q.dtype, device=dev)

@@ -76,8 +76,8 @@ def test_fast_mode_close_to_precise():
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("gqa", [1, 3, 8])
-@pytest.mark.parametrize("lut,fused", [(0, False), (2, True)])
-def test_gpu_decode_parity_matrix(d, gqa, lut, fused):
+@pytest.mark.parametrize("lut,fused,maxnreg", [(0, False, None), (2, True, 80)])
+def test_gpu_decode_parity_matrix(d, gqa, lut, fused, maxnreg):
     lens = [1, 511, 512, 513, 4097]
     kk, sc, refs = build(lens, 2, gqa, d, device=DEV, seed=d + gqa)
     q = torch.randn(len(lens), 2 * gqa, d, generator=torch.Generator().manual_seed(9)).bfloat16().to(DEV)
@@ -86,7 +86,7 @@ def test_gpu_decode_parity_matrix(d, gqa, lut, fused):
         for tt, warps in ((64, 8), (128, 4)):
             out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
                                precise=precise, out_dtype=torch.float32, lut=lut, fused=fused, tt=tt,
-                               num_warps=warps, **sc)
+                               num_warps=warps, maxnreg=maxnreg, **sc)
             assert not torch.isnan(out).any()
             for r, L in enumerate(lens):
                 assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
@@ -146,9 +146,11 @@ def test_kernel_variant_validated():
         KakeyaKernels(64, 4, 3, DEV, lut=3)
     kk, sc, _ = build([600], 1, 1, 64, device=DEV)
     q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=DEV)
+    pos, req = torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="lut must be one of"):
-        kk.attention(q, torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV), scale=0.1,
-                     lut=-1, **sc)
+        kk.attention(q, pos, req, scale=0.1, lut=-1, **sc)
+    with pytest.raises(ValueError, match="maxnreg must be in"):
+        kk.attention(q, pos, req, scale=0.1, maxnreg=8, **sc)
 
 
 def test_register_lookup_matches_global_gather():

@@ -7,7 +7,8 @@ from pathlib import Path
 def variant(r: dict) -> str:
     if "lut" not in r:
         return "-"
-    return f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}"
+    reg = f" r{r['maxnreg']}" if r.get("maxnreg") else ""
+    return f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg}"
 
 
 def render(res: dict) -> str:

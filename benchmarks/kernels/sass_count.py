@@ -25,12 +25,13 @@ from kakeya_kernels import kakeya_triton as K
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
 _PTR_TYPES = {"q_ptr": "*bf16", "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "cache_ptr": "*u8",
-              "rot_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
+              "hada_ptr": "*bf16", "sgn_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
 
 _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_tok", "o_row", "o_head", "o_split"}
 
 
-def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90):
+def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
+                 maxnreg: int | None = None):
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
     (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
@@ -38,7 +39,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=8, PRECISE=0,
-                 ROT_PREC="tf32", DIAG=0, LUT=lut, NS=1)
+                 DIAG=0, LUT=lut, NS=1)
     params = list(inspect.signature(K._attn_kernel.fn).parameters)
     sig = {}
     for p in params:
@@ -53,16 +54,34 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
     aligned = [i for i, p in enumerate(params) if sig[p].startswith("*") or p in _ALIGNED_INTS]
     src = ASTSource(K._attn_kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    opts = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def sass(cubin: bytes) -> list[tuple[int, str]]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(cubin: bytes) -> list[tuple[int, str]]:
+    text = _cuobjdump(cubin, "-sass")
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def occupancy(ck, num_warps: int) -> dict:
+    """Registers/thread (ptxas), shared bytes/program (Triton) -> resident warps per SM on an H100/H200
+    (64K registers, 228 KB shared, 64 warps, 32 programs per SM; registers allocated in units of 8)."""
+    usage = _cuobjdump(ck.asm["cubin"], "-res-usage")
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    shared = int(ck.metadata.shared)
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * num_warps)
+    by_smem = (228 * 1024) // max(shared + 1024, 1)
+    programs = max(0, min(by_regs, by_smem, 64 // num_warps, 32))
+    return {"regs": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": programs, "warps_per_sm": programs * num_warps}
 
 
 def innermost_loops(ins):
@@ -82,8 +101,8 @@ def opcode(t: str) -> str:
     return op if op.startswith(keep) else op.split(".")[0]
 
 
-def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8) -> dict:
-    ck = compile_attn(d, kb, vb, lut, tt, num_warps)
+def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps, maxnreg=maxnreg)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -97,10 +116,10 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8) 
     for o, c in best.items():
         cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
             else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
-    return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps,
+    return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg,
             "loop_instructions": n, "per_element": n / elems,
             "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},
-            "spills": int(getattr(ck.metadata, "n_spills", -1)) if hasattr(ck.metadata, "n_spills") else None,
+            **occupancy(ck, num_warps),
             "top_opcodes": best.most_common(12)}
 
 
@@ -110,16 +129,20 @@ def main():
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--lut", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--tiles", default="64x8,128x4", help="tt x num_warps pairs")
     a = ap.parse_args()
     kb, vb = map(int, a.bits.split(","))
     rows = []
+    tiles = [tuple(map(int, t.split("x"))) for t in a.tiles.split(",")]
     for d in a.d:
-        for lut in a.lut:
-            r = count(d, kb, vb, lut)
-            rows.append(r)
-            kinds = " ".join(f"{k} {v:.2f}" for k, v in r["per_element_by_kind"].items())
-            print(f"D={d} k{kb}v{vb} lut={lut}: {r['loop_instructions']} SASS instr/iteration = "
-                  f"{r['per_element']:.2f} per code element per thread ({kinds})", flush=True)
+        for tt, w in tiles:
+            for lut in a.lut:
+                r = count(d, kb, vb, lut, tt, w)
+                rows.append(r)
+                kinds = " ".join(f"{k} {v:.2f}" for k, v in r["per_element_by_kind"].items())
+                print(f"D={d} k{kb}v{vb} tt={tt} warps={w} lut={lut}: {r['loop_instructions']} SASS instr/iteration "
+                      f"= {r['per_element']:.2f} per code element per thread ({kinds}); regs {r['regs']}, shared "
+                      f"{r['shared_bytes']} B -> {r['warps_per_sm']} warps/SM", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"what": "SASS instruction counts of the sealed-block token loop, sm_90, compiled on CPU "
