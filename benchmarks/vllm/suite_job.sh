@@ -10,13 +10,13 @@
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
 # Stages nothing: the kit's chunks must already be in /tmp/stage (carry .gpukit/b .gpukit/setup.sh and the
 # .gpuwheels pytest wheels: the device has no pytest). Each part runs in its own process group under a time cap
-# (SUITE_BUDGET_S for the whole job, default 470 s) and whatever it leaves behind is killed before the next part.
+# (SUITE_BUDGET_S for the whole job incl. setup, default 540 s) and whatever it leaves behind is killed before the next part.
 # Output in $OUT: suite_<part>.txt (pytest output), gpu_test_record.jsonl (diagnostics), soak.json; a table last.
 set -u
 OUT=${OUT:-/tmp/suite_out}
 mkdir -p "$OUT"
 T0=$(date +%s)
-DEADLINE=$(( T0 + ${SUITE_BUDGET_S:-470} ))
+DEADLINE=$(( T0 + ${SUITE_BUDGET_S:-540} ))
 source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (stage chunks missing?)"; exit 3; }
 source scripts/device_install.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
