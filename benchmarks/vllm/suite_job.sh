@@ -10,7 +10,7 @@
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
 # Stages nothing: the kit's chunks must already be in /tmp/stage (carry .gpukit/b .gpukit/setup.sh and the
 # .gpuwheels pytest wheels: the device has no pytest). Each part runs in its own process group under a time cap
-# (SUITE_BUDGET_S for the whole job incl. setup, default 540 s) and whatever it leaves behind is killed before the next part.
+# (SUITE_BUDGET_S for the whole job incl. setup, default 540 s); what a part leaves behind is killed after it.
 # Output in $OUT: suite_<part>.txt (pytest output), gpu_test_record.jsonl (diagnostics), soak.json; a table last.
 set -u
 OUT=${OUT:-/tmp/suite_out}
