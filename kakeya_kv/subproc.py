@@ -20,9 +20,10 @@ class Finished:
 
 
 def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_line=None, on_err=None,
-                  keep_stderr: int = 4000) -> Finished:
+                  keep_stderr: int = 4000, finished=None, grace_s: float = 20.0) -> Finished:
     """Run cmd; call on_line(line) for each stdout line (on_err for stderr) as it arrives; stop it
-    after timeout_s."""
+    after timeout_s, or grace_s after finished() turns true (a child that has delivered everything
+    but hangs in its teardown is not waited for)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -47,12 +48,16 @@ def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_
     threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
     for t in threads:
         t.start()
-    timed_out = False
-    try:
-        p.wait(timeout=max(timeout_s, 0.0))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(p)
+    timed_out, done_at = False, None
+    while p.poll() is None:
+        now = time.monotonic()
+        if done_at is None and finished is not None and finished():
+            done_at = now
+        if now - t0 > timeout_s or (done_at is not None and now - done_at > grace_s):
+            timed_out = done_at is None
+            _kill_group(p)
+            break
+        time.sleep(0.1)
     for t in threads:
         t.join(timeout=10)
     return Finished(None if timed_out else p.returncode, timed_out, time.monotonic() - t0, out,

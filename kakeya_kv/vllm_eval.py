@@ -179,7 +179,8 @@ def finish_row(col: Collector, res, limit_s: float, n_windows: int, want_niah: b
     """The raw row, with a not_measured entry for everything the child did not deliver and why."""
     r = col.row
     r["timing"]["wall_s"] = res.elapsed_s
-    if col.completed and res.rc == 0:
+    r["timing"]["exit"] = "timeout" if res.timed_out else f"rc {res.rc}"
+    if col.completed:           # everything delivered (a hang in vLLM's teardown is cut, not counted)
         why = None
     elif res.timed_out:
         why = f"killed at the {limit_s:.0f} s limit in phase {col.phase!r}"
@@ -249,7 +250,8 @@ def run_all(configs, a, make_cmd=None, on_row=None) -> list[dict]:
                 col = Collector(c)
                 col.start()
                 res = run_streaming((make_cmd or child_cmd)(c, a), limit, env=child_env(c, gpu if a.gpus > 1 else None),
-                                    on_line=col, on_err=col.log)
+                                    on_line=col, on_err=col.log, finished=lambda: col.completed,
+                                    grace_s=a.exit_grace_s)
                 r = finish_row(col, res, limit, a.n, a.niah)
                 print(f"[{c.name}] {'ok' if not r.get('not_measured') else r['not_measured']} "
                       f"({res.elapsed_s:.0f} s, last phase {col.phase})", flush=True)
@@ -441,6 +443,7 @@ def main(argv=None) -> int:
         s.add_argument("--budget-s", type=float, default=0, help="wall seconds for the whole run (0 = none)")
         s.add_argument("--reserve-s", type=float, default=15, help="kept for writing results at the end")
         s.add_argument("--min-config-s", type=float, default=45, help="no config is started with less left")
+        s.add_argument("--exit-grace-s", type=float, default=20, help="a child that delivered DONE is killed after this")
         s.add_argument("--write-partial", action="store_true", help="rewrite the results after every config")
         if name == "run":
             s.add_argument("--configs", default="flash_bf16,kakeya_k4v3")

@@ -92,12 +92,15 @@ for ph in ("niah_4k", "niah_8k"):
     emit("PHASE", ph)
     emit("PART", {"phase": ph, ph: 1.0})
 emit("DONE")
+if name == "hangs":
+    time.sleep(60)      # everything delivered, stuck in teardown
 '''
 
 
 def _args(tmp_path, **kw):
     a = dict(n=4, gpus=1, timeout=5.0, budget_s=0, reserve_s=0, min_config_s=1.0, niah=True, chunk=256, max_seqs=32,
-             gpu_util=0.3, topk=20, max_model_len=8192, out=str(tmp_path / "quality.json"), hf_json="")
+             gpu_util=0.3, topk=20, max_model_len=8192, out=str(tmp_path / "quality.json"), hf_json="",
+             exit_grace_s=0.5)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -106,11 +109,13 @@ def test_run_all_bounds_each_config_and_reports_why(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(FAKE_CHILD)
     cmd = lambda c, a: [sys.executable, str(script), c.name]
-    cfgs = [resolve("flash_bf16")] + [VllmConfig(n, "kakeya") for n in ("slow", "broken")]
+    cfgs = [resolve("flash_bf16")] + [VllmConfig(n, "kakeya") for n in ("slow", "broken", "hangs")]
     t0 = time.monotonic()
     rows = vllm_eval.run_all(cfgs, _args(tmp_path), make_cmd=cmd)
-    assert time.monotonic() - t0 < 30                     # the sleeping child was killed, not waited for
-    ok, slow, broken = rows
+    assert time.monotonic() - t0 < 30                     # the sleeping children were killed, not waited for
+    ok, slow, broken, hangs = rows
+    assert not hangs.get("not_measured") and hangs["timing"]["exit"] != "rc 0"    # cut after DONE, all kept
+    rows = rows[:3]
     assert ok["window_ids"] == [0, 1, 2, 3] and ok["niah_8k"] == 1.0 and not ok.get("not_measured")
     assert "KV capacity 4150" in ok["log"][0]             # the backend's startup line, read from stderr
     assert slow["window_ids"] == [0, 1]                   # the group measured before the kill is kept
