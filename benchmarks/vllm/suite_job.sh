@@ -21,6 +21,8 @@ source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (stage c
 source scripts/device_install.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
 export PYTHONPATH=${PYTHONPATH:-}:/tmp/pyt PYTHONUNBUFFERED=1 GPU_TEST_RECORD=$OUT/gpu_test_record.jsonl
+python3 -c "import pytest" 2>/dev/null || { echo "no pytest: carry .gpuwheels (pytest, iniconfig, pluggy, packaging)"; exit 3; }
+[ -f /tmp/models/SmolLM2-135M-Instruct/config.json ] || echo "WARNING: no SmolLM2 model (kit built without --with-smollm2?)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 echo "setup took $(( $(date +%s) - T0 )) s"
