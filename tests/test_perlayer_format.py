@@ -77,3 +77,17 @@ def test_harness_routes_each_layer_to_its_codec():
     ref = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 600, SealStats())
     assert torch.equal(a, b)
     assert (a - ref).abs().max() > 1e-4   # layer 1 really read zeros
+
+
+def test_measure_visits_windows_so_every_prefix_is_spread():
+    import importlib.util
+    from pathlib import Path
+    p = Path(__file__).resolve().parent.parent / "benchmarks" / "perlayer" / "measure.py"
+    spec = importlib.util.spec_from_file_location("perlayer_measure", p)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    order = m.spread_order(32)
+    assert sorted(order) == list(range(32)) and order[:4] == [0, 16, 8, 24]
+    for k in (2, 4, 8, 16):   # the first k windows are evenly spaced over both books
+        assert sorted(order[:k]) == list(range(0, 32, 32 // k))
+    assert sorted(m.spread_order(5)) == list(range(5))
