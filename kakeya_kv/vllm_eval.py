@@ -336,12 +336,13 @@ def header(rows: list[dict], a, meta: dict) -> dict:
 
 def finish(rows: list[dict], a, meta: dict, aliases: dict | None = None) -> dict:
     from . import quality, report
+    from .vllm_configs import VllmConfig
     add_ratios_and_kld(rows)
     add_greedy(rows)
     by = {r["name"]: r for r in rows}
     full = list(rows)
     for alias, target in (aliases or {}).items():     # a recipe equal to a measured setting: not re-run
-        t = by[target]
+        t = by.get(target) or not_started(VllmConfig(target, "kakeya"), "its setting's config is missing from these rows")
         full.append({**{k: v for k, v in t.items() if k not in ("env", "llm")}, "name": alias, "same_setting_as": target})
     doc = quality.document(header(rows, a, meta), full, BASELINE)
     sched = [r["scheduler"] for r in rows if r.get("scheduler")]
