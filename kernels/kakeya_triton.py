@@ -359,7 +359,9 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
             vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
             vlam = tl.load((slot + KV_OFF + V_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-            acc = acc * tl.where(m_blk == -float("inf"), 1.0, tl.exp2(m_blk - m_i))[:, None]   # acc is 0 while m = -inf
+            # acc is still 0 while m = -inf: factor 1 there (written without -inf - -inf)
+            m_now = tl.where(m_i == -float("inf"), 0.0, m_i)
+            acc = acc * tl.exp2(tl.where(m_blk == -float("inf"), m_now, m_blk) - m_now)[:, None]
             acc += _hada(acc_rot, hd, PRECISE, BF16DOT) * (rsg / vlam)[None, :] + cmass[:, None] * vmean[None, :]
     if (not EXACT) and (n_sealed % SPLITS == split):
         tail_len = seq_len - n_sealed * N

@@ -76,8 +76,9 @@ def test_fast_mode_close_to_precise():
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("gqa", [1, 3, 8])
-@pytest.mark.parametrize("lut,fused,maxnreg", [(0, False, None), (2, True, 80)])
-def test_gpu_decode_parity_matrix(d, gqa, lut, fused, maxnreg):
+@pytest.mark.parametrize("lut,fused,maxnreg,small_bm", [(0, False, None, False), (2, True, 80, True)])
+def test_gpu_decode_parity_matrix(d, gqa, lut, fused, maxnreg, small_bm):
+    bm = 1 << (gqa - 1).bit_length() if small_bm else 16    # tiles of exactly the GQA group (padded to 2^k)
     lens = [1, 511, 512, 513, 4097]
     kk, sc, refs = build(lens, 2, gqa, d, device=DEV, seed=d + gqa)
     q = torch.randn(len(lens), 2 * gqa, d, generator=torch.Generator().manual_seed(9)).bfloat16().to(DEV)
@@ -86,7 +87,7 @@ def test_gpu_decode_parity_matrix(d, gqa, lut, fused, maxnreg):
         for tt, warps in ((64, 8), (128, 4)):
             out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
                                precise=precise, out_dtype=torch.float32, lut=lut, fused=fused, tt=tt,
-                               num_warps=warps, maxnreg=maxnreg, **sc)
+                               num_warps=warps, maxnreg=maxnreg, bm=bm, **sc)
             assert not torch.isnan(out).any()
             for r, L in enumerate(lens):
                 assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
@@ -117,6 +118,19 @@ def test_pair_lookup_matches_global_gather(kb, vb):
                           atol=1e-6, rtol=1e-5)
     out = kk.attention(q, pos, req, lut=2, precise=True, **args)     # fp16 centroids in the precise path
     assert rel_err(out[0], ref_attention(q[0], 1029, refs[0], 3)) < 1e-3
+
+
+@pytest.mark.parametrize("gqa,bm", [(3, 4), (4, 2)])
+def test_small_query_tiles(gqa, bm):
+    """Tiles of fewer than 16 query rows (Triton pads M inside the MMA): a padded row, and a group over 2 tiles."""
+    lens = [1, 513, 40]
+    kk, sc, refs = build(lens, 2, gqa, 64, device=DEV)
+    q = torch.randn(len(lens), 2 * gqa, 64, generator=torch.Generator().manual_seed(2)).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=0.125, splits=2, precise=True, bm=bm,
+                       lut=2, fused=True, out_dtype=torch.float32, **sc)
+    for r, L in enumerate(lens):
+        assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < 1e-3
 
 
 def test_fused_launch_matches_torch_combine():

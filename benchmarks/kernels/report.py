@@ -8,7 +8,8 @@ def variant(r: dict) -> str:
     if "lut" not in r:
         return "-"
     reg = f" r{r['maxnreg']}" if r.get("maxnreg") else ""
-    return f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg}"
+    return (f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg} "
+            f"bm{r.get('bm', 16)}")
 
 
 def render(res: dict) -> str:

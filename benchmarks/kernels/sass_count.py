@@ -101,8 +101,9 @@ def opcode(t: str) -> str:
     return op if op.startswith(keep) else op.split(".")[0]
 
 
-def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None) -> dict:
-    ck = compile_attn(d, kb, vb, lut, tt, num_warps, maxnreg=maxnreg)
+def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
+          bm: int = 16) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -116,7 +117,7 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
     for o, c in best.items():
         cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
             else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
-    return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg,
+    return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg, "bm": bm,
             "loop_instructions": n, "per_element": n / elems,
             "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},
             **occupancy(ck, num_warps),
