@@ -52,11 +52,11 @@ def _unpack_codes(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_ptr, mids_ptr, table_ptr, w_ptr,
-                 sidx_ptr, didx_ptr, flag_ptr,
+                 sidx_ptr, didx_ptr, flag_ptr, hada_ptr, sgn_ptr,
                  HAS_W: tl.constexpr, STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                  OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                  G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, PREC: tl.constexpr,
-                 INDIRECT: tl.constexpr = 0):
+                 INDIRECT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1, SNS: tl.constexpr = None):
     item = tl.program_id(0)
     head = tl.program_id(1)
     if INDIRECT:
@@ -73,12 +73,12 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
     # Pass 1: channel mean and centred variance (two-pass for exactness on
     # K channels whose mean is many times their std).
     acc = tl.zeros((D,), dtype=tl.float32)
-    for t0 in range(0, N, TT):
+    for t0 in tl.range(0, N, TT, num_stages=SNS):
         t = t0 + tl.arange(0, TT)
         acc += tl.sum(tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32), 0)
     mean = acc / N
     var = tl.zeros((D,), dtype=tl.float32)
-    for t0 in range(0, N, TT):
+    for t0 in tl.range(0, N, TT, num_stages=SNS):
         t = t0 + tl.arange(0, TT)
         xc = tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32) - mean[None, :]
         var += tl.sum(xc * xc, 0)
@@ -92,11 +92,17 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
     lam = tl.minimum(tl.maximum(lam, 1e-3), 1e3).to(tl.float16).to(tl.float32)
     tl.store((dst + OFF_MEAN).to(tl.pointer_type(tl.float32)) + d, mean)
     tl.store((dst + OFF_SCALE).to(tl.pointer_type(tl.float16)) + d, lam.to(tl.float16))
-    rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)  # R^T (R row-major [D, D])
+    if PREC == "bf16x3":
+        # z = x R^T = (x s/sqrt(D)) H: exact +-1 bf16 H (half the shared memory of fp32 R^T), x split in 3 bf16
+        # parts (24 mantissa bits, products exact) -> fp32-level z from bf16 MMAs.
+        hd = tl.load(hada_ptr + d[:, None] * D + d[None, :])
+        sg = tl.load(sgn_ptr + d)
+    else:
+        rot_t = tl.load(rot_ptr + d[:, None] + d[None, :] * D)  # R^T (R row-major [D, D])
     gain_ptr = (dst + OFF_GAIN).to(tl.pointer_type(tl.float16))
     grp = tl.arange(0, D // G)
     shifts = (tl.arange(0, G) * BITS).to(tl.int64)
-    for t0 in range(0, N, TT):
+    for t0 in tl.range(0, N, TT, num_stages=SNS):
         t = t0 + tl.arange(0, TT)
         x = tl.load(src + t[:, None] * s_tok + d[None, :]).to(tl.float32)
         xc = x - mean[None, :]
@@ -104,7 +110,10 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
         cen = tl.sum((xc * lam[None, :]) * (xc * lam[None, :]), 1)
         unc = raw < cen
         xs = tl.where(unc[:, None], x, xc) * lam[None, :]
-        z = tl.dot(xs, rot_t, input_precision=PREC)
+        if PREC == "bf16x3":
+            z = _hada3(xs * sg[None, :], hd, BF16DOT)
+        else:
+            z = tl.dot(xs, rot_t, input_precision=PREC)
         rms = tl.maximum(tl.sqrt(tl.sum(z * z, 1) / D), 1e-30)
         u = z / rms[:, None]
         idx = tl.zeros((TT, D), dtype=tl.int32)
@@ -120,6 +129,16 @@ def _seal_kernel(src_ptr, s_item, s_head, s_tok, dst_ptr, d_item, d_head, rot_pt
         for m in tl.static_range(NB):
             p = dst + OFF_CODES + t[:, None] * (D * BITS // 8) + grp[None, :] * NB + m
             tl.store(p, ((word >> (8 * m)) & 255).to(tl.uint8))
+
+
+@triton.jit
+def _hada3(x, hd, BF16DOT: tl.constexpr):
+    """x fp32 times the +-1 bf16 matrix hd with x = a1 + a2 + a3 in bf16: three exact-product MMAs."""
+    a1 = x.to(tl.bfloat16)
+    r = x - a1.to(tl.float32)
+    a2 = r.to(tl.bfloat16)
+    a3 = (r - a2.to(tl.float32)).to(tl.bfloat16)
+    return _dot16(a3, hd, BF16DOT) + _dot16(a2, hd, BF16DOT) + _dot16(a1, hd, BF16DOT)
 
 
 @triton.jit
@@ -221,7 +240,8 @@ def _dot16(a, b, BF16DOT: tl.constexpr):
 @triton.jit
 def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
-                 hada_ptr, sgn_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split, lse_ptr, l_row, l_head, scale,
+                 hada_ptr, sgn_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split,
+                 lse_ptr, l_row, l_head, scale,
                  KV_OFF: tl.constexpr, K_MEAN: tl.constexpr, K_SCALE: tl.constexpr, K_GAIN: tl.constexpr,
                  K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
@@ -447,6 +467,24 @@ def pair_table(table16: torch.Tensor) -> torch.Tensor:
     return (bits16[j % n] | (bits16[j // n] << 16)).to(torch.int32).contiguous()
 
 
+SEAL_PRECS = ("tf32x3", "tf32", "ieee", "bf16x3")   # seal rotation: Triton dot precisions or exact-H bf16 x3
+
+
+def _seal_prec(prec: str | None) -> str:
+    if prec is not None and prec not in SEAL_PRECS:
+        raise ValueError(f"seal prec must be one of {SEAL_PRECS}, got {prec!r}")
+    if prec == "bf16x3":
+        return prec            # runs in the interpreter too (bf16 operands, fp32 dots there)
+    return "ieee" if _INTERPRET else (prec or "tf32x3")
+
+
+def _regs(maxnreg: int | None) -> dict:
+    """Launch option capping registers per thread (more programs per SM); the interpreter has no registers."""
+    if maxnreg is not None and not 24 <= maxnreg <= 255:
+        raise ValueError(f"maxnreg must be in [24, 255] registers per thread, got {maxnreg}")
+    return {} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}
+
+
 LUTS = (0, 1, 2)   # centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup)
 
 
@@ -491,10 +529,12 @@ class KakeyaKernels:
                     N=BLOCK_TOKENS)
 
     def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, tt: int = 64, num_warps: int | None = None,
-             prec: str | None = None, k_weight: torch.Tensor | None = None) -> None:
+             prec: str | None = None, k_weight: torch.Tensor | None = None, num_stages: int | None = None,
+             maxnreg: int | None = None) -> None:
         """k, v [I, H, 512, D] (bf16/fp32, token stride may vary) -> slots uint8 [I, H, slot_bytes] (in place).
 
-        k_weight [H, D]: calibrated K shaping weights of this layer (lambda = (w / var)^(1/4))."""
+        k_weight [H, D]: calibrated K shaping weights of this layer (lambda = (w / var)^(1/4)).
+        prec (SEAL_PRECS), num_stages (token-loop pipelining, None = Triton's default), maxnreg: seal variants."""
         I, H = k.shape[:2]
         if k_weight is not None and tuple(k_weight.shape) != (H, self.D):
             raise ValueError(f"k_weight must be [{H}, {self.D}], got {tuple(k_weight.shape)}")
@@ -504,12 +544,14 @@ class KakeyaKernels:
             wt = self.rot if w is None else w.float().contiguous()   # any pointer when HAS_W = 0
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
                                  self.rot, self.mids[name], self.tables[name], wt, wt, wt, wt,
-                                 HAS_W=int(w is not None), TT=tt, num_warps=num_warps,
-                                 PREC="ieee" if _INTERPRET else (prec or "tf32x3"), **self._consts(st, off))
+                                 self.hada[False], self.sgn, HAS_W=int(w is not None), TT=tt, num_warps=num_warps,
+                                 PREC=_seal_prec(prec), BF16DOT=int(not _INTERPRET), SNS=num_stages,
+                                 **_regs(maxnreg), **self._consts(st, off))
 
     def seal_indirect(self, tail_k: torch.Tensor, tail_v: torch.Tensor, slot_idx: torch.Tensor, cache: torch.Tensor,
                       page_idx: torch.Tensor, flag: torch.Tensor, k_weight: torch.Tensor | None = None, tt: int = 64,
-                      num_warps: int | None = None, prec: str | None = None) -> None:
+                      num_warps: int | None = None, prec: str | None = None, num_stages: int | None = None,
+                      maxnreg: int | None = None) -> None:
         """For every item r with flag[r] != 0: seal tail[slot_idx[r]] ([H, 512, D]) into cache[page_idx[r]].
         One launch over all items, no host sync (what a captured decode step needs)."""
         I, H = int(flag.shape[0]), tail_k.shape[1]
@@ -518,8 +560,9 @@ class KakeyaKernels:
             wt = self.rot if w is None else w.float().contiguous()
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), cache, cache.stride(0), cache.stride(1),
                                  self.rot, self.mids[name], self.tables[name], wt, slot_idx, page_idx, flag,
-                                 HAS_W=int(w is not None), INDIRECT=1, TT=tt, num_warps=num_warps,
-                                 PREC="ieee" if _INTERPRET else (prec or "tf32x3"), **self._consts(st, off))
+                                 self.hada[False], self.sgn, HAS_W=int(w is not None), INDIRECT=1, TT=tt,
+                                 num_warps=num_warps, PREC=_seal_prec(prec), BF16DOT=int(not _INTERPRET),
+                                 SNS=num_stages, **_regs(maxnreg), **self._consts(st, off))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots uint8 [I, H, slot_bytes] -> bf16 k, v [I, H, 512, D] (debug decode)."""
@@ -574,8 +617,6 @@ class KakeyaKernels:
         if Hq % Hkv or D != self.D:
             raise ValueError(f"query heads {Hq} / kv heads {Hkv} / head_dim {D} do not fit this geometry ({self.D})")
         _check_variant(lut, fused)
-        if maxnreg is not None and not 24 <= maxnreg <= 255:
-            raise ValueError(f"maxnreg must be in [24, 255] registers per thread, got {maxnreg}")
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -610,7 +651,7 @@ class KakeyaKernels:
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, num_warps=num_warps,
-            **({} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}))
+            **_regs(maxnreg))
         if fused:
             if out is None:
                 out = torch.empty(T, Hq, D, dtype=out_dtype or q.dtype, device=dev)

@@ -25,3 +25,17 @@ def test_bench_variants_agree_on_the_bench_scenario():
                **B.SWEEP[-1])
     md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[row], seal=[], tuning=[], not_measured=[]))
     assert "lut2 fused tt32 w4 bm4" in md and "**missed: 0.50–0.50×**" in md
+
+
+def test_bench_seal_variants_agree():
+    import bench_kernels as B
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    g = torch.Generator().manual_seed(3)
+    kk = KakeyaKernels(64, 4, 3, "cpu")
+    x = (torch.randn(1, 1, 512, 64, generator=g) * 2 + torch.randn(64, generator=g) * 4).bfloat16()
+    ref = torch.zeros(1, 1, kk.lay.slot_bytes, dtype=torch.uint8)
+    kk.seal(x, x, ref, prec="ieee")
+    for sv in B.SEAL_VARIANTS:
+        out = torch.zeros_like(ref)
+        kk.seal(x, x, out, **sv)
+        assert (out == ref).float().mean().item() >= 0.999    # the bench's acceptance bound

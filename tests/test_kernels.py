@@ -12,8 +12,9 @@ from tests.kernel_cases import build, ref_attention, rel_err
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("d,kb,vb", [(64, 4, 3), (64, 3, 2), (128, 4, 4)])
-def test_seal_matches_reference_bytes(d, kb, vb):
+@pytest.mark.parametrize("d,kb,vb,prec", [(64, 4, 3, None), (64, 3, 2, None), (128, 4, 4, None),
+                                          (128, 4, 3, "bf16x3")])
+def test_seal_matches_reference_bytes(d, kb, vb, prec):
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     g = torch.Generator().manual_seed(1)
     k = (torch.randn(1, 2, 512, d, generator=g) * 2 + torch.randn(d, generator=g) * 5).bfloat16()
@@ -21,7 +22,7 @@ def test_seal_matches_reference_bytes(d, kb, vb):
     k[0, :, 0] *= 0.02  # a sink-like token takes the uncentred path
     kk = KakeyaKernels(d, kb, vb, DEV)
     slots = torch.zeros(1, 2, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
-    kk.seal(k.to(DEV), v.to(DEV), slots)
+    kk.seal(k.to(DEV), v.to(DEV), slots, prec=prec)
     ref = KakeyaCodec(kb, vb).encode(k[0].float(), v[0].float(), 0)[:, 0]
     got = slots[0].cpu()
     # Float reductions differ in order: a code may flip at a decision boundary; the

@@ -33,10 +33,14 @@ def render(res: dict) -> str:
         out.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | {variant(r)} | {r['us']:.1f} | {eager} | "
                    f"{r['fa3_bf16_us']:.1f} | {r['fa3_bf16_us'] / r['us']:.2f}× | {r['gbps']:.0f} | "
                    f"{r['floor_us']:.1f} | {r['us'] / r['floor_us']:.1f}× |")
-    out += ["", "| head_dim | seal µs per 512-token block per layer (8 heads, K+V) | prefill µs of that block "
-            "(Qwen3-8B-like layer) | share |", "|---|---|---|---|"]
+    out += ["", "| head_dim | seal µs per 512-token block per layer (8 heads, K+V) | seal variant | prefill µs of that "
+            "block (Qwen3-8B-like layer) | share |", "|---|---|---|---|---|"]
     for s in res["seal"]:
-        out.append(f"| {s['head_dim']} | {s['us_per_block_layer']:.1f} | {s['prefill_us_per_block_layer']:.1f} | "
+        sv = s.get("variant")
+        name = "-" if sv is None else (f"{sv.get('prec') or 'tf32x3'} stages {sv.get('num_stages') or 'default'}"
+                                       f"{' r' + str(sv['maxnreg']) if sv.get('maxnreg') else ''}, bytes = ieee "
+                                       f"{sv['bytes_equal_to_ieee']:.4f}")
+        out.append(f"| {s['head_dim']} | {s['us_per_block_layer']:.1f} | {name} | {s['prefill_us_per_block_layer']:.1f} | "
                    f"{100 * s['us_per_block_layer'] / s['prefill_us_per_block_layer']:.1f} % |")
     if res.get("not_measured"):
         out += ["", f"Not measured ({len(res['not_measured'])}): " +
