@@ -84,14 +84,14 @@ def test_gpu_decode_parity_matrix(d, gqa, lut, fused, maxnreg, small_bm):
     kk, sc, refs = build(lens, 2, gqa, d, device=DEV, seed=d + gqa)
     q = torch.randn(len(lens), 2 * gqa, d, generator=torch.Generator().manual_seed(9)).bfloat16().to(DEV)
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
-    for precise, bound in ((True, 1e-3), (False, 5e-3)):
-        for tt, warps in ((64, 8), (128, 4)):
-            out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
-                               precise=precise, out_dtype=torch.float32, lut=lut, fused=fused, tt=tt,
-                               num_warps=warps, maxnreg=maxnreg, bm=bm, **sc)
-            assert not torch.isnan(out).any()
-            for r, L in enumerate(lens):
-                assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
+    # precise and fast at the default tile; the pair-table variant also at a second tile (compiles cost ~3 s each)
+    for precise, bound, tt, warps in [(True, 1e-3, 64, 8), (False, 5e-3, 64, 8)] + [(False, 5e-3, 128, 4)] * (lut == 2):
+        out = kk.attention(q, pos, torch.arange(len(lens), device=DEV), scale=d ** -0.5, splits=8,
+                           precise=precise, out_dtype=torch.float32, lut=lut, fused=fused, tt=tt,
+                           num_warps=warps, maxnreg=maxnreg, bm=bm, **sc)
+        assert not torch.isnan(out).any()
+        for r, L in enumerate(lens):
+            assert rel_err(out[r], ref_attention(q[r], L - 1, refs[r], gqa)) < bound
 
 
 def test_pair_table_packs_two_codes():

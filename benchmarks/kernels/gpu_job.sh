@@ -15,5 +15,5 @@ timeout 290 python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-
 python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && tail -3 "$OUT/KERNELS.md"
 LEFT=$(( 450 - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"
-[ "$LEFT" -gt 30 ] && timeout "$LEFT" python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" 2>&1 | tail -25
+[ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" 2>&1 | tail -25
 echo "total $(( $(date +%s) - T0 ))s"

@@ -1,9 +1,13 @@
 """Run the kernel parity suite (pytest, GPU cases included) and record the result with the card name.
 
-python benchmarks/kernels/record_parity.py OUT_JSON
+python benchmarks/kernels/record_parity.py OUT_JSON [--timeout S]
+With --timeout the suite is stopped after S seconds and the tests finished so far are recorded
+(from pytest's verbose lines), with "timed_out": true.
 """
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -11,24 +15,51 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-out = sys.argv[1]
-with tempfile.TemporaryDirectory() as td:
-    xml = os.path.join(td, "junit.xml")
-    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                          f"--junitxml={xml}"])
-    root = ET.parse(xml).getroot()
-cases = []
-for tc in root.iter("testcase"):
-    outcome = "passed"
-    for tag in ("failure", "error", "skipped"):
-        if tc.find(tag) is not None:
-            outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-    cases.append({"test": f"{tc.get('classname')}::{tc.get('name')}", "outcome": outcome, "time_s": float(tc.get("time"))})
-res = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)",
-       "torch": torch.__version__, "pytest_exit": rc,
-       "passed": sum(c["outcome"] == "passed" for c in cases), "failed": sum(c["outcome"] in ("failed", "error") for c in cases),
-       "skipped": sum(c["outcome"] == "skipped" for c in cases), "tests": cases}
-with open(out, "w") as f:
-    json.dump(res, f, indent=1)
-print(json.dumps({k: v for k, v in res.items() if k != "tests"}))
-sys.exit(rc)
+
+def from_junit(path):
+    cases = []
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if tc.find(tag) is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+        cases.append({"test": f"{tc.get('classname')}::{tc.get('name')}", "outcome": outcome,
+                      "time_s": float(tc.get("time"))})
+    return cases
+
+
+def from_verbose(text):
+    return [{"test": m.group(1), "outcome": m.group(2).lower()}
+            for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, re.M)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--timeout", type=float)
+    a = ap.parse_args()
+    timed_out = False
+    with tempfile.TemporaryDirectory() as td:
+        xml = os.path.join(td, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels.py", f"--junitxml={xml}"]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            rc, text = p.returncode, p.stdout
+        except subprocess.TimeoutExpired as e:
+            timed_out, rc = True, None
+            text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        cases = from_junit(xml) if os.path.exists(xml) else from_verbose(text)
+    print("\n".join(text.splitlines()[-20:]))
+    res = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)",
+           "torch": torch.__version__, "pytest_exit": rc, "timed_out": timed_out,
+           "passed": sum(c["outcome"] == "passed" for c in cases),
+           "failed": sum(c["outcome"] in ("failed", "error") for c in cases),
+           "skipped": sum(c["outcome"] == "skipped" for c in cases), "tests": cases}
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "tests"}))
+    sys.exit(1 if timed_out else rc)
+
+
+if __name__ == "__main__":
+    main()
