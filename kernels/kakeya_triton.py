@@ -246,7 +246,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
                  V_CODES: tl.constexpr, KBITS: tl.constexpr, KG: tl.constexpr, KNB: tl.constexpr,
                  VBITS: tl.constexpr, VG: tl.constexpr, VNB: tl.constexpr, D: tl.constexpr,
-                 BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS: tl.constexpr,
+                 BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS,
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1):
@@ -416,7 +416,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
 
 @triton.jit
 def _combine_kernel(part_ptr, p_row, p_head, p_split, lse_ptr, l_row, l_head, dest_ptr, o_ptr, o_tok, o_head, n_rows,
-                    SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, GQA: tl.constexpr):
+                    SPLITS, SP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr, GQA: tl.constexpr):
     """Merge the splits' partial softmaxes of RB query rows (token x head-in-group) of one KV head and write
     them in o's dtype at o[token, kvh * GQA + g] (o may be the caller's output tensor)."""
     i = tl.program_id(0) * RB + tl.arange(0, RB)

@@ -14,8 +14,8 @@ def test_bench_variants_agree_on_the_bench_scenario():
     torch.manual_seed(0)
     sc = B.OursDecode(KakeyaKernels(64, 4, 3, "cpu"), 2, 1024, 64, sms=4, device="cpu", hkv=2)
     ref = sc.fn(B.BASELINE_VARIANT)().float()
-    assert torch.isfinite(ref).all() and sc.splits(4) >= sc.splits(16) >= 1 and sc.bytes > 0
-    for v in (B.SWEEP[-1], dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=64, bm=16)):
+    assert torch.isfinite(ref).all() and sc.splits(4, 4) >= sc.splits(16) >= 1 and sc.bytes > 0
+    for v in (B.SWEEP[-1], dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=64, bm=16, waves=2)):
         assert (sc.fn(v)().float() - ref).abs().max().item() < 2e-2   # the bench's own acceptance bound
     assert all(set(v) == set(B.BASELINE_VARIANT) for v in B.SWEEP)
     # goal rows (context >= 16k, batch >= 16) are measured first
@@ -24,7 +24,7 @@ def test_bench_variants_agree_on_the_bench_scenario():
     row = dict(format="f", head_dim=64, batch=16, context=16384, us=2.0, fa3_bf16_us=1.0, gbps=1.0, floor_us=1.0,
                **B.SWEEP[-1])
     md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[row], seal=[], tuning=[], not_measured=[]))
-    assert "lut2 fused tt32 w4 bm4" in md and "**missed: 0.50–0.50×**" in md
+    assert "lut2 fused tt64 w4 r96 bm4 waves4" in md and "**missed: 0.50–0.50×**" in md
 
 
 def test_bench_seal_variants_agree():

@@ -21,15 +21,15 @@ from triton.testing import do_bench, do_bench_cudagraph
 from kakeya_kernels.kakeya_triton import KakeyaKernels
 
 HKV, GQA = 8, 4
-BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16)   # the backend's default call
+BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # backend default
 # One change at a time first (fused launch, pair table), then tiles / register caps / 4-row tiles (bm = GQA:
-# Triton pads M < 16 inside the MMA, so the softmax runs on 4 rows instead of 16); sass_count.py: no spills down
-# to 64-96 registers, 2-3x the resident warps.
-SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxnreg=r, bm=bm)
-                              for lut, tt, w, r, bm in (
-    (0, 64, 8, None, 16), (2, 64, 8, None, 16),
-    (2, 64, 8, None, 4), (2, 64, 8, 80, 4), (2, 64, 4, None, 4), (2, 64, 4, 96, 4), (2, 64, 4, 64, 4),
-    (2, 128, 4, 128, 4), (2, 128, 8, 96, 4), (2, 32, 4, None, 4))]
+# Triton pads M < 16 inside the MMA, so the softmax runs on 4 rows instead of 16) / more KV splits (waves =
+# target programs per SM; register caps leave room for more). sass_count.py: no spills down to 64-96 registers.
+SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxnreg=r, bm=bm, waves=wv)
+                              for lut, tt, w, r, bm, wv in (
+    (0, 64, 8, None, 16, 2), (2, 64, 8, None, 16, 2),
+    (2, 64, 8, None, 4, 2), (2, 64, 8, 80, 4, 2), (2, 64, 4, None, 4, 2), (2, 64, 4, 96, 4, 2), (2, 64, 4, 64, 4, 2),
+    (2, 128, 4, 128, 4, 2), (2, 128, 8, 96, 4, 2), (2, 32, 4, None, 4, 2), (2, 64, 8, 80, 4, 4), (2, 64, 4, 96, 4, 4))]
 # Seal: the default (tf32x3 rotation) and the exact-Hadamard bf16x3 rotation without token-loop pipelining
 # (shared memory 229 -> 98 KB at D=128 in the sm_90 compile), with a register cap for 2 programs per SM.
 SEAL_VARIANTS = [dict(prec=None), dict(prec="bf16x3", num_stages=1), dict(prec="bf16x3", num_stages=1, maxnreg=128),
@@ -97,10 +97,10 @@ class OursDecode:
         self.batch, self.n_sealed, self.hkv, self.sms, self.plans = batch, n_sealed, hkv, sms, {}
         self.bytes = batch * (n_sealed * hkv * kk.lay.slot_bytes + tail * hkv * d * 4)
 
-    def splits(self, bm: int) -> int:
-        """Split the KV axis until the grid holds about two programs per SM."""
+    def splits(self, bm: int, waves: int = 2) -> int:
+        """Split the KV axis until the grid holds about `waves` programs per SM."""
         nt = self.plan(bm)["nt"]
-        return max(1, min(self.n_sealed + 1, math.ceil(2 * self.sms / (nt * self.hkv))))
+        return max(1, min(self.n_sealed + 1, math.ceil(waves * self.sms / (nt * self.hkv))))
 
     def plan(self, bm: int) -> dict:
         if bm not in self.plans:
@@ -109,8 +109,8 @@ class OursDecode:
 
     def fn(self, v: dict):
         v = dict(v)
-        bm = v.pop("bm")
-        plan, splits = self.plan(bm), self.splits(bm)
+        bm, waves = v.pop("bm"), v.pop("waves")
+        plan, splits = self.plan(bm), self.splits(bm, waves)
 
         def run():
             return self.kk.attention(self.q, self.pos, self.req, self.cache, self.bt, self.nsl, self.sl, self.tk,
@@ -210,7 +210,7 @@ def main():
             eager = do_bench(fn) * 1e3
             row = {"format": res["format"], "head_dim": d, "batch": batch, "context": ctx, "us": us,
                    "fa3_bf16_us": fa_us, "baseline": fa_name, "bytes": sc.bytes, "gbps": sc.bytes / us / 1e3,
-                   "bf16_bytes": fa_bytes, "speedup_vs_bf16": fa_us / us, "splits": sc.splits(v["bm"]),
+                   "bf16_bytes": fa_bytes, "speedup_vs_bf16": fa_us / us, "splits": sc.splits(v["bm"], v["waves"]),
                    "floor_us": sc.bytes / (res["copy_gbps"] * 1e3), "us_eager": eager, **v}
             del sc, fn
             torch.cuda.empty_cache()

@@ -38,7 +38,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
     const = dict(KV_OFF=kl.size, EXACT=0, BF16DOT=1, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset,
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
-                 KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=8, PRECISE=0,
+                 KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=0,
                  DIAG=0, LUT=lut, NS=1)
     params = list(inspect.signature(K._attn_kernel.fn).parameters)
     sig = {}
