@@ -218,14 +218,24 @@ def _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES: tl.constexpr, D: tl
 
 
 @triton.jit
-def _hada(x, hd, PRECISE: tl.constexpr, BF16DOT: tl.constexpr):
-    """x [BM, D] fp32 times the +-1 matrix hd: fp32 "ieee" when precise, else two exact-B bf16 dots on the high and
-    low bf16 parts of x (~16 mantissa bits, more than the tf32 dot it replaces)."""
+def _hada_half(x, hd, PRECISE: tl.constexpr, BF16DOT: tl.constexpr):
     if PRECISE:
         return tl.dot(x, hd, input_precision="ieee")
     else:
         hi = x.to(tl.bfloat16)
         return _dot16(hi, hd, BF16DOT) + _dot16((x - hi.to(tl.float32)).to(tl.bfloat16), hd, BF16DOT)
+
+
+@triton.jit
+def _hada(x, hd, BM: tl.constexpr, D: tl.constexpr, PRECISE: tl.constexpr, BF16DOT: tl.constexpr):
+    """x [BM, D] fp32 times the Sylvester matrix H_D = [[H', H'], [H', -H']] (hd = H', +-1, [D/2, D/2]): one
+    butterfly, then two D/2 products; fp32 "ieee" when precise, else two exact-B bf16 dots on the high and low
+    bf16 parts (~16 mantissa bits, more than the tf32 dot this replaced). H' costs 8 KB of shared memory at
+    D=128 and a quarter of H_D's shared-memory reads."""
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BM, 2, D // 2)), (0, 2, 1)))
+    y1 = _hada_half(x1 + x2, hd, PRECISE, BF16DOT)
+    y2 = _hada_half(x1 - x2, hd, PRECISE, BF16DOT)
+    return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (BM, D))
 
 
 @triton.jit
@@ -279,10 +289,11 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     m_i = tl.full((BM,), -float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
-    # R = H diag(s) / sqrt(D) with H the (symmetric, +-1) Sylvester matrix: one exact bf16 H (32 KB of shared
-    # memory at D=128, fp32 when precise) serves both q' = (q/lambda) R^T = ((q/lambda) s/sqrt(D)) H and
+    # R = H diag(s) / sqrt(D) with H the (symmetric, +-1) Sylvester matrix: one exact bf16 H_{D/2} (8 KB of
+    # shared memory at D=128, fp32 when precise) serves both q' = (q/lambda) R^T = ((q/lambda) s/sqrt(D)) H and
     # acc R = (acc H) s/sqrt(D); an fp32 R and its transpose took 128 KB and capped occupancy at 1 program/SM.
-    hd = tl.load(hada_ptr + d[:, None] * D + d[None, :])
+    dh = tl.arange(0, D // 2)
+    hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
     rsg = tl.load(sgn_ptr + d)                                # s / sqrt(D)
     for b in range(split, n_sealed, SPLITS):
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
@@ -315,7 +326,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
             klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
-            qr = _hada(q * (rsg / klam)[None, :], hd, PRECISE, BF16DOT)
+            qr = _hada(q * (rsg / klam)[None, :], hd, BM, D, PRECISE, BF16DOT)
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(q * kmean[None, :], 1)
@@ -382,7 +393,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             # acc is still 0 while m = -inf: factor 1 there (written without -inf - -inf)
             m_now = tl.where(m_i == -float("inf"), 0.0, m_i)
             acc = acc * tl.exp2(tl.where(m_blk == -float("inf"), m_now, m_blk) - m_now)[:, None]
-            acc += _hada(acc_rot, hd, PRECISE, BF16DOT) * (rsg / vlam)[None, :] + cmass[:, None] * vmean[None, :]
+            acc += (_hada(acc_rot, hd, BM, D, PRECISE, BF16DOT) * (rsg / vlam)[None, :]
+                    + cmass[:, None] * vmean[None, :])
     if (not EXACT) and (n_sealed % SPLITS == split):
         tail_len = seq_len - n_sealed * N
         # num_stages=1: a pipelined tail would hold 2 stages of K and V tiles in shared memory for the whole kernel
@@ -509,7 +521,9 @@ class KakeyaKernels:
         self._no_tail = None
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
-        hs = sylvester(head_dim).to(torch.float32)          # +-1; attention uses R = H diag(s) / sqrt(D)
+        # +-1 Sylvester matrices: R = H diag(s) / sqrt(D); the seal's bf16x3 rotation uses H_D, attention H_{D/2}
+        self.hada_full = sylvester(head_dim).to(torch.bfloat16).contiguous().to(device)
+        hs = sylvester(head_dim // 2).to(torch.float32)
         self.hada = {True: hs.contiguous().to(device), False: hs.to(torch.bfloat16).contiguous().to(device)}
         self.sgn = (signs(head_dim, ROTATION_SEED).to(torch.float32) / head_dim ** 0.5).contiguous().to(device)
         # Per stream ("k", "v"), so K and V may carry different fitted tables at the same bit width.
@@ -544,7 +558,7 @@ class KakeyaKernels:
             wt = self.rot if w is None else w.float().contiguous()   # any pointer when HAS_W = 0
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), slots, slots.stride(0), slots.stride(1),
                                  self.rot, self.mids[name], self.tables[name], wt, wt, wt, wt,
-                                 self.hada[False], self.sgn, HAS_W=int(w is not None), TT=tt, num_warps=num_warps,
+                                 self.hada_full, self.sgn, HAS_W=int(w is not None), TT=tt, num_warps=num_warps,
                                  PREC=_seal_prec(prec), BF16DOT=int(not _INTERPRET), SNS=num_stages,
                                  **_regs(maxnreg), **self._consts(st, off))
 
@@ -560,7 +574,7 @@ class KakeyaKernels:
             wt = self.rot if w is None else w.float().contiguous()
             _seal_kernel[(I, H)](x, x.stride(0), x.stride(1), x.stride(2), cache, cache.stride(0), cache.stride(1),
                                  self.rot, self.mids[name], self.tables[name], wt, slot_idx, page_idx, flag,
-                                 self.hada[False], self.sgn, HAS_W=int(w is not None), INDIRECT=1, TT=tt,
+                                 self.hada_full, self.sgn, HAS_W=int(w is not None), INDIRECT=1, TT=tt,
                                  num_warps=num_warps, PREC=_seal_prec(prec), BF16DOT=int(not _INTERPRET),
                                  SNS=num_stages, **_regs(maxnreg), **self._consts(st, off))
 
