@@ -47,8 +47,9 @@ def cmd_compare(a) -> int:
     D = getattr(cfg, "head_dim", None) or D
     fmts = formats.by_name(L, a.formats.split(",")) if a.formats else formats.standard_formats(L)
     wins = _windows(tok, n_windows, a.window)
+    stop = (lambda: time.time() > t0 + a.deadline_s) if a.deadline_s else None
     with tqdm(total=len(wins) * len(fmts), desc="windows x formats", file=sys.stderr) as bar:
-        ref, results = harness.evaluate(model, wins, fmts, chunk=a.chunk, progress=bar)
+        ref, results = harness.evaluate(model, wins, fmts, chunk=a.chunk, progress=bar, should_stop=stop)
     qkv = capture_qkv(model, wins[0])
     bf16_bytes = fmts[0].bytes_per_token(L, H, D)
     rows = []
@@ -75,7 +76,8 @@ def cmd_compare(a) -> int:
     res = {
         "model": data.MODELS[a.model][1],
         "corpus": "Jane Austen (Debian r-cran-janeaustenr): " + ", ".join(data.EVAL_BOOKS),
-        "windows": len(wins), "window_tokens": a.window, "chunk": a.chunk, "scored_tokens_per_window": a.window // 2,
+        "windows": len(ref.nll), "windows_requested": len(wins),
+        "stopped_at_deadline": len(ref.nll) < len(wins), "window_tokens": a.window, "chunk": a.chunk, "scored_tokens_per_window": a.window // 2,
         "geometry": {"layers": L, "kv_heads": H, "head_dim": D},
         "bf16_ppl": math.exp(sum(ref.nll) / len(ref.nll)),
         "formats": rows,
@@ -135,6 +137,8 @@ def main(argv=None) -> int:
     c.add_argument("--formats", default="", help="comma list of format names (default: all)")
     c.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     c.add_argument("--out", default=str(RESULTS))
+    c.add_argument("--deadline-s", type=float, default=0.0,
+                   help="start no new window after this many seconds; the result records the windows done")
     c.set_defaults(fn=cmd_compare)
     ab = sub.add_parser("ablate", help="v13 variance_ratio x d_res MSE-inflation grid + kakeya design ablation")
     ab.add_argument("--layers", default="3,10,15,18,22,27")

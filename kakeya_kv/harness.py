@@ -169,11 +169,14 @@ def _score_window(r: FormatResult, model, w: torch.Tensor, chunk: int, ref_lp: t
 
 
 def evaluate(model, windows: list[torch.Tensor], formats: list[ModelFormat], chunk: int = 256,
-             progress=None) -> tuple[FormatResult, list[FormatResult]]:
+             progress=None, should_stop=None) -> tuple[FormatResult, list[FormatResult]]:
     """Run every format on every window; the first format must be the bf16 reference. Window-major, so
-    only one window's reference log-probabilities are held at a time."""
+    only one window's reference log-probabilities are held at a time, and a `should_stop()` that turns
+    true (a deadline) ends the run between windows with every format on the same windows."""
     results = [FormatResult(f) for f in formats]
     for w in windows:
+        if should_stop is not None and should_stop():
+            break
         ref_lp = _score_window(results[0], model, w, chunk, None)
         if progress is not None:
             progress.update(1)

@@ -141,3 +141,29 @@ def test_by_name_builds_any_allowed_kakeya_setting():
     assert [x.name for x in f] == ["bf16", "kakeya_k5v4"] and f[1].codec.k_bits == 5
     with pytest.raises(SystemExit, match="unknown format"):
         formats.by_name(30, ["kakeya_k9v9x"])
+
+
+def test_evaluate_stops_between_windows_when_told():
+    """A deadline ends the run between windows: every format keeps the same completed windows."""
+    import torch
+
+    from kakeya_kv import harness
+    from kakeya_kv.codecs.base import BF16
+    from kakeya_kv.model_format import ModelFormat
+
+    calls = []
+    orig = harness._score_window
+
+    def fake_score(r, model, w, chunk, ref_lp):
+        calls.append(r.fmt.name)
+        r.nll.append(1.0)
+        return torch.zeros(1)
+
+    harness._score_window = fake_score
+    try:
+        fmts = [ModelFormat("bf16", "bf16", BF16()), ModelFormat("other", "bf16", BF16())]
+        wins = [torch.zeros(4, dtype=torch.long)] * 3
+        ref, res = harness.evaluate(None, wins, fmts, should_stop=lambda: len(calls) >= 4)
+    finally:
+        harness._score_window = orig
+    assert len(ref.nll) == 2 and len(res[0].nll) == 2     # stopped after window 2 of 3
