@@ -39,3 +39,26 @@ def test_bench_seal_variants_agree():
         out = torch.zeros_like(ref)
         kk.seal(x, x, out, **sv)
         assert (out == ref).float().mean().item() >= 0.999    # the bench's acceptance bound
+
+
+def test_sass_proxy_counts_the_sealed_loop():
+    """sm_90 compile on CPU (Triton's bundled ptxas/cuobjdump, in a process without the interpreter): the pair
+    table must keep its instruction cut."""
+    import json
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("Triton without its CUDA binaries")
+    code = ("import json, sass_count as S; print(json.dumps([S.count(64, 4, 3, 0, 64, 4, bm=4), "
+            "S.count(64, 4, 3, 2, 64, 4, bm=4, maxnreg=64)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root / "benchmarks" / "kernels", env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lut0, lut2 = json.loads(p.stdout.strip().splitlines()[-1])
+    assert lut2["regs"] <= 64 and lut2["spill_bytes"] == 0 and lut2["warps_per_sm"] == 32
+    assert 0 < lut2["per_element"] < 0.8 * lut0["per_element"]

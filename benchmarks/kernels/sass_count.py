@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import inspect
 import json
 import os
@@ -25,13 +26,14 @@ from kakeya_kernels import kakeya_triton as K
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
 _PTR_TYPES = {"q_ptr": "*bf16", "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "cache_ptr": "*u8",
-              "hada_ptr": "*bf16", "sgn_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
+              "hada_ptr": "*bf16", "sgn_ptr": "*fp32", "rot_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
 
 _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_tok", "o_row", "o_head", "o_split"}
 
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, mod=K, fused: bool = False):
+    """mod: the kernels module (another version can be loaded with load_kernels(path) to compare)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
     (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
@@ -39,8 +41,10 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=0,
-                 DIAG=0, LUT=lut, NS=1)
-    params = list(inspect.signature(K._attn_kernel.fn).parameters)
+                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=4 if fused else 1,
+                 ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
+    params = list(inspect.signature(mod._attn_kernel.fn).parameters)
+    const = {k: v for k, v in const.items() if k in params}
     sig = {}
     for p in params:
         if p in const:
@@ -52,7 +56,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
     # As the JIT would specialise a real launch: pointers and strides that are multiples of 16 (not bt_req,
     # l_row, l_head: they depend on the batch and the split count).
     aligned = [i for i, p in enumerate(params) if sig[p].startswith("*") or p in _ALIGNED_INTS]
-    src = ASTSource(K._attn_kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
+    src = ASTSource(mod._attn_kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     opts = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
@@ -101,9 +105,16 @@ def opcode(t: str) -> str:
     return op if op.startswith(keep) else op.split(".")[0]
 
 
+def load_kernels(path: str):
+    spec = importlib.util.spec_from_file_location("kakeya_triton_other", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
-          bm: int = 16) -> dict:
-    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg)
+          bm: int = 16, mod=K, fused: bool = False) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -127,28 +138,45 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--md", help="markdown table of the bench sweep's variants (+ --old) per head_dim")
+    ap.add_argument("--old", help="another kakeya_triton.py to compare, e.g. from git show REV:kernels/kakeya_triton.py")
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--lut", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--bits", default="4,3")
-    ap.add_argument("--tiles", default="64x8,128x4", help="tt x num_warps pairs")
     a = ap.parse_args()
+    from bench_kernels import SWEEP
     kb, vb = map(int, a.bits.split(","))
-    rows = []
-    tiles = [tuple(map(int, t.split("x"))) for t in a.tiles.split(",")]
+    old = load_kernels(a.old) if a.old else None
+    rows, seen = [], set()
     for d in a.d:
-        for tt, w in tiles:
-            for lut in a.lut:
-                r = count(d, kb, vb, lut, tt, w)
-                rows.append(r)
-                kinds = " ".join(f"{k} {v:.2f}" for k, v in r["per_element_by_kind"].items())
-                print(f"D={d} k{kb}v{vb} tt={tt} warps={w} lut={lut}: {r['loop_instructions']} SASS instr/iteration "
-                      f"= {r['per_element']:.2f} per code element per thread ({kinds}); regs {r['regs']}, shared "
-                      f"{r['shared_bytes']} B -> {r['warps_per_sm']} warps/SM", flush=True)
+        todo = [("old", dict(lut=0, tt=64, num_warps=8, maxnreg=None, bm=16, fused=False), old)] if old else []
+        for v in SWEEP:
+            key = (v["lut"], v["tt"], v["num_warps"], v["maxnreg"], v["bm"], v["fused"])
+            if key not in seen:
+                seen.add(key)
+                todo.append(("new", {k: v[k] for k in ("lut", "tt", "num_warps", "maxnreg", "bm", "fused")}, K))
+        for name, v, mod in todo:
+            r = dict(count(d, kb, vb, v["lut"], v["tt"], v["num_warps"], v["maxnreg"], v["bm"], mod, v["fused"]),
+                     kernel=name, fused=v["fused"])
+            rows.append(r)
+            print(f"{name} D={d} {v}: {r['loop_instructions']} instr/iteration = {r['per_element']:.2f} per code "
+                  f"element per thread; regs {r['regs']} (spill {r['spill_bytes']} B), shared {r['shared_bytes']} B "
+                  f"-> {r['warps_per_sm']} warps/SM", flush=True)
+        seen.clear()
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"what": "SASS instruction counts of the sealed-block token loop, sm_90, compiled on CPU "
                                "(a proxy, not a measurement of speed)", "triton": triton.__version__, "rows": rows},
                       f, indent=1)
+    if a.md:
+        out = ["| kernel | head_dim | variant | loop SASS instr per code element per thread | registers | shared KB "
+               "| resident warps/SM |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            var = (f"lut{r['lut']} {'fused' if r['fused'] else 'torch'} tt{r['tt']} w{r['num_warps']}"
+                   f"{' r' + str(r['maxnreg']) if r['maxnreg'] else ''} bm{r['bm']}")
+            out.append(f"| {r['kernel']} | {r['head_dim']} | {var} | {r['per_element']:.2f} | {r['regs']} | "
+                       f"{r['shared_bytes'] / 1024:.0f} | {r['warps_per_sm']} |")
+        with open(a.md, "w") as f:
+            f.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
