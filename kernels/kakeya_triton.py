@@ -511,11 +511,16 @@ class KakeyaKernels:
     """Per-geometry constants (rotation, tables, layout offsets) on one device."""
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, device, k_table: torch.Tensor | None = None,
-                 v_table: torch.Tensor | None = None, lut: int = 0, fused: bool = False):
+                 v_table: torch.Tensor | None = None, lut: int = 0, fused: bool = False, tt: int = 64,
+                 num_warps: int = 8, maxnreg: int | None = None):
         """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1)).
-        lut / fused: default decode-attention variant (see LUTS and :meth:`_launch`)."""
+        lut, fused, tt, num_warps, maxnreg: the default decode-attention variant (see LUTS and :meth:`_launch`);
+        the defaults are the path measured in sessions 2-3."""
         _check_variant(lut, fused)
-        self.lut, self.fused = lut, bool(fused)
+        _regs(maxnreg)
+        if tt not in (16, 32, 64, 128, 256) or num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"tt must be a power of two in [16, 256] and num_warps in 1..16, got {tt}, {num_warps}")
+        self.lut, self.fused, self.tt, self.num_warps, self.maxnreg = lut, bool(fused), tt, num_warps, maxnreg
         self.lay = kakeya_layout(head_dim, k_bits, v_bits)
         self.D, self.device = head_dim, device
         self._no_tail = None
@@ -601,17 +606,18 @@ class KakeyaKernels:
 
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, splits: int = 8, bm: int = 16, precise: bool = False,
-                  out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int = 64,
-                  num_warps: int = 8, diag: int = 0, lut: int | None = None, num_stages: int = 1,
+                  out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int | None = None,
+                  num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None) -> torch.Tensor:
-        """lut / fused: kernel variant (default: the constructor's). out: optional [T, Hq, D] destination
-        (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register cap per thread
-        (more programs per SM; None = the compiler's choice)."""
+        """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
+        [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
+        cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given."""
+        pick = lambda v, default: default if v is None else v   # noqa: E731
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
-                            splits, bm, precise, out_dtype, plan, tt, num_warps, diag,
-                            self.lut if lut is None else lut, num_stages, self.fused if fused is None else fused, out,
-                            maxnreg)
+                            splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
+                            diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
+                            pick(maxnreg, self.maxnreg))
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,

@@ -166,6 +166,13 @@ def test_kernel_variant_validated():
         kk.attention(q, pos, req, scale=0.1, lut=-1, **sc)
     with pytest.raises(ValueError, match="maxnreg must be in"):
         kk.attention(q, pos, req, scale=0.1, maxnreg=8, **sc)
+    with pytest.raises(ValueError, match="tt must be a power of two"):
+        KakeyaKernels(64, 4, 3, DEV, tt=48)
+    # constructor defaults = the variant the backend gets without passing anything
+    q = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1)).bfloat16().to(DEV)
+    var = KakeyaKernels(64, 4, 3, DEV, lut=2, fused=True, tt=32, num_warps=4, maxnreg=96)
+    assert torch.equal(var.attention(q, pos, req, scale=0.1, **sc),
+                       kk.attention(q, pos, req, scale=0.1, lut=2, fused=True, tt=32, num_warps=4, **sc))
 
 
 def test_register_lookup_matches_global_gather():
