@@ -32,10 +32,17 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
     (2, 128, 4, 128, 4, 2), (2, 128, 8, 96, 4, 2), (2, 32, 4, None, 4, 2), (2, 64, 8, 80, 4, 4), (2, 64, 4, 96, 4, 4))]
 # Seal: the default (tf32x3 rotation) and the exact-Hadamard bf16x3 rotation without token-loop pipelining
 # (shared memory 229 -> 98 KB at D=128 in the sm_90 compile), with a register cap for 2 programs per SM.
-SEAL_VARIANTS = [dict(prec=None), dict(prec="bf16x3", num_stages=1), dict(prec="bf16x3", num_stages=1, maxnreg=128),
-                 dict(prec="bf16x3")]
+# (Each seal variant compiles twice per head_dim, K and V bit widths: ~3 s each.)
+SEAL_VARIANTS = [dict(prec=None), dict(prec="bf16x3", num_stages=1), dict(prec="bf16x3", num_stages=1, maxnreg=128)]
 GRID = sorted(((ctx, b) for ctx in (4096, 16384, 65536, 131072) for b in (1, 16, 64)),
               key=lambda cb: (not (cb[0] >= 16384 and cb[1] >= 16), cb))   # goal rows first
+
+
+ACCEPT_REL = 1e-2   # bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def graph_us(fn) -> float:
@@ -172,21 +179,21 @@ def main():
     best = {}
     for d, kk in kks.items():
         sc = OursDecode(kk, 16, 16384, d, sms)
-        ref = sc.fn(BASELINE_VARIANT)().float()
+        ref = sc.fn(BASELINE_VARIANT)()
         for v in SWEEP:
             if time.time() > t_end:
                 res["not_measured"].append({"what": "tuning", "head_dim": d, **v, "why": "deadline"})
                 continue
             try:
-                diff = (sc.fn(v)().float() - ref).abs().max().item()   # same inputs: variants must agree
+                diff = rel_diff(sc.fn(v)(), ref)   # same inputs: variants must agree
                 us = graph_us(sc.fn(v))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers
                 print("variant failed", d, v, repr(e)[:160], flush=True)
                 res["tuning"].append({"head_dim": d, **v, "error": repr(e)[:300]})
                 continue
-            res["tuning"].append({"head_dim": d, **v, "us_b16_ctx16k": us, "max_abs_diff_vs_baseline": diff})
-            print(f"tune D={d} {v}: {us:.1f} us (max |diff| vs baseline {diff:.2e})", flush=True)
-            if diff > 2e-2:   # bf16 outputs of the same math; a larger gap means a broken variant: never pick it
+            res["tuning"].append({"head_dim": d, **v, "us_b16_ctx16k": us, "rel_diff_vs_baseline": diff})
+            print(f"tune D={d} {v}: {us:.1f} us (relative difference to the baseline {diff:.1e})", flush=True)
+            if not diff < ACCEPT_REL:   # a broken variant is never picked
                 continue
             if d not in best or us < best[d][0]:
                 best[d] = (us, v)
@@ -236,6 +243,8 @@ def main():
             rows.append({**sv, "us_per_block_layer": us, "bytes_equal_to_ieee": (slots == ref).float().mean().item()})
             print(f"seal D={d} {sv}: {us:.1f} us/block-layer, bytes equal to ieee {rows[-1]['bytes_equal_to_ieee']:.5f}",
                   flush=True)
+        if not rows:
+            continue
         ok = [r for r in rows if r["bytes_equal_to_ieee"] >= 0.999] or rows[:1]
         pick = min(ok, key=lambda r: r["us_per_block_layer"])
         res["seal"].append({"format": res["format"], "head_dim": d, "us_per_block_layer": pick["us_per_block_layer"],

@@ -19,11 +19,11 @@ def render(res: dict) -> str:
            f"bf16 paged cache (page 256). Timings: {timing}; same card, same run.", ""]
     if res.get("tuning"):
         out += ["Variant sweep (batch 16, context 16k; `lut` 0 = global gather, 2 = pair table; `fused` = in-kernel "
-                "query gather + combine kernel):", "", "| head_dim | variant | µs | max abs diff vs baseline |",
+                "query gather + combine kernel):", "", "| head_dim | variant | µs | relative difference to the baseline |",
                 "|---|---|---|---|"]
         for t in res["tuning"]:
             us = f"{t['us_b16_ctx16k']:.1f}" if "us_b16_ctx16k" in t else f"failed: {t.get('error', '')[:60]}"
-            diff = f"{t['max_abs_diff_vs_baseline']:.1e}" if "max_abs_diff_vs_baseline" in t else "-"
+            diff = f"{t['rel_diff_vs_baseline']:.1e}" if "rel_diff_vs_baseline" in t else "-"
             out.append(f"| {t['head_dim']} | {variant(t)} | {us} | {diff} |")
         out.append("")
     out += ["| head_dim | batch | context | variant | ours µs | ours eager µs | FA3 bf16 µs | ours / FA3 speed | ours GB/s "
