@@ -9,6 +9,12 @@
   vectors and un-rotated once per block, so no token is ever decoded to D-dim.
 * ``decode_blocks``: sealed blocks -> bf16 (tests and tools).
 
+Attention variants (``KakeyaKernels(..., lut, fused, tt, num_warps, maxnreg)`` or per call; defaults = the path
+measured in sessions 2-3): ``lut=2`` looks centroids up two codes at a time in a pair table (a 4-bit byte is its
+own index: no unpack); ``fused`` gathers query rows in the kernel and merges splits in one combine kernel that
+writes the caller's output; ``bm`` (the plan's rows per tile) may be the GQA group (Triton pads M < 16 inside the
+MMA); ``maxnreg`` caps registers for occupancy. benchmarks/kernels/sass_count.py counts their loop instructions.
+
 Bit packing is LSB-first (kakeya_kv.bitpack): indices are handled in groups of
 G = lcm(8, b) / b that fill exactly NB = G * b / 8 bytes.
 """
