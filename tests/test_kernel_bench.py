@@ -24,7 +24,7 @@ def test_bench_variants_agree_on_the_bench_scenario():
     row = dict(format="f", head_dim=64, batch=16, context=16384, us=2.0, fa3_bf16_us=1.0, gbps=1.0, floor_us=1.0,
                **B.SWEEP[-1])
     md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[row], seal=[], tuning=[], not_measured=[]))
-    assert "lut2 fused tt64 w4 r96 bm4 waves4" in md and "**missed: 0.50–0.50×**" in md
+    assert "lut2 fused tt64 w4 bm4 waves4" in md and "**missed: 0.50–0.50×**" in md
 
 
 def test_bench_seal_variants_agree():
