@@ -62,3 +62,20 @@ def test_sass_proxy_counts_the_sealed_loop():
     lut0, lut2 = json.loads(p.stdout.strip().splitlines()[-1])
     assert lut2["regs"] <= 80 and lut2["spill_instructions_in_loop"] == 0 and lut2["warps_per_sm"] == 24
     assert 0 < lut2["per_element"] < 0.85 * lut0["per_element"]
+
+
+def test_gpu_configurations_compile_for_sm90():
+    """A subset of compile_check.py (every configuration the GPU session launches compiles for sm_90, within the
+    shared-memory limit), in a process without the interpreter."""
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("Triton without its CUDA binaries")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "compile_check.py", "--quick"], cwd=root / "benchmarks" / "kernels", env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]

@@ -32,7 +32,7 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
-                 maxnreg: int | None = None, mod=K, fused: bool = False):
+                 maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
@@ -40,8 +40,8 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
     const = dict(KV_OFF=kl.size, EXACT=0, BF16DOT=1, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset,
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
-                 KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=0,
-                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=4 if fused else 1,
+                 KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
+                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1,
                  ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
@@ -50,7 +50,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
         if p in const:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
-            sig[p] = _PTR_TYPES.get(p, "*i32")
+            sig[p] = "*fp32" if precise and p in ("ktab_ptr", "vtab_ptr", "hada_ptr") else _PTR_TYPES.get(p, "*i32")
         else:
             sig[p] = "fp32" if p == "scale" else "i32"
     # As the JIT would specialise a real launch: pointers and strides that are multiples of 16 (not bt_req,

@@ -1,0 +1,102 @@
+"""Compile, for sm_90 and without a GPU, every kernel configuration the GPU parity suite and the bench launch.
+
+python benchmarks/kernels/compile_check.py [--quick]   (run without TRITON_INTERPRET; exit 1 on any failure)
+Catches compile errors (shapes, types, shared memory over the 227 KB limit) before device time is spent.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import sass_count as S
+from bench_kernels import SEAL_VARIANTS, SWEEP
+from kakeya_kernels import kakeya_triton as K
+from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+
+SMEM_LIMIT = 227 * 1024
+
+
+def _fits(ck):
+    if ck.metadata.shared > SMEM_LIMIT:
+        raise RuntimeError(f"{ck.metadata.shared} B of shared memory")
+    return ck
+
+
+def _compile(fn, const: dict, types: dict, num_warps: int, maxnreg=None):
+    params = list(inspect.signature(fn.fn).parameters)
+    const = {k: v for k, v in const.items() if k in params}
+    sig = {p: "constexpr" if p in const else types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
+    src = ASTSource(fn, sig, constexprs={(params.index(k),): v for k, v in const.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")})
+    opts = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
+    return _fits(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts))
+
+
+def seal(d, bits, prec, num_stages, maxnreg):
+    st = kakeya_layout(d, bits, bits).k
+    g, nb = K._group(bits)
+    const = dict(HAS_W=0, STREAM_OFF=0, OFF_MEAN=st["mean"].offset, OFF_SCALE=st["scale"].offset,
+                 OFF_GAIN=st["gain"].offset, OFF_CODES=st["codes"].offset, D=d, BITS=bits, G=g, NB=nb,
+                 N=BLOCK_TOKENS, TT=64, PREC=prec, INDIRECT=0, BF16DOT=1, SNS=num_stages)
+    types = {"src_ptr": "*bf16", "dst_ptr": "*u8", "rot_ptr": "*fp32", "mids_ptr": "*fp32", "table_ptr": "*fp32",
+             "w_ptr": "*fp32", "hada_ptr": "*bf16", "sgn_ptr": "*fp32"}
+    return _compile(K._seal_kernel, const, types, 4 if d <= 64 else 8, maxnreg)
+
+
+def combine(d, splits, gqa):
+    const = dict(SP=triton.next_power_of_2(splits), D=d, RB=16, GQA=gqa)
+    return _compile(K._combine_kernel, const, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16"}, 4)
+
+
+def jobs(quick: bool):
+    """(name, thunk) for every configuration: GPU parity matrix, bench sweep, seal variants, combine kernel."""
+    out = []
+    for d in (64, 128):
+        for gqa in ((3,) if quick else (1, 3, 8)):
+            bm = 1 << (gqa - 1).bit_length()
+            for lut, fused, m, b, tt, w, precise in [(0, False, None, 16, 64, 8, True), (0, False, None, 16, 64, 8, False),
+                                                     (2, True, 80, bm, 64, 8, True), (2, True, 80, bm, 64, 8, False),
+                                                     (2, True, 80, bm, 128, 4, False)]:
+                out.append((f"parity D={d} gqa={gqa} lut={lut} bm={b} tt={tt} w={w} precise={precise}",
+                            lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1], a[2], a[3], bm=a[4], maxnreg=a[5],
+                                                            fused=a[6], precise=a[7], gqa=a[8])),
+                            (d, lut, tt, w, b, m, fused, precise, gqa)))
+        for v in (SWEEP[-2:] if quick else SWEEP):
+            out.append((f"bench D={d} {v}", lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1]["lut"], a[1]["tt"],
+                                                                            a[1]["num_warps"], bm=a[1]["bm"],
+                                                                            maxnreg=a[1]["maxnreg"],
+                                                                            fused=a[1]["fused"])),
+                        (d, v)))
+        for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
+            for bits in (4, 3):
+                out.append((f"seal D={d} bits={bits} {sv}", seal,
+                            (d, bits, sv.get("prec") or "tf32x3", sv.get("num_stages"), sv.get("maxnreg"))))
+        for splits, gqa in (((3, 4),) if quick else ((1, 4), (3, 4), (33, 4), (8, 3), (8, 1))):
+            out.append((f"combine D={d} splits={splits} gqa={gqa}", combine, (d, splits, gqa)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a subset (CI)")
+    a = ap.parse_args()
+    t0, failed = time.time(), []
+    todo = jobs(a.quick)
+    for name, fn, args in todo:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - report every failure
+            failed.append(name)
+            print("FAILED", name, repr(e)[:400], flush=True)
+    print(f"{len(todo) - len(failed)}/{len(todo)} configurations compile for sm_90 ({time.time() - t0:.0f} s)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
