@@ -185,8 +185,8 @@ def test_register_lookup_matches_global_gather():
     assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lens,gqa", [([1, 513, 40], 3)])
-def test_exact_page_attention_parity(lens, gqa):
+@pytest.mark.parametrize("lens,gqa,fused", [([1, 513, 40], 3, False), ([1, 513, 40], 3, True)])
+def test_exact_page_attention_parity(lens, gqa, fused):
     """Exact (bf16) pages, partial last page included; NaN bytes past seq_len must not leak in."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     from kakeya_kv.format import exact_layout
@@ -210,7 +210,7 @@ def test_exact_page_attention_parity(lens, gqa):
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
     out = kk.attention_exact(q, pos, torch.arange(len(lens), device=DEV), cache.to(DEV), bt.to(DEV),
                              torch.tensor(lens, dtype=torch.int32, device=DEV), scale=d ** -0.5, splits=2,
-                             precise=True)
+                             precise=True, fused=fused)
     assert torch.isfinite(out.float()).all()
     for r, L in enumerate(lens):
         assert rel_err(out[r].float(), ref_attention(q[r], L - 1, refs[r], gqa)) < 1e-2  # bf16 output
