@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--niah-contexts", default="4096,8192")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default="benchmarks/results/quality_hf.json")
+    p.add_argument("--note", action="append", default=[], help="a line for the document's notes (e.g. what the run proves)")
     p.add_argument("--vllm-json", default="benchmarks/results/quality.json",
                    help="vLLM quality.json: HF_VS_VLLM.md is written next to --out when it exists")
     a = p.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                                   "max_new_tokens": niah.MAX_NEW}},
             "kld_method": "full vocabulary", "ratio_method": "whole-model block-format bytes per token vs bf16",
             "command": "kakeya-kv eval --backend hf " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "elapsed_s": time.time() - t0}
+            "elapsed_s": time.time() - t0, "notes": a.note}
     doc = quality.document(head, rows, "flash_bf16")
     quality.validate(doc)
     out = Path(a.out)

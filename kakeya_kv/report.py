@@ -118,6 +118,7 @@ def quality_markdown(doc: dict) -> str:
              f"{pr.get('scored', 'second half')} scored. Ratio: {doc.get('ratio_method', '')}. "
              f"KLD vs {doc['baseline']}: {doc.get('kld_method', '')}. ΔPPL interval: 95 % over windows of the "
              "paired per-window NLL difference; PPL interval: 95 % over windows.", "",
+             *[f"> {n}\n" for n in doc.get("notes", [])],
              "| config | family | ratio vs bf16 | PPL [95 % CI] | ΔPPL % [95 % CI] | KLD | NIAH 4k | NIAH 8k | windows | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(doc["configs"], key=lambda r: -(r.get("ratio_vs_bf16") or 0))
