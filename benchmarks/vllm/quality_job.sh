@@ -3,7 +3,7 @@
 #   $OUT/quality.{json,md,png}, quality.raw.json, vllm_quality.{json,md} (issue 4's schema), quality_log.txt
 # Before the call (CPU): python -m kakeya_kv.vllm_eval prep      # 32 windows + 2x10 NIAH prompts -> .gpudata/windows.json
 # carry: .gpukit/b .gpukit/setup.sh .gpudata   (kit built --with-fa2 --with-smollm2: TurboQuant needs FA2)
-# Knobs (env): CALL_S (the call's limit, 600), PER_CONFIG_S (150), CONFIGS (default below), N (32 windows).
+# Knobs (env): CALL_S (the call's limit, 600), PER_CONFIG_S (150 s on 1 GPU, 240 s on 2+), CONFIGS, N (32 windows).
 # On a 2-GPU machine the configs are spread over both GPUs (one process per config, CUDA_VISIBLE_DEVICES).
 set -u
 T0=$SECONDS
@@ -16,6 +16,8 @@ source scripts/device_install.sh
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 NGPU=$(nvidia-smi -L | wc -l)
+# Per-config limit: with 2+ GPUs the lanes share the call, so a slow config (TurboQuant) can get longer.
+[ "$NGPU" -ge 2 ] && PER_CONFIG_S=${PER_CONFIG_S:-240} || PER_CONFIG_S=${PER_CONFIG_S:-150}
 # Recipes for this model; one whose setting equals a listed config is reported with that config's numbers.
 RECIPES=$(ls deploy/recipes/smollm2-135m-instruct*.env 2>/dev/null | sed 's/^/recipe:/' | paste -sd, -)
 # Rivals interleaved with ours, so that a cut-off call still has pairs measured in the same run.
@@ -26,8 +28,8 @@ DEFAULT=$DEFAULT,turboquant_k3v4_nc,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
 CONFIGS=${CONFIGS:-$DEFAULT}
 BUDGET=$(( CALL_S - 30 - (SECONDS - T0) ))      # 30 s kept for the copy-back of $OUT
 echo "configs: $CONFIGS"
-echo "GPUs: $NGPU, budget ${BUDGET} s, per config ${PER_CONFIG_S:-150} s"
+echo "GPUs: $NGPU, budget ${BUDGET} s, per config ${PER_CONFIG_S} s"
 python3 -m kakeya_kv.vllm_eval run --configs "$CONFIGS" --n "${N:-32}" --gpus "$NGPU" --budget-s "$BUDGET" \
-    --timeout "${PER_CONFIG_S:-150}" --write-partial --out "$OUT/quality.json" \
+    --timeout "$PER_CONFIG_S" --write-partial --out "$OUT/quality.json" \
     --hf-json benchmarks/results/quality_hf.json 2>&1 | tee "$OUT/quality_log.txt" | grep -v "it/s\]" | tail -70
 echo "job wall ${SECONDS}s"
