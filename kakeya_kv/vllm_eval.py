@@ -339,6 +339,11 @@ def finish(rows: list[dict], a, meta: dict, aliases: dict | None = None) -> dict
     from .vllm_configs import VllmConfig
     add_ratios_and_kld(rows)
     add_greedy(rows)
+    if meta.get("niah_missing_reason"):
+        for r in rows:
+            for k in NIAH_PHASES:
+                if r.get(k) is None and not any(m["what"] in (k, "config") for m in r.get("not_measured", [])):
+                    r.setdefault("not_measured", []).append({"what": k, "reason": meta["niah_missing_reason"]})
     by = {r["name"]: r for r in rows}
     full = list(rows)
     for alias, target in (aliases or {}).items():     # a recipe equal to a measured setting: not re-run
@@ -374,6 +379,10 @@ def run(a) -> int:
     configs, aliases = dedupe([resolve(n) for n in names])
     d = json.loads(Path(a.windows).read_text())
     meta = d.get("meta", {})
+    if a.niah and not d.get("niah"):      # a windows file made before NIAH existed: say so in every row
+        print(f"{a.windows} has no NIAH prompts: NIAH not run (re-run `python -m kakeya_kv.vllm_eval prep`)")
+        a.niah = False
+        meta = {**meta, "niah_missing_reason": f"{a.windows} has no NIAH prompts (made before NIAH: re-run prep)"}
     if not a.niah:
         meta = {**meta, "niah_contexts": None}
     a.n = min(a.n, len(d["windows"]))

@@ -190,6 +190,11 @@ def test_run_writes_partial_results_and_recipe_aliases(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "quality.json").read_text())
     assert [r["name"] for r in doc["configs"]] == ["flash_bf16", "kakeya_k3v2", "recipe:smollm2-135m-instruct"]
     assert doc["configs"][2]["same_setting_as"] == "kakeya_k3v2" and doc["windows"] == 4
+    raw = json.loads((tmp_path / "quality.raw.json").read_text())
+    assert "has no NIAH prompts" in raw["meta"]["niah_missing_reason"]       # w.json was made without NIAH
+    rows = [{k: v for k, v in r.items() if not k.startswith("niah")} for r in raw["rows"]]
+    miss = vllm_eval.finish(rows, _args(tmp_path), raw["meta"])["not_measured"]
+    assert {m["reason"] for m in miss if m["what"] == "niah_8k"} == {raw["meta"]["niah_missing_reason"]}
 
 
 class _FakeOut:
