@@ -3,11 +3,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kakeya_kv.codecs.base import BF16, Codec
+from kakeya_kv.codecs.base import BF16
 from kakeya_kv.codecs.exact import ExactCodec
 from kakeya_kv.codecs.kakeya import KakeyaCodec
 from kakeya_kv.harness import SealStats, evaluate, summarize, window_logprobs
 from kakeya_kv.model_format import ModelFormat, vllm_tq_boundary
+from tests.codec_fakes import Zero
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +17,6 @@ def model():
     cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096)
     return LlamaForCausalLM(cfg).float().eval()
-
-
-class Zero(Codec):
-    """Stores nothing: any token read from a sealed block is zero."""
-    name = family = "zero"
-    block_tokens = 512
-
-    def bytes_per_token_head(self, d):
-        return 0.0
-
-    def roundtrip(self, k, v, layer):
-        return torch.zeros_like(k), torch.zeros_like(v)
 
 
 def test_exact_format_reproduces_bf16_bit_for_bit(model):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kakeya_kv.codecs.base import BF16, Codec
+from kakeya_kv.codecs.base import BF16
 from kakeya_kv.codecs.exact import ExactCodec
 from kakeya_kv.codecs.kakeya import KakeyaCodec
 from kakeya_kv.config import KakeyaConfig
@@ -11,18 +11,7 @@ from kakeya_kv.format import kakeya_layout
 from kakeya_kv.formats import by_name, from_config, from_recipe
 from kakeya_kv.harness import SealStats, window_logprobs
 from kakeya_kv.model_format import ModelFormat
-
-
-class Zero(Codec):
-    """Stores nothing: a sealed block reads back as zeros."""
-    name = family = "zero"
-    block_tokens = 512
-
-    def bytes_per_token_head(self, d):
-        return 0.0
-
-    def roundtrip(self, k, v, layer):
-        return torch.zeros_like(k), torch.zeros_like(v)
+from tests.codec_fakes import Zero
 
 
 def test_settings_become_per_layer_codecs_and_ratio_from_layouts():

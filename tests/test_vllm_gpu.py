@@ -6,22 +6,16 @@ Run there with ``pytest -m gpu tests/test_vllm_gpu.py`` after ``source .gpukit/s
 ``source scripts/device_install.sh``. Skipped without CUDA or without vLLM. The server test and the rewritten
 abort/prefix tests are NOT YET RUN on a GPU.
 """
-import os
 import random
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.vllm_gpu_common import MODEL, VOCAB_HI, VOCAB_LO, Stepper, copy_prompt, record
+from tests.vllm_gpu_common import MODEL, Stepper, VOCAB_HI, VOCAB_LO, copy_prompt, record, require_vllm_gpu
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-vllm = pytest.importorskip("vllm")
-if not os.path.isdir(MODEL):
-    pytest.skip(f"needs the gpu-kit model at {MODEL}", allow_module_level=True)
+require_vllm_gpu()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "soak"))
 
 

@@ -15,15 +15,12 @@ same prompt alone / batched / preempted / prefix-hit / chunked differently gives
 import random
 
 import pytest
-import torch
 
 from tests.vllm_gpu_common import (MODEL, Stepper, assert_same_tokens, copy_prompt, first_divergence, inproc_llm,
-                                   record)
+                                   record, require_vllm_gpu)
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-pytest.importorskip("vllm")
+require_vllm_gpu()
 
 PAGES = 40            # KV budget in 512-token pages (one is vLLM's null block): small enough to force preemption
 COMMON = dict(model=MODEL, enforce_eager=True, max_model_len=4096, max_num_batched_tokens=256, max_num_seqs=16,

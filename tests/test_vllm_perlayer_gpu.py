@@ -5,20 +5,14 @@ follows the per-layer page layout (pages.model_pages) against uniform k3v2; gree
 per-layer pages is as correct as uniform k3v2. Run with ``pytest -m gpu tests/test_vllm_perlayer_gpu.py`` after
 ``source .gpukit/setup.sh`` and ``source scripts/device_install.sh``.
 """
-import os
 import random
 
 import pytest
-import torch
 
-from tests.vllm_gpu_common import MODEL, copy_prompt, inproc_llm, record
+from tests.vllm_gpu_common import MODEL, copy_prompt, inproc_llm, record, require_vllm_gpu
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-vllm = pytest.importorskip("vllm")
-if not os.path.isdir(MODEL):
-    pytest.skip(f"needs the gpu-kit model at {MODEL}", allow_module_level=True)
+require_vllm_gpu()
 
 UNIFORM = {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2", "KAKEYA_BOUNDARY_SKIP_LAYERS": "", "KAKEYA_LAYER_BITS": ""}
 PER_LAYER = dict(UNIFORM, KAKEYA_BOUNDARY_SKIP_LAYERS="0", KAKEYA_LAYER_BITS="17-18:4/3,23-24:5/4")

@@ -5,21 +5,15 @@ appended, same GQA group: the same function, see vllm_gpu_common.pad_heads, CPU-
 12 / 4 heads. Needs 2 GPUs (the lent nvidia-h200-x2 kind); skipped otherwise.
     pytest -m gpu -p no:cacheprovider tests/test_vllm_tp.py
 """
-import os
 import random
 
 import pytest
-import torch
 
 from tests.vllm_gpu_common import (MODEL, Stepper, assert_same_tokens, copy_prompt, first_divergence, inproc_llm,
-                                   padded_model_dir, record)
+                                   padded_model_dir, record, require_vllm_gpu)
 
 pytestmark = pytest.mark.gpu
-if torch.cuda.device_count() < 2:
-    pytest.skip("needs 2 GPUs", allow_module_level=True)
-pytest.importorskip("vllm")
-if not os.path.isdir(MODEL):
-    pytest.skip(f"needs the gpu-kit model at {MODEL}", allow_module_level=True)
+require_vllm_gpu(min_gpus=2)
 
 PADDED = "/tmp/models/SmolLM2-135M-Instruct-12h4kv"
 

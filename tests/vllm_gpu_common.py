@@ -17,6 +17,16 @@ MODEL = "/tmp/models/SmolLM2-135M-Instruct"      # written by the gpu-kit's setu
 VOCAB_LO, VOCAB_HI = 100, 40000                  # token ids clear of SmolLM2's special tokens (vocab 49152)
 
 
+def require_vllm_gpu(min_gpus: int = 1) -> None:
+    """Module-level guard of the vLLM GPU tests: skip unless CUDA (min_gpus devices), vLLM and the kit's model."""
+    import pytest
+    if torch.cuda.device_count() < min_gpus:
+        pytest.skip(f"needs {min_gpus} CUDA GPU(s)", allow_module_level=True)
+    pytest.importorskip("vllm")
+    if not os.path.isdir(MODEL):
+        pytest.skip(f"needs the gpu-kit model at {MODEL}", allow_module_level=True)
+
+
 def copy_prompt(rng: random.Random, n: int) -> list[int]:
     """n token ids: a random segment repeated. The model continues the repetition (induction), so greedy
     decoding has large logit margins: two correct runs agree token for token despite bf16 rounding differences
