@@ -55,7 +55,7 @@ def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_
             done_at = now
         if now - t0 > timeout_s or (done_at is not None and now - done_at > grace_s):
             timed_out = done_at is None
-            _kill_group(p)
+            kill_group(p)
             break
         time.sleep(0.1)
     for t in threads:
@@ -64,15 +64,28 @@ def run_streaming(cmd: list[str], timeout_s: float, env: dict | None = None, on_
                     "".join(err)[-keep_stderr:])
 
 
-def _kill_group(p: subprocess.Popen) -> None:
-    """SIGTERM the group (vLLM shuts its engine down), then SIGKILL whatever of the group is left."""
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill_group(p: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: float = 0.0) -> None:
+    """SIGTERM the child's process group (vLLM shuts its engine down), SIGKILL what is left after grace_s
+    (waiting up to kill_wait_s for it to vanish), then reap the leader. Used also after a clean exit:
+    vLLM's engine-core and worker processes can outlive their parent."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        if _group_gone_within(p, wait):
+            break
     p.wait()
+
+
+def _group_gone_within(p: subprocess.Popen, wait_s: float) -> bool:
+    t0 = time.monotonic()
+    while True:
+        p.poll()                       # reap the leader, else its zombie keeps the group alive
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() - t0 >= wait_s:
+            return False
+        time.sleep(0.2)

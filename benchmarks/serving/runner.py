@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+
+from kakeya_kv.subproc import kill_group
 
 
 def emit(kind: str, obj: dict) -> None:
@@ -71,23 +72,6 @@ def parse_child_output(text: str) -> tuple[dict, bool]:
             except json.JSONDecodeError:
                 continue
     return {}, False
-
-
-def kill_group(p: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the child's process group, SIGKILL what is left after grace_s."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0)):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            return
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wait:
-            p.poll()                   # reap the leader, else its zombie keeps the group alive
-            try:
-                os.killpg(p.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def run_child(cmd: list[str], log_path: str, timeout_s: float, env: dict | None = None, cwd=None,

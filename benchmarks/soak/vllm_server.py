@@ -6,12 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kakeya_kv.subproc import kill_group
 
 # The runtime must never reach the network: no hub lookups, no usage reports.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -130,25 +131,8 @@ class Server:
         raise TimeoutError(f"vllm serve not ready after {self.startup_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None and not self._group_alive():
-            return
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < wait:
-                if self.proc.poll() is not None and not self._group_alive():
-                    return
-                time.sleep(0.5)
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.proc.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
+        if self.proc is not None:
+            kill_group(self.proc, grace_s, kill_wait_s=10)
 
     def log_tail(self, n: int = 3000) -> str:
         try:
