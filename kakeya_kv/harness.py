@@ -130,19 +130,16 @@ def t95(n: int) -> float:
 
 
 def summarize(res: FormatResult, ref: FormatResult) -> dict:
+    from .quality import paired_delta_pct     # one paired-ΔPPL interval for the HF and vLLM reports
     n = len(res.nll)
     ppl = math.exp(sum(res.nll) / n)
-    ref_ppl = math.exp(sum(ref.nll) / n)
-    diffs = [a - b for a, b in zip(res.nll, ref.nll)]
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    half = t95(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    delta, ci = paired_delta_pct(res.nll, ref.nll)
     window_ppl = [math.exp(x) for x in res.nll]
     wm = sum(window_ppl) / n
     return {
         "ppl": ppl,
-        "delta_ppl_pct": (ppl / ref_ppl - 1) * 100,
-        "delta_ppl_pct_ci95": [(math.exp(mean - half) - 1) * 100, (math.exp(mean + half) - 1) * 100],
+        "delta_ppl_pct": delta,
+        "delta_ppl_pct_ci95": ci if ci is not None else [float("nan"), float("nan")],
         "ppl_window_sd": math.sqrt(sum((p - wm) ** 2 for p in window_ppl) / (n - 1)) if n > 1 else 0.0,
         "kld": sum(res.kld) / n,
         "kld_window_sd": (math.sqrt(sum((x - sum(res.kld) / n) ** 2 for x in res.kld) / (n - 1))
