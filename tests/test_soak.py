@@ -130,6 +130,33 @@ def test_head_padding_keeps_the_model_function():
         pad_heads(model.state_dict(), cfg.to_dict(), 4, 2)
 
 
+def test_same_tokens_allows_only_a_near_tie():
+    from tests.vllm_gpu_common import Gen, assert_same_tokens
+
+    def gen(toks, tops):
+        g = Gen(toks)
+        g.top = tops
+        return g
+    same = {7: -0.1, 8: -3.0}
+    want = gen([1, 7, 5], [{1: -0.01}, same, {5: -0.1}])
+    assert_same_tokens({"a": gen([1, 7, 5], want.top)}, {"a": want}, "equal")
+    # A flip where both runs rank 7 and 9 within TIE_NATS: a near-tie, the rest is not compared.
+    tie_w = gen([1, 7, 5], [{1: -0.01}, {7: -0.60, 9: -0.80}, {5: -0.1}])
+    tie_g = gen([1, 9, 2], [{1: -0.01}, {9: -0.65, 7: -0.75}, {2: -0.1}])
+    assert_same_tokens({"a": tie_g}, {"a": tie_w}, "near-tie")
+    # The other run's token is far behind, or not among the top logprobs at all, or no logprobs: a failure.
+    far = gen([1, 9, 5], [{1: -0.01}, {9: -0.05, 7: -4.0}, {5: -0.1}])
+    with pytest.raises(AssertionError, match="by 3.95 nats"):
+        assert_same_tokens({"a": far}, {"a": tie_w}, "far")
+    absent = gen([1, 9, 5], [{1: -0.01}, {9: -0.05, 3: -4.0}, {5: -0.1}])
+    with pytest.raises(AssertionError, match="lacks the other run's token 7"):
+        assert_same_tokens({"a": absent}, {"a": tie_w}, "absent")
+    with pytest.raises(AssertionError, match="no logprobs"):
+        assert_same_tokens({"a": [1, 9, 5]}, {"a": [1, 7, 5]}, "plain")
+    with pytest.raises(AssertionError, match="length differs"):
+        assert_same_tokens({"a": gen([1, 7], want.top[:2])}, {"a": want}, "short")
+
+
 def test_timeout_marker_interrupts_a_long_call():
     """conftest's SIGALRM timeout (the device has no pytest-timeout) fails a hung test instead of the whole job."""
     from tests.conftest import pytest_runtest_call
@@ -222,11 +249,16 @@ class _FakeEngine:
         self.engine_core = types.SimpleNamespace(engine_core=types.SimpleNamespace(scheduler=self.sched))
 
     def add_request(self, rid, prompt, params):
-        self.sched.requests[rid] = self._Req(prompt["prompt_token_ids"], params.max_tokens)
+        # As vLLM 0.26: the scheduler's key is the given id plus a random suffix, returned here; outputs and
+        # abort_request use the given id.
+        internal = f"{rid}-{len(self.sched.requests):08x}"
+        self.sched.requests[internal] = self._Req(prompt["prompt_token_ids"], params.max_tokens)
+        self.sched.requests[internal].external = rid
+        return internal
 
     def abort_request(self, ids):
-        for i in ids:
-            self.sched.requests.pop(i, None)
+        for k in [k for k, r in self.sched.requests.items() if r.external in ids]:
+            del self.sched.requests[k]
 
     def has_unfinished_requests(self):
         return bool(self.sched.requests)
@@ -241,8 +273,8 @@ class _FakeEngine:
             if r.num_computed_tokens >= len(r.prompt):
                 r.out.append(sum(r.prompt) % 97 + len(r.out))
             done = len(r.out) == r.max_tokens
-            outs.append(types.SimpleNamespace(request_id=rid, finished=done, num_cached_tokens=0,
-                                              outputs=[types.SimpleNamespace(token_ids=list(r.out))]))
+            outs.append(types.SimpleNamespace(request_id=r.external, finished=done, num_cached_tokens=0,
+                                              outputs=[types.SimpleNamespace(token_ids=list(r.out), logprobs=None)]))
             if done:
                 del self.sched.requests[rid]
         return outs
@@ -262,9 +294,16 @@ def test_stepper_drives_an_engine_step_by_step(monkeypatch):
     assert s.generate(prompts, 5) == s.alone(prompts, 5) == {"a": [600 % 97 + i for i in range(5)],
                                                              "b": [20 + i for i in range(5)]}
     rid = s.add([3] * 700, 9)
+    assert s.internal[rid] != rid and s.request(rid) is s.sched.requests[s.internal[rid]]
     s.step_until(lambda: s.computed(rid) == 512)
     s.eng.abort_request([rid])
+    assert s.request(rid) is None
+    with pytest.raises(AssertionError, match="not in the scheduler"):
+        s.computed(rid)
     assert s.kv_usage_when_idle() == (0.0, 0.0) and s.asked["q1"] == 5
+    left = s.add([4] * 300, 9)
+    s.step()
+    assert s.abort_unfinished() == [rid, left] and not s.eng.has_unfinished_requests()
     with pytest.raises(AssertionError, match="not reached"):
         s.step_until(lambda: False, limit=3)
     s.release()

@@ -8,16 +8,21 @@ pytest process (the engines run in-process, one at a time):
 Engines: FLASH_ATTN bf16 (reference outputs only), then KAKEYA k4v3, then KAKEYA exact, each with 256-token
 prefill chunks, no async scheduling (one LLMEngine.step() = one scheduler step) and 40 KV pages of 512 tokens.
 
-References: KAKEYA exact must reproduce FLASH_ATTN token for token on copy prompts (whose greedy continuation has
-large margins, see vllm_gpu_common.copy_prompt); every other check is self-consistency within one format: the
-same prompt alone / batched / preempted / prefix-hit / chunked differently gives the same tokens.
+References: KAKEYA exact must reproduce FLASH_ATTN's greedy tokens on copy prompts; every other check is
+self-consistency within one format: the same prompt alone / batched / preempted / prefix-hit / chunked differently
+gives the same tokens. "Same" allows one near-tie (vllm_gpu_common.assert_same_tokens): greedy outputs may split
+where both runs rank the two tokens within TIE_NATS of each other (bf16 rounding of another kernel or batch shape),
+and are not compared after it; any other difference fails.
+
+Request ids: vLLM 0.26 keys its scheduler by an internal id (the given id plus a random suffix): read scheduler
+state through Stepper.request / Stepper.computed, never sched.requests[given id].
 """
 import random
 
 import pytest
 
 from tests.vllm_gpu_common import (MODEL, Stepper, assert_same_tokens, copy_prompt, first_divergence, inproc_llm,
-                                   record, require_vllm_gpu)
+                                   near_tie, record, require_vllm_gpu)
 
 pytestmark = pytest.mark.gpu
 require_vllm_gpu()
@@ -61,17 +66,26 @@ def kk(request, flash_parity):
         del llm, cc
 
 
+@pytest.fixture(autouse=True)
+def _no_leftovers(kk):
+    """A test that fails midway leaves requests running on the module's engine; abort them so that the next test
+    (whose prefix-cache reset needs every page free) fails only for its own reasons."""
+    yield
+    kk.abort_unfinished()
+
+
 def _idle(s: Stepper, what: str) -> None:
     gauge, pool = s.kv_usage_when_idle()
     assert gauge == 0.0 and pool == 0.0, f"{s.format} {what}: KV pages still in use (gauge {gauge}, pool {pool})"
 
 
 def test_parity_with_flash_attn(kk, flash_parity):
-    """Exact mode reproduces FLASH_ATTN greedily; the lossy default is recorded (agreement), not asserted."""
+    """Exact mode reproduces FLASH_ATTN greedily (up to a near-tie); the lossy default is recorded, not asserted."""
     kk.reset_prefix_cache()
     got = kk.generate(PARITY, 256)
     div = {k: first_divergence(got[k], flash_parity[k]) for k in PARITY}
     record("parity_vs_flash_attn", format=kk.format, first_divergence=div,
+           not_a_near_tie={k: near_tie(got[k], flash_parity[k], i) for k, i in div.items() if i is not None},
            agree=sum(a == b for k in PARITY for a, b in zip(got[k], flash_parity[k])) / (256 * len(PARITY)))
     if kk.format == "exact":
         assert_same_tokens(got, flash_parity, "KAKEYA exact vs FLASH_ATTN")
@@ -100,7 +114,7 @@ def test_preemption_gives_the_unpressured_output(kk, pressure_ref):
     preempted = set()
     while kk.eng.has_unfinished_requests():
         kk.step()
-        preempted |= {k for k, r in ids.items() if r in kk.sched.requests and kk.sched.requests[r].num_preemptions}
+        preempted |= {k for k, r in ids.items() if (q := kk.request(r)) is not None and q.num_preemptions}
     n = kk.metric("vllm:num_preemptions") - before
     record("preemption", format=kk.format, preemptions=n, preempted_requests=sorted(preempted))
     assert preempted, "the tiny KV budget caused no preemption: the test did not test anything"
@@ -116,7 +130,7 @@ def test_abort_while_preempted_leaves_the_others_intact(kk, pressure_ref):
 
     def preempted():
         return [k for k, r in ids.items()
-                if r in kk.sched.requests and kk.sched.requests[r].status == RequestStatus.PREEMPTED]
+                if (q := kk.request(r)) is not None and q.status == RequestStatus.PREEMPTED]
 
     kk.step_until(lambda: preempted())
     victim = preempted()[0]
