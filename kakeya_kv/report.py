@@ -111,6 +111,17 @@ def _ci(ci, f="{:+.2f}"):
     return "" if not ci else f" [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
+def _runs_lines(doc: dict) -> list[str]:
+    """For a result merged from several calls: which call measured what, and the check that makes them comparable."""
+    runs = doc.get("runs")
+    if not runs:
+        return []
+    parts = [f"call {i + 1} ({Path(r['file']).name}): {', '.join(r['measured']) or 'baseline only'}"
+             for i, r in enumerate(runs)]
+    return [f"Measured in {len(runs)} calls on the same card, each with its own {doc['baseline']} run; "
+            f"{doc.get('baseline_check', '')}. " + "; ".join(parts) + ".", ""]
+
+
 def quality_markdown(doc: dict) -> str:
     pr = doc.get("protocol", {})
     lines = [f"# Quality ({doc.get('backend', '')}, {doc['gpu']}, {doc['model']})", "",
@@ -119,6 +130,7 @@ def quality_markdown(doc: dict) -> str:
              f"KLD vs {doc['baseline']}: {doc.get('kld_method', '')}. ΔPPL interval: 95 % over windows of the "
              "paired per-window NLL difference; PPL interval: 95 % over windows.", "",
              *[f"> {n}\n" for n in doc.get("notes", [])],
+             *_runs_lines(doc),
              "| config | family | ratio vs bf16 | PPL [95 % CI] | ΔPPL % [95 % CI] | KLD | NIAH 4k | NIAH 8k | windows | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(doc["configs"], key=lambda r: -(r.get("ratio_vs_bf16") or 0))

@@ -330,6 +330,8 @@ def header(rows: list[dict], a, meta: dict) -> dict:
                          "scheduler_as_vllm_reports": [json.loads(s) for s in sorted(sched)],
                          "niah": {"contexts": meta.get("niah_contexts"), "depths": meta.get("niah_depths"),
                                   "max_new_tokens": meta.get("niah_max_new")}},
+            **({"runs": meta["merged_runs"], "baseline_check": meta["baseline_check"]}
+               if meta.get("merged_runs") else {}),
             "kld_method": f"top-{a.topk} prompt logprobs, baseline's top-{a.topk} + rest bucket (quality.kld_topk)",
             "ratio_method": "KV capacity tokens vLLM reports / FLASH_ATTN bf16's, same gpu_memory_utilization"}
 
@@ -403,15 +405,47 @@ def run(a) -> int:
     return 0 if all(r["ppl"] is not None for r in doc["configs"]) else 1
 
 
-def merge(a) -> int:
-    """Rows of several raw files (later files win per config name) -> one result."""
-    rows, meta, aliases = {}, {}, {}
-    for f in a.inputs:
-        d = json.loads(Path(f).read_text())
+def merge_rows(docs: list[tuple[str, dict]], tol: float = 0.0) -> tuple[list[dict], dict, dict]:
+    """Rows of several raw results of one protocol -> one set (later files win per config name, but a measured
+    row is never replaced by one that was not measured). Runs are only comparable when each re-measured the
+    baseline with the same per-window NLL (ΔPPL, KLD and ratios are taken against it in each run): otherwise
+    refuse, naming the run and the largest difference."""
+    import numpy as np
+    rows, meta, aliases, runs, ref = {}, {}, {}, [], None
+    for name, d in docs:
         meta = meta or d["meta"]
         aliases.update(d.get("aliases", {}))
-        rows.update({r["name"]: r for r in d["rows"]})
-    finish(list(rows.values()), a, meta, aliases)
+        base = next((r for r in d["rows"] if r["name"] == BASELINE and r.get("window_nll")), None)
+        if base is None:
+            raise ValueError(f"{name}: no measured {BASELINE} row; runs without their own baseline cannot be merged")
+        nll = np.asarray(base["window_nll"], dtype=float)
+        if ref is None:
+            ref = (name, base["window_ids"], nll, base.get("capacity_tokens"))
+        else:
+            if base["window_ids"] != ref[1]:
+                raise ValueError(f"{name}: baseline windows differ from {ref[0]}'s")
+            diff = float(np.abs(nll - ref[2]).max())
+            if diff > tol:
+                raise ValueError(f"{name}: baseline per-window NLL differs from {ref[0]}'s by up to {diff:.3g} "
+                                 f"(> {tol}): not the same measurement conditions")
+            if base.get("capacity_tokens") != ref[3]:
+                raise ValueError(f"{name}: baseline KV capacity {base.get('capacity_tokens')} != {ref[3]} in {ref[0]}")
+        measured = []
+        for r in d["rows"]:
+            if r.get("window_nll") or r["name"] not in rows:
+                rows[r["name"]] = r
+            if r.get("window_nll") and r["name"] != BASELINE:
+                measured.append(r["name"])
+        runs.append({"file": name, "measured": measured})
+    meta = {**meta, "merged_runs": runs, "baseline_check": f"{BASELINE} per-window NLL and KV capacity identical "
+            f"in every run (max |difference| <= {tol})"}
+    return list(rows.values()), meta, aliases
+
+
+def merge(a) -> int:
+    """Several raw files of the same protocol on the same card -> one result (see merge_rows)."""
+    rows, meta, aliases = merge_rows([(f, json.loads(Path(f).read_text())) for f in a.inputs])
+    finish(rows, a, meta, aliases)
     return 0
 
 

@@ -308,3 +308,12 @@ def test_stepper_drives_an_engine_step_by_step(monkeypatch):
         s.step_until(lambda: False, limit=3)
     s.release()
     assert s.llm is None and s.sched is None
+
+
+def test_tie_gaps_report_each_runs_preference():
+    from tests.vllm_gpu_common import Gen, tie_gaps
+    w, g = Gen([1, 7]), Gen([1, 9])
+    w.top = [{1: -0.01}, {7: -0.60, 9: -0.80}]
+    g.top = [{1: -0.01}, {9: -0.65, 3: -0.75}]
+    assert tie_gaps(g, w, 1) == {"got": None, "want": 0.2}     # 7 not in got's top: no gap for it
+    assert tie_gaps([1, 9], w, 1) == {"got": None, "want": 0.2}

@@ -246,3 +246,26 @@ def test_child_measures_every_phase_with_a_fake_vllm(tmp_path, monkeypatch, caps
     assert r["niah_4k"] == 1.0 and "niah_8k" not in r and r["greedy"] == [[1, 2]] * 3
     z = np.load(r["topk_files"][0], allow_pickle=False)
     assert z["ids"].shape == (2, 8, 4) and (np.diff(z["lp"], axis=-1) <= 0).all()
+
+
+def _raw(base_nll, others, cap=1000):
+    base = {"name": "flash_bf16", "family": "bf16", "window_ids": [0, 1], "window_nll": base_nll,
+            "capacity_tokens": cap}
+    return {"meta": {"corpus": "c"}, "rows": [base, *others], "aliases": {}}
+
+
+def test_merge_needs_identical_baselines_and_keeps_measured_rows():
+    from kakeya_kv.vllm_eval import merge_rows
+    a_row = {"name": "a", "window_ids": [0, 1], "window_nll": [1.0, 2.0]}
+    a_lost = {"name": "a", "not_measured": [{"what": "config", "reason": "killed"}]}
+    b_row = {"name": "b", "window_ids": [0, 1], "window_nll": [1.5, 2.5]}
+    rows, meta, _ = merge_rows([("r1", _raw([1.0, 2.0], [a_row])), ("r2", _raw([1.0, 2.0], [a_lost, b_row]))])
+    by = {r["name"]: r for r in rows}
+    assert by["a"] is a_row and by["b"] is b_row          # a later "not measured" never hides a measurement
+    assert [r["measured"] for r in meta["merged_runs"]] == [["a"], ["b"]]
+    with pytest.raises(ValueError, match="differs from r1"):
+        merge_rows([("r1", _raw([1.0, 2.0], [a_row])), ("r2", _raw([1.0, 2.0 + 1e-6], [b_row]))])
+    with pytest.raises(ValueError, match="KV capacity"):
+        merge_rows([("r1", _raw([1.0, 2.0], [a_row])), ("r2", _raw([1.0, 2.0], [b_row], cap=999))])
+    with pytest.raises(ValueError, match="no measured flash_bf16"):
+        merge_rows([("r1", {"meta": {}, "rows": [a_row]})])

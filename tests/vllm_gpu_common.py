@@ -58,6 +58,17 @@ class Gen(list):
     top: list[dict[int, float]] | None = None
 
 
+def tie_gaps(got, want, i: int) -> dict:
+    """At a divergence: how much each run preferred its own token over the other's (nats; None where the other
+    token is not in its top logprobs) - recorded so that TIE_NATS can be set from what bf16 rounding really does."""
+    out = {}
+    for name, run, other in (("got", got, want), ("want", want, got)):
+        top = getattr(run, "top", None)
+        t = top[i] if top is not None and i < min(len(top), len(run), len(other)) else None
+        out[name] = (round(t[run[i]] - t[other[i]], 4) if t and run[i] in t and other[i] in t else None)
+    return out
+
+
 def near_tie(got, want, i: int) -> str | None:
     """None if the divergence at position i is a greedy near-tie seen by both runs: each run's token is among
     the other run's top logprobs and within TIE_NATS of that run's own choice (bf16 rounding differences between

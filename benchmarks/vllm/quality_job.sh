@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Device job, issue 5 (NOT YET RUN): every competitor's quality in vLLM 0.26 in one call ->
+# Device job, issue 5 (run on H200 in session 6, two calls merged): every competitor's quality in vLLM 0.26 in one call ->
 #   $OUT/quality.{json,md,png}, quality.raw.json, vllm_quality.{json,md} (issue 4's schema), quality_log.txt
 # Before the call (CPU): python -m kakeya_kv.vllm_eval prep      # 32 windows + 2x10 NIAH prompts -> .gpudata/windows.json
 # carry: .gpukit/b .gpukit/setup.sh .gpudata   (kit built --with-fa2 --with-smollm2: TurboQuant needs FA2)
-# Knobs (env): CALL_S (the call's limit, 600), PER_CONFIG_S (150 s on 1 GPU, 240 s on 2+), CONFIGS, N (32 windows).
+# Knobs (env): CALL_S (the call's limit, 600), PER_CONFIG_S (150 s on 1 GPU, 240 s on 2+), CONFIGS, N (32 windows),
+#   QSET (tq | ours | all, see below).
 # On a 2-GPU machine the configs are spread over both GPUs (one process per config, CUDA_VISIBLE_DEVICES).
 set -u
 T0=$SECONDS
@@ -17,6 +18,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 NGPU=$(nvidia-smi -L | wc -l)
 # Per-config limit: with 2+ GPUs the lanes share the call, so a slow config (TurboQuant) can get longer.
+USER_PER_CONFIG_S=${PER_CONFIG_S:-}
 [ "$NGPU" -ge 2 ] && PER_CONFIG_S=${PER_CONFIG_S:-240} || PER_CONFIG_S=${PER_CONFIG_S:-150}
 # Recipes for this model; one whose setting equals a listed config is reported with that config's numbers.
 RECIPES=$(ls deploy/recipes/smollm2-135m-instruct*.env 2>/dev/null | sed 's/^/recipe:/' | paste -sd, -)
@@ -25,6 +27,20 @@ DEFAULT=flash_bf16,turboquant_4bit_nc,kakeya_k4v3,turboquant_3bit_nc,kakeya_k3v2
 DEFAULT=$DEFAULT,turboquant_k3v4_nc,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
 # With a calibration bundle carried in .gpudata/bundle (kakeya-kv calibrate --out .gpudata/bundle): k4v3 + bundle.
 [ -d .gpudata/bundle ] && DEFAULT=$DEFAULT,kakeya_k4v3_cal
+# One H200 call (600 s) cannot hold every config: vLLM's TurboQuant compiles its Triton kernels on first use
+# (~100 s at load, ~110 s more at the first 4k decode; measured session 6), so on a 1-GPU machine run two calls,
+# each re-measuring the baseline, and merge them on the CPU (`python -m kakeya_kv.vllm_eval merge A.raw.json
+# B.raw.json`, which refuses runs whose baseline per-window NLL or capacity differ):
+#   QSET=tq    bf16 + every TurboQuant preset (the first one gets the compile time: 300 s per config)
+#   QSET=ours  bf16 + our settings and recipes + int4_per_token_head + fp8
+case ${QSET:-all} in
+  tq)   DEFAULT=flash_bf16,turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_k3v4_nc
+        PER_CONFIG_S=${USER_PER_CONFIG_S:-300} ;;
+  ours) DEFAULT=flash_bf16,kakeya_k4v3,kakeya_k3v2,int4_per_token_head,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
+        [ -d .gpudata/bundle ] && DEFAULT=$DEFAULT,kakeya_k4v3_cal ;;
+  all)  ;;
+  *)    echo "QSET must be tq, ours or all"; exit 2 ;;
+esac
 CONFIGS=${CONFIGS:-$DEFAULT}
 BUDGET=$(( CALL_S - 30 - (SECONDS - T0) ))      # 30 s kept for the copy-back of $OUT
 echo "configs: $CONFIGS"
