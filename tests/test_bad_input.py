@@ -241,3 +241,37 @@ def test_runtime_has_no_network_path():
             if isinstance(node, ast.Attribute) and node.attr in _NETWORK_CALLS:
                 hits.append(f"{p.relative_to(ROOT)}:{node.lineno} calls {node.attr}")
     assert not hits, "\n".join(hits)
+
+
+def test_additional_config_sets_the_same_knobs(monkeypatch):
+    from kakeya_v1_3_ppl import checks
+    ac = {"kakeya": {"k_bits": 3, "KAKEYA_V_BITS": "2", "boundary_skip_layers": [0, 1], "cuda_graphs": False}}
+    assert checks.additional_env(ac) == {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2",
+                                         "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,1", "KAKEYA_CUDA_GRAPHS": "0"}
+    assert checks.additional_env({}) == {} and checks.additional_env({"other": 1}) == {}
+    with pytest.raises(ConfigError, match="did you mean KAKEYA_K_BITS"):
+        checks.additional_env({"kakeya": {"kbits": 3}})
+    with pytest.raises(ConfigError, match="expected an object"):
+        checks.additional_env({"kakeya": "k3v2"})
+    env = {"KAKEYA_K_BITS": "4"}
+    with pytest.raises(ConfigError, match="in the environment but '3' in --additional-config"):
+        checks.apply_additional_config(ac, env)
+    env = {"KAKEYA_K_BITS": "3"}
+    checks.apply_additional_config(ac, env)          # same value twice is fine
+    assert env["KAKEYA_BOUNDARY_SKIP_LAYERS"] == "0,1"
+    # settings() applies the config of the engine being built (into os.environ), then validates as usual.
+    for k in list(os.environ):
+        if k.startswith("KAKEYA_"):
+            monkeypatch.delenv(k)
+    try:
+        monkeypatch.setattr(checks, "_current_additional_config", lambda: {"kakeya": {"k_bits": 3, "v_bits": 2}})
+        cfg = checks.settings(num_layers=30)
+        assert (cfg.k_bits, cfg.v_bits) == (3, 2) and os.environ["KAKEYA_K_BITS"] == "3"
+        for k in ("KAKEYA_K_BITS", "KAKEYA_V_BITS"):
+            os.environ.pop(k)
+        monkeypatch.setattr(checks, "_current_additional_config", lambda: {"kakeya": {"k_bits": 9}})
+        with pytest.raises(ConfigError, match="KAKEYA_K_BITS"):
+            checks.settings(num_layers=30)
+    finally:
+        for k in ("KAKEYA_K_BITS", "KAKEYA_V_BITS"):
+            os.environ.pop(k, None)

@@ -1,6 +1,6 @@
 """Per-layer bit widths (KAKEYA_LAYER_BITS) in vLLM on the lent GPU — NOT YET RUN on a GPU.
 
-Checks: each layer binds its widths and backend class; with a fixed KV budget the number of pages vLLM allocates
+Checks: each layer binds its widths and backend class (also when set through --additional-config); with a fixed KV budget the number of pages vLLM allocates
 follows the per-layer page layout (pages.model_pages) against uniform k3v2; greedy copy-task output through
 per-layer pages is as correct as uniform k3v2. Run with ``pytest -m gpu tests/test_vllm_perlayer_gpu.py`` after
 ``source .gpukit/setup.sh`` and ``source scripts/device_install.sh``.
@@ -19,11 +19,11 @@ PER_LAYER = dict(UNIFORM, KAKEYA_BOUNDARY_SKIP_LAYERS="0", KAKEYA_LAYER_BITS="17
 KV_BYTES = 512 * 2**20
 
 
-def _run(env: dict) -> dict:
+def _run(env: dict, **llm_kwargs) -> dict:
     rng = random.Random(7)
     prompts = [copy_prompt(rng, n) for n in (1300, 1700, 2100)]
     with inproc_llm(env, model=MODEL, attention_backend="KAKEYA", enforce_eager=True, kv_cache_memory_bytes=KV_BYTES,
-                    max_model_len=4096, max_num_batched_tokens=256, max_num_seqs=8) as llm:
+                    max_model_len=4096, max_num_batched_tokens=256, max_num_seqs=8, **llm_kwargs) as llm:
         from vllm import SamplingParams
         layers = llm.apply_model(lambda model: sorted(
             (m.impl.layer_idx, m.impl.bits, m.attn_backend.__name__) for m in model.modules()
@@ -55,3 +55,20 @@ def test_per_layer_widths_pages_and_output():
     assert mix["blocks"] / uni["blocks"] == pytest.approx(want, abs=2 / uni["blocks"])
     # More bits on some layers and one exact layer must not copy worse than uniform k3v2.
     assert mix["copy_hits"] >= uni["copy_hits"] - 2 and uni["copy_hits"] >= 0.8 * uni["copy_total"]
+
+
+def test_additional_config_sets_the_same_layers_as_the_environment():
+    """--additional-config '{"kakeya": {...}}' (LLM(additional_config=...)) serves exactly what the KAKEYA_* variables
+    would: same per-layer widths and backend classes, same number of pages."""
+    import os
+    short = {k[len("KAKEYA_"):].lower(): v for k, v in PER_LAYER.items()}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KAKEYA_")}
+    try:
+        via_config = _run({}, additional_config={"kakeya": short})
+    finally:   # the backend exports the settings into this process's environment: undo that for later tests
+        for k in [k for k in os.environ if k.startswith("KAKEYA_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+    via_env = _run(PER_LAYER)
+    record("additional_config", blocks=via_config["blocks"], env_blocks=via_env["blocks"])
+    assert via_config["layers"] == via_env["layers"] and via_config["blocks"] == via_env["blocks"]

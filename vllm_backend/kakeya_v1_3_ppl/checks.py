@@ -51,8 +51,56 @@ def _calibration_path(cfg: KakeyaConfig) -> KakeyaConfig:
     return replace(cfg, calibration=str(p))
 
 
+def additional_env(additional_config) -> dict[str, str]:
+    """vLLM's --additional-config '{"kakeya": {"k_bits": 3, "boundary_skip_layers": [0, 1]}}' as KAKEYA_* settings
+    (keys: the env names without the KAKEYA_ prefix, any case, or the full names; lists are comma-joined)."""
+    sect = (additional_config or {}).get("kakeya") if isinstance(additional_config, dict) else None
+    if sect is None:
+        return {}
+    if not isinstance(sect, dict):
+        raise ConfigError(f"--additional-config kakeya={sect!r}: expected an object of settings, e.g. "
+                          '{"kakeya": {"k_bits": 3}}')
+    out = {}
+    for key, val in sect.items():
+        name = key.upper() if key.upper().startswith("KAKEYA_") else "KAKEYA_" + key.upper()
+        if isinstance(val, (list, tuple)):
+            val = ",".join(map(str, val))
+        elif isinstance(val, bool):
+            val = str(int(val))
+        elif not isinstance(val, (str, int)):
+            raise ConfigError(f"--additional-config kakeya.{key}={val!r}: expected a string, integer or list")
+        out[name] = str(val)
+    check_env_names(out)
+    return out
+
+
+def apply_additional_config(additional_config, env=None) -> None:
+    """Export the --additional-config settings into this process's environment (every vLLM process gets the
+    config, so each does this once), refusing one that contradicts a KAKEYA_* variable already set."""
+    env = os.environ if env is None else env
+    for name, val in additional_env(additional_config).items():
+        have = env.get(name)
+        if have is not None and have.strip() != val.strip():
+            raise ConfigError(f"{name}={have!r} in the environment but {val!r} in --additional-config; set it in "
+                              "one place")
+        env[name] = val
+
+
+def _current_additional_config():
+    """vLLM's additional_config of the engine being built in this process (None outside vLLM)."""
+    try:
+        from vllm.config import vllm as _vc
+    except ImportError:
+        return None
+    cur = getattr(_vc, "_current_vllm_config", None)
+    return getattr(cur, "additional_config", None)
+
+
 def settings(num_layers: int | None = None, env=None) -> KakeyaConfig:
-    """KAKEYA_* settings as the backend serves them."""
+    """KAKEYA_* settings as the backend serves them (environment, plus vLLM's --additional-config when an engine
+    is being built in this process)."""
+    if env is None:
+        apply_additional_config(_current_additional_config())
     env = os.environ if env is None else env
     check_env_names(env)
     cfg = KakeyaConfig.from_env(env, num_layers=num_layers)

@@ -29,7 +29,7 @@ def apply() -> None:
 
     from . import context
     from .backend import KakeyaImpl, backend_for_layer
-    from .checks import check_block_size
+    from .checks import apply_additional_config, check_block_size
     from .spec import layer_spec
 
     orig_spec = Attention.get_kv_cache_spec
@@ -38,6 +38,7 @@ def apply() -> None:
     def get_kv_cache_spec(self, vllm_config):
         if not isinstance(getattr(self, "impl", None), KakeyaImpl):
             return orig_spec(self, vllm_config)
+        apply_additional_config(vllm_config.additional_config)     # also outside a model-building context
         self.impl.bind(self.layer_name)
         block_size = vllm_config.cache_config.block_size
         check_block_size(block_size, BLOCK_TOKENS)
