@@ -200,6 +200,15 @@ def issue4_doc(doc: dict) -> dict:
             "configs": rows, "not_measured": doc["not_measured"], "source": "quality.json of the same run"}
 
 
+ISSUE4_REQUIRED = ("kakeya_k4v3", "triton_fp8", "int4_per_token_head", "flash_bf16")
+
+
+def issue4_complete(v4: dict) -> bool:
+    """The rows issue 4's done-when compares (default format, fp8, int4_per_token_head, bf16) are all measured."""
+    have = {r["name"] for r in v4["configs"]}
+    return all(n in have for n in ISSUE4_REQUIRED)
+
+
 def issue4_markdown(v4: dict) -> str:
     lines = [f"# vLLM quality and capacity ({v4['gpu']}, {v4['model']}, {v4['windows']} windows)", "",
              "Same run and protocol as quality.md. Capacity = KV tokens vLLM reports.", "",

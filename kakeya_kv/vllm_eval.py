@@ -365,8 +365,11 @@ def finish(rows: list[dict], a, meta: dict, aliases: dict | None = None) -> dict
     out.with_suffix(".md").write_text(report.quality_markdown(doc))
     report.plot_quality(doc, out.with_suffix(".png"))
     v4 = report.issue4_doc(doc)
-    report.write_json(out.parent / "vllm_quality.json", v4)
-    (out.parent / "vllm_quality.md").write_text(report.issue4_markdown(v4))
+    # Issue 4's file compares the default format with fp8 and int4_per_token_head of the same run: a run without
+    # all three must not replace a complete one, so it is written under another name.
+    stem = "vllm_quality" if report.issue4_complete(v4) else "vllm_quality.partial"
+    report.write_json(out.parent / f"{stem}.json", v4)
+    (out.parent / f"{stem}.md").write_text(report.issue4_markdown(v4))
     if a.hf_json and Path(a.hf_json).exists():
         hf = json.loads(Path(a.hf_json).read_text())
         (out.parent / "HF_VS_VLLM.md").write_text(report.gap_markdown(hf, doc))

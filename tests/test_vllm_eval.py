@@ -130,8 +130,18 @@ def test_run_all_bounds_each_config_and_reports_why(tmp_path):
     rows[0]["scheduler"] = {"long_prefill_token_threshold": 0, "enable_chunked_prefill": True}   # unchunked
     bad = vllm_eval.finish(rows, _args(tmp_path), {"corpus": "c"})["protocol_check"]
     assert bad["scheduler_ok"] is False and bad["ok"] is False
-    for f in ("quality.json", "quality.md", "quality.png", "vllm_quality.json", "vllm_quality.md", "quality.raw.json"):
+    for f in ("quality.json", "quality.md", "quality.png", "vllm_quality.partial.json", "vllm_quality.partial.md",
+              "quality.raw.json"):
         assert (tmp_path / f).exists(), f
+    # No fp8 / int4 / default-format rows in this run: issue 4's file (a complete same-run comparison) is not touched.
+    assert not (tmp_path / "vllm_quality.json").exists()
+
+
+def test_issue4_file_needs_every_compared_row():
+    from kakeya_kv import report
+    rows = [{"name": n} for n in report.ISSUE4_REQUIRED]
+    assert report.issue4_complete({"configs": rows})
+    assert not report.issue4_complete({"configs": rows[1:]})
 
 
 def test_budget_stops_launching_configs(tmp_path):
