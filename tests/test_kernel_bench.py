@@ -79,3 +79,44 @@ def test_gpu_configurations_compile_for_sm90():
     p = subprocess.run([sys.executable, "compile_check.py", "--quick"], cwd=root / "benchmarks" / "kernels", env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+def test_graph_timing_waits_for_inputs_made_on_other_streams(monkeypatch):
+    """Session 6's crash: do_bench_cudagraph runs fn on a fresh side stream that does not wait for the default
+    stream, so the FA3 baseline read a block table still being written (recycled memory -> illegal address).
+    graph_us must finish all queued work before handing fn over."""
+    import bench_kernels as B
+    calls = []
+    monkeypatch.setattr(B.torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(B, "do_bench_cudagraph", lambda fn, rep: calls.append("bench") or 1.0)
+    assert B.graph_us(lambda: None) == 1e3 and calls == ["sync", "bench"]
+
+
+def test_grid_rows_are_guarded():
+    """A failing row is recorded and the next rows run; a sticky CUDA error stops and saves what was measured."""
+    import bench_kernels as B
+    saves = []
+
+    def measure(row):
+        if row["i"] == 1:
+            raise RuntimeError("Triton Error [CUDA]: out of resources: shared memory")
+        if row["i"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {**row, "why": "deadline"} if row["i"] == 2 else {**row, "us": 1.0}
+
+    res = {"decode": [], "not_measured": []}
+    ok = B.run_rows([dict(i=i) for i in range(5)], measure, res, lambda: saves.append(len(res["decode"])))
+    assert not ok and "sticky" in res["aborted"] and saves and saves[-1] == 1
+    assert [r["i"] for r in res["decode"]] == [0]
+    assert [(n["i"], n["why"]) for n in res["not_measured"]] == [(1, "error"), (2, "deadline"), (3, "error")]
+    assert "shared memory" in res["not_measured"][0]["error"]
+    assert B.run_rows([dict(i=0)], measure, {"decode": [], "not_measured": []}, lambda: None)
+
+
+def test_short_sweep_times_the_backend_default():
+    import bench_kernels as B
+    from kakeya_kernels.variants import TUNED
+    for d in (64, 128):
+        sw = B.short_sweep(d)
+        assert sw[0] == B.BASELINE_VARIANT and TUNED[d] in sw and len(sw) == len({str(v) for v in sw})
+        assert all(set(v) == set(B.BASELINE_VARIANT) for v in sw)

@@ -1,0 +1,43 @@
+"""Decode-attention launch variants: the measured default per head_dim and the previous path.
+
+A variant = kernel knobs (lut, fused, tt, num_warps, maxnreg; see kakeya_triton.KakeyaKernels) + the planner's
+rows per query tile ``bm`` + the KV split rule (``waves`` = target programs per SM, None = a fixed split count).
+
+"tuned" won the H200 sweep of session 6 (k4v3, batch 16, context 16k, CUDA-graph replay;
+benchmarks/results/kernels_h200_session6.json): D=128 484 µs vs 981 µs for the previous path, D=64 262 vs 745 µs.
+"baseline" is the backend path of sessions 2-5 (bm 16, 8 splits). KAKEYA_DECODE_VARIANT picks one.
+"""
+from __future__ import annotations
+
+import math
+
+BASELINE = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=None)
+FIXED_SPLITS = 8   # the baseline's split count (waves None)
+TUNED = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4, waves=2),
+         64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
+NAMES = ("tuned", "baseline")
+# Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
+# the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
+ACCEPT_REL = 1e-2
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg")
+
+
+def decode_variant(name: str, head_dim: int) -> dict:
+    """The variant `name` at this head_dim. head_dims the sweep did not measure (256) keep the baseline."""
+    if name not in NAMES:
+        raise ValueError(f"decode variant must be one of {NAMES}, got {name!r}")
+    return dict(TUNED[head_dim]) if name == "tuned" and head_dim in TUNED else dict(BASELINE)
+
+
+def kernel_args(v: dict) -> dict:
+    """The part of a variant that KakeyaKernels.attention takes per call."""
+    return {k: v[k] for k in KERNEL_KEYS}
+
+
+def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> int:
+    """KV splits for a launch of n_tiles query tiles x hkv heads: enough programs for ``waves`` per SM, never more
+    than the sealed blocks + tail there are to split (max_blocks: a host-known bound, e.g. the block table's width,
+    so a captured decode graph keeps one split count per batch size)."""
+    if v.get("waves") is None:
+        return FIXED_SPLITS
+    return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / max(1, n_tiles * hkv))))
