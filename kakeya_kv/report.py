@@ -83,6 +83,9 @@ def plot_frontier(res: dict, path: Path) -> None:
         if f["family"] != "bf16":
             axes[1].plot(x, f["kld"], "o", color=c, ms=5)
             axes[1].annotate(f["name"], (x, f["kld"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax in axes:       # room on the right for the labels of the highest-ratio points
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi + 0.25 * (hi - lo))
     axes[0].set_yscale("symlog", linthresh=1.0)
     axes[0].set_ylabel("ΔPPL vs bf16, % (lower is better; bars = 95% CI over windows)")
     axes[1].set_yscale("log")
@@ -163,16 +166,24 @@ def plot_quality(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    same = {}           # a recipe equal to a measured setting is one point, labelled with both names
+    for r in doc["configs"]:
+        if r.get("same_setting_as"):
+            same.setdefault(r["same_setting_as"], []).append(r["name"].removeprefix("recipe:"))
     for r in doc["configs"]:
         x, y, c = r.get("ratio_vs_bf16"), r.get("delta_ppl_pct"), FAMILY_COLORS.get(r["family"], "gray")
-        if x is None or y is None:
+        if x is None or y is None or r.get("same_setting_as"):
             continue
+        label = r["name"] + ("\n= " + "\n= ".join(same[r["name"]]) if r["name"] in same else "")
         ci = r.get("delta_ppl_pct_ci95")
         axes[0].errorbar(x, y, yerr=None if not ci else [[y - ci[0]], [ci[1] - y]], fmt="o", color=c, capsize=2, ms=5)
-        axes[0].annotate(r["name"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axes[0].annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if r.get("kld"):
             axes[1].plot(x, r["kld"], "o", color=c, ms=5)
-            axes[1].annotate(r["name"], (x, r["kld"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            axes[1].annotate(label, (x, r["kld"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax in axes:       # room on the right for the labels of the highest-ratio points
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi + 0.25 * (hi - lo))
     axes[0].set_yscale("symlog", linthresh=1.0)
     axes[0].set_ylabel(f"ΔPPL vs {doc['baseline']}, % (bars: 95 % CI)")
     axes[1].set_yscale("log")
