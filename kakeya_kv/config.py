@@ -60,6 +60,22 @@ FORMATS = ("kakeya", "v13", "exact")
 EXACT = "exact"   # what KakeyaConfig.layer_bits gives for a layer stored as bf16
 
 
+def _v13_scratch_mib(env, fmt: str) -> int:
+    """KAKEYA_V13_SCRATCH_MIB: MiB of bf16 pages the v13 attention may decode per phase (1..1048576)."""
+    name, raw = "KAKEYA_V13_SCRATCH_MIB", env.get("KAKEYA_V13_SCRATCH_MIB")
+    if raw is None or raw.strip() == "":
+        return 1024
+    if fmt != "v13":
+        raise ConfigError(f"{name}={raw!r} only applies to KAKEYA_FORMAT=v13 (format is {fmt}); unset it")
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not an integer number of MiB (1..1048576)") from None
+    if not 1 <= v <= 1 << 20:
+        raise ConfigError(f"{name}={raw!r}: must be 1..1048576 MiB")
+    return v
+
+
 def parse_layer_bits(raw: str | None, fmt: str = "kakeya", num_layers: int | None = None,
                      name: str = "KAKEYA_LAYER_BITS") -> tuple[tuple[int, int, int], ...]:
     """Parse "17:4/3,18:4/3,20-24:5/4" -> ((17, 4, 3), (18, 4, 3), (20, 5, 4), ...), sorted by layer.
@@ -122,6 +138,7 @@ class KakeyaConfig:
     skip_layers: tuple[int, ...] = ()
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
+    v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -152,6 +169,7 @@ class KakeyaConfig:
             skip_layers=parse_layer_list("KAKEYA_SKIP_LAYERS", env.get("KAKEYA_SKIP_LAYERS"), num_layers),
             calibration=env.get("KAKEYA_CALIBRATION") or None,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
+            v13_scratch_mib=_v13_scratch_mib(env, fmt),
         )
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:

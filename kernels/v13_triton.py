@@ -191,10 +191,12 @@ class V13Kernels:
 
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, plan: dict | None = None, precise: bool = False, n_sealed_host=None,
-                  splits: int = 8, bm: int = 16) -> torch.Tensor:
+                  splits: int = 8, bm: int = 16, **launch) -> torch.Tensor:
         """Same arguments as KakeyaKernels.attention (cache holds v13 slots). The sealed-block counts are needed
         on the host to size the scratch: ``n_sealed_host`` or ``plan["n_sealed_host"]`` (the backend's planner
-        has them); without either, n_sealed is read back (one host sync)."""
+        has them); without either, n_sealed is read back (one host sync). ``launch``: the backend's decode-variant
+        knobs for compressed pages (lut, fused, ...); the scratch is exact pages, read by the exact-page launch
+        of the session-5 baseline, so they are accepted and not used."""
         R, H, dev = int(n_sealed.shape[0]), cache.shape[1], q.device
         host = n_sealed_host if n_sealed_host is not None else (plan or {}).get("n_sealed_host")
         ns = np.asarray(n_sealed.cpu() if host is None else host, dtype=np.int64).reshape(R)

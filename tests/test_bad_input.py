@@ -36,9 +36,12 @@ def test_malformed_settings(env, msg):
     assert "\n" not in str(e.value) and "KAKEYA_" in str(e.value)
 
 
-def test_v13_is_refused_in_vllm_with_the_alternative():
-    with pytest.raises(ValueError, match="KAKEYA_FORMAT=default or exact"):
-        settings(30, {"KAKEYA_FORMAT": "v13"})
+def test_v13_is_served_except_with_graphs_or_calibration(tmp_path):
+    assert settings(30, {"KAKEYA_FORMAT": "v13"}).format == "v13"
+    with pytest.raises(ConfigError, match="KAKEYA_CUDA_GRAPHS"):
+        settings(30, {"KAKEYA_FORMAT": "v13", "KAKEYA_CUDA_GRAPHS": "1"})
+    with pytest.raises(ConfigError, match="calibration bundles are for the default format"):
+        settings(30, {"KAKEYA_FORMAT": "v13", "KAKEYA_CALIBRATION": str(tmp_path)})
 
 
 @pytest.mark.parametrize("override,msg", [

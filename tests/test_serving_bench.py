@@ -201,7 +201,7 @@ def test_parse_rows_and_refusal():
     for bad in ("nope", "qwen3-8b-like:nope", "nope:kakeya"):
         with pytest.raises(ValueError):
             R.parse_rows(bad)
-    assert "v13" in R.refusal("kakeya_v13") and "Kakeya backend" in R.refusal("kakeya_v13")
+    assert R.refusal("kakeya_v13") is None   # v13 is served since session 6 (kernels/v13_triton.py)
     assert R.refusal("kakeya") is None and R.refusal("fp8") is None
     for name in R.PLANS["main"]:
         assert name[0] in R.MODELS and name[1] in R.CONFIGS
@@ -234,7 +234,8 @@ def test_goals_and_markdown():
     rows = [_row("flash_bf16"),
             _row("kakeya", capacity_tokens=4200, decode_tok_s_b16_32k=200.0, decode_tok_s_max_batch_32k=1600.0,
                  max_batch_32k=90)]
-    rows.append(R.assemble_row("qwen3-8b-like", "kakeya_v13", 1, {}, status="not_run", reason=R.refusal("kakeya_v13")))
+    rows.append(R.assemble_row("qwen3-8b-like", "kakeya_v13", 1, {}, status="not_run",
+                               reason="refused by the Kakeya backend: (a test reason)"))
     res = {"gpu": "1x TEST GPU", "settings": {"max_num_seqs": 96}, "rows": rows}
     out = report.add_ratios(rows)
     k = out[1]
@@ -343,10 +344,12 @@ def test_stream_completion_reports_http_errors_and_timeouts():
 
 # ----------------------------------------------------------------------------- orchestrator without vLLM
 
-def test_run_without_vllm_writes_schema_rows_with_reasons(tmp_path):
+def test_run_without_vllm_writes_schema_rows_with_reasons(tmp_path, monkeypatch):
     """On this CPU machine every started row fails at `import vllm`; each must still be a schema row
-    with a reason, and the v13 row is refused before any start."""
+    with a reason, and a row the backend refuses (v13 with full CUDA graphs) is refused before any start."""
     out = tmp_path / "serving.json"
+    monkeypatch.setitem(R.CONFIGS, "kakeya_v13", ("kakeya", {"attention_backend": "KAKEYA"},
+                                                  {"KAKEYA_FORMAT": "v13", "KAKEYA_CUDA_GRAPHS": "1"}))
     rc = bench_main(["run", "--rows", "qwen3-8b-like:flash_bf16,qwen3-8b-like:kakeya_v13", "--deadline-s", "120",
                      "--row-limit-s", "60", "--min-row-s", "1", "--log-dir", str(tmp_path / "logs"),
                      "--out", str(out)])
@@ -355,7 +358,7 @@ def test_run_without_vllm_writes_schema_rows_with_reasons(tmp_path):
     flash, v13 = res["rows"]
     for r in res["rows"]:
         R.check_row(r)
-    assert v13["status"] == "not_run" and "KAKEYA_FORMAT=v13" in v13["not_measured"]["capacity_tokens"]
+    assert v13["status"] == "not_run" and "KAKEYA_CUDA_GRAPHS" in v13["not_measured"]["capacity_tokens"]
     if importlib_has_vllm():
         pytest.skip("vLLM installed here: the failure path is not exercised")
     assert flash["status"] == "partial"

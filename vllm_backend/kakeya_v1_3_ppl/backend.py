@@ -48,6 +48,15 @@ def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
     return _KERNELS[key]
 
 
+def v13_kernels(head_dim: int, k_bits: int, v_bits: int, device, scratch_mib: int):
+    """KAKEYA_FORMAT=v13: one kernel set (and one decode scratch) per geometry, shared by its layers."""
+    from kakeya_kernels.v13_triton import V13Kernels
+    key = ("v13", head_dim, k_bits, v_bits, str(device))
+    if key not in _KERNELS:
+        _KERNELS[key] = V13Kernels(head_dim, k_bits, v_bits, device, scratch_mib=scratch_mib)
+    return _KERNELS[key]
+
+
 class KakeyaBackend(AttentionBackend):
     # (k_bits, v_bits) of this class's pages; None = KAKEYA_K_BITS / KAKEYA_V_BITS (see backend_for_bits).
     kakeya_bits: ClassVar[tuple[int, int] | None] = None
@@ -77,7 +86,7 @@ class KakeyaBackend(AttentionBackend):
         if bits is None:
             cfg = settings()
             bits = (cfg.k_bits, cfg.v_bits)
-        return kv_cache_shape(bits, num_blocks, block_size, num_kv_heads, head_size)
+        return kv_cache_shape(bits, num_blocks, block_size, num_kv_heads, head_size, settings().format)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
@@ -110,8 +119,9 @@ def backend_for_bits(k_bits: int, v_bits: int) -> type[KakeyaBackend]:
     name = f"KakeyaBackend_k{k_bits}v{v_bits}"
     cls = globals().get(name)
     if cls is None:
-        if k_bits not in ALLOWED_BITS["kakeya"]["k"] or v_bits not in ALLOWED_BITS["kakeya"]["v"]:
-            raise ValueError(f"kakeya: no {k_bits}-bit K / {v_bits}-bit V format (allowed {ALLOWED_BITS['kakeya']})")
+        fmt = settings().format
+        if k_bits not in ALLOWED_BITS[fmt]["k"] or v_bits not in ALLOWED_BITS[fmt]["v"]:
+            raise ValueError(f"{fmt}: no {k_bits}-bit K / {v_bits}-bit V format (allowed {ALLOWED_BITS[fmt]})")
         cls = type(name, (KakeyaBackend,), {"kakeya_bits": (k_bits, v_bits), "__module__": __name__,
                                             "__qualname__": name})
         globals()[name] = cls
@@ -194,6 +204,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
             phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
             if not decode:
                 meta.phases = [to_device(ph, self.device, self.gqa, self.bm) for ph in phases]
+            for d, ph in zip(meta.phases, phases):   # v13 sizes its decode scratch from these without a sync
+                d["plan"]["n_sealed_host"] = ph.n_sealed
         elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)
@@ -229,8 +241,9 @@ def _log_startup(vllm_config, spec) -> None:
     n_seq = vllm_config.scheduler_config.max_num_seqs
     pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
     logger.warning(
-        "Kakeya KV: format kakeya, layers %s, calibration %s, exact-tail pool %.0f MiB (max_num_seqs %d), "
-        "KV capacity %s", describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.calibration or "none (data-free)",
+        "Kakeya KV: format %s, layers %s, calibration %s, exact-tail pool %.0f MiB (max_num_seqs %d), "
+        "KV capacity %s", cfg.format, describe(cfg, L, spec.num_kv_heads, spec.head_size),
+        cfg.calibration or "none (data-free)",
         pool / 2**20, n_seq, cap)
 
 
@@ -284,7 +297,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = kernels(self.head_size, *self.bits, dev, self.cal)
+        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.v13_scratch_mib) if self.cfg.format == "v13"
+                   else kernels(self.head_size, *self.bits, dev, self.cal))
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)
 

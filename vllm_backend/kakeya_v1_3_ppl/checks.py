@@ -105,9 +105,19 @@ def settings(num_layers: int | None = None, env=None) -> KakeyaConfig:
     check_env_names(env)
     cfg = KakeyaConfig.from_env(env, num_layers=num_layers)
     if cfg.format == "v13":
-        raise ValueError("KAKEYA_FORMAT=v13: the seed format has a CPU reference codec but no Triton attention "
-                         "kernels yet, so the vLLM backend cannot serve it; use KAKEYA_FORMAT=default or exact")
+        check_v13(cfg)
     return _calibration_path(cfg)
+
+
+def check_v13(cfg: KakeyaConfig) -> None:
+    """v13 serves through host-planned phases only (its attention sizes a decode scratch from the plan) and has no
+    calibration bundle format."""
+    if cfg.cuda_graphs:
+        raise ConfigError("KAKEYA_CUDA_GRAPHS=1 is not available with KAKEYA_FORMAT=v13 (its attention decodes into a "
+                          "scratch sized on the host each step); unset KAKEYA_CUDA_GRAPHS")
+    if cfg.calibration:
+        raise ConfigError(f"KAKEYA_CALIBRATION={cfg.calibration!r}: calibration bundles are for the default format; "
+                          "KAKEYA_FORMAT=v13 uses the seed Lloyd-Max tables, unset one of them")
 
 
 def check_selection(reasons: list[str]) -> None:

@@ -10,35 +10,41 @@ ratio vs bf16 is exactly the whole-model byte ratio computed here.
 from __future__ import annotations
 
 from kakeya_kv.config import EXACT, KakeyaConfig
-from kakeya_kv.format import BLOCK_TOKENS, BlockLayout, exact_layout, kakeya_layout
+from kakeya_kv.format import BLOCK_TOKENS, BlockLayout, exact_layout, kakeya_layout, v13_layout
 
 
-def layer_layout(bits, head_dim: int) -> BlockLayout:
-    """The block layout of a layer stored with ``bits`` = (k_bits, v_bits) or EXACT."""
-    return exact_layout(head_dim) if bits == EXACT else kakeya_layout(head_dim, *bits)
+def layer_layout(bits, head_dim: int, fmt: str = "kakeya") -> BlockLayout:
+    """The block layout of a layer stored with ``bits`` = (k_bits, v_bits) or EXACT, in format ``fmt``
+    (KAKEYA_FORMAT: kakeya or v13; v13 = the seed geometry d_eff = D/2, k = 16, 8 % K outlier budget)."""
+    if bits == EXACT:
+        return exact_layout(head_dim)
+    if fmt == "v13":
+        return v13_layout(head_dim, k_bits=bits[0], v_bits=bits[1])
+    return kakeya_layout(head_dim, *bits)
 
 
-def kv_cache_shape(bits, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+def kv_cache_shape(bits, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                   fmt: str = "kakeya") -> tuple[int, ...]:
     """Shape vLLM views the layer's raw page memory as (uint8 slots, or bf16 [.., K|V, 512, D] for exact)."""
     if block_size != BLOCK_TOKENS:
         raise ValueError(f"Kakeya kernel block size must be {BLOCK_TOKENS}, got {block_size}")
     if bits == EXACT:
         return (num_blocks, num_kv_heads, 2, block_size, head_dim)
-    return (num_blocks, num_kv_heads, layer_layout(bits, head_dim).slot_bytes)
+    return (num_blocks, num_kv_heads, layer_layout(bits, head_dim, fmt).slot_bytes)
 
 
-def page_bytes(bits, block_size: int, num_kv_heads: int, head_dim: int) -> int:
+def page_bytes(bits, block_size: int, num_kv_heads: int, head_dim: int, fmt: str = "kakeya") -> int:
     """Bytes of one page (block_size tokens, all KV heads) of a layer."""
     if block_size % BLOCK_TOKENS:
         raise ValueError(f"Kakeya pages hold whole {BLOCK_TOKENS}-token blocks; block_size={block_size}")
-    return (block_size // BLOCK_TOKENS) * num_kv_heads * layer_layout(bits, head_dim).slot_bytes
+    return (block_size // BLOCK_TOKENS) * num_kv_heads * layer_layout(bits, head_dim, fmt).slot_bytes
 
 
 def model_pages(cfg: KakeyaConfig, num_layers: int, num_kv_heads: int, head_dim: int) -> dict:
     """Per-layer widths and page bytes, and the whole-model ratio vs bf16 pages (what vLLM's capacity shows,
     before the exact-tail pool)."""
     plan = cfg.layer_plan(num_layers)
-    pages = [page_bytes(b, BLOCK_TOKENS, num_kv_heads, head_dim) for b in plan]
+    pages = [page_bytes(b, BLOCK_TOKENS, num_kv_heads, head_dim, cfg.format) for b in plan]
     bf16 = page_bytes(EXACT, BLOCK_TOKENS, num_kv_heads, head_dim) * num_layers
     return {"bits": plan, "page_bytes": pages, "bytes_per_block": sum(pages), "ratio_vs_bf16": bf16 / sum(pages),
             "widths": sorted({b for b in plan if b != EXACT})}

@@ -44,7 +44,8 @@ def apply() -> None:
         check_block_size(block_size, BLOCK_TOKENS)
         # The layer's backend class decides its kv-cache shape and attention group: exact, default or per width.
         self.attn_backend = backend_for_layer(self.impl.bits)
-        return layer_spec(self.impl.bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v)
+        return layer_spec(self.impl.bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v,
+                          self.impl.cfg.format)
 
     orig_pwal = Attention.process_weights_after_loading
 

@@ -37,8 +37,9 @@ class KakeyaAttentionSpec(FullAttentionSpec):
         return replace(merged, kakeya_slot_bytes=specs[0].kakeya_slot_bytes, kakeya_format=specs[0].kakeya_format)
 
 
-def layer_spec(bits, block_size: int, num_kv_heads: int, head_size: int, head_size_v: int) -> FullAttentionSpec:
-    """The spec of one layer: bf16 pages for EXACT, else a Kakeya page of the layer's (k_bits, v_bits) layout.
+def layer_spec(bits, block_size: int, num_kv_heads: int, head_size: int, head_size_v: int,
+               fmt: str = "kakeya") -> FullAttentionSpec:
+    """The spec of one layer: bf16 pages for EXACT, else a page of the layer's (k_bits, v_bits) layout in ``fmt``.
     Layers of different widths have different page sizes; vLLM keeps them in one KV-cache group."""
     import torch
     if bits == EXACT:
@@ -46,5 +47,5 @@ def layer_spec(bits, block_size: int, num_kv_heads: int, head_size: int, head_si
                                  head_size_v=head_size_v, dtype=torch.bfloat16)
     return KakeyaAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
                                head_size_v=head_size_v, dtype=torch.uint8,
-                               kakeya_slot_bytes=layer_layout(bits, head_size).slot_bytes,
-                               kakeya_format=f"kakeya-k{bits[0]}v{bits[1]}")
+                               kakeya_slot_bytes=layer_layout(bits, head_size, fmt).slot_bytes,
+                               kakeya_format=f"{fmt}-k{bits[0]}v{bits[1]}")
