@@ -56,6 +56,19 @@ def _int_env(env, name: str, default: int, allowed: tuple[int, ...]) -> int:
     return v
 
 
+def _choice_env(env, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    v = raw.strip().lower()
+    if v not in allowed:
+        raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(allowed)}")
+    return v
+
+
+# Decode-attention launch: "tuned" = session 6's H200 sweep winner (pair table, fused, 4-row GQA tiles), the
+# default; "baseline" = the path of sessions 2-5. Both agree within the bench's bound (kakeya_kernels.variants).
+DECODE_VARIANTS = ("tuned", "baseline")
 FORMATS = ("kakeya", "v13", "exact")
 EXACT = "exact"   # what KakeyaConfig.layer_bits gives for a layer stored as bf16
 
@@ -139,6 +152,7 @@ class KakeyaConfig:
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
     v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
+    decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -170,6 +184,7 @@ class KakeyaConfig:
             calibration=env.get("KAKEYA_CALIBRATION") or None,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
             v13_scratch_mib=_v13_scratch_mib(env, fmt),
+            decode_variant=_choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS),
         )
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:

@@ -30,7 +30,7 @@ from kakeya_kv.format import ALLOWED_BITS, BLOCK_TOKENS, SUPPORTED_HEAD_DIMS
 from . import context
 from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
 from .pages import describe, kv_cache_shape
-from .plan import DecodeBuffers, TailState, plan_step, to_device
+from .plan import DecodeBuffers, Launches, TailState, plan_step, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
 
 logger = logging.getLogger("kakeya_kv.vllm")
@@ -172,9 +172,14 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.compressed = isinstance(kv_cache_spec, KakeyaAttentionSpec)
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
-        self.bm = 16
+        # Pure-decode steps of compressed layers launch KAKEYA_DECODE_VARIANT (kakeya_kernels.variants); prefill and
+        # mixed steps and exact pages keep the baseline launch (the only one measured there).
+        self.launches = Launches(settings().decode_variant if self.compressed else "baseline",
+                                 kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device)
+        self.bm = self.launches.base["bm"]
         self.state = TailState()
-        self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.bm, device)
+        self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
+                                 device)
         self.gpu_decode = settings().cuda_graphs
         cc = vllm_config.cache_config
         check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
@@ -199,19 +204,28 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         seq = np.asarray(seq)[:B].astype(np.int64)
         # GPU-planned decode steps are CPU-tested for equivalence but not yet run in vLLM on a GPU: opt-in.
         decode = self.gpu_decode and cam.max_query_len == 1 and ident.req_idx_gpu is not None
+        max_blocks = int(cam.block_table_tensor.shape[1])
         if self.compressed:
             # The CPU plan always runs: it keeps TailState current and checks consistency.
             phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
             if not decode:
-                meta.phases = [to_device(ph, self.device, self.gqa, self.bm) for ph in phases]
+                v = self.launches.decode if cam.max_query_len == 1 else self.launches.base
+                meta.phases = [self.launches.attach(to_device(ph, self.device, self.gqa, v["bm"]), v, max_blocks)
+                               for ph in phases]
             for d, ph in zip(meta.phases, phases):   # v13 sizes its decode scratch from these without a sync
                 d["plan"]["n_sealed_host"] = ph.n_sealed
         elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)
         if decode:
-            meta.decode = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor, ident.req_idx_gpu)
+            meta.decode = self._fill_decode(B, cam, ident.req_idx_gpu)
         return meta
+
+    def _fill_decode(self, B: int, cam: CommonAttentionMetadata, req_rows) -> dict:
+        d = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor, req_rows)
+        # The split count depends on the batch size and the block table's width only: fixed per captured graph.
+        return self.launches.attach(d, self.launches.decode, int(cam.block_table_tensor.shape[1])) \
+            if self.compressed else d
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KakeyaMetadata:
         """Capture batch (pure decode, no live requests): GPU-planned metadata over rows 0..B-1."""
@@ -219,8 +233,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         B = cam.num_reqs
         meta = KakeyaMetadata(num_actual_tokens=cam.num_actual_tokens, block_table=cam.block_table_tensor,
                               seq_lens=cam.seq_lens, slot_mapping=cam.slot_mapping)
-        meta.decode = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor,
-                                    torch.arange(B, dtype=torch.int32, device=cam.seq_lens.device))
+        meta.decode = self._fill_decode(B, cam, torch.arange(B, dtype=torch.int32, device=cam.seq_lens.device))
         return meta
 
 

@@ -159,8 +159,8 @@ def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
         write_off=t(ph.write_off, torch.int64), n_write=len(ph.write_tok),
         seal_row=t(ph.seal_row, torch.int64), seal_blk=t(ph.seal_blk, torch.int64),
         seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok),
-        plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]), nt=pl["nt"],
-                  bm=bm, gqa=gqa, T=pl["T"]))
+        plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]), src=t(pl["src"]),
+                  nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 
 
 class DecodeBuffers:
@@ -183,6 +183,10 @@ class DecodeBuffers:
         self.dest = ((r[:, None] * self.tpr + g[None, :] // bm) * bm + g[None, :] % bm).reshape(-1)
         self.tile_req = torch.arange(max_reqs, dtype=torch.int32, device=device).repeat_interleave(self.tpr)
         self.qpos = torch.full((max_reqs * self.tpr * bm,), -1, dtype=torch.int32, device=device)
+        # Tile row -> query row (token * gqa + head-in-group; -1 = padding) for the fused launch, which gathers its
+        # query rows itself. Fixed for a batch size (token r = request r), so built once here, not per step.
+        self.src = torch.full_like(self.qpos, -1)
+        self.src[self.dest] = torch.arange(max_reqs * gqa, dtype=torch.int32, device=device)
 
     def fill(self, B: int, seq_lens: torch.Tensor, block_table: torch.Tensor, req_rows: torch.Tensor) -> dict:
         if B > self.n:
@@ -210,4 +214,24 @@ class DecodeBuffers:
                     seq_end=self.seq_end[:B], tail_slot=self.tail_slot[:B], slot64=self.slot64[:B],
                     off64=self.off64[:B], seal_flag=self.seal_flag[:B], seal_page=self.seal_page[:B],
                     plan=dict(dest=self.dest[:B * self.gqa], qpos=self.qpos[:B * rows_per_req],
-                              tile_req=self.tile_req[:B * self.tpr], nt=B * self.tpr, bm=self.bm, gqa=self.gqa, T=B))
+                              tile_req=self.tile_req[:B * self.tpr], src=self.src[:B * rows_per_req], nt=B * self.tpr,
+                              bm=self.bm, gqa=self.gqa, T=B))
+
+
+class Launches:
+    """The decode-attention launch of a metadata builder's steps (kakeya_kernels.variants): ``decode`` for
+    one-token-per-request steps (KAKEYA_DECODE_VARIANT), ``base`` for prefill/mixed steps. ``attach`` adds a
+    phase's kernel knobs and split count, which depends on host-known sizes only (tiles, block-table width)."""
+
+    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device):
+        from kakeya_kernels.variants import decode_variant
+        self.decode, self.base = decode_variant(name, head_dim), decode_variant("baseline", head_dim)
+        self.hkv = num_kv_heads
+        dev = torch.device(device)
+        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+
+    def attach(self, ph: dict, v: dict, max_blocks: int) -> dict:
+        from kakeya_kernels.variants import kernel_args, num_splits
+        ph["launch"] = dict(kernel_args(v), splits=num_splits(v, ph["plan"]["nt"], self.hkv, max_blocks, self.sms))
+        return ph
+

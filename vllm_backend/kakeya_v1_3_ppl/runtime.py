@@ -2,7 +2,8 @@
 
 ``forward_compressed``: for each phase of the step plan — write the phase's tokens into the request's
 exact tail, attend (sealed pages read compressed + tail exact, causal), seal blocks that became full
-straight into their pages. ``forward_exact``: write tokens into bf16 pages in place, attend over pages.
+straight into their pages (a phase's optional ``launch`` dict = the decode variant's kernel knobs and split
+count, from the metadata builder; absent = the kernels' defaults). ``forward_exact``: write tokens into bf16 pages in place, attend over pages.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
         if ph["n_tok"]:
             out = kk.attention(query[ph["tok"]], ph["q_pos"], ph["q_req"], kv_cache, block_table[ph["rows"]],
                                ph["n_sealed"], ph["seq_end"], tail_k, tail_v, ph["tail_slot"], scale,
-                               plan=ph["plan"], precise=precise)
+                               plan=ph["plan"], precise=precise, **ph.get("launch", {}))
             output[ph["tok"]] = out.to(output.dtype)
         if ph["n_seal"]:
             pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
@@ -59,7 +60,7 @@ def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, blo
     tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
     tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
     out = kk.attention(query[:B], d["q_pos"], d["q_req"], kv_cache, block_table, d["n_sealed"], d["seq_end"],
-                       tail_k, tail_v, d["tail_slot"], scale, plan=d["plan"], precise=precise)
+                       tail_k, tail_v, d["tail_slot"], scale, plan=d["plan"], precise=precise, **d.get("launch", {}))
     output[:B] = out.to(output.dtype)
     kk.seal_indirect(tail_k, tail_v, d["tail_slot"], kv_cache, d["seal_page"], d["seal_flag"], k_weight)
     return output

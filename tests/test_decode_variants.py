@@ -1,0 +1,177 @@
+"""The backend's decode variants (kakeya_kernels.variants) in the Triton interpreter: the tuned launch (pair table,
+fused gather + combine, 4-row GQA tiles, waves split rule) stays inside its buffers and agrees with the baseline
+launch and the CPU reference codec; the planner builds the metadata it needs; the knob picks it."""
+import numpy as np
+import pytest
+import torch
+
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, TUNED, decode_variant, kernel_args,
+                                     num_splits)
+from tests.kernel_cases import build, ref_attention, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _launch(v, nt, hkv, max_blocks, sms):
+    return dict(kernel_args(v), splits=num_splits(v, nt, hkv, max_blocks, sms))
+
+
+def _guarded(t: torch.Tensor, fill):
+    """t inside a buffer with one guard row of `fill` on each side (dim 0): returns (buffer, view of t)."""
+    buf = torch.full((t.shape[0] + 2, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    buf[1:-1] = t
+    return buf, buf[1:-1]
+
+
+@pytest.mark.parametrize("d,sms", [(64, 4), (128, 4), (64, 132)])
+def test_tuned_launch_stays_in_bounds(d, sms):
+    """Debug bounds check: every buffer the tuned launch reads sits between guard rows that poison any stray
+    read (0xFF pages = NaN means / gains; NaN query and tail rows, NaN tail positions past each request's length,
+    block-table entries past n_sealed pointing at a guard page); the output sits between canary rows that a stray
+    write would change. Ragged lengths, tails not multiples of tt, more splits than blocks (sms=132)."""
+    lens, hkv, gqa = [1, 600, 1100], 2, 4
+    kk, sc, refs = build(lens, hkv, gqa, d, seed=d)
+    v = TUNED[d]
+    cache_buf, cache = _guarded(sc["cache"], 255)
+    bt = sc["block_table"].clone()
+    for r, L in enumerate(lens):
+        bt[r, L // 512:] = -1                                     # never read: would land on the guard page
+    tail_k, tail_v = sc["tail_k"].clone(), sc["tail_v"].clone()
+    for r, L in enumerate(lens):
+        tail_k[r, :, L % 512:] = float("nan")                     # positions past the request's length
+        tail_v[r, :, L % 512:] = float("nan")
+    tk_buf, tk = _guarded(tail_k, float("nan"))
+    tv_buf, tv = _guarded(tail_v, float("nan"))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=g).bfloat16().to(DEV)
+    q_buf, qv = _guarded(q, float("nan"))
+    out_buf, out = _guarded(torch.zeros(len(lens), hkv * gqa, d, device=DEV), 7.0)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+    kw = _launch(v, plan["nt"], hkv, bt.shape[1], sms)
+    assert kw["splits"] == (max(lens) // 512 + 1 if sms == 132 else 2)     # 3 tiles x 2 heads; cap blocks + 1
+    res = kk.attention(qv, pos, req, cache, bt, sc["n_sealed"], sc["seq_lens"], tk, tv, sc["tail_slot"],
+                       scale=d ** -0.5, plan=plan, out=out, **kw)
+    assert res is out and torch.isfinite(out).all()
+    assert (out_buf[0] == 7).all() and (out_buf[-1] == 7).all()
+    for i in range(len(lens)):
+        assert rel_err(out[i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
+
+
+@pytest.mark.parametrize("kb,vb", [(4, 3), (3, 2), (5, 4)])
+@pytest.mark.parametrize("gqa", [1, 3, 4])
+def test_tuned_matches_baseline_and_reference(kb, vb, gqa):
+    """Fast mode, as served: tuned vs the baseline launch within the bench's ACCEPT_REL, and vs float64 attention on
+    the reference codec's decode of the sealed bytes. Lengths 1 / 77 / 1100 (tails 1, 77, 76: not multiples of tt)."""
+    lens, hkv, d = [1077, 1, 77, 1100][: 3 + (gqa == 3)], 3 if gqa == 3 else 2, 64
+    kk, sc, refs = build(lens, hkv, gqa, d, kb, vb, device=DEV, seed=10 * kb + gqa)
+    g = torch.Generator().manual_seed(gqa)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=g).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    outs = {}
+    for name in ("tuned", "baseline"):
+        v = decode_variant(name, d)
+        plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+        outs[name] = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32,
+                                  **_launch(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4), **sc)
+    assert rel_err(outs["tuned"], outs["baseline"].double().cpu()) < ACCEPT_REL
+    for i in range(len(lens)):
+        assert rel_err(outs["tuned"][i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
+
+
+def test_variant_table_and_split_rule():
+    assert decode_variant("tuned", 128) == TUNED[128] and TUNED[128]["maxnreg"] == 96 and TUNED[64]["maxnreg"] is None
+    assert all(v["bm"] == 4 and v["lut"] == 2 and v["fused"] and v["tt"] == 64 and v["num_warps"] == 4
+               for v in TUNED.values())
+    assert decode_variant("baseline", 64) == BASELINE and decode_variant("tuned", 256) == BASELINE   # not measured
+    with pytest.raises(ValueError, match="tuned"):
+        decode_variant("fast", 64)
+    assert num_splits(BASELINE, 1, 8, 100, 132) == FIXED_SPLITS
+    # H200 (132 SMs), batch 16, GQA 4 in 4-row tiles, 8 KV heads: the bench's 3 splits at 16k
+    assert num_splits(TUNED[128], 16, 8, 32, 132) == 3
+    assert num_splits(TUNED[128], 1, 8, 2, 132) == 3          # capped at blocks + tail
+    assert num_splits(TUNED[128], 4096, 8, 64, 132) == 1
+
+
+def test_planner_builds_the_fused_source_map():
+    """Host phases and the GPU decode buffers carry the tile row -> query row map the fused launch gathers with,
+    equal to the kernel's own plan, for 4-row tiles and GQA 1 / 3 / 4 / 8."""
+    from kakeya_kernels.kakeya_triton import gqa_plan
+    from kakeya_v1_3_ppl.plan import DecodeBuffers, TailState, plan_step, to_device
+    for gqa in (1, 3, 4, 8):
+        seq = np.array([700, 5, 1300])
+        (ph,) = plan_step(np.array([0, 1, 2, 3]), seq, np.array([2, 0, 1]), ["a", "b", "c"], None)
+        dev = to_device(ph, "cpu", gqa, 4)["plan"]
+        ref = gqa_plan(ph.q_pos, ph.q_req, 3, gqa, 4)
+        assert dev["src"].tolist() == ref["src"].tolist() and dev["nt"] == ref["nt"]
+        buf = DecodeBuffers(5, gqa, 4, "cpu")
+        d = buf.fill(3, torch.tensor(seq, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32),
+                     torch.tensor([2, 0, 1]))["plan"]
+        assert d["src"].tolist() == ref["src"].tolist() and d["dest"].tolist() == ref["dest"].tolist()
+    ph = plan_step(np.array([0, 3]), np.array([3]), np.array([0]), ["x"], TailState())[0]   # 3-token prefill
+    assert to_device(ph, "cpu", 2, 4)["plan"]["src"].tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
+
+
+@pytest.mark.parametrize("bits", [(4, 3), (3, 2), (5, 4)])
+def test_runtime_decode_steps_tuned_vs_baseline(bits):
+    """The backend's data path with the builder's launches (Launches.attach), over decode steps that seal a block, for each width a per-layer recipe may give a layer: the host-planned and the GPU-planned
+    (DecodeBuffers, CUDA-graph) decode paths with the tuned launch agree with the baseline launch within ACCEPT_REL
+    at every step, and seal the same bytes (seals do not depend on the attention launch)."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import DecodeBuffers, Launches, TailState, plan_step, to_device
+    from kakeya_v1_3_ppl.runtime import forward_compressed, forward_decode
+    d, hkv, gqa, steps = 64, 3, 3, 4
+    g = torch.Generator().manual_seed(sum(bits))
+    kk = KakeyaKernels(d, *bits, DEV)
+    L0 = [510, 37]
+    K = [(torch.randn(L + steps, hkv, d, generator=g) + torch.randn(d, generator=g) * 3).bfloat16() for L in L0]
+    V = [torch.randn(L + steps, hkv, d, generator=g).bfloat16() for L in L0]
+    bt = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=DEV)
+    slots = np.array([4, 1])
+    ids = ["a", "b"]
+    runs = {}
+    for name in ("tuned", "baseline"):
+        la = Launches(name, d, hkv, DEV)
+        cache = torch.zeros(4, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+        tk = torch.zeros(6, hkv, 512, d, dtype=torch.bfloat16, device=DEV)
+        tv = torch.zeros_like(tk)
+        state = TailState()
+        for r in range(2):   # the prompts' tokens as a prefill leaves them (its attention is tested elsewhere)
+            tk[slots[r], :, :L0[r]] = K[r][:L0[r]].transpose(0, 1).to(DEV)
+            tv[slots[r], :, :L0[r]] = V[r][:L0[r]].transpose(0, 1).to(DEV)
+            state.set(int(slots[r]), ids[r], 0, L0[r])
+        host = (cache, tk, tv)
+        gpu = (cache.clone(), tk.clone(), tv.clone())
+        buf = DecodeBuffers(8, gqa, la.decode["bm"], DEV)
+        outs = []
+        for s in range(steps):
+            seq = np.array([L0[0] + s + 1, L0[1] + s + 1])
+            qd = torch.randn(2, hkv * gqa, d, generator=torch.Generator().manual_seed(s)).bfloat16().to(DEV)
+            kd = torch.stack([K[0][L0[0] + s], K[1][L0[1] + s]]).to(DEV)
+            vd = torch.stack([V[0][L0[0] + s], V[1][L0[1] + s]]).to(DEV)
+            oa, ob = torch.zeros_like(qd), torch.zeros_like(qd)
+            ph = [la.attach(to_device(p, DEV, gqa, la.decode["bm"]), la.decode, 2)
+                  for p in plan_step(np.array([0, 1, 2]), seq, slots, ids, state)]
+            forward_compressed(kk, qd, kd, vd, *host, ph, bt, d ** -0.5, oa)
+            dd = la.attach(buf.fill(2, torch.tensor(seq, dtype=torch.int32, device=DEV), bt,
+                                    torch.tensor(slots, device=DEV)), la.decode, 2)
+            forward_decode(kk, qd, kd, vd, *gpu, dd, bt, d ** -0.5, ob)
+            assert torch.equal(oa, ob), f"{name} step {s}: host and GPU-planned decode differ"
+            outs.append(oa)
+        assert torch.equal(host[0], gpu[0]) and host[0][3].any()      # request a's block 0 sealed into page 3
+        runs[name] = (torch.stack(outs), host[0])
+    assert rel_err(runs["tuned"][0], runs["baseline"][0].double().cpu()) < ACCEPT_REL
+    assert torch.equal(runs["tuned"][1], runs["baseline"][1])
+    assert Launches("tuned", d, hkv, DEV).decode["lut"] == 2 and Launches("baseline", d, hkv, DEV).decode == BASELINE
+
+
+def test_decode_variant_knob():
+    from kakeya_kv.config import ConfigError, KakeyaConfig
+    from kakeya_v1_3_ppl.checks import known_env_names
+    assert KakeyaConfig.from_env({}).decode_variant == "tuned"
+    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": " Baseline "}).decode_variant == "baseline"
+    with pytest.raises(ConfigError, match=r"KAKEYA_DECODE_VARIANT='fast': must be one of tuned, baseline"):
+        KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "fast"})
+    assert "KAKEYA_DECODE_VARIANT" in known_env_names()
