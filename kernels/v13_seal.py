@@ -15,7 +15,6 @@ zeroed exactly as the reference does) and no d_res.
 """
 from __future__ import annotations
 
-import struct
 from functools import lru_cache
 
 import torch
@@ -191,5 +190,3 @@ def encode_blocks(x: torch.Tensor, lay: StreamLayout, seed: int = V13_SEED,
         put("outliers", ent)
     return out, dropped
 
-
-assert struct.calcsize(_HDR.format) == 48

@@ -127,7 +127,8 @@ class V13Kernels:
         self.scratch_bytes_max = scratch_mib << 20
         self.had = hadamard.sylvester(L).float().contiguous().to(device)
         self.sgn = (hadamard.signs(L, seed).float() / L).contiguous().to(device)
-        self.tables = {"k": lloyd_max.gaussian_table(k_bits).to(device), "v": lloyd_max.gaussian_table(v_bits).to(device)}
+        self.tables = {"k": lloyd_max.gaussian_table(k_bits).to(device),
+                       "v": lloyd_max.gaussian_table(v_bits).to(device)}
         from .kakeya_triton import KakeyaKernels
         self.exact = KakeyaKernels(head_dim, 4, 3, device)   # only its exact-page attention is used
         self.page_bytes_per_head = exact_layout(head_dim).slot_bytes
@@ -207,7 +208,8 @@ class V13Kernels:
         b_idx = np.arange(int(ns.sum())) - np.repeat(np.cumsum(ns) - ns, ns)   # block index within its request
         width = int(ns.max(initial=0)) + 1
         sbt = base[:, None] + np.minimum(np.arange(width)[None, :], ns[:, None])   # column ns[r] = tail page
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=torch.int32, non_blocking=True)  # noqa: E731
+        def to(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=torch.int32, non_blocking=True)
         scratch = self._scratch_pages(P, H, dev)
         if len(r_idx):
             src = block_table[to(r_idx).long(), to(b_idx).long()].to(torch.int32)
