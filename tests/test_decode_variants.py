@@ -30,7 +30,7 @@ def test_tuned_launch_stays_in_bounds(d, sms):
     block-table entries past n_sealed pointing at a guard page); the output sits between canary rows that a stray
     write would change. Ragged lengths, tails not multiples of tt, more splits than blocks (sms=132)."""
     lens, hkv, gqa = [1, 600, 1100], 2, 4
-    kk, sc, refs = build(lens, hkv, gqa, d, seed=d)
+    kk, sc, refs = build(lens, hkv, gqa, d, device=DEV, seed=d)
     v = TUNED[d]
     cache_buf, cache = _guarded(sc["cache"], 255)
     bt = sc["block_table"].clone()
