@@ -87,11 +87,11 @@ def test_triton_decode_matches_reference(d, kb, vb):
     assert int(slots[0, 1, 16:20].view(torch.int32)) > 0   # the outlier override path ran
 
 
-def build_v13(lens, hkv, d, g, tail_rows=512):
+def build_v13(lens, hkv, d, g, tail_rows=512, attn="fused"):
     """Requests of given lengths: sealed blocks in shuffled pages (v13 slots), tails exact; reference K/V decoded
     from the very bytes the seal wrote, by the CPU reference decoder."""
     from kakeya_kernels.v13_triton import V13Kernels
-    kk = V13Kernels(d, 3, 2, DEV)
+    kk = V13Kernels(d, 3, 2, DEV, attn=attn)
     nblk = [L // 512 for L in lens]
     maxb = max(max(nblk), 1)
     bt = torch.randperm(len(lens) * maxb, generator=g).view(len(lens), maxb).to(torch.int32)
@@ -121,12 +121,12 @@ def build_v13(lens, hkv, d, g, tail_rows=512):
     return kk, sc, refs, np.array(nblk)
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_v13_decode_attention_parity(d):
+@pytest.mark.parametrize("d,attn", [(64, "fused"), (128, "fused"), (64, "scratch"), (128, "scratch")])
+def test_v13_decode_attention_parity(d, attn):
     """One query per request at its last position: 1 sealed block + 37 tail rows, none sealed, 2 sealed + 300."""
     g = torch.Generator().manual_seed(d + 1)
     lens, hkv, gqa = [549, 100, 1324], 2, 3
-    kk, sc, refs, ns = build_v13(lens, hkv, d, g)
+    kk, sc, refs, ns = build_v13(lens, hkv, d, g, attn=attn)
     q = torch.randn(len(lens), hkv * gqa, d, generator=g).bfloat16().to(DEV)
     pos = torch.tensor([L - 1 for L in lens], dtype=torch.int32, device=DEV)
     out = kk.attention(q, pos, torch.arange(len(lens), dtype=torch.int32, device=DEV), sc["cache"], sc["block_table"],
@@ -136,12 +136,13 @@ def test_v13_decode_attention_parity(d):
         assert rel_err(out[r].float(), ref_attention(q[r], L - 1, refs[r], gqa)) < 1e-2
 
 
-def test_v13_chunked_prefill_parity():
-    """A chunk of queries (causal inside the tail) after sealed blocks, and the read-back n_sealed path."""
+@pytest.mark.parametrize("attn", ["fused", "scratch"])
+def test_v13_chunked_prefill_parity(attn):
+    """A chunk of queries (causal inside the tail) after sealed blocks (scratch: the read-back n_sealed path)."""
     d, hkv, gqa = 64, 1, 3
     g = torch.Generator().manual_seed(5)
     lens = [1024 + 77]
-    kk, sc, refs, _ = build_v13(lens, hkv, d, g)
+    kk, sc, refs, _ = build_v13(lens, hkv, d, g, attn=attn)
     pos = torch.arange(1024, 1024 + 77, 19, dtype=torch.int32)
     q = torch.randn(len(pos), hkv * gqa, d, generator=g).bfloat16().to(DEV)
     out = kk.attention(q, pos.to(DEV), torch.zeros(len(pos), dtype=torch.int32, device=DEV), sc["cache"],
@@ -155,7 +156,7 @@ def test_scratch_is_bounded_and_reused():
     """The scratch holds the blocks one call attends (not the cache), is reused, and refuses past its cap."""
     from kakeya_kernels.v13_triton import V13Kernels
     g = torch.Generator().manual_seed(9)
-    kk, sc, _, ns = build_v13([600, 40], 1, 64, g)
+    kk, sc, _, ns = build_v13([600, 40], 1, 64, g, attn="scratch")
     q = torch.randn(2, 3, 64, generator=g).bfloat16().to(DEV)
     args = (q, sc["seq_lens"].sub(1), torch.arange(2, dtype=torch.int32, device=DEV), sc["cache"], sc["block_table"],
             sc["n_sealed"], sc["seq_lens"], sc["tail_k"], sc["tail_v"], sc["tail_slot"], 0.125)
@@ -164,7 +165,7 @@ def test_scratch_is_bounded_and_reused():
     assert first.shape[0] < 2 * (int(ns.sum()) + 2)    # 1 sealed + 2 tail pages (+ growth headroom)
     kk.attention(*args, n_sealed_host=ns, splits=1)
     assert kk._scratch is first
-    small = V13Kernels(64, 3, 2, DEV, scratch_mib=0)
+    small = V13Kernels(64, 3, 2, DEV, scratch_mib=0, attn="scratch")
     with pytest.raises(RuntimeError, match="KAKEYA_V13_SCRATCH_MIB"):
         small.attention(*args, n_sealed_host=ns, splits=1)
 
