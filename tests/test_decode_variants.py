@@ -8,6 +8,7 @@ import torch
 from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, TUNED, decode_variant, kernel_args,
                                      num_splits)
 from tests.kernel_cases import build, ref_attention, rel_err
+from tests.test_vllm_perlayer import glue  # noqa: F401 - vLLM stand-ins fixture
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -175,3 +176,52 @@ def test_decode_variant_knob():
     with pytest.raises(ConfigError, match=r"KAKEYA_DECODE_VARIANT='fast': must be one of tuned, baseline"):
         KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "fast"})
     assert "KAKEYA_DECODE_VARIANT" in known_env_names()
+
+
+def _builder(backend, spec_mod, monkeypatch, **env):
+    from types import SimpleNamespace
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(backend, "_LOGGED", True)      # skip the start-up log (needs more of vLLM's config)
+    vcfg = SimpleNamespace(
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: 9, max_model_len=2048),
+        parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=4),
+        cache_config=SimpleNamespace(num_gpu_blocks=None, block_size=512))
+    spec = spec_mod.layer_spec((3, 2), 512, 3, 64, 64)
+    return backend.KakeyaMetadataBuilder(spec, ["model.layers.1.self_attn.attn"], vcfg, torch.device("cpu"))
+
+
+def _cam(qsl, seq):
+    from types import SimpleNamespace
+    qsl, seq = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+    return SimpleNamespace(num_reqs=len(seq), num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qsl,
+                           seq_lens=seq, seq_lens_cpu_upper_bound=None, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+                           block_table_tensor=torch.zeros(len(seq), 4, dtype=torch.int32),
+                           slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["tuned", "baseline"])
+def test_metadata_builder_attaches_the_decode_launch(glue, monkeypatch, name):  # noqa: F811 - pytest fixture
+    """Under vLLM stand-ins (SmolLM2 geometry: 9 query / 3 KV heads, D 64): prefill steps carry the baseline launch,
+    pure-decode steps KAKEYA_DECODE_VARIANT's (host-planned and GPU-planned alike), with the tiles it needs."""
+    from kakeya_v1_3_ppl import context
+    backend, spec_mod = glue
+    b = _builder(backend, spec_mod, monkeypatch, KAKEYA_DECODE_VARIANT=name)
+    v = decode_variant(name, 64)
+    context.set_current(["a", "b"], [2, 0], False)
+    pre = b.build(0, _cam([0, 5, 8], [5, 3]))
+    assert pre.phases[0]["launch"] == dict(kernel_args(BASELINE), splits=FIXED_SPLITS)
+    assert pre.phases[0]["plan"]["bm"] == 16
+    dec = b.build(0, _cam([0, 1, 2], [6, 4]))
+    (ph,) = dec.phases
+    splits = num_splits(v, ph["plan"]["nt"], 3, 4, sms=4)    # CPU builder: 4 "SMs"
+    assert ph["launch"] == dict(kernel_args(v), splits=splits) and ph["plan"]["bm"] == v["bm"]
+    assert ph["plan"]["nt"] == 2 and "src" in ph["plan"]                # one tile per request either way
+    monkeypatch.setenv("KAKEYA_CUDA_GRAPHS", "1")
+    g = _builder(backend, spec_mod, monkeypatch)
+    context.set_current(["a", "b"], [2, 0], False, req_idx_gpu=torch.tensor([2, 0]))
+    assert g.build(0, _cam([0, 5, 8], [5, 3])).decode is None          # prefill: host-planned
+    gd = g.build(0, _cam([0, 1, 2], [6, 4])).decode
+    cap = g.build_for_cudagraph_capture(_cam([0, 1, 2], [1, 1])).decode
+    for d in (gd, cap):
+        assert d["launch"] == ph["launch"] and d["plan"]["bm"] == v["bm"] and d["plan"]["src"].numel() == d["plan"]["nt"] * v["bm"]
