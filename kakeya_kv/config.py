@@ -89,6 +89,14 @@ def _v13_scratch_mib(env, fmt: str) -> int:
     return v
 
 
+def _v13_attention(env, fmt: str) -> str:
+    """KAKEYA_V13_ATTENTION: fused (default) or scratch (the decode-then-attend fallback)."""
+    raw = env.get("KAKEYA_V13_ATTENTION")
+    if raw is not None and raw.strip() and fmt != "v13":
+        raise ConfigError(f"KAKEYA_V13_ATTENTION={raw!r} only applies to KAKEYA_FORMAT=v13 (format is {fmt}); unset it")
+    return _choice_env(env, "KAKEYA_V13_ATTENTION", "fused", ("fused", "scratch"))
+
+
 def parse_layer_bits(raw: str | None, fmt: str = "kakeya", num_layers: int | None = None,
                      name: str = "KAKEYA_LAYER_BITS") -> tuple[tuple[int, int, int], ...]:
     """Parse "17:4/3,18:4/3,20-24:5/4" -> ((17, 4, 3), (18, 4, 3), (20, 5, 4), ...), sorted by layer.
@@ -152,6 +160,7 @@ class KakeyaConfig:
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
     v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
+    v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
     extra: dict = field(default_factory=dict)
 
@@ -184,6 +193,7 @@ class KakeyaConfig:
             calibration=env.get("KAKEYA_CALIBRATION") or None,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
             v13_scratch_mib=_v13_scratch_mib(env, fmt),
+            v13_attention=_v13_attention(env, fmt),
             decode_variant=_choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS),
         )
 

@@ -1,16 +1,17 @@
 """The seed ``v13`` format in the vLLM data path (layout from kakeya_kv.format.v13_layout).
 
 * ``seal``: full 512-token blocks (many (layer-)blocks x KV heads per call) -> v13 slot bytes, with the
-  batched tensor encoder of :mod:`.v13_seal` (PCA / K-means are batched torch ops, no host sync).
-* ``decode``: a Triton kernel that turns v13 slots into bf16 rows (codes -> Lloyd-Max z, outlier overrides,
-  ``* ||r||``, sign-flipped inverse WHT, ``t * centre[seg] +``, ``@ basis + mean``, ``* block_scale``).
-* ``attention``: **first version, not fused**: the blocks the call attends are decoded into a bf16 scratch of
-  exact pages (one page per attended sealed block plus one for each request's bf16 tail), then the existing
-  exact-page attention kernel (``KakeyaKernels.attention_exact``) runs over the scratch. The scratch is one
-  buffer per kernel object, shared by all layers of that geometry and reused every call; its size is the number
-  of blocks one phase attends (sum of sealed blocks + one tail page per request), never the whole cache, and it
-  is capped by KAKEYA_V13_SCRATCH_MIB. A fused kernel (query rotated into each block's PCA basis:
-  q.k = q.mean + t (qB).centre + ||r||/L (H s (qB)).z) is the next step.
+  batched tensor encoder of :mod:`.v13_seal` (PCA / K-means are batched torch ops, no Python loop over blocks).
+* ``attention`` (default, ``attn="fused"``): one Triton kernel reads the v13 slots directly. Per sealed block
+  the query is taken into the block's PCA basis once (qB = q basis^T), so a token's score is
+  scale (q.mean + t (qB.centre_seg) + ||r|| ((qB s) H / L).z) — an L-wide dot with its Lloyd-Max values
+  (outliers overriding) plus a centre lookup; V is accumulated in the same coefficient domain and mapped back to
+  D dims once per block; then the exact bf16 tail. Same call shape and split merge as KakeyaKernels.attention.
+* ``attn="scratch"`` (KAKEYA_V13_ATTENTION=scratch, the first version kept as a fallback): the blocks a phase
+  attends are decoded into a bf16 scratch of exact pages (one per attended sealed block plus one per request's
+  tail; one buffer per kernel object, reused every call, capped by KAKEYA_V13_SCRATCH_MIB), then the existing
+  exact-page attention kernel runs over it.
+* ``decode``: v13 slots -> bf16 rows (tools, tests, the scratch path).
 """
 from __future__ import annotations
 

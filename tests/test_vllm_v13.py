@@ -28,12 +28,18 @@ def test_v13_pages_follow_the_v13_layout_and_the_harness_ratio():
     assert shape == (7, H, v13_layout(128).slot_bytes) and 7 * page_bytes((3, 2), 512, H, 128, "v13") == np.prod(shape)
 
 
-def test_v13_scratch_knob_validated():
+def test_v13_knobs_validated():
     assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "64"}).v13_scratch_mib == 64
     from kakeya_kv.config import ConfigError
     for env, msg in (({"KAKEYA_V13_SCRATCH_MIB": "64"}, "only applies to KAKEYA_FORMAT=v13"),
                      ({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "lots"}, "not an integer"),
                      ({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "0"}, "1..1048576")):
+        with pytest.raises(ConfigError, match=msg):
+            KakeyaConfig.from_env(env)
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13"}).v13_attention == "fused"
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_ATTENTION": "scratch"}).v13_attention == "scratch"
+    for env, msg in (({"KAKEYA_V13_ATTENTION": "fused"}, "only applies to KAKEYA_FORMAT=v13"),
+                     ({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_ATTENTION": "fast"}, "must be one of fused, scratch")):
         with pytest.raises(ConfigError, match=msg):
             KakeyaConfig.from_env(env)
 
@@ -55,7 +61,8 @@ def test_v13_backend_classes_and_spec(glue, monkeypatch):  # noqa: F811
         B.backend_for_bits(5, 4)
 
 
-def test_v13_runtime_prefill_then_decode():
+@pytest.mark.parametrize("attn", ["fused", "scratch"])
+def test_v13_runtime_prefill_then_decode(attn):
     """Planner -> tail -> v13 attention -> v13 seal over a chunked prefill crossing a block boundary and decode
     steps; outputs checked against float64 attention over the CPU reference decode of the pages actually sealed."""
     from kakeya_kernels.v13_triton import V13Kernels
@@ -64,7 +71,7 @@ def test_v13_runtime_prefill_then_decode():
     torch.set_num_threads(1)
     d, hkv, gqa, T = 64, 1, 3, 530
     g = torch.Generator().manual_seed(11)
-    kk = V13Kernels(d, 3, 2, "cpu")
+    kk = V13Kernels(d, 3, 2, "cpu", attn=attn)
     K = (torch.randn(T, hkv, d, generator=g) + torch.randn(d, generator=g) * 2).bfloat16()
     V = torch.randn(T, hkv, d, generator=g).bfloat16()
     Q = torch.randn(T, hkv * gqa, d, generator=g).bfloat16()

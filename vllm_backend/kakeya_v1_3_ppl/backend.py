@@ -48,12 +48,13 @@ def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
     return _KERNELS[key]
 
 
-def v13_kernels(head_dim: int, k_bits: int, v_bits: int, device, scratch_mib: int):
-    """KAKEYA_FORMAT=v13: one kernel set (and one decode scratch) per geometry, shared by its layers."""
+def v13_kernels(head_dim: int, k_bits: int, v_bits: int, device, scratch_mib: int, attn: str):
+    """KAKEYA_FORMAT=v13: one kernel set (and, for attn="scratch", one decode scratch) per geometry, shared by its
+    layers."""
     from kakeya_kernels.v13_triton import V13Kernels
-    key = ("v13", head_dim, k_bits, v_bits, str(device))
+    key = ("v13", head_dim, k_bits, v_bits, str(device), attn)
     if key not in _KERNELS:
-        _KERNELS[key] = V13Kernels(head_dim, k_bits, v_bits, device, scratch_mib=scratch_mib)
+        _KERNELS[key] = V13Kernels(head_dim, k_bits, v_bits, device, scratch_mib=scratch_mib, attn=attn)
     return _KERNELS[key]
 
 
@@ -212,7 +213,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
                 v = self.launches.decode if cam.max_query_len == 1 else self.launches.base
                 meta.phases = [self.launches.attach(to_device(ph, self.device, self.gqa, v["bm"]), v, max_blocks)
                                for ph in phases]
-            for d, ph in zip(meta.phases, phases):   # v13 sizes its decode scratch from these without a sync
+            for d, ph in zip(meta.phases, phases):   # v13's scratch path sizes its scratch from these (no sync)
                 d["plan"]["n_sealed_host"] = ph.n_sealed
         elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
@@ -310,8 +311,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.v13_scratch_mib) if self.cfg.format == "v13"
-                   else kernels(self.head_size, *self.bits, dev, self.cal))
+        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.v13_scratch_mib, self.cfg.v13_attention)
+                   if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal))
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)
 

@@ -110,11 +110,12 @@ def settings(num_layers: int | None = None, env=None) -> KakeyaConfig:
 
 
 def check_v13(cfg: KakeyaConfig) -> None:
-    """v13 serves through host-planned phases only (its attention sizes a decode scratch from the plan) and has no
-    calibration bundle format."""
+    """v13 serves through host-planned phases only (no in-graph seal: its encoder runs batched torch linear
+    algebra) and has no calibration bundle format."""
     if cfg.cuda_graphs:
-        raise ConfigError("KAKEYA_CUDA_GRAPHS=1 is not available with KAKEYA_FORMAT=v13 (its attention decodes into a "
-                          "scratch sized on the host each step); unset KAKEYA_CUDA_GRAPHS")
+        raise ConfigError("KAKEYA_CUDA_GRAPHS=1 is not available with KAKEYA_FORMAT=v13 (no GPU-planned decode step: "
+                          "its seal is batched torch linear algebra, not a graph-capturable kernel); unset "
+                          "KAKEYA_CUDA_GRAPHS")
     if cfg.calibration:
         raise ConfigError(f"KAKEYA_CALIBRATION={cfg.calibration!r}: calibration bundles are for the default format; "
                           "KAKEYA_FORMAT=v13 uses the seed Lloyd-Max tables, unset one of them")
