@@ -204,7 +204,10 @@ def _cam(qsl, seq):
 def test_metadata_builder_attaches_the_decode_launch(glue, monkeypatch, name):  # noqa: F811 - pytest fixture
     """Under vLLM stand-ins (SmolLM2 geometry: 9 query / 3 KV heads, D 64): prefill steps carry the baseline launch,
     pure-decode steps KAKEYA_DECODE_VARIANT's (host-planned and GPU-planned alike), with the tiles it needs."""
+    import threading
+
     from kakeya_v1_3_ppl import context
+    monkeypatch.setattr(context, "_local", threading.local())   # the batch identity set here ends with the test
     backend, spec_mod = glue
     b = _builder(backend, spec_mod, monkeypatch, KAKEYA_DECODE_VARIANT=name)
     v = decode_variant(name, 64)
