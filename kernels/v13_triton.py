@@ -258,6 +258,12 @@ def _v13_attn_kernel(q_ptr, q_row, q_head, qpos_ptr, req_ptr, cache_ptr, c_page,
     tl.store(lse_ptr + r * l_row + kvh * l_head + split, lse, mask=row_ok)
 
 
+def attn_warps(head_dim: int) -> int:
+    """Warps of the fused attention: at D=128, 4 warps spill ~600 B/thread at 255 registers (sm_90 compile,
+    benchmarks/kernels/v13_compile_check.py), 8 warps spill less at the same 8 warps per SM."""
+    return 4 if head_dim <= 64 else 8
+
+
 def _check_aligned(lay) -> None:
     """The decode kernel reads fp16/fp32/int32 fields in place: every field must sit on a 4-byte boundary."""
     for st, off in ((lay.k, 0), (lay.v, lay.k.size)):
@@ -383,7 +389,7 @@ class V13Kernels:
             KRB=kl["residual"].shape[1], KCAP=kcap, K_CNT=kl["outlier_count"].offset if kcap else 0,
             K_OUT=kl["outliers"].offset if kcap else 0, VBITS=vbits, VRB=vl["residual"].shape[1], VCAP=vcap,
             V_CNT=vl["outlier_count"].offset if vcap else 0, V_OUT=vl["outliers"].offset if vcap else 0,
-            BM=bm, TT=self.tt, E=8, SPLITS=splits, PRECISE=bool(precise), num_warps=4)
+            BM=bm, TT=self.tt, E=8, SPLITS=splits, PRECISE=bool(precise), num_warps=attn_warps(D))
         # Merge the splits' partial softmaxes (lse in log2 units), as KakeyaKernels does.
         w = torch.nan_to_num(torch.softmax(lse * math.log(2.0), -1))
         o = (part * w[..., None]).sum(2)[dest]

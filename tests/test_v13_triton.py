@@ -179,6 +179,24 @@ def test_seal_refuses_calibration_weights():
                 k_weight=torch.ones(1, 64, device=DEV))
 
 
+def test_v13_kernels_compile_for_sm90():
+    """benchmarks/kernels/v13_compile_check.py --quick: the fused attention (D=128, 16-row tiles; D=64, 4-row
+    tiles) and the decode kernel compile for sm_90 within the shared-memory limit, without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("Triton without its CUDA binaries")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "v13_compile_check.py", "--quick"], cwd=root / "benchmarks" / "kernels",
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "3/3 compile" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_seal_close(d):
