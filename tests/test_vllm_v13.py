@@ -84,9 +84,12 @@ def test_v13_runtime_prefill_then_decode(attn):
     for a, b in steps:
         qsl, seq = np.array([0, b - a]), np.array([b])
         phases = plan_step(qsl, seq, np.array([1]), ["r"], state)
-        dev = [to_device(ph, "cpu", gqa, 16) for ph in phases]
+        decode = b - a == 1   # decode steps as the backend launches them: 4-row tiles + the default format's knobs
+        dev = [to_device(ph, "cpu", gqa, 4 if decode else 16) for ph in phases]
         for dd, ph in zip(dev, phases):
             dd["plan"]["n_sealed_host"] = ph.n_sealed
+            if decode:
+                dd["launch"] = dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, splits=3)
         out = torch.zeros(b - a, hkv * gqa, d, dtype=torch.bfloat16)
         forward_compressed(kk, Q[a:b], K[a:b], V[a:b], cache, tail_k, tail_v, dev, bt, d ** -0.5, out, precise=True)
         for i in range(a, b, 37):
