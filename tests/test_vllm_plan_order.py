@@ -49,3 +49,12 @@ def test_own_tail_and_earlier_hits_are_not_delayed():
     phases = plan_step(*_step([("a", 0, 256, 100), ("b", 1, 512, 40)]), state)
     assert len(phases) == 1 and sorted(phases[0].rows.tolist()) == [0, 1]
     _reads_after_seals(phases, {0: [7], 1: [9, 10]}, sealed_before={9})
+
+
+def test_fully_cached_prompt_recomputing_its_last_token_waits_for_a_same_step_seal():
+    # r1: fresh 512-token prompt (fills and seals page 0); r2: the same prompt, fully cached, recomputes only
+    # token 511 - a read-only phase over page 0, which must come after r1's seal (found by the GPU-planned path's
+    # test: the planner put both in one phase and r2 read an unsealed page).
+    phases = plan_step(*_step([("r1", 0, 0, 512), ("r2", 1, 511, 1)]), TailState())
+    _reads_after_seals(phases, {0: [0], 1: [0]})
+    assert len(phases) == 2 and list(phases[1].rows) == [1] and len(phases[1].write_tok) == 0

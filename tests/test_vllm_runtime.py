@@ -165,3 +165,59 @@ def test_gpu_planned_decode_on_exact_pages_equals_the_general_path():
         d = buf.fill(2, sl, bt, torch.tensor([0, 1], device=DEV))
         forward_exact(kk, q, k, v, cache, d, bt, sl, sm, 2, D ** -0.5, ob, precise=True)
         assert torch.equal(oa, ob) and torch.equal(ca, cache)
+
+
+def test_gpu_planned_decode_prefix_hit_on_a_block_sealed_now_or_before():
+    """A new request whose whole prompt is prefix-cached arrives in a pure-decode step (vLLM recomputes its last
+    token: one query at offset 511 of a full block). The GPU-planned path (KAKEYA_CUDA_GRAPHS) must neither write
+    nor seal for it, and must read that block: sealed when it was sealed before (then it equals the CPU-planned
+    phases exactly), or, when another request seals that very page in this step (identical prompts arriving
+    together), exactly from that request's tail (then its output equals the sealer's own for the same query)."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import DecodeBuffers, read_only_rows
+    from kakeya_v1_3_ppl.runtime import forward_decode
+    g = torch.Generator().manual_seed(6)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    L = N + 2
+    K = (torch.randn(L, HKV, D, generator=g) + torch.randn(D, generator=g) * 3).bfloat16()
+    V = torch.randn(L, HKV, D, generator=g).bfloat16()
+    cache = torch.zeros(6, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+    tail_k = torch.zeros(9, HKV, N, D,   # 8 request rows + DecodeBuffers' scratch row
+                         dtype=torch.bfloat16, device=DEV)
+    tail_v = torch.zeros_like(tail_k)
+    state = TailState()
+    q0 = torch.randn(N - 1, HKV * GQA, D, generator=g).bfloat16().to(DEV)      # request a: 511-token prefill
+    (ph,) = plan_step(np.array([0, N - 1]), np.array([N - 1]), np.array([5]), ["a"], state)
+    forward_compressed(kk, q0, K[:N - 1].to(DEV), V[:N - 1].to(DEV), cache, tail_k, tail_v,
+                       [to_device(ph, DEV, GQA, 16)], torch.tensor([[3, 1]], dtype=torch.int32, device=DEV),
+                       D ** -0.5, torch.zeros_like(q0), precise=True)
+    buf = DecodeBuffers(8, GQA, 16, DEV)
+
+    def step(rows, ids, seq, bt, toks, qd):
+        """One pure-decode step both ways from the same starting bytes; returns (host out, gpu out, host, gpu)."""
+        bt = torch.tensor(bt, dtype=torch.int32, device=DEV)
+        kd, vd = K[toks].to(DEV), V[toks].to(DEV)
+        phases = plan_step(np.arange(len(rows) + 1), np.array(seq), np.array(rows), ids, state)
+        host, gpu = (cache.clone(), tail_k.clone(), tail_v.clone()), (cache.clone(), tail_k.clone(), tail_v.clone())
+        oa, ob = torch.zeros_like(qd), torch.zeros_like(qd)
+        forward_compressed(kk, qd, kd, vd, *host, [to_device(p, DEV, GQA, 16) for p in phases], bt, D ** -0.5, oa,
+                           precise=True)
+        d = buf.fill(len(rows), torch.tensor(seq, dtype=torch.int32, device=DEV), bt,
+                     torch.tensor(rows, device=DEV), read_only_rows(phases, len(rows)))
+        forward_decode(kk, qd, kd, vd, *gpu, d, bt, D ** -0.5, ob, precise=True)
+        return oa, ob, host, gpu
+
+    # Step 1: a decodes token 511 and seals block 0 into page 3; c (same prompt, page 3 from the prefix cache)
+    # recomputes token 511 in the same step with the same query.
+    qd = torch.randn(1, HKV * GQA, D, generator=g).bfloat16().to(DEV).expand(2, -1, -1).contiguous()
+    oa, ob, host, gpu = step([5, 1], ["a", "c"], [N, N], [[3, 1], [3, 2]], [N - 1, N - 1], qd)
+    assert torch.equal(oa[0], ob[0]) and torch.equal(host[0], gpu[0]) and host[0][3].any()
+    assert torch.equal(ob[1], ob[0])                       # c read block 0 exactly, from a's tail
+    assert torch.equal(gpu[1][1], tail_k[1])               # c wrote nothing into its own slot
+    assert (oa[1].float() - ob[1].float()).abs().max() < 0.25 * ob[1].float().abs().max()  # host: sealed block
+    cache.copy_(host[0]); tail_k.copy_(host[1]); tail_v.copy_(host[2])
+    # Step 2: a decodes on into block 1; d (same prompt again) hits page 3, sealed a step ago.
+    qd = torch.randn(2, HKV * GQA, D, generator=g).bfloat16().to(DEV)
+    oa, ob, host, gpu = step([5, 2], ["a", "d"], [N + 1, N], [[3, 1], [3, 4]], [N, N - 1], qd)
+    assert torch.equal(oa, ob) and torch.equal(host[0], gpu[0])
+    assert torch.equal(host[1][5], gpu[1][5]) and torch.equal(gpu[1][2], tail_k[2])

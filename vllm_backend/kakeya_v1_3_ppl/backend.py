@@ -30,7 +30,7 @@ from kakeya_kv.format import ALLOWED_BITS, BLOCK_TOKENS, SUPPORTED_HEAD_DIMS
 from . import context
 from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
 from .pages import describe, kv_cache_shape
-from .plan import DecodeBuffers, Launches, TailState, plan_step, to_device
+from .plan import DecodeBuffers, Launches, TailState, plan_step, read_only_rows, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
 
 logger = logging.getLogger("kakeya_kv.vllm")
@@ -219,11 +219,12 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)
         if decode:
-            meta.decode = self._fill_decode(B, cam, ident.req_idx_gpu)
+            meta.decode = self._fill_decode(B, cam, ident.req_idx_gpu,
+                                            read_only_rows(phases, B) if self.compressed else None)
         return meta
 
-    def _fill_decode(self, B: int, cam: CommonAttentionMetadata, req_rows) -> dict:
-        d = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor, req_rows)
+    def _fill_decode(self, B: int, cam: CommonAttentionMetadata, req_rows, read_only=None) -> dict:
+        d = self.dec.fill(B, cam.seq_lens, cam.block_table_tensor, req_rows, read_only)
         # The split count depends on the batch size and the block table's width only: fixed per captured graph.
         return self.launches.attach(d, self.launches.decode, int(cam.block_table_tensor.shape[1])) \
             if self.compressed else d

@@ -90,7 +90,7 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                     f"does not hold the block's first {off} tokens and the block is not complete; refusing to "
                     "attend to missing KV")
             read_only_first[r] = True
-    shift = _hit_shifts(hit, q_len, b0, seq_lens[:B].astype(np.int64) // N - 1)
+    shift = _hit_shifts(hit, q_len, b0, seq_lens[:B].astype(np.int64) // N - 1, read_only_first)
     n_phases = int((b1 - b0 + 1 + shift).max(initial=0))
     phases = []
     for j in range(n_phases):
@@ -131,17 +131,31 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
     return phases
 
 
-def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: np.ndarray) -> np.ndarray:
+def read_only_rows(phases: list[Phase], B: int) -> np.ndarray:
+    """[B] bool: batch rows with query tokens of which none is written into a tail (a prefix-cache hit whose
+    recomputed last token reads its already-sealed block)."""
+    has_q, writes = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool)
+    for ph in phases:
+        has_q[ph.rows[np.unique(ph.q_req)]] = True
+        written = np.isin(ph.tok, ph.write_tok)
+        writes[ph.rows[np.unique(ph.q_req[written])]] = True
+    return has_q & ~writes
+
+
+def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: np.ndarray,
+                read_only_first: np.ndarray | None = None) -> np.ndarray:
     """Phase offset per request. vLLM puts a block into the prefix cache when it schedules the step that fills it,
     so a request admitted later in the same step can hit a block that another request seals in this very step
     (two identical prompts arriving together). Such a request starts after the last phase that seals any of its
     hit blocks' indices (< its first block); taken in ascending block order, so chained hits wait in turn. No
     physical page ids here (a host copy of the block table would cost a sync): any same-index seal counts.
-    Requests continuing their own tail keep offset 0, so ordinary steps gain no phases."""
+    Requests continuing their own tail keep offset 0, so ordinary steps gain no phases. A read-only first phase
+    (the whole prompt cached, its last token recomputed) reads its own first block sealed: that block counts too."""
     shift = np.zeros(len(hit), dtype=np.int64)
     live = q_len > 0
+    ro = np.zeros(len(hit), dtype=bool) if read_only_first is None else read_only_first
     for r in sorted(np.nonzero(hit)[0], key=lambda r: b0[r]):
-        last = np.minimum(last_full, b0[r] - 1)           # each other request's last sealed block below r's start
+        last = np.minimum(last_full, b0[r] - 1 + int(ro[r]))    # each other request's last sealed hit block
         seals = live & (last >= b0) & (np.arange(len(hit)) != r)
         if seals.any():
             shift[r] = int((shift + last - b0)[seals].max()) + 1
@@ -188,7 +202,13 @@ class DecodeBuffers:
         self.src = torch.full_like(self.qpos, -1)
         self.src[self.dest] = torch.arange(max_reqs * gqa, dtype=torch.int32, device=device)
 
-    def fill(self, B: int, seq_lens: torch.Tensor, block_table: torch.Tensor, req_rows: torch.Tensor) -> dict:
+    def fill(self, B: int, seq_lens: torch.Tensor, block_table: torch.Tensor, req_rows: torch.Tensor,
+             read_only: np.ndarray | None = None) -> dict:
+        """``read_only`` (host, [B] bool, from read_only_rows of the step's CPU plan): rows whose token is the last
+        one of a full block that came from the prefix cache (vLLM recomputes it). Such a row writes nothing and
+        seals nothing; it reads the block sealed, or, when another row of this very step seals that same page
+        (two identical prompts arriving together), exactly from that row's tail, which holds all 512 tokens once
+        this step's token is written (forward_decode writes before it attends)."""
         if B > self.n:
             raise ValueError(f"decode batch of {B} requests exceeds max_num_seqs={self.n}")
         valid = seq_lens[:B] > 0
@@ -198,14 +218,26 @@ class DecodeBuffers:
         rows = torch.full((B,), self.scratch, dtype=torch.int64, device=seq_lens.device)
         rows[:n_real] = req_rows[:n_real].long()
         rows = torch.where(valid, rows, torch.full_like(rows, self.scratch))
+        page = block_table[:B].gather(1, ns[:, None]).squeeze(1)
+        seal = ((pos % N) == N - 1) & valid
+        n_sealed, tail_rows, write_rows = ns, rows, rows
+        if read_only is not None and bool(np.any(read_only[:B])):
+            ro = torch.from_numpy(np.ascontiguousarray(read_only[:B], dtype=bool)).to(seq_lens.device)
+            seal = seal & ~ro
+            same = (page[None, :] == page[:, None]) & seal[None, :] & ro[:, None]     # [reader, sealer]
+            from_tail = same.any(1)
+            scratch = torch.full_like(rows, self.scratch)
+            n_sealed = torch.where(ro & ~from_tail, ns + 1, ns)
+            tail_rows = torch.where(from_tail, rows[same.int().argmax(1)], torch.where(ro, scratch, rows))
+            write_rows = torch.where(ro, scratch, rows)
         self.q_pos[:B].copy_(pos)
-        self.n_sealed[:B].copy_(ns)
+        self.n_sealed[:B].copy_(n_sealed)
         self.seq_end[:B].copy_(seq_lens[:B])
-        self.tail_slot[:B].copy_(rows)
-        self.slot64[:B].copy_(rows)
+        self.tail_slot[:B].copy_(tail_rows)
+        self.slot64[:B].copy_(write_rows)
         self.off64[:B].copy_(pos % N)
-        self.seal_flag[:B].copy_(((pos % N) == N - 1) & valid)
-        self.seal_page[:B].copy_(block_table[:B].gather(1, ns[:, None]).squeeze(1))
+        self.seal_flag[:B].copy_(seal)
+        self.seal_page[:B].copy_(page)
         rows_per_req = self.tpr * self.bm
         self.qpos[:B * rows_per_req].fill_(-1)
         qp = torch.where(valid, pos, torch.full_like(pos, -1)).to(torch.int32)
