@@ -11,9 +11,11 @@
 
 Attention variants (``KakeyaKernels(..., lut, fused, tt, num_warps, maxnreg)`` or per call; defaults = the path
 measured in sessions 2-3): ``lut=2`` looks centroids up two codes at a time in a pair table (a 4-bit byte is its
-own index: no unpack); ``fused`` gathers query rows in the kernel and merges splits in one combine kernel that
-writes the caller's output; ``bm`` (the plan's rows per tile) may be the GQA group (Triton pads M < 16 inside the
-MMA); ``maxnreg`` caps registers for occupancy. benchmarks/kernels/sass_count.py counts their loop instructions.
+own index: no unpack); ``lut=3`` / ``lut=4`` take codes of <= 3 / <= 4 bits from the table held in registers as
+byte planes, 8 codes per few ``prmt`` byte permutes (no memory access; wider codes keep the pair table); ``fused``
+gathers query rows in the kernel and merges splits in one combine kernel that writes the caller's output; ``bm``
+(the plan's rows per tile) may be the GQA group (Triton pads M < 16 inside the MMA); ``maxnreg`` caps registers
+for occupancy. benchmarks/kernels/sass_count.py counts their loop instructions.
 
 Bit packing is LSB-first (kakeya_kv.bitpack): indices are handled in groups of
 G = lcm(8, b) / b that fill exactly NB = G * b / 8 bytes.
@@ -224,6 +226,181 @@ def _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES: tl.constexpr, D: tl
 
 
 @triton.jit
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """PTX prmt.b32 (byte permute, default mode) on int32 tensors: output byte k = byte (nibble k of sel) & 7 of
+    the 8 bytes b:a, or that byte's sign bit replicated when the nibble's bit 3 is set. One SASS instruction on the
+    GPU; the interpreter (no inline PTX) runs the same semantics in integer ops, so the callers' bit tricks are
+    tested on the CPU."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        r = tl.zeros_like(sel)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 15
+            sh = 8 * (nib & 3)
+            byte = tl.where((nib & 4) == 0, a >> sh, b >> sh) & 255
+            byte = tl.where(nib >= 8, tl.where(byte >= 128, 255, 0), byte)
+            r = r | (byte << (8 * k))
+        return r
+
+
+_PRMT8_ASM = tl.constexpr("""{
+.reg .b32 xb, lo0, hi0, lo1, hi1;
+shr.b32 xb, $4, 16;
+prmt.b32 lo0, $5, $6, $4;
+prmt.b32 hi0, $7, $8, $4;
+prmt.b32 lo1, $5, $6, xb;
+prmt.b32 hi1, $7, $8, xb;
+prmt.b32 $0, lo0, hi0, 0x5140;
+prmt.b32 $1, lo0, hi0, 0x7362;
+prmt.b32 $2, lo1, hi1, 0x5140;
+prmt.b32 $3, lo1, hi1, 0x7362;
+}""")
+
+
+@triton.jit
+def _rtab(ptr):
+    """The 8 byte-plane words of a register table (reg_table) as [1, 1] per-thread values, loaded once per program
+    (scalar loads would sit in uniform registers, which ptxas copies again before every prmt)."""
+    o = tl.zeros((1, 1), tl.int32)
+    return (tl.load(ptr + o), tl.load(ptr + 1 + o), tl.load(ptr + 2 + o), tl.load(ptr + 3 + o),
+            tl.load(ptr + 4 + o), tl.load(ptr + 5 + o), tl.load(ptr + 6 + o), tl.load(ptr + 7 + o))
+
+
+@triton.jit
+def _reg_lookup8(x, rt, ASM: tl.constexpr):
+    """8 codes of <= 3 bits, one per nibble of x (int32, code k in bits 4k..4k+2) -> 4 int32 fp16 pairs (codes
+    2i, 2i+1), with no memory access: the centroid table lives in 4 registers as byte planes (reg_table: lo bytes
+    of entries 0-3, 4-7, then the hi bytes), prmt picks 4 bytes at once and 4 more interleave lo/hi: 9
+    instructions per 8 codes (one asm block on the GPU; _prmt semantics in the interpreter)."""
+    z = tl.zeros_like(x)
+    l0 = z + rt[0]
+    l1 = z + rt[1]
+    h0 = z + rt[4]
+    h1 = z + rt[5]
+    if ASM:
+        return tl.inline_asm_elementwise(_PRMT8_ASM, "=r,=r,=r,=r,r,r,r,r,r", [x, l0, l1, h0, h1],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        xb = x >> 16                                  # nibble bit 3 is 0: no sign mode, x >= 0
+        lo0 = _prmt(l0, l1, x, ASM)
+        hi0 = _prmt(h0, h1, x, ASM)
+        lo1 = _prmt(l0, l1, xb, ASM)
+        hi1 = _prmt(h0, h1, xb, ASM)
+        return (_prmt(lo0, hi0, z + 0x5140, ASM), _prmt(lo0, hi0, z + 0x7362, ASM),
+                _prmt(lo1, hi1, z + 0x5140, ASM), _prmt(lo1, hi1, z + 0x7362, ASM))
+
+
+_PRMT16_ASM = tl.constexpr("""{
+.reg .b32 xs, m0, m1, xa, xb, a, b, lo0, hi0, lo1, hi1;
+shl.b32 xs, $4, 4;
+prmt.b32 m0, xs, $4, 0xD9C8;
+prmt.b32 m1, xs, $4, 0xFBEA;
+and.b32 xa, $4, 0x77777777;
+shr.b32 xb, xa, 16;
+prmt.b32 a, $5, $6, xa;
+prmt.b32 b, $7, $8, xa;
+lop3.b32 lo0, m0, b, a, 0xCA;
+prmt.b32 a, $9, $10, xa;
+prmt.b32 b, $11, $12, xa;
+lop3.b32 hi0, m0, b, a, 0xCA;
+prmt.b32 a, $5, $6, xb;
+prmt.b32 b, $7, $8, xb;
+lop3.b32 lo1, m1, b, a, 0xCA;
+prmt.b32 a, $9, $10, xb;
+prmt.b32 b, $11, $12, xb;
+lop3.b32 hi1, m1, b, a, 0xCA;
+prmt.b32 $0, lo0, hi0, 0x5140;
+prmt.b32 $1, lo0, hi0, 0x7362;
+prmt.b32 $2, lo1, hi1, 0x5140;
+prmt.b32 $3, lo1, hi1, 0x7362;
+}""")   # lop3 0xCA = (m & b) | (~m & a)
+_PRMT16_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 8)
+
+
+@triton.jit
+def _reg_lookup16(x, rt, ASM: tl.constexpr):
+    """8 4-bit codes, the nibbles of x (int32) -> 4 int32 fp16 pairs (codes 2i, 2i+1) from the 16-entry table in 8
+    registers (reg_table byte planes). prmt sees 8 bytes, so entries 0-7 and 8-15 are looked up apart and merged
+    by a byte mask made from each code's bit 3 (prmt's sign-replicate mode on the code bytes): 21 instructions per
+    8 codes, no memory access."""
+    z = tl.zeros_like(x)
+    l0 = z + rt[0]
+    l1 = z + rt[1]
+    l2 = z + rt[2]
+    l3 = z + rt[3]
+    h0 = z + rt[4]
+    h1 = z + rt[5]
+    h2 = z + rt[6]
+    h3 = z + rt[7]
+    if ASM:
+        return tl.inline_asm_elementwise(_PRMT16_ASM, _PRMT16_CONSTRAINTS, [x, l0, l1, l2, l3, h0, h1, h2, h3],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        xs = x << 4                                   # even codes' bit 3 -> their byte's sign bit (odd: x itself)
+        m0 = _prmt(xs, x, z + 0xD9C8, ASM)            # 0xFF bytes where codes 0-3 are >= 8
+        m1 = _prmt(xs, x, z + 0xFBEA, ASM)            # same for codes 4-7
+        xa = x & 0x77777777
+        xb = xa >> 16
+        lo0 = (m0 & _prmt(l2, l3, xa, ASM)) | (~m0 & _prmt(l0, l1, xa, ASM))
+        hi0 = (m0 & _prmt(h2, h3, xa, ASM)) | (~m0 & _prmt(h0, h1, xa, ASM))
+        lo1 = (m1 & _prmt(l2, l3, xb, ASM)) | (~m1 & _prmt(l0, l1, xb, ASM))
+        hi1 = (m1 & _prmt(h2, h3, xb, ASM)) | (~m1 & _prmt(h0, h1, xb, ASM))
+        return (_prmt(lo0, hi0, z + 0x5140, ASM), _prmt(lo0, hi0, z + 0x7362, ASM),
+                _prmt(lo1, hi1, z + 0x5140, ASM), _prmt(lo1, hi1, z + 0x7362, ASM))
+
+
+@triton.jit
+def _halves(w):
+    """int32 fp16 pairs [..] -> [.., 2] fp16 (low half first)."""
+    return tl.join(w.to(tl.int16).to(tl.float16, bitcast=True), (w >> 16).to(tl.int16).to(tl.float16, bitcast=True))
+
+
+@triton.jit
+def _reg_codes(row_ptr, t_off, t_mask, rt, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+               TT: tl.constexpr, ASM: tl.constexpr):
+    """Centroids of TT tokens -> fp16 [TT, D] through the register table (LUT 3/4), codes of <= 4 bits, 8 codes
+    (BITS bytes, LSB-first) at a time: 4-bit codes are nibbles already (one aligned 32-bit load); 2/3-bit codes
+    are spread to one nibble each (prmt selectors) in 3 shift-and-merge steps."""
+    grp = tl.arange(0, D // 8)
+    if BITS == 4:
+        x = tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + t_off[:, None] * (ROW_BYTES // 4) + grp[None, :],
+                    mask=t_mask[:, None], other=0)
+        w0, w1, w2, w3 = _reg_lookup16(x, rt, ASM)
+    else:
+        t = tl.zeros((TT, D // 8), dtype=tl.int32)
+        for m in tl.static_range(BITS):
+            byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * BITS + m, mask=t_mask[:, None],
+                           other=0)
+            t = t | (byte.to(tl.int32) << (8 * m))
+        if BITS == 3:   # fields at 3k -> 4k: halves apart by 4, then pairs by 2, then singles by 1
+            x = (t & 0xFFF) | ((t & 0xFFF000) << 4)
+            x = (x & 0x003F003F) | ((x & 0x0FC00FC0) << 2)
+            x = (x & 0x07070707) | ((x & 0x38383838) << 1)
+        else:           # 2-bit: fields at 2k -> 4k
+            x = (t & 0xFF) | ((t & 0xFF00) << 8)
+            x = (x & 0x000F000F) | ((x & 0x00F000F0) << 4)
+            x = (x & 0x03030303) | ((x & 0x0C0C0C0C) << 2)
+        w0, w1, w2, w3 = _reg_lookup8(x, rt, ASM)
+    # [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order (int32 joins), then the fp16 halves: 8g + 2i + h
+    w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
+    return tl.reshape(_halves(w), (TT, D))
+
+
+@triton.jit
+def _codes16(row_ptr, t_off, t_mask, ptab_ptr, rt, ROW_BYTES: tl.constexpr, D: tl.constexpr,
+             BITS: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr,
+             ASM: tl.constexpr):
+    """fp16 centroids of TT tokens for LUT >= 2: register table where the variant covers this width (LUT 3: codes
+    of <= 3 bits, LUT 4: <= 4 bits), else the pair table."""
+    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:
+        return _reg_codes(row_ptr, t_off, t_mask, rt, ROW_BYTES, D, BITS, TT, ASM)
+    else:
+        return _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES, D, BITS, G, NB, TT)
+
+
+@triton.jit
 def _hada_half(x, hd, PRECISE: tl.constexpr, BF16DOT: tl.constexpr):
     if PRECISE:
         return tl.dot(x, hd, input_precision="ieee")
@@ -256,7 +433,8 @@ def _dot16(a, b, BF16DOT: tl.constexpr):
 @triton.jit
 def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_page, c_head, bt_ptr, bt_req,
                  nsealed_ptr, seqlen_ptr, tail_k_ptr, tail_v_ptr, t_slot, t_head, t_tok, tslot_ptr,
-                 hada_ptr, sgn_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, out_ptr, o_row, o_head, o_split,
+                 hada_ptr, sgn_ptr, ktab_ptr, vtab_ptr, kptab_ptr, vptab_ptr, krtab_ptr, vrtab_ptr, out_ptr, o_row,
+                 o_head, o_split,
                  lse_ptr, l_row, l_head, scale,
                  KV_OFF: tl.constexpr, K_MEAN: tl.constexpr, K_SCALE: tl.constexpr, K_GAIN: tl.constexpr,
                  K_CODES: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, V_GAIN: tl.constexpr,
@@ -265,7 +443,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS,
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
-                 GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1):
+                 GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -301,6 +479,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     dh = tl.arange(0, D // 2)
     hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
     rsg = tl.load(sgn_ptr + d)                                # s / sqrt(D)
+    krt = _rtab(krtab_ptr)                                    # LUT 3/4 register tables (unused otherwise)
+    vrt = _rtab(vrtab_ptr)
     for b in range(split, n_sealed, SPLITS):
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
         slot = cache_ptr + page * c_page + kvh * c_head
@@ -343,8 +523,9 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 t = t0 + tl.arange(0, TT)
                 kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                if LUT == 2:
-                    kc = _pair_codes(slot + K_CODES, t, t < N, kptab_ptr, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                if LUT >= 2:
+                    kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
+                                  TT, LUT, ASM)
                     if PRECISE:
                         kc = kc.to(tl.float32)
                 else:
@@ -369,9 +550,9 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 p = tl.exp2(s - m_safe[:, None])
                 vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                if LUT == 2:
-                    vc = _pair_codes(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, D * VBITS // 8, D, VBITS, VG, VNB,
-                                     TT)
+                if LUT >= 2:
+                    vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
+                                  VG, VNB, TT, LUT, ASM)
                     if PRECISE:
                         vc = vc.to(tl.float32)
                 else:
@@ -485,6 +666,19 @@ def pair_table(table16: torch.Tensor) -> torch.Tensor:
     return (bits16[j % n] | (bits16[j // n] << 16)).to(torch.int32).contiguous()
 
 
+def reg_table(table16: torch.Tensor) -> torch.Tensor:
+    """fp16 centroids [<= 16] -> int32 [8] byte planes for LUT 3/4 (prmt operands): words 0-3 hold the low bytes of
+    entries 0-3, 4-7, 8-11, 12-15 (LSB = lowest entry), words 4-7 the high bytes; missing entries are 0."""
+    n = table16.shape[0]
+    if n > 16:
+        raise ValueError(f"a register table holds at most 16 entries, got {n}")
+    b = torch.zeros(16, dtype=torch.int64, device=table16.device)
+    b[:n] = table16.view(torch.int16).to(torch.int64) & 0xFFFF
+    planes = torch.stack([b & 0xFF, b >> 8]).view(2, 4, 4)             # [lo/hi, word, byte]
+    words = (planes << (8 * torch.arange(4, device=b.device))).sum(-1).view(8)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
+
+
 SEAL_PRECS = ("tf32x3", "tf32", "ieee", "bf16x3")   # seal rotation: Triton dot precisions or exact-H bf16 x3
 
 
@@ -503,12 +697,15 @@ def _regs(maxnreg: int | None) -> dict:
     return {} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}
 
 
-LUTS = (0, 1, 2)   # centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup)
+# Centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup), 3 = 2 + codes of
+# <= 3 bits from byte planes in registers (prmt, no memory access), 4 = 3 for codes of <= 4 bits too.
+LUTS = (0, 1, 2, 3, 4)
 
 
 def _check_variant(lut, fused) -> None:
     if lut not in LUTS:
-        raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table), got {lut!r}")
+        raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table, 3/4 register "
+                         f"byte-plane table for codes of <= 3/4 bits), got {lut!r}")
     if fused not in (True, False, 0, 1):
         raise ValueError(f"fused must be a bool, got {fused!r}")
 
@@ -545,6 +742,9 @@ class KakeyaKernels:
                 raise ValueError(f"{name}_table must have {1 << bits} entries for {bits}-bit codes")
         self.tables16 = {n: t.half() for n, t in self.tables.items()}
         self.pair_tables = {n: pair_table(t) for n, t in self.tables16.items()}
+        # LUT 3/4 byte planes; 5-bit streams (32 entries) always take the pair table, their planes are never read.
+        self.reg_tables = {n: reg_table(t) if t.numel() <= 16 else torch.zeros(8, dtype=torch.int32, device=device)
+                           for n, t in self.tables16.items()}
         self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
 
     def _consts(self, st, off):
@@ -668,7 +868,7 @@ class KakeyaKernels:
             qq, qq.stride(0), qq.stride(1), src_arg, pl["qpos"], pl["tile_req"], cache, cache.stride(0),
             cache.stride(1), block_table, block_table.stride(0), n_sealed, seq_lens, tail_k, tail_v, tail_k.stride(0),
             tail_k.stride(1), tail_k.stride(2), tail_slot, self.hada[bool(precise)], self.sgn, tabs["k"], tabs["v"],
-            self.pair_tables["k"], self.pair_tables["v"],
+            self.pair_tables["k"], self.pair_tables["v"], self.reg_tables["k"], self.reg_tables["v"],
             part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), scale,
             KV_OFF=exact_kv_off or kl.size, EXACT=int(exact_kv_off > 0), BF16DOT=int(not _INTERPRET),
             K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset, K_GAIN=kl["gain"].offset,
@@ -676,7 +876,7 @@ class KakeyaKernels:
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, DIAG=diag, LUT=lut,
-            NS=num_stages, GATHER=int(fused), GQA=g_arg, num_warps=num_warps,
+            NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET), num_warps=num_warps,
             **_regs(maxnreg))
         if fused:
             if out is None:

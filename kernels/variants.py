@@ -16,6 +16,12 @@ FIXED_SPLITS = 8   # the baseline's split count (waves None)
 TUNED = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4, waves=2),
          64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
 NAMES = ("tuned", "baseline")
+# Opt-in candidates for the next GPU sweep (NOT yet run on a GPU; not selectable by KAKEYA_DECODE_VARIANT): the
+# tuned launch with the centroid table in registers (kakeya_triton LUTS 3 / 4: prmt byte-plane lookups, no L1
+# gathers) for codes of <= 3 bits (V at k4v3) or <= 4 bits (K and V at k4v3). The CPU proxy (KERNELS_PROXY.md)
+# counts about as many loop instructions as the pair table; what it removes is the gather traffic to L1.
+CANDIDATES = {"reg3": {d: dict(v, lut=3) for d, v in TUNED.items()},
+              "reg4": {d: dict(v, lut=4) for d, v in TUNED.items()}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2

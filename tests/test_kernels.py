@@ -158,7 +158,7 @@ def test_fused_launch_matches_torch_combine():
 def test_kernel_variant_validated():
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     with pytest.raises(ValueError, match="lut must be one of"):
-        KakeyaKernels(64, 4, 3, DEV, lut=3)
+        KakeyaKernels(64, 4, 3, DEV, lut=9)
     kk, sc, _ = build([600], 1, 1, 64, device=DEV)
     q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=DEV)
     pos, req = torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)

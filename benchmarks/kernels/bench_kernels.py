@@ -4,10 +4,10 @@ python benchmarks/kernels/bench_kernels.py --out DIR [--deadline-s 420]  -> DIR/
 
 Order (most important first, the JSON is rewritten after every row so a timeout keeps what was measured):
 copy bandwidth; per head_dim a variant sweep at batch 16 / context 16k (--sweep short: baseline, the backend's
-tuned default and two neighbours; full: session 6's 12 variants); the issue's grid with the backend's default
-variant (context >= 16k and batch >= 16 first), each row checked for agreement with the baseline variant at that
-shape before it is timed, each row guarded (an error is recorded in not_measured; a sticky CUDA error stops the
-grid and keeps what was measured); seal vs prefill.
+tuned default, two neighbours and the register-table candidates; full: session 6's 12 variants); the issue's grid
+with the backend's default variant (context >= 16k and batch >= 16 first), each row checked for agreement with the
+baseline variant at that shape before it is timed, each row guarded (an error is recorded in not_measured; a sticky
+CUDA error stops the grid and keeps what was measured); seal vs prefill.
 Timings: CUDA-graph replays (triton.testing.do_bench_cudagraph: kernel time without Python launch cost, as in a
 captured decode step) for ours and the baseline alike, plus the eager do_bench time of ours.
 """
@@ -22,7 +22,7 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from kakeya_kernels.kakeya_triton import KakeyaKernels
-from kakeya_kernels.variants import ACCEPT_REL, TUNED
+from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, TUNED
 
 HKV, GQA = 8, 4
 BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # sessions 2-5 path
@@ -39,9 +39,11 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
 
 
 def short_sweep(d: int) -> list[dict]:
-    """Baseline, the backend's tuned default and its two runners-up of session 6 (the sweep is known now)."""
+    """Baseline, the backend's tuned default, its two runners-up of session 6 (the sweep is known now) and the
+    opt-in register-table candidates (variants.CANDIDATES, not yet timed): <= 6 variants, ~3 s of compile each."""
     tuned = TUNED[d]
     near = [dict(tuned, num_warps=8, maxnreg=80), dict(tuned, tt=32, maxnreg=None)]
+    near += [c[d] for c in CANDIDATES.values()]
     return [BASELINE_VARIANT, tuned] + [v for v in near if v != tuned]
 
 

@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import sass_count as S
-from bench_kernels import SEAL_VARIANTS, SWEEP
+from bench_kernels import SEAL_VARIANTS, SWEEP, short_sweep
 from kakeya_kernels import kakeya_triton as K
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
@@ -67,7 +67,15 @@ def jobs(quick: bool):
                             lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1], a[2], a[3], bm=a[4], maxnreg=a[5],
                                                             fused=a[6], precise=a[7], gqa=a[8])),
                             (d, lut, tt, w, b, m, fused, precise, gqa)))
-        for v in (SWEEP[-2:] if quick else SWEEP):
+        # Register-table candidates (lut 3/4, variants.CANDIDATES) at every bit width a recipe may give a layer.
+        for lut, (kb, vb), precise in [(4, (4, 3), False), (3, (4, 3), False)] + ([] if quick else [
+                (4, (4, 3), True), (4, (3, 2), False), (4, (5, 4), False), (3, (3, 2), False), (4, (4, 4), False)]):
+            out.append((f"register table D={d} lut={lut} k{kb}v{vb} precise={precise}",
+                        lambda *a: _fits(S.compile_attn(a[0], a[1], a[2], a[3], 64, 4, bm=4,
+                                                        maxnreg=96 if a[0] == 128 else None, fused=True,
+                                                        precise=a[4], gqa=4)),
+                        (d, kb, vb, lut, precise)))
+        for v in (SWEEP[-2:] if quick else SWEEP) + [v for v in short_sweep(d) if v not in SWEEP]:
             out.append((f"bench D={d} {v}", lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1]["lut"], a[1]["tt"],
                                                                             a[1]["num_warps"], bm=a[1]["bm"],
                                                                             maxnreg=a[1]["maxnreg"],

@@ -41,7 +41,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
-                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1,
+                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1,
                  ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}

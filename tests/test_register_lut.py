@@ -1,0 +1,167 @@
+"""Decode variants lut=3 / lut=4 (centroid table held in registers as byte planes, looked up with prmt; opt-in,
+not the backend default): the GPU-only PTX blocks are checked by a small PTX evaluator against the plain table
+lookup, and the kernels (interpreter: prmt emulated with the same semantics) agree bit for bit with the pair table
+(lut=2), with the baseline launch and with the CPU reference codec."""
+import numpy as np
+import pytest
+import torch
+
+from kakeya_kernels import kakeya_triton as K
+from kakeya_kernels.variants import ACCEPT_REL, BASELINE, TUNED, kernel_args, num_splits
+from kakeya_kv import lloyd_max
+from tests.kernel_cases import build, ref_attention, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+M32 = 0xFFFFFFFF
+
+
+def _prmt(a, b, sel):
+    """PTX prmt.b32 default mode: byte k of the result = byte (nibble k of sel) & 7 of b:a, or its sign replicated."""
+    src = (a & M32) | ((b & M32) << 32)
+    out = 0
+    for k in range(4):
+        nib = (sel >> (4 * k)) & 15
+        byte = (src >> (8 * (nib & 7))) & 255
+        if nib & 8:
+            byte = 255 if byte & 128 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def _run_ptx(asm: str, ops: list[int]) -> list[int]:
+    """Evaluates the straight-line PTX of an inline-asm block ($i operands; shl/shr/and/prmt/lop3 on b32)."""
+    regs = dict(enumerate(ops))
+    env = {}
+
+    def val(tok):
+        tok = tok.strip()
+        if tok.startswith("$"):
+            return regs[int(tok[1:])]
+        if tok[0].isdigit():
+            return int(tok, 0)
+        return env[tok]
+
+    def put(tok, v):
+        tok = tok.strip()
+        if tok.startswith("$"):
+            regs[int(tok[1:])] = v & M32
+        else:
+            env[tok] = v & M32
+
+    for line in asm.strip().strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [x.strip() for x in rest.split(",")]
+        v = [val(x) for x in args[1:]]
+        if op == "shl.b32":
+            put(args[0], v[0] << v[1])
+        elif op == "shr.b32":
+            put(args[0], v[0] >> v[1])
+        elif op == "and.b32":
+            put(args[0], v[0] & v[1])
+        elif op == "prmt.b32":
+            put(args[0], _prmt(v[0], v[1], v[2]))
+        elif op == "lop3.b32":
+            lut, r = v[3], 0
+            for bit in range(32):
+                i = (((v[0] >> bit) & 1) << 2) | (((v[1] >> bit) & 1) << 1) | ((v[2] >> bit) & 1)
+                r |= ((lut >> i) & 1) << bit
+            put(args[0], r)
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return regs
+
+
+def _words(table16):
+    return [int(w) & M32 for w in K.reg_table(table16).tolist()]
+
+
+def _fp16_bits(table16):
+    return [int(x) & 0xFFFF for x in table16.view(torch.int16).tolist()]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_ptx_blocks_look_up_eight_codes(bits):
+    """The asm the GPU runs (K._PRMT8_ASM for <= 3-bit codes, K._PRMT16_ASM for 4-bit) returns, for 8 codes in
+    nibbles, the fp16 pairs (c[2i], c[2i+1]) of the table: Lloyd-Max tables and random asymmetric ones (fitted
+    tables need not be symmetric), every code value in every position."""
+    g = torch.Generator().manual_seed(bits)
+    rng = np.random.default_rng(bits)
+    tables = [lloyd_max.gaussian_table(bits).half(), (torch.randn(1 << bits, generator=g) * 3).half()]
+    asm = (K._PRMT16_ASM if bits == 4 else K._PRMT8_ASM).value
+    nt = 8 if bits == 4 else 4           # table words the block takes after $4: all 8, or lo 0-1 + hi 0-1
+    for tab in tables:
+        w, c = _words(tab), _fp16_bits(tab)
+        tw = w if bits == 4 else [w[0], w[1], w[4], w[5]]
+        codes = np.concatenate([np.tile(np.arange(1 << bits), (8, 1)).T, rng.integers(0, 1 << bits, (200, 8))])
+        for row in codes:
+            x = sum(int(v) << (4 * k) for k, v in enumerate(row))
+            regs = _run_ptx(asm, [0, 0, 0, 0, x] + tw)
+            assert len(tw) == nt
+            for i in range(4):
+                assert regs[i] == c[row[2 * i]] | (c[row[2 * i + 1]] << 16), (row, i)
+
+
+def test_reg_table_byte_planes():
+    t = torch.tensor([1.5, -2.25, 0.0, 65504.0, -0.001, 3.0, 7.0, -7.0], dtype=torch.float16)
+    w = [int(x) & M32 for x in K.reg_table(t).tolist()]
+    b = _fp16_bits(t)
+    for e in range(8):
+        assert (w[e // 4] >> (8 * (e % 4))) & 255 == b[e] & 255
+        assert (w[4 + e // 4] >> (8 * (e % 4))) & 255 == b[e] >> 8
+    assert w[2] == w[3] == w[6] == w[7] == 0          # entries 8-15 absent
+    with pytest.raises(ValueError, match="at most 16"):
+        K.reg_table(torch.zeros(32, dtype=torch.float16))
+    assert K.reg_table(lloyd_max.gaussian_table(4).half()).dtype == torch.int32
+
+
+@pytest.mark.parametrize("lut,kb,vb,gqa", [(4, 4, 3, 1), (4, 4, 3, 4), (4, 3, 2, 3), (4, 5, 4, 4), (3, 4, 3, 3),
+                                           (3, 3, 2, 4)])
+def test_register_lut_attention(lut, kb, vb, gqa):
+    """Fast mode, as served, the tuned launch with lut 3/4: equal to the pair table (lut 2; bit for bit in the
+    interpreter: the same fp16 centroids enter the same MMAs), within ACCEPT_REL of the baseline launch, and within
+    5e-3 of float64 attention on the reference codec's decode. Ragged lengths (tails 53 / 1 / 77 / 76)."""
+    lens, d = [1077, 1, 77, 1100][: 3 + (gqa == 3)], 64
+    hkv = 3 if gqa == 3 else 2
+    kk, sc, refs = build(lens, hkv, gqa, d, kb, vb, device=DEV, seed=7 * kb + gqa)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(gqa)).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    outs = {}
+    for name, v in (("reg", dict(TUNED[d], lut=lut)), ("pair", TUNED[d]), ("baseline", BASELINE)):
+        plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+        splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
+        outs[name] = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,
+                                  **kernel_args(v), **sc)
+    if DEV == "cpu":
+        assert torch.equal(outs["reg"], outs["pair"])
+    assert rel_err(outs["reg"], outs["pair"].double().cpu()) < ACCEPT_REL
+    assert rel_err(outs["reg"], outs["baseline"].double().cpu()) < ACCEPT_REL
+    for i in range(len(lens)):
+        assert rel_err(outs["reg"][i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
+
+
+def test_register_lut_is_opt_in_and_in_the_short_sweep():
+    """The backend default stays the session-6 tuned variant; the bench's short sweep times lut 3 and 4 next to it
+    with <= 6 variants per head_dim (compile time on the device)."""
+    import importlib.util
+    import pathlib
+    assert all(v["lut"] == 2 for v in TUNED.values())
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    for d in (64, 128):
+        sw = B.short_sweep(d)
+        assert len(sw) <= 6 and TUNED[d] in sw and B.BASELINE_VARIANT in sw
+        assert {3, 4} <= {v["lut"] for v in sw}
+        assert len({tuple(sorted(v.items())) for v in sw}) == len(sw)
+
+
+def test_lut_values_validated():
+    with pytest.raises(ValueError, match="lut must be one of"):
+        K.KakeyaKernels(64, 4, 3, DEV, lut=5)
+    kk = K.KakeyaKernels(64, 5, 4, DEV, lut=4)        # 5-bit K keeps the pair table; its planes are placeholders
+    assert kk.reg_tables["k"].shape == (8,) and not kk.reg_tables["k"].any() and kk.reg_tables["v"].any()
