@@ -89,3 +89,18 @@ def _group_gone_within(p: subprocess.Popen, wait_s: float) -> bool:
         if time.monotonic() - t0 >= wait_s:
             return False
         time.sleep(0.2)
+
+
+def gpu_name() -> str:
+    """The visible card(s) as nvidia-smi names them ("NVIDIA H200", "2x NVIDIA H200"; "unknown" without one),
+    without creating a CUDA context in this process (it would hold GPU memory that the measured engines count
+    against)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    names = r.stdout.strip().splitlines() if r.returncode == 0 else []
+    if not names:
+        return "unknown"
+    return names[0] if len(names) == 1 else f"{len(names)}x {names[0]}"

@@ -1,5 +1,6 @@
 """CPU parts of the GPU soak and suite helpers: request mix, result summary, Prometheus parsing, server process-group
 stop, and the head padding that makes SmolLM2 splittable for tensor parallel 2."""
+import os
 import importlib.util
 import subprocess
 import sys
@@ -317,3 +318,17 @@ def test_tie_gaps_report_each_runs_preference():
     g.top = [{1: -0.01}, {9: -0.65, 3: -0.75}]
     assert tie_gaps(g, w, 1) == {"got": None, "want": 0.2}     # 7 not in got's top: no gap for it
     assert tie_gaps([1, 9], w, 1) == {"got": None, "want": 0.2}
+
+
+def test_gpu_name_from_nvidia_smi(tmp_path, monkeypatch):
+    from kakeya_kv.subproc import gpu_name
+    smi = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for lines, want in ((["NVIDIA H200"], "NVIDIA H200"), (["NVIDIA H200", "NVIDIA H200"], "2x NVIDIA H200"),
+                        ([], "unknown")):
+        smi.write_text("#!/bin/sh\n" + "".join(f"echo '{x}'\n" for x in lines))
+        smi.chmod(0o755)
+        assert gpu_name() == want
+    smi.unlink()
+    monkeypatch.setenv("PATH", str(tmp_path))            # no nvidia-smi at all
+    assert gpu_name() == "unknown"

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from kakeya_kv.subproc import kill_group
+from kakeya_kv.subproc import gpu_name, kill_group  # noqa: F401  (gpu_name: re-exported for serve_bench, decode_step)
 
 
 def emit(kind: str, obj: dict) -> None:
@@ -115,17 +115,6 @@ def parse_vllm_log(text: str) -> dict:
         if p := _POOL.findall(m[-1]):
             out["kakeya_tail_pool_mib"] = int(p[-1])
     return out
-
-
-def gpu_name() -> str:
-    """The card(s) as nvidia-smi names them; no CUDA context here (it would hold GPU memory that every
-    row's gpu_memory_utilization counts against)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
-        return f"{len(out)}x {out[0]}" if out else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def write_json(path: str, res: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from kakeya_kv.subproc import kill_group
+from kakeya_kv.subproc import gpu_name, kill_group  # noqa: F401  (gpu_name: re-exported for soak.py)
 
 # The runtime must never reach the network: no hub lookups, no usage reports.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -65,16 +65,6 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return out
-
-
-def gpu_name() -> str:
-    """From nvidia-smi, so the client process never creates a CUDA context (it would show in the memory figures)."""
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30)
-        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def gpu_memory_used_mb() -> float | None:
