@@ -260,10 +260,13 @@ prmt.b32 $3, lo1, hi1, 0x7362;
 
 
 @triton.jit
-def _rtab(ptr):
-    """The 8 byte-plane words of a register table (reg_table) as [1, 1] per-thread values, loaded once per program
-    (scalar loads would sit in uniform registers, which ptxas copies again before every prmt)."""
+def _rtab(ptr, ASM: tl.constexpr):
+    """The 8 byte-plane words of a register table as [1, 1] per-thread values, loaded once per program from the
+    lane's own copy (the host stores 32 copies): a uniform load would sit in uniform registers, which ptxas copies
+    into ordinary ones again before every prmt (sm_90 compile of lut 4: 880 -> 804 loop instructions at D=128)."""
     o = tl.zeros((1, 1), tl.int32)
+    if ASM:
+        o = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [o], dtype=tl.int32, is_pure=True, pack=1) * 8
     return (tl.load(ptr + o), tl.load(ptr + 1 + o), tl.load(ptr + 2 + o), tl.load(ptr + 3 + o),
             tl.load(ptr + 4 + o), tl.load(ptr + 5 + o), tl.load(ptr + 6 + o), tl.load(ptr + 7 + o))
 
@@ -443,7 +446,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  BM: tl.constexpr, N: tl.constexpr, TT: tl.constexpr, SPLITS,
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
-                 GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1):
+                 GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
+                 SWAP: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -479,8 +483,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     dh = tl.arange(0, D // 2)
     hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
     rsg = tl.load(sgn_ptr + d)                                # s / sqrt(D)
-    krt = _rtab(krtab_ptr)                                    # LUT 3/4 register tables (unused otherwise)
-    vrt = _rtab(vrtab_ptr)
+    krt = _rtab(krtab_ptr, ASM)                               # LUT 3/4 register tables (unused otherwise)
+    vrt = _rtab(vrtab_ptr, ASM)
     for b in range(split, n_sealed, SPLITS):
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
         slot = cache_ptr + page * c_page + kvh * c_head
@@ -516,6 +520,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(q * kmean[None, :], 1)
+            if SWAP:
+                acc_rt = tl.zeros((D, BM), tl.float32)      # acc_rot transposed
             acc_rot = tl.zeros((BM, D), tl.float32)
             cmass = tl.zeros((BM,), tl.float32)
             m_blk = m_i         # acc is rescaled once after the block, not per tile
@@ -540,7 +546,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 if PRECISE:
                     s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
                 else:
-                    s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+                    if SWAP:   # codes as the MMA's M operand: the query rows pad to 8 (N), not 16 (M)
+                        s = tl.trans(tl.dot(kc.to(tl.float16), tl.trans(qr)))
+                    else:
+                        s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
                 s = s * tl.abs(kg.to(tl.float32))[None, :]
                 s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
                 s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
@@ -571,7 +580,11 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 if PRECISE:
                     acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
                 else:
-                    acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
+                    if SWAP:
+                        acc_rt = acc_rt * alpha[None, :] + tl.dot(tl.trans(vc.to(tl.float16)),
+                                                                  tl.trans(pg.to(tl.float16)))
+                    else:
+                        acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
                 cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
                 m_i = m_new
             # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
@@ -580,6 +593,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             # acc is still 0 while m = -inf: factor 1 there (written without -inf - -inf)
             m_now = tl.where(m_i == -float("inf"), 0.0, m_i)
             acc = acc * tl.exp2(tl.where(m_blk == -float("inf"), m_now, m_blk) - m_now)[:, None]
+            if SWAP:
+                acc_rot = tl.trans(acc_rt)
             acc += (_hada(acc_rot, hd, BM, D, PRECISE, BF16DOT) * (rsg / vlam)[None, :]
                     + cmass[:, None] * vmean[None, :])
     if (not EXACT) and (n_sealed % SPLITS == split):
@@ -742,9 +757,10 @@ class KakeyaKernels:
                 raise ValueError(f"{name}_table must have {1 << bits} entries for {bits}-bit codes")
         self.tables16 = {n: t.half() for n, t in self.tables.items()}
         self.pair_tables = {n: pair_table(t) for n, t in self.tables16.items()}
-        # LUT 3/4 byte planes; 5-bit streams (32 entries) always take the pair table, their planes are never read.
-        self.reg_tables = {n: reg_table(t) if t.numel() <= 16 else torch.zeros(8, dtype=torch.int32, device=device)
-                           for n, t in self.tables16.items()}
+        # LUT 3/4 byte planes, one copy per lane (_rtab); 5-bit streams (32 entries) always take the pair table,
+        # their planes are never read.
+        self.reg_tables = {n: (reg_table(t) if t.numel() <= 16 else torch.zeros(8, dtype=torch.int32, device=device))
+                           .repeat(32).contiguous() for n, t in self.tables16.items()}
         self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
 
     def _consts(self, st, off):
@@ -815,19 +831,21 @@ class KakeyaKernels:
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int | None = None,
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
-                  maxnreg: int | None = None) -> torch.Tensor:
+                  maxnreg: int | None = None, swap: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
-        cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given."""
+        cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
+        swap (opt-in, fast mode only): sealed-block MMAs with the codes as the M operand (s^T = codes q'^T,
+        acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg))
+                            pick(maxnreg, self.maxnreg), swap=swap)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
-                maxnreg=None, exact_kv_off: int = 0):
+                maxnreg=None, exact_kv_off: int = 0, swap: bool = False):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -843,6 +861,8 @@ class KakeyaKernels:
         if Hq % Hkv or D != self.D:
             raise ValueError(f"query heads {Hq} / kv heads {Hkv} / head_dim {D} do not fit this geometry ({self.D})")
         _check_variant(lut, fused)
+        if swap not in (True, False, 0, 1):
+            raise ValueError(f"swap must be a bool, got {swap!r}")
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -876,7 +896,8 @@ class KakeyaKernels:
             V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kl.bits, KG=kg, KNB=knb, VBITS=vl.bits,
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, DIAG=diag, LUT=lut,
-            NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET), num_warps=num_warps,
+            NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
+            SWAP=int(bool(swap) and not precise), num_warps=num_warps,
             **_regs(maxnreg))
         if fused:
             if out is None:

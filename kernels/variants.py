@@ -16,16 +16,21 @@ FIXED_SPLITS = 8   # the baseline's split count (waves None)
 TUNED = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4, waves=2),
          64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
 NAMES = ("tuned", "baseline")
-# Opt-in candidates for the next GPU sweep (NOT yet run on a GPU; not selectable by KAKEYA_DECODE_VARIANT): the
-# tuned launch with the centroid table in registers (kakeya_triton LUTS 3 / 4: prmt byte-plane lookups, no L1
-# gathers) for codes of <= 3 bits (V at k4v3) or <= 4 bits (K and V at k4v3). The CPU proxy (KERNELS_PROXY.md)
-# counts about as many loop instructions as the pair table; what it removes is the gather traffic to L1.
-CANDIDATES = {"reg3": {d: dict(v, lut=3) for d, v in TUNED.items()},
-              "reg4": {d: dict(v, lut=4) for d, v in TUNED.items()}}
+# Opt-in candidates for the next GPU sweep (NOT yet run on a GPU; not selectable by KAKEYA_DECODE_VARIANT), each the
+# tuned launch plus: "reg4" the centroid tables held in registers as byte planes (kakeya_triton LUTS 3/4: prmt
+# lookups instead of L1 gathers; lut 3 for codes of <= 3 bits only, i.e. V at k4v3); "swap" the sealed-block MMAs
+# with the codes as the M operand (a 4-row query tile pads to N = 8, not M = 16); "swap_t128" the same over
+# 128-token tiles; "swap_t128_reg3" that with V's table in registers. CPU proxy (sm_90 SASS loop instructions per
+# code element, KERNELS_PROXY.md; not a speed): tuned 5.70 (D=128) / 6.64 (D=64), swap_t128 4.54 / 5.71.
+CANDIDATES = {"reg4": {d: dict(v, lut=4) for d, v in TUNED.items()},
+              "swap": {d: dict(v, swap=True) for d, v in TUNED.items()},
+              "swap_t128": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None) for d, v in TUNED.items()},
+              "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
+                                 for d, v in TUNED.items()}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg")
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap")   # swap: only in CANDIDATES
 
 
 def decode_variant(name: str, head_dim: int) -> dict:
@@ -37,7 +42,7 @@ def decode_variant(name: str, head_dim: int) -> dict:
 
 def kernel_args(v: dict) -> dict:
     """The part of a variant that KakeyaKernels.attention takes per call."""
-    return {k: v[k] for k in KERNEL_KEYS}
+    return {k: v[k] for k in KERNEL_KEYS if k in v}
 
 
 def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> int:

@@ -4,7 +4,7 @@ python benchmarks/kernels/bench_kernels.py --out DIR [--deadline-s 420]  -> DIR/
 
 Order (most important first, the JSON is rewritten after every row so a timeout keeps what was measured):
 copy bandwidth; per head_dim a variant sweep at batch 16 / context 16k (--sweep short: baseline, the backend's
-tuned default, two neighbours and the register-table candidates; full: session 6's 12 variants); the issue's grid
+tuned default and the opt-in candidates of variants.CANDIDATES; full: session 6's 12 variants); the issue's grid
 with the backend's default variant (context >= 16k and batch >= 16 first), each row checked for agreement with the
 baseline variant at that shape before it is timed, each row guarded (an error is recorded in not_measured; a sticky
 CUDA error stops the grid and keeps what was measured); seal vs prefill.
@@ -39,12 +39,9 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
 
 
 def short_sweep(d: int) -> list[dict]:
-    """Baseline, the backend's tuned default, its two runners-up of session 6 (the sweep is known now) and the
-    opt-in register-table candidates (variants.CANDIDATES, not yet timed): <= 6 variants, ~3 s of compile each."""
-    tuned = TUNED[d]
-    near = [dict(tuned, num_warps=8, maxnreg=80), dict(tuned, tt=32, maxnreg=None)]
-    near += [c[d] for c in CANDIDATES.values()]
-    return [BASELINE_VARIANT, tuned] + [v for v in near if v != tuned]
+    """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES, not yet timed; session
+    6's runners-up are in its JSON): <= 6 variants, ~3 s of compile each on the device."""
+    return [BASELINE_VARIANT, TUNED[d]] + [c[d] for c in CANDIDATES.values() if c[d] != TUNED[d]]
 
 
 # Seal: the default (tf32x3 rotation) and the exact-Hadamard bf16x3 rotation without token-loop pipelining

@@ -67,19 +67,23 @@ def jobs(quick: bool):
                             lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1], a[2], a[3], bm=a[4], maxnreg=a[5],
                                                             fused=a[6], precise=a[7], gqa=a[8])),
                             (d, lut, tt, w, b, m, fused, precise, gqa)))
-        # Register-table candidates (lut 3/4, variants.CANDIDATES) at every bit width a recipe may give a layer.
-        for lut, (kb, vb), precise in [(4, (4, 3), False), (3, (4, 3), False)] + ([] if quick else [
-                (4, (4, 3), True), (4, (3, 2), False), (4, (5, 4), False), (3, (3, 2), False), (4, (4, 4), False)]):
-            out.append((f"register table D={d} lut={lut} k{kb}v{vb} precise={precise}",
+        # Candidates (variants.CANDIDATES: register tables lut 3/4, swapped MMAs) at every bit width a recipe may
+        # give a layer, and in the precise mode (swap is ignored there).
+        quick_cases = [(4, (4, 3), False, False), (3, (4, 3), False, True)]
+        for lut, (kb, vb), precise, swap in quick_cases + ([] if quick else [
+                (4, (4, 3), True, True), (4, (3, 2), False, False), (4, (5, 4), False, True), (3, (3, 2), False, True),
+                (4, (4, 4), False, False), (2, (3, 2), False, True), (2, (5, 4), False, True)]):
+            out.append((f"candidate D={d} lut={lut} k{kb}v{vb} precise={precise} swap={swap}",
                         lambda *a: _fits(S.compile_attn(a[0], a[1], a[2], a[3], 64, 4, bm=4,
                                                         maxnreg=96 if a[0] == 128 else None, fused=True,
-                                                        precise=a[4], gqa=4)),
-                        (d, kb, vb, lut, precise)))
+                                                        precise=a[4], gqa=4, swap=a[5])),
+                        (d, kb, vb, lut, precise, swap)))
         for v in (SWEEP[-2:] if quick else SWEEP) + [v for v in short_sweep(d) if v not in SWEEP]:
             out.append((f"bench D={d} {v}", lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1]["lut"], a[1]["tt"],
                                                                             a[1]["num_warps"], bm=a[1]["bm"],
                                                                             maxnreg=a[1]["maxnreg"],
-                                                                            fused=a[1]["fused"])),
+                                                                            fused=a[1]["fused"],
+                                                                            swap=a[1].get("swap", False))),
                         (d, v)))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
             for bits in (4, 3):

@@ -9,7 +9,8 @@ def variant(r: dict) -> str:
         return "-"
     reg = f" r{r['maxnreg']}" if r.get("maxnreg") else ""
     return (f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg} "
-            f"bm{r.get('bm', 16)}{' waves' + str(r['waves']) if r.get('waves', 2) != 2 else ''}")
+            f"bm{r.get('bm', 16)}{' waves' + str(r['waves']) if r.get('waves', 2) != 2 else ''}"
+            f"{' swap' if r.get('swap') else ''}")
 
 
 def render(res: dict) -> str:
@@ -18,8 +19,9 @@ def render(res: dict) -> str:
            "", "Decode attention, 8 KV heads, GQA 4, one query token per request; FA3 = vLLM's FlashAttention-3 on a "
            f"bf16 paged cache (page 256). Timings: {timing}; same card, same run.", ""]
     if res.get("tuning"):
-        out += ["Variant sweep (batch 16, context 16k; `lut` 0 = global gather, 2 = pair table; `fused` = in-kernel "
-                "query gather + combine kernel):", "", "| head_dim | variant | µs | relative difference to the baseline |",
+        out += ["Variant sweep (batch 16, context 16k; `lut` 0 = global gather, 2 = pair table, 3/4 = table in "
+                "registers for codes of <= 3/4 bits; `fused` = in-kernel query gather + combine kernel; `swap` = codes "
+                "as the MMA's M operand):", "", "| head_dim | variant | µs | relative difference to the baseline |",
                 "|---|---|---|---|"]
         for t in res["tuning"]:
             us = f"{t['us_b16_ctx16k']:.1f}" if "us_b16_ctx16k" in t else f"failed: {t.get('error', '')[:60]}"

@@ -32,7 +32,8 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
-                 maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4):
+                 maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
+                 swap: bool = False):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
@@ -41,7 +42,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
-                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1,
+                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap),
                  ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
@@ -113,8 +114,8 @@ def load_kernels(path: str):
 
 
 def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
-          bm: int = 16, mod=K, fused: bool = False) -> dict:
-    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused)
+          bm: int = 16, mod=K, fused: bool = False, swap: bool = False) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused, swap=swap)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -131,6 +132,7 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
         cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
             else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
     return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg, "bm": bm,
+            "swap": bool(swap),
             "loop_instructions": n, "per_element": n / elems, "spill_instructions_in_loop": spill_loop,
             "spill_instructions": spill_all,
             "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},

@@ -1,13 +1,14 @@
-"""Decode variants lut=3 / lut=4 (centroid table held in registers as byte planes, looked up with prmt; opt-in,
-not the backend default): the GPU-only PTX blocks are checked by a small PTX evaluator against the plain table
-lookup, and the kernels (interpreter: prmt emulated with the same semantics) agree bit for bit with the pair table
-(lut=2), with the baseline launch and with the CPU reference codec."""
+"""Opt-in decode candidates for the next GPU sweep (kakeya_kernels.variants.CANDIDATES; not the backend default):
+lut=3 / lut=4 (centroid table held in registers as byte planes, looked up with prmt) and swap (codes as the MMA's
+M operand). The GPU-only PTX blocks are checked by a small PTX evaluator against the plain table lookup; the kernels
+(interpreter: prmt emulated with the same semantics) agree with the pair table (lut=2; bit for bit without swap),
+with the baseline launch and with the CPU reference codec, and stay inside guarded buffers."""
 import numpy as np
 import pytest
 import torch
 
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kernels.variants import ACCEPT_REL, BASELINE, TUNED, kernel_args, num_splits
+from kakeya_kernels.variants import ACCEPT_REL, BASELINE, CANDIDATES, TUNED, kernel_args, num_splits
 from kakeya_kv import lloyd_max
 from tests.kernel_cases import build, ref_attention, rel_err
 
@@ -117,12 +118,15 @@ def test_reg_table_byte_planes():
     assert K.reg_table(lloyd_max.gaussian_table(4).half()).dtype == torch.int32
 
 
-@pytest.mark.parametrize("lut,kb,vb,gqa", [(4, 4, 3, 1), (4, 4, 3, 4), (4, 3, 2, 3), (4, 5, 4, 4), (3, 4, 3, 3),
-                                           (3, 3, 2, 4)])
-def test_register_lut_attention(lut, kb, vb, gqa):
-    """Fast mode, as served, the tuned launch with lut 3/4: equal to the pair table (lut 2; bit for bit in the
-    interpreter: the same fp16 centroids enter the same MMAs), within ACCEPT_REL of the baseline launch, and within
-    5e-3 of float64 attention on the reference codec's decode. Ragged lengths (tails 53 / 1 / 77 / 76)."""
+@pytest.mark.parametrize("lut,swap,tt,kb,vb,gqa", [
+    (4, False, 64, 4, 3, 1), (4, False, 64, 4, 3, 4), (4, False, 64, 3, 2, 3), (4, False, 64, 5, 4, 4),
+    (3, False, 64, 4, 3, 3), (3, True, 128, 3, 2, 4), (2, True, 64, 4, 3, 3), (2, True, 128, 5, 4, 1),
+    (4, True, 64, 4, 3, 4)])
+def test_candidate_attention(lut, swap, tt, kb, vb, gqa):
+    """Fast mode, as served, the tuned launch with lut 3/4 and/or swap (and 128-token tiles): within ACCEPT_REL of the
+    pair table without swap (lut 2; bit for bit in the interpreter when only the lookup differs: the same fp16
+    centroids enter the same MMAs) and of the baseline launch, and within 5e-3 of float64 attention on the
+    reference codec's decode. Ragged lengths (tails 53 / 1 / 77 / 76), k4v3 / k3v2 / k5v4."""
     lens, d = [1077, 1, 77, 1100][: 3 + (gqa == 3)], 64
     hkv = 3 if gqa == 3 else 2
     kk, sc, refs = build(lens, hkv, gqa, d, kb, vb, device=DEV, seed=7 * kb + gqa)
@@ -130,12 +134,12 @@ def test_register_lut_attention(lut, kb, vb, gqa):
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
     req = torch.arange(len(lens), device=DEV)
     outs = {}
-    for name, v in (("reg", dict(TUNED[d], lut=lut)), ("pair", TUNED[d]), ("baseline", BASELINE)):
+    for name, v in (("reg", dict(TUNED[d], lut=lut, swap=swap, tt=tt)), ("pair", TUNED[d]), ("baseline", BASELINE)):
         plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
         splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
         outs[name] = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,
                                   **kernel_args(v), **sc)
-    if DEV == "cpu":
+    if DEV == "cpu" and not swap and tt == 64:
         assert torch.equal(outs["reg"], outs["pair"])
     assert rel_err(outs["reg"], outs["pair"].double().cpu()) < ACCEPT_REL
     assert rel_err(outs["reg"], outs["baseline"].double().cpu()) < ACCEPT_REL
@@ -143,12 +147,13 @@ def test_register_lut_attention(lut, kb, vb, gqa):
         assert rel_err(outs["reg"][i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
 
 
-def test_register_lut_is_opt_in_and_in_the_short_sweep():
-    """The backend default stays the session-6 tuned variant; the bench's short sweep times lut 3 and 4 next to it
-    with <= 6 variants per head_dim (compile time on the device)."""
+def test_candidates_are_opt_in_and_in_the_short_sweep():
+    """The backend default stays the session-6 tuned variant (and its launch carries no new key); the bench's short
+    sweep times every candidate next to it with <= 6 variants per head_dim (compile time on the device)."""
     import importlib.util
     import pathlib
-    assert all(v["lut"] == 2 for v in TUNED.values())
+    assert all(v["lut"] == 2 and "swap" not in v for v in TUNED.values())
+    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap"][64])["swap"]
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
     B = importlib.util.module_from_spec(spec)
@@ -156,12 +161,28 @@ def test_register_lut_is_opt_in_and_in_the_short_sweep():
     for d in (64, 128):
         sw = B.short_sweep(d)
         assert len(sw) <= 6 and TUNED[d] in sw and B.BASELINE_VARIANT in sw
-        assert {3, 4} <= {v["lut"] for v in sw}
+        assert all(c[d] in sw for c in CANDIDATES.values())
         assert len({tuple(sorted(v.items())) for v in sw}) == len(sw)
 
 
-def test_lut_values_validated():
+@pytest.mark.parametrize("name", ["reg4", "swap_t128_reg3"])
+def test_candidate_stays_in_bounds(monkeypatch, name):
+    """test_decode_variants' debug bounds check (poisoned guard rows around every input, canaries around the output,
+    ragged lengths, tails not multiples of tt) run with a candidate in place of the tuned launch."""
+    import tests.test_decode_variants as tdv
+    monkeypatch.setitem(tdv.TUNED, 64, CANDIDATES[name][64])
+    tdv.test_tuned_launch_stays_in_bounds(64, 4)
+
+
+def test_candidate_values_validated():
     with pytest.raises(ValueError, match="lut must be one of"):
         K.KakeyaKernels(64, 4, 3, DEV, lut=5)
+    kk, sc, _ = build([600], 1, 1, 64, device=DEV)
+    q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=DEV)
+    pos, req = torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match="swap must be a bool"):
+        kk.attention(q, pos, req, scale=0.1, swap="yes", **sc)
     kk = K.KakeyaKernels(64, 5, 4, DEV, lut=4)        # 5-bit K keeps the pair table; its planes are placeholders
-    assert kk.reg_tables["k"].shape == (8,) and not kk.reg_tables["k"].any() and kk.reg_tables["v"].any()
+    assert kk.reg_tables["k"].shape == (256,) and not kk.reg_tables["k"].any()
+    planes = K.reg_table(kk.tables16["v"])                # one copy per lane (the kernel reads its lane's)
+    assert torch.equal(kk.reg_tables["v"].view(32, 8).cpu(), planes.cpu().expand(32, 8))
