@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device job for issue 3, one call of <= KERNEL_BUDGET_S (default 450) s (NOT yet run in this form): kernel benchmarks (short variant sweep:
-# baseline, the backend's tuned default and two neighbours, with on-GPU agreement; the decode grid vs FA3 bf16 with
-# the backend's tuned default, each row agreement-checked and guarded; seal variants vs prefill), then the kernel
-# parity suite (tests/test_kernels.py + tests/test_decode_variants.py: the tuned launch incl. maxnreg on the GPU),
+# baseline, the backend's tuned default and the 4 opt-in candidates of kakeya_kernels.variants.CANDIDATES, with
+# on-GPU agreement; the decode grid vs FA3 bf16 with the backend's tuned default, each row agreement-checked and
+# guarded; seal variants vs prefill), then the kernel parity suite (tests/test_kernels.py, test_decode_variants.py:
+# the tuned launch incl. maxnreg on the GPU, test_decode_candidates.py: the candidates' inline PTX on the GPU),
 # results + KERNELS.md into $OUT. Needs the gpu-kit staged (FlashAttention-3 for the baseline; SDPA otherwise).
 # Session 6 ran the full sweep (kernels_h200_session6.json) and crashed in the grid (fixed: see KERNELS.md).
 # Triton compiles dominate (~3 s per kernel variant): the bench stops starting work after 230 s, parity gets

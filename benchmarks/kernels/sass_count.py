@@ -140,6 +140,25 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
             "top_opcodes": best.most_common(12)}
 
 
+def candidates_table(path: str, dims, kb: int, vb: int) -> None:
+    """The backend's tuned default and every opt-in candidate (kakeya_kernels.variants), per head_dim."""
+    from kakeya_kernels.variants import CANDIDATES, TUNED
+    out = [f"| variant | head_dim | lut | swap | tt | warps | reg cap | loop SASS instr per code element per thread | "
+           "global loads per element | registers | spill LDL/STL in loop | shared KB | resident warps/SM |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in dims:
+        for name, v in [("tuned (default)", TUNED[d])] + [(n, c[d]) for n, c in CANDIDATES.items()]:
+            r = count(d, kb, vb, v["lut"], v["tt"], v["num_warps"], v["maxnreg"], v["bm"], fused=v["fused"],
+                      swap=v.get("swap", False))
+            out.append(f"| {name} | {d} | {v['lut']} | {'yes' if v.get('swap') else 'no'} | {v['tt']} | "
+                       f"{v['num_warps']} | {v['maxnreg'] or '-'} | {r['per_element']:.2f} | "
+                       f"{r['per_element_by_kind'].get('global_load', 0):.2f} | {r['regs']} | "
+                       f"{r['spill_instructions_in_loop']} | {r['shared_bytes'] / 1024:.0f} | {r['warps_per_sm']} |")
+            print(out[-1], flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -147,7 +166,10 @@ def main():
     ap.add_argument("--old", help="another kakeya_triton.py to compare, e.g. from git show REV:kernels/kakeya_triton.py")
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--candidates", help="markdown table of the backend default vs variants.CANDIDATES per head_dim")
     a = ap.parse_args()
+    if a.candidates:
+        return candidates_table(a.candidates, a.d, *map(int, a.bits.split(",")))
     from bench_kernels import SWEEP
     kb, vb = map(int, a.bits.split(","))
     old = load_kernels(a.old) if a.old else None
