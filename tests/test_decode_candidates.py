@@ -119,7 +119,7 @@ def test_reg_table_byte_planes():
 
 
 @pytest.mark.parametrize("lut,swap,tt,kb,vb,gqa", [
-    (4, False, 64, 4, 3, 1), (4, False, 64, 4, 3, 4), (4, False, 64, 3, 2, 3), (4, False, 64, 5, 4, 4),
+    (4, False, 64, 4, 3, 1), (4, False, 64, 3, 2, 3), (4, False, 64, 5, 4, 4),
     (3, False, 64, 4, 3, 3), (3, True, 128, 3, 2, 4), (2, True, 64, 4, 3, 3), (2, True, 128, 5, 4, 1),
     (4, True, 64, 4, 3, 4)])
 def test_candidate_attention(lut, swap, tt, kb, vb, gqa):
