@@ -78,7 +78,8 @@ def jobs(quick: bool):
                                                         maxnreg=96 if a[0] == 128 else None, fused=True,
                                                         precise=a[4], gqa=4, swap=a[5])),
                         (d, kb, vb, lut, precise, swap)))
-        for v in (SWEEP[-2:] if quick else SWEEP) + [v for v in short_sweep(d) if v not in SWEEP]:
+        extra = [v for v in short_sweep(d) if v not in SWEEP]      # the opt-in candidates the short sweep times
+        for v in (SWEEP[-2:] + extra[-1:] if quick else SWEEP + extra):
             out.append((f"bench D={d} {v}", lambda *a: _fits(S.compile_attn(a[0], 4, 3, a[1]["lut"], a[1]["tt"],
                                                                             a[1]["num_warps"], bm=a[1]["bm"],
                                                                             maxnreg=a[1]["maxnreg"],
