@@ -14,8 +14,8 @@ measured in sessions 2-3): ``lut=2`` looks centroids up two codes at a time in a
 own index: no unpack); ``lut=3`` / ``lut=4`` take codes of <= 3 / <= 4 bits from the table held in registers as
 byte planes, 8 codes per few ``prmt`` byte permutes (no memory access; wider codes keep the pair table); ``fused``
 gathers query rows in the kernel and merges splits in one combine kernel that writes the caller's output; ``bm``
-(the plan's rows per tile) may be the GQA group (Triton pads M < 16 inside the MMA); ``maxnreg`` caps registers
-for occupancy. benchmarks/kernels/sass_count.py counts their loop instructions.
+(the plan's rows per tile) may be the GQA group (Triton pads M < 16 inside the MMA; ``swap`` makes the codes the
+MMA's M operand so the rows pad to N = 8 instead); ``maxnreg`` caps registers for occupancy. benchmarks/kernels/sass_count.py counts their loop instructions.
 
 Bit packing is LSB-first (kakeya_kv.bitpack): indices are handled in groups of
 G = lcm(8, b) / b that fill exactly NB = G * b / 8 bytes.

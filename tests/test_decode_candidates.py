@@ -182,6 +182,11 @@ def test_candidate_values_validated():
     pos, req = torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="swap must be a bool"):
         kk.attention(q, pos, req, scale=0.1, swap="yes", **sc)
+    # the precise (float32) path ignores swap: same kernel, same result
+    q = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)).bfloat16().to(DEV)
+    a, b = (kk.attention(q, pos, req, scale=0.125, precise=True, lut=2, fused=True, swap=sw, out_dtype=torch.float32,
+                         **sc) for sw in (False, True))
+    assert torch.equal(a, b)
     kk = K.KakeyaKernels(64, 5, 4, DEV, lut=4)        # 5-bit K keeps the pair table; its planes are placeholders
     assert kk.reg_tables["k"].shape == (256,) and not kk.reg_tables["k"].any()
     planes = K.reg_table(kk.tables16["v"])                # one copy per lane (the kernel reads its lane's)
