@@ -11,6 +11,7 @@
 set -u
 T0=$(date +%s)
 source .gpukit/setup.sh || exit 3
+source scripts/triton_cache.sh restore
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
 mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/kakeya_kernels && ln -sfn "$PWD/kakeya_kv" /tmp/pp/kakeya_kv
 ln -sfn "$PWD/vllm_backend/kakeya_v1_3_ppl" /tmp/pp/kakeya_v1_3_ppl   # planner/runtime in test_decode_variants
@@ -23,4 +24,5 @@ python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && ta
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"
 [ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" 2>&1 | tail -25
+source scripts/triton_cache.sh save
 echo "total $(( $(date +%s) - T0 ))s"

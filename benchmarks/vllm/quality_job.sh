@@ -13,6 +13,7 @@ OUT=${OUT:-/tmp/quality_out}
 mkdir -p "$OUT"
 source .gpukit/setup.sh >/dev/null 2>&1 || { echo "cannot source .gpukit/setup.sh (carry .gpukit/b .gpukit/setup.sh)"; exit 3; }
 source scripts/device_install.sh
+source scripts/triton_cache.sh restore
 [ -f .gpudata/windows.json ] || { echo ".gpudata/windows.json missing: run 'python -m kakeya_kv.vllm_eval prep' on the CPU and carry .gpudata"; exit 3; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -45,10 +46,11 @@ case ${QSET:-all} in
   *)    echo "QSET must be tq, ours or all"; exit 2 ;;
 esac
 CONFIGS=${CONFIGS:-$DEFAULT}
-BUDGET=$(( CALL_S - 30 - (SECONDS - T0) ))      # 30 s kept for the copy-back of $OUT
+BUDGET=$(( CALL_S - 40 - (SECONDS - T0) ))      # 40 s kept for the cache archive and the copy-back of $OUT
 echo "configs: $CONFIGS"
 echo "GPUs: $NGPU, budget ${BUDGET} s, per config ${PER_CONFIG_S} s"
 python3 -m kakeya_kv.vllm_eval run --configs "$CONFIGS" --n "${N:-32}" --gpus "$NGPU" --budget-s "$BUDGET" \
     --timeout "$PER_CONFIG_S" --write-partial --out "$OUT/quality.json" \
     --hf-json benchmarks/results/quality_hf.json 2>&1 | tee "$OUT/quality_log.txt" | grep -v "it/s\]" | tail -70
+source scripts/triton_cache.sh save
 echo "job wall ${SECONDS}s"

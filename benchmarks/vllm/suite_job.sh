@@ -21,6 +21,7 @@ T0=$(date +%s)
 DEADLINE=$(( T0 + ${SUITE_BUDGET_S:-540} ))
 source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (stage chunks missing?)"; exit 3; }
 source scripts/device_install.sh
+source scripts/triton_cache.sh restore
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
 export PYTHONPATH=${PYTHONPATH:-}:/tmp/pyt PYTHONUNBUFFERED=1 GPU_TEST_RECORD=$OUT/gpu_test_record.jsonl
 python3 -c "import pytest" 2>/dev/null || { echo "no pytest: carry .gpuwheels (pytest, iniconfig, pluggy, packaging)"; exit 3; }
@@ -74,4 +75,5 @@ done
 echo
 printf '%-10s %6s  %s\n' part secs result
 for p in "${PARTS[@]}"; do printf '%-10s %6s  %s\n' "$p" "${SECONDS_USED[$p]}" "${RESULT[$p]}"; done
+source scripts/triton_cache.sh save
 echo "total $(( $(date +%s) - T0 )) s"
