@@ -389,7 +389,8 @@ def run(a) -> int:
         a.niah = False
         meta = {**meta, "niah_missing_reason": f"{a.windows} has no NIAH prompts (made before NIAH: re-run prep)"}
     if not a.niah:
-        meta = {**meta, "niah_contexts": None}
+        meta = {**meta, "niah_contexts": None,
+                "niah_missing_reason": meta.get("niah_missing_reason") or a.no_niah_reason}
     a.n = min(a.n, len(d["windows"]))
 
     def write_partial(done: list[dict]):
@@ -478,6 +479,8 @@ def main(argv=None) -> int:
         s.add_argument("--gen-tokens", type=int, default=0, help="greedy parity tokens (issue 4; 0 = skip)")
         s.add_argument("--gen-prompt", type=int, default=1000)
         s.add_argument("--no-niah", dest="niah", action="store_false")
+        s.add_argument("--no-niah-reason", default="NIAH not run in this call (--no-niah)",
+                       help="what the results say about the skipped NIAH")
         if name == "one":
             s.add_argument("--name", required=True)
             s.add_argument("--llm", default="{}", help="JSON of extra LLM(...) arguments")

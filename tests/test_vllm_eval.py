@@ -88,7 +88,7 @@ for g in (0, 2):
                   "topk_files": [], "ppl_s": 0.1})
     if name == "slow":
         time.sleep(60)
-for ph in ("niah_4k", "niah_8k"):
+for ph in ("niah_4k", "niah_8k") if "--no-niah" not in sys.argv else ():
     emit("PHASE", ph)
     emit("PART", {"phase": ph, ph: 1.0})
 emit("DONE")
@@ -279,3 +279,22 @@ def test_merge_needs_identical_baselines_and_keeps_measured_rows():
         merge_rows([("r1", _raw([1.0, 2.0], [a_row])), ("r2", _raw([1.0, 2.0], [b_row], cap=999))])
     with pytest.raises(ValueError, match="no measured flash_bf16"):
         merge_rows([("r1", {"meta": {}, "rows": [a_row]})])
+
+
+def test_no_niah_call_says_why_in_every_row(tmp_path, monkeypatch):
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    real_cmd = vllm_eval.child_cmd      # the fake child gets the real flags after its name
+    monkeypatch.setattr(vllm_eval, "child_cmd", lambda c, a: [sys.executable, str(script), c.name]
+                        + real_cmd(c, a)[1:])
+    trial = {"context": 4096, "depth": 0.5, "ids": [1, 2], "answer": "1"}
+    (tmp_path / "w.json").write_text(json.dumps({"meta": {"corpus": "c"}, "windows": [[1] * 8] * 4,
+                                                 "niah": [trial]}))
+    rc = vllm_eval.main(["run", "--configs", "kakeya_k3v2", "--windows", str(tmp_path / "w.json"), "--no-niah",
+                         "--no-niah-reason", "skipped: compile time", "--timeout", "20",
+                         "--out", str(tmp_path / "quality.json"), "--hf-json", ""])
+    assert rc == 0
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    for r in doc["configs"]:
+        why = {m["what"]: m["reason"] for m in r["not_measured"]}
+        assert r["niah_4k"] is None and why["niah_4k"] == why["niah_8k"] == "skipped: compile time"
