@@ -7,7 +7,7 @@ copy bandwidth; per head_dim a variant sweep at batch 16 / context 16k (--sweep 
 tuned default and the opt-in candidates of variants.CANDIDATES; full: session 6's 12 variants); the issue's grid
 with the backend's default variant (context >= 16k and batch >= 16 first), each row checked for agreement with the
 baseline variant at that shape before it is timed, each row guarded (an error is recorded in not_measured; a sticky
-CUDA error stops the grid and keeps what was measured); seal vs prefill.
+CUDA error stops the grid and keeps what was measured); seal vs prefill; v13 decode (fused and scratch) and seal.
 Timings: CUDA-graph replays (triton.testing.do_bench_cudagraph: kernel time without Python launch cost, as in a
 captured decode step) for ours and the baseline alike, plus the eager do_bench time of ours.
 """
@@ -164,8 +164,8 @@ class OursDecode:
         return max(1, min(self.n_sealed + 1, math.ceil(waves * self.sms / (nt * self.hkv))))
 
     def plan(self, bm: int) -> dict:
-        if bm not in self.plans:
-            self.plans[bm] = self.kk.plan(self.pos, self.req, self.batch, GQA, bm=bm)
+        if bm not in self.plans:   # the row/tile bookkeeping is format-independent (v13 kernels share it)
+            self.plans[bm] = KakeyaKernels.plan(self.kk, self.pos, self.req, self.batch, GQA, bm=bm)
         return self.plans[bm]
 
     def fn(self, v: dict):
@@ -208,6 +208,48 @@ def prefill_layer_us(d):
         x @ w1
         m @ w2
     return do_bench(run) * 1e3
+
+
+def v13_rows(res: dict, sms: int, t_end: float, save, k_bits: int = 3, v_bits: int = 2) -> None:
+    """The seed format (issue 3: "works for both formats, v13 may be slower"): decode at batch 16 / context 16k
+    (fused kernel and the scratch path) against FA3, and seal time per block-layer; after everything else."""
+    from kakeya_kernels.v13_triton import V13Kernels
+    for d in (64, 128):
+        if time.time() > t_end + 30:
+            res["not_measured"].append({"what": "v13", "head_dim": d, "why": "deadline"})
+            continue
+        try:
+            fa, _, fa_name = fa_decode_fn(16, 16384, d)
+            fa_us = graph_us(fa)
+            del fa
+            _free_cuda()
+            for attn in ("fused", "scratch"):
+                kk = V13Kernels(d, k_bits, v_bits, "cuda", attn=attn)
+                sc = OursDecode(kk, 16, 16384, d, sms)
+                fn = sc.fn(dict(BASELINE_VARIANT, fused=False))
+                us = do_bench(fn) * 1e3      # eager: the scratch path sizes its scratch on the host
+                res["decode"].append({"format": f"v13_k{k_bits}v{v_bits}_{attn}", "head_dim": d, "batch": 16,
+                                      "context": 16384, "us": us, "fa3_bf16_us": fa_us, "baseline": fa_name,
+                                      "bytes": sc.bytes, "gbps": sc.bytes / us / 1e3, "speedup_vs_bf16": fa_us / us,
+                                      "timing": "eager do_bench (ours), CUDA-graph replay (baseline)"})
+                print(f"v13 {attn} D={d} b=16 ctx=16384: {us:.1f} us vs {fa_name} {fa_us:.1f} us", flush=True)
+                del sc, fn
+                _free_cuda()
+            kk = V13Kernels(d, k_bits, v_bits, "cuda")
+            x = (torch.randn(16, HKV, 512, d, device="cuda") * 2 + torch.randn(d, device="cuda") * 4).bfloat16()
+            slots = torch.zeros(16, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device="cuda")
+            us = do_bench(lambda: kk.seal(x, x, slots)) * 1e3 / 16
+            res["seal"].append({"format": f"v13_k{k_bits}v{v_bits}", "head_dim": d, "us_per_block_layer": us,
+                                "prefill_us_per_block_layer": prefill_layer_us(d)})
+            print(f"v13 seal D={d}: {us:.1f} us/block-layer", flush=True)
+        except Exception as e:  # noqa: BLE001 - v13 has never run on a GPU: record, keep the rest
+            res["not_measured"].append({"what": "v13", "head_dim": d, "error": repr(e)[:300]})
+            print("v13 failed", d, repr(e)[:200], flush=True)
+            if context_lost(e):
+                res["aborted"] = f"sticky CUDA error in the v13 rows at D={d}"
+                save()
+                return
+        save()
 
 
 def main():
@@ -314,6 +356,7 @@ def main():
         res["seal"].append({"format": res["format"], "head_dim": d, "us_per_block_layer": pick["us_per_block_layer"],
                             "prefill_us_per_block_layer": prefill_layer_us(d), "variant": pick, "variants": rows})
         save()
+    v13_rows(res, sms, t_end, save)
     for s in res["seal"]:
         print(f"seal D={s['head_dim']}: {s['us_per_block_layer']:.1f} us/block-layer vs prefill "
               f"{s['prefill_us_per_block_layer']:.1f} us ({100 * s['us_per_block_layer'] / s['prefill_us_per_block_layer']:.1f} %)")
