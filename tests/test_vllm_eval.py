@@ -2,6 +2,7 @@
 (fake child processes), top-k extraction, and the result files."""
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -298,3 +299,33 @@ def test_no_niah_call_says_why_in_every_row(tmp_path, monkeypatch):
     for r in doc["configs"]:
         why = {m["what"]: m["reason"] for m in r["not_measured"]}
         assert r["niah_4k"] is None and why["niah_4k"] == why["niah_8k"] == "skipped: compile time"
+
+
+@pytest.mark.parametrize("qset", ["tq", "ours", "all"])
+def test_quality_job_config_sets_resolve(qset, tmp_path):
+    """Every config a device call of quality_job.sh would run resolves here (a typo would waste the call); the
+    'ours' call holds every row issue 4's vllm_quality.json compares, and the two calls together every rival."""
+    import subprocess
+    from kakeya_kv import report
+    from kakeya_kv.vllm_configs import resolve
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PRINT_CONFIGS": "1", "QSET": qset, "OUT": str(tmp_path)}
+    env.pop("CONFIGS", None)
+    run = lambda q: subprocess.run(["bash", "benchmarks/vllm/quality_job.sh"], cwd=root, capture_output=True,
+                                   text=True, env={**env, "QSET": q}, timeout=60)
+    r = run(qset)
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.strip().split(",")
+    old = os.getcwd()
+    os.chdir(root)                          # recipe paths are relative to the repository
+    try:
+        assert names[0] == "flash_bf16" and all(resolve(n) for n in names)
+    finally:
+        os.chdir(old)
+    if qset == "ours":
+        assert set(report.ISSUE4_REQUIRED) <= set(names)
+    if qset == "tq":
+        both = set(names) | set(run("ours").stdout.strip().split(","))
+        rivals = {"turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc",
+                  "int4_per_token_head", "triton_fp8"}
+        assert rivals <= both

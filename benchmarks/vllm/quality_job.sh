@@ -11,13 +11,7 @@ T0=$SECONDS
 CALL_S=${CALL_S:-600}
 OUT=${OUT:-/tmp/quality_out}
 mkdir -p "$OUT"
-source .gpukit/setup.sh >/dev/null 2>&1 || { echo "cannot source .gpukit/setup.sh (carry .gpukit/b .gpukit/setup.sh)"; exit 3; }
-source scripts/device_install.sh
-source scripts/triton_cache.sh restore
-[ -f .gpudata/windows.json ] || { echo ".gpudata/windows.json missing: run 'python -m kakeya_kv.vllm_eval prep' on the CPU and carry .gpudata"; exit 3; }
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-NGPU=$(nvidia-smi -L | wc -l)
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 # Per-config limit: with 2+ GPUs the lanes share the call, so a slow config (TurboQuant) can get longer.
 USER_PER_CONFIG_S=${PER_CONFIG_S:-}
 [ "$NGPU" -ge 2 ] && PER_CONFIG_S=${PER_CONFIG_S:-240} || PER_CONFIG_S=${PER_CONFIG_S:-150}
@@ -50,6 +44,14 @@ case ${QSET:-all} in
   *)    echo "QSET must be tq, ours or all"; exit 2 ;;
 esac
 CONFIGS=${CONFIGS:-$DEFAULT}
+# PRINT_CONFIGS=1: print the config list and stop (CPU test: every name resolves before a device call is spent).
+[ -n "${PRINT_CONFIGS:-}" ] && { echo "$CONFIGS"; exit 0; }
+source .gpukit/setup.sh >/dev/null 2>&1 || { echo "cannot source .gpukit/setup.sh (carry .gpukit/b .gpukit/setup.sh)"; exit 3; }
+source scripts/device_install.sh
+source scripts/triton_cache.sh restore
+[ -f .gpudata/windows.json ] || { echo ".gpudata/windows.json missing: run 'python -m kakeya_kv.vllm_eval prep' on the CPU and carry .gpudata"; exit 3; }
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BUDGET=$(( CALL_S - 40 - (SECONDS - T0) ))      # 40 s kept for the cache archive and the copy-back of $OUT
 echo "configs: $CONFIGS"
 echo "GPUs: $NGPU, budget ${BUDGET} s, per config ${PER_CONFIG_S} s"
