@@ -23,3 +23,16 @@ def test_tracked_files_are_small():
     assert not big, f"tracked files over {MAX_FILE} bytes: {big}"
     total = sum(p.stat().st_size for p in files)
     assert total <= MAX_TOTAL, f"tracked tree is {total} bytes (> {MAX_TOTAL})"
+
+
+def test_device_job_scripts_name_existing_files():
+    """A device call is scarce: every test module, script and Python file a device job names must exist here."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    jobs = sorted(root.glob("benchmarks/**/*.sh")) + sorted(root.glob("scripts/*.sh"))
+    missing = []
+    for job in jobs:
+        for path in set(re.findall(r"(?<![\w/.$])((?:tests|benchmarks|scripts)/[\w/.-]+\.(?:py|sh))", job.read_text())):
+            if not (root / path).exists():
+                missing.append(f"{job.relative_to(root)} -> {path}")
+    assert jobs and not missing, missing
