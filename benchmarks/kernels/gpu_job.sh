@@ -17,6 +17,9 @@ mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/kakeya_kernels && ln -sfn "$P
 ln -sfn "$PWD/vllm_backend/kakeya_v1_3_ppl" /tmp/pp/kakeya_v1_3_ppl   # planner/runtime in test_decode_variants
 export PYTHONPATH=/tmp/pp:/tmp/pyt:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# Profilers for the next step of issue 3 (stall reasons / occupancy), if the image has them.
+for t in ncu nsys; do command -v $t >/dev/null && echo "profiler available: $(command -v $t)"; done
+python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('SMs', p.multi_processor_count, 'clock', getattr(p, 'clock_rate', '?'))" 2>/dev/null
 BUDGET=${KERNEL_BUDGET_S:-450}      # the whole job; the bench gets half of it (at most 230 s of new work)
 BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S --sweep short 2>&1 | grep -v Warning
