@@ -119,4 +119,6 @@ def test_short_sweep_times_the_backend_default():
     for d in (64, 128):
         sw = B.short_sweep(d)
         assert sw[0] == B.BASELINE_VARIANT and TUNED[d] in sw and len(sw) == len({str(v) for v in sw})
-        assert all(set(v) - {"swap"} == set(B.BASELINE_VARIANT) for v in sw)   # swap: only the opt-in candidates
+        # swap: only the opt-in candidates; num_stages: only the pipelining probe
+        assert all(set(v) - {"swap", "num_stages"} == set(B.BASELINE_VARIANT) for v in sw)
+        assert len(sw) <= 7

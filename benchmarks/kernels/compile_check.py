@@ -84,7 +84,8 @@ def jobs(quick: bool):
                                                                             a[1]["num_warps"], bm=a[1]["bm"],
                                                                             maxnreg=a[1]["maxnreg"],
                                                                             fused=a[1]["fused"],
-                                                                            swap=a[1].get("swap", False))),
+                                                                            swap=a[1].get("swap", False),
+                                                                            ns=a[1].get("num_stages", 1))),
                         (d, v)))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
             for bits in (4, 3):

@@ -33,8 +33,9 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
-                 swap: bool = False):
-    """mod: the kernels module (another version can be loaded with load_kernels(path) to compare)."""
+                 swap: bool = False, ns: int = 1):
+    """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
+    pipeline stages of the block loops (KakeyaKernels.attention's num_stages)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
     (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
@@ -42,7 +43,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
-                 DIAG=0, LUT=lut, NS=1, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap),
+                 DIAG=0, LUT=lut, NS=ns, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap),
                  ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
