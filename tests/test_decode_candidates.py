@@ -149,7 +149,8 @@ def test_candidate_attention(lut, swap, tt, kb, vb, gqa):
 
 def test_candidates_are_opt_in_and_in_the_short_sweep():
     """The backend default stays the session-6 tuned variant (and its launch carries no new key); the bench's short
-    sweep times every candidate next to it with <= 6 variants per head_dim (compile time on the device)."""
+    sweep times every candidate next to it with <= 7 variants per head_dim (compile time on the device; the 7th is
+    the bench's 2-stage pipelining probe)."""
     import importlib.util
     import pathlib
     assert all(v["lut"] == 2 and "swap" not in v for v in TUNED.values())
@@ -160,7 +161,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
     spec.loader.exec_module(B)
     for d in (64, 128):
         sw = B.short_sweep(d)
-        assert len(sw) <= 6 and TUNED[d] in sw and B.BASELINE_VARIANT in sw
+        assert len(sw) <= 7 and TUNED[d] in sw and B.BASELINE_VARIANT in sw
         assert all(c[d] in sw for c in CANDIDATES.values())
         assert len({tuple(sorted(v.items())) for v in sw}) == len(sw)
 
