@@ -8,22 +8,27 @@ import torch
 from kakeya_kv.codecs.kakeya import KakeyaCodec
 
 
-def build(lens, hkv, gqa, d, kb=4, vb=3, device="cpu", seed=0, real_kv=None):
-    """Requests with given lengths: sealed blocks in shuffled pages, tails exact.
+def kv_data(hkv, L, d, g):
+    """Random K (per-channel spread and offset, like real keys) and V [Hkv, L, D] in bf16."""
+    K = (torch.randn(hkv, L, d, generator=g) * (torch.rand(d, generator=g) * 2 + 0.2)
+         + torch.randn(d, generator=g) * 3).bfloat16()
+    return K, torch.randn(hkv, L, d, generator=g).bfloat16()
 
-    Returns (kernels, scenario dict, reference K/V per request as float64 on CPU).
+
+def build_paged(kk, lens, hkv, d, g, ref_decode, device="cpu", real_kv=None, tail_rows=None):
+    """Requests with given lengths, for any format's kernels ``kk``: sealed blocks in shuffled pages, tails exact.
+
+    ref_decode(slots [ns, Hkv, slot_bytes]) -> reference (K, V) [Hkv, ns * 512, D] decoded from the very bytes the
+    seal wrote. tail_rows: rows per tail slot (default: the longest tail + 1).
+    Returns (scenario dict, reference K/V per request as float64 on CPU).
     real_kv: optional (k, v) [Hkv, T, D] tensors to take data from (captured model KV).
     """
-    from kakeya_kernels.kakeya_triton import KakeyaKernels
-    g = torch.Generator().manual_seed(seed)
-    kk = KakeyaKernels(d, kb, vb, device)
-    codec = KakeyaCodec(kb, vb)
     nblk = [L // 512 for L in lens]
     maxb = max(max(nblk), 1)
     pages = torch.randperm(len(lens) * maxb, generator=g)
     bt = pages.view(len(lens), maxb).to(torch.int32)
     cache = torch.zeros(len(lens) * maxb, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
-    tmax = max(L - n * 512 for L, n in zip(lens, nblk)) + 1
+    tmax = tail_rows or max(L - n * 512 for L, n in zip(lens, nblk)) + 1
     tail_k = torch.zeros(len(lens), hkv, tmax, d, dtype=torch.bfloat16, device=device)
     tail_v = torch.zeros_like(tail_k)
     refs = []
@@ -32,16 +37,14 @@ def build(lens, hkv, gqa, d, kb=4, vb=3, device="cpu", seed=0, real_kv=None):
             off = int(torch.randint(0, real_kv[0].shape[1] - L + 1, (1,), generator=g))
             K, V = real_kv[0][:hkv, off:off + L].bfloat16(), real_kv[1][:hkv, off:off + L].bfloat16()
         else:
-            K = (torch.randn(hkv, L, d, generator=g) * (torch.rand(d, generator=g) * 2 + 0.2)
-                 + torch.randn(d, generator=g) * 3).bfloat16()
-            V = torch.randn(hkv, L, d, generator=g).bfloat16()
+            K, V = kv_data(hkv, L, d, g)
         kd, vd = K.double(), V.double()
         if ns:
             tmp = torch.zeros(ns, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
             kk.seal(K[:, :ns * 512].reshape(hkv, ns, 512, d).transpose(0, 1).to(device),
                     V[:, :ns * 512].reshape(hkv, ns, 512, d).transpose(0, 1).to(device), tmp)
             cache[bt[r, :ns].long().to(device)] = tmp
-            dk, dv = codec.decode(tmp.cpu().transpose(0, 1), d)
+            dk, dv = ref_decode(tmp.cpu())
             kd[:, :ns * 512], vd[:, :ns * 512] = dk.double(), dv.double()
         tail_k[r, :, :L - ns * 512] = K[:, ns * 512:].to(device)
         tail_v[r, :, :L - ns * 512] = V[:, ns * 512:].to(device)
@@ -49,6 +52,19 @@ def build(lens, hkv, gqa, d, kb=4, vb=3, device="cpu", seed=0, real_kv=None):
     sc = dict(cache=cache, block_table=bt.to(device), n_sealed=torch.tensor(nblk, dtype=torch.int32, device=device),
               seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), tail_k=tail_k, tail_v=tail_v,
               tail_slot=torch.arange(len(lens), dtype=torch.int32, device=device))
+    return sc, refs
+
+
+def build(lens, hkv, gqa, d, kb=4, vb=3, device="cpu", seed=0, real_kv=None):
+    """The default format's kernels and a build_paged scenario, references from the CPU reference codec.
+
+    Returns (kernels, scenario dict, reference K/V per request as float64 on CPU).
+    """
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    g = torch.Generator().manual_seed(seed)
+    kk = KakeyaKernels(d, kb, vb, device)
+    codec = KakeyaCodec(kb, vb)
+    sc, refs = build_paged(kk, lens, hkv, d, g, lambda slots: codec.decode(slots.transpose(0, 1), d), device, real_kv)
     return kk, sc, refs
 
 

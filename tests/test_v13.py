@@ -13,13 +13,7 @@ from kakeya_kv.format import V13_MAGIC, V13_REVISION, V13_SEED, v13_layout
 N = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Blocks are tiny (512 x D): intra-op threads only add spin-wait contention on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_mse(y, x):

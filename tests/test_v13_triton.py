@@ -18,23 +18,12 @@ import torch
 
 from kakeya_kv.codecs.v13 import decode_stream, encode_stream
 from kakeya_kv.format import v13_layout
-from tests.kernel_cases import ref_attention, rel_err
+from tests.kernel_cases import build_paged, kv_data, ref_attention, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def kv_data(hkv, L, d, g):
-    K = (torch.randn(hkv, L, d, generator=g) * (torch.rand(d, generator=g) * 2 + 0.2)
-         + torch.randn(d, generator=g) * 3).bfloat16()
-    return K, torch.randn(hkv, L, d, generator=g).bfloat16()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edge_blocks(d, g):
@@ -92,33 +81,15 @@ def build_v13(lens, hkv, d, g, tail_rows=512, attn="fused"):
     from the very bytes the seal wrote, by the CPU reference decoder."""
     from kakeya_kernels.v13_triton import V13Kernels
     kk = V13Kernels(d, 3, 2, DEV, attn=attn)
-    nblk = [L // 512 for L in lens]
-    maxb = max(max(nblk), 1)
-    bt = torch.randperm(len(lens) * maxb, generator=g).view(len(lens), maxb).to(torch.int32)
-    cache = torch.zeros(len(lens) * maxb, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
-    tail_k = torch.zeros(len(lens), hkv, tail_rows, d, dtype=torch.bfloat16, device=DEV)
-    tail_v = torch.zeros_like(tail_k)
-    refs, ks = [], kk.lay.k.size
-    for r, (L, ns) in enumerate(zip(lens, nblk)):
-        K, V = kv_data(hkv, L, d, g)
-        kd, vd = K.double(), V.double()
-        if ns:
-            tmp = torch.zeros(ns, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
-            kk.seal(K[:, :ns * 512].reshape(hkv, ns, 512, d).transpose(0, 1).to(DEV),
-                    V[:, :ns * 512].reshape(hkv, ns, 512, d).transpose(0, 1).to(DEV), tmp)
-            cache[bt[r, :ns].long().to(DEV)] = tmp
-            for b in range(ns):
-                for h in range(hkv):
-                    s = tmp[b, h].cpu()
-                    kd[h, b * 512:(b + 1) * 512] = decode_stream(s[:ks], kk.lay.k).double()
-                    vd[h, b * 512:(b + 1) * 512] = decode_stream(s[ks:], kk.lay.v).double()
-        tail_k[r, :, :L - ns * 512] = K[:, ns * 512:].to(DEV)
-        tail_v[r, :, :L - ns * 512] = V[:, ns * 512:].to(DEV)
-        refs.append((kd, vd))
-    sc = dict(cache=cache, block_table=bt.to(DEV), n_sealed=torch.tensor(nblk, dtype=torch.int32, device=DEV),
-              seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEV), tail_k=tail_k, tail_v=tail_v,
-              tail_slot=torch.arange(len(lens), dtype=torch.int32, device=DEV))
-    return kk, sc, refs, np.array(nblk)
+    ks = kk.lay.k.size
+
+    def ref_decode(slots):          # [ns, Hkv, slot_bytes] -> K, V [Hkv, ns * 512, D]
+        dec = lambda st, lo, hi: torch.stack([torch.cat([decode_stream(slots[b, h, lo:hi], st)
+                                                         for b in range(slots.shape[0])]) for h in range(hkv)])
+        return dec(kk.lay.k, 0, ks), dec(kk.lay.v, ks, None)
+
+    sc, refs = build_paged(kk, lens, hkv, d, g, ref_decode, DEV, tail_rows=tail_rows)
+    return kk, sc, refs, np.array([L // 512 for L in lens])
 
 
 @pytest.mark.parametrize("d,attn", [(64, "fused"), (128, "fused"), (64, "scratch"), (128, "scratch")])

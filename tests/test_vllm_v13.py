@@ -61,6 +61,7 @@ def test_v13_backend_classes_and_spec(glue, monkeypatch):  # noqa: F811
         B.backend_for_bits(5, 4)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("attn", ["fused", "scratch"])
 def test_v13_runtime_prefill_then_decode(attn):
     """Planner -> tail -> v13 attention -> v13 seal over a chunked prefill crossing a block boundary and decode
@@ -68,7 +69,6 @@ def test_v13_runtime_prefill_then_decode(attn):
     from kakeya_kernels.v13_triton import V13Kernels
     from kakeya_v1_3_ppl.plan import TailState, plan_step, to_device
     from kakeya_v1_3_ppl.runtime import forward_compressed
-    torch.set_num_threads(1)
     d, hkv, gqa, T = 64, 1, 3, 530
     g = torch.Generator().manual_seed(11)
     kk = V13Kernels(d, 3, 2, "cpu", attn=attn)
