@@ -143,7 +143,7 @@ def read_only_rows(phases: list[Phase], B: int) -> np.ndarray:
 
 
 def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: np.ndarray,
-                read_only_first: np.ndarray | None = None) -> np.ndarray:
+                read_only_first: np.ndarray) -> np.ndarray:
     """Phase offset per request. vLLM puts a block into the prefix cache when it schedules the step that fills it,
     so a request admitted later in the same step can hit a block that another request seals in this very step
     (two identical prompts arriving together). Such a request starts after the last phase that seals any of its
@@ -153,9 +153,8 @@ def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: n
     (the whole prompt cached, its last token recomputed) reads its own first block sealed: that block counts too."""
     shift = np.zeros(len(hit), dtype=np.int64)
     live = q_len > 0
-    ro = np.zeros(len(hit), dtype=bool) if read_only_first is None else read_only_first
     for r in sorted(np.nonzero(hit)[0], key=lambda r: b0[r]):
-        last = np.minimum(last_full, b0[r] - 1 + int(ro[r]))    # each other request's last sealed hit block
+        last = np.minimum(last_full, b0[r] - 1 + int(read_only_first[r]))    # each other request's last sealed hit block
         seals = live & (last >= b0) & (np.arange(len(hit)) != r)
         if seals.any():
             shift[r] = int((shift + last - b0)[seals].max()) + 1
