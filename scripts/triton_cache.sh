@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Carry Triton's compile cache between device sessions (every lent machine starts cold; vLLM's TurboQuant compiled
-# for ~200 s on its first use in session 6). Same kit + same GPU type -> the cache keys match.
+# Carry Triton's compile cache between device sessions (every lent machine starts cold; vLLM's TurboQuant was
+# slow on its first use in session 6, presumably compiling: first load > 150 s, first 4k generation 112 s). Same kit + same GPU type -> the cache keys match.
 #   source scripts/triton_cache.sh restore   # before a job: .gpudata/triton_cache.tar.xz -> $TRITON_CACHE_DIR
 #   source scripts/triton_cache.sh save      # after it: $TRITON_CACHE_DIR -> $OUT/triton_cache.tar.xz (if <= 4 MB)
 # Copy a saved archive to .gpudata/ on the CPU for the next session (git-ignored; it counts against the 64 MiB

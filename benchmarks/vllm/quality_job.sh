@@ -23,7 +23,7 @@ DEFAULT=$DEFAULT,turboquant_k3v4_nc,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
 # With a calibration bundle carried in .gpudata/bundle (kakeya-kv calibrate --out .gpudata/bundle): k4v3 + bundle.
 [ -d .gpudata/bundle ] && DEFAULT=$DEFAULT,kakeya_k4v3_cal
 # One H200 call (600 s) cannot hold every config: vLLM's TurboQuant compiles its Triton kernels on first use
-# (~100 s at load, ~110 s more at the first 4k decode; measured session 6), so on a 1-GPU machine run two calls,
+# (session 6: the first TQ load > 150 s, the first 4k-context generation 112 s), so on a 1-GPU machine run two calls,
 # each re-measuring the baseline, and merge them on the CPU (`python -m kakeya_kv.vllm_eval merge A.raw.json
 # B.raw.json`, which refuses runs whose baseline per-window NLL or capacity differ):
 #   QSET=tq    bf16 + every TurboQuant preset (the first one gets the compile time: 300 s per config)
@@ -31,10 +31,11 @@ DEFAULT=$DEFAULT,turboquant_k3v4_nc,triton_fp8,kakeya_k5v4${RECIPES:+,$RECIPES}
 NIAH_ARGS=()
 case ${QSET:-all} in
   # NIAH off here: TurboQuant also compiles its decode kernels per preset at the first 4k-context generation
-  # (~100 s each in session 6), which would not fit one call; its PPL/KLD rows (the criteria) do.
+  # (4bit_nc's first 4k generation took 112 s in session 6; the others were cut before finishing it), which would
+  # not fit one call; its PPL/KLD rows (the criteria) do.
   tq)   DEFAULT=flash_bf16,turboquant_4bit_nc,turboquant_3bit_nc,turboquant_k8v4,turboquant_k3v4_nc
         PER_CONFIG_S=${USER_PER_CONFIG_S:-300}
-        NIAH_ARGS=(--no-niah --no-niah-reason "NIAH not run in the TurboQuant call (its per-preset decode compile, ~100 s each, does not fit one device call; session 6 measured 4bit_nc: 4k 1.0, 8k 0.8)") ;;
+        NIAH_ARGS=(--no-niah --no-niah-reason "NIAH not run in the TurboQuant call (its first long-context generation per preset is slow: 112 s for 4bit_nc in session 6, which measured 4bit_nc at 4k 1.0, 8k 0.8)") ;;
   # k4v4 is here because TurboQuant k8v4 is the one preset k4v3 does not beat on ΔPPL (HF/CPU: k4v4 3.68x +0.16 %,
   # k8v4 2.12x +0.15 %); the perlayer recipe is left out (the 0.5pct recipe supersedes it) to fit one call.
   ours) DEFAULT=flash_bf16,kakeya_k4v3,kakeya_k3v2,kakeya_k4v4,int4_per_token_head,triton_fp8,kakeya_k5v4
