@@ -25,9 +25,21 @@ def markdown_table(res: dict) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def paired_gap_ci(mine: dict, rival: dict) -> list[float] | None:
+    """95 % interval of the mean per-window NLL difference (mine − rival) on their common windows, in ΔPPL %
+    terms; None without per-window NLL. Pairing cancels the text's own difficulty, so two settings whose
+    intervals vs the baseline overlap can still be told apart."""
+    from .quality import paired_delta_pct
+    a = dict(zip(mine.get("window_ids") or [], mine.get("window_nll") or []))
+    b = dict(zip(rival.get("window_ids") or [], rival.get("window_nll") or []))
+    common = [i for i in a if i in b]
+    return paired_delta_pct([a[i] for i in common], [b[i] for i in common])[1] if len(common) >= 2 else None
+
+
 def beats(rows: list[dict], rival_families=("turboquant",), ours: str = "kakeya") -> list[dict]:
-    """For each rival row: our rows with a strictly higher ratio AND a strictly lower ΔPPL, and those
-    whose ΔPPL CI upper bound is below the rival's lower bound. Rows lacking a number are skipped."""
+    """For each rival row: our rows with a strictly higher ratio AND a strictly lower ΔPPL; those whose ΔPPL CI
+    upper bound is below the rival's lower bound; and those whose paired per-window difference to the rival
+    has a 95 % interval entirely below 0. Rows lacking a number are skipped."""
     ok = lambda r: r.get("ratio_vs_bf16") is not None and r.get("delta_ppl_pct") is not None
     mine = [r for r in rows if r["family"] == ours and ok(r)]
     out = []
@@ -35,18 +47,21 @@ def beats(rows: list[dict], rival_families=("turboquant",), ours: str = "kakeya"
         win = [m for m in mine if m["ratio_vs_bf16"] > t["ratio_vs_bf16"] and m["delta_ppl_pct"] < t["delta_ppl_pct"]]
         sep = [m for m in win if m.get("delta_ppl_pct_ci95") and t.get("delta_ppl_pct_ci95")
                and m["delta_ppl_pct_ci95"][1] < t["delta_ppl_pct_ci95"][0]]
-        out.append({"rival": t, "beaten_by": win, "ci_separated": sep})
+        paired = [(m, ci) for m in win if (ci := paired_gap_ci(m, t)) is not None and ci[1] < 0]
+        out.append({"rival": t, "beaten_by": win, "ci_separated": sep, "paired_separated": paired})
     return out
 
 
 def beats_table(rows: list[dict], rival_families=("turboquant",), ours: str = "kakeya") -> str:
     fmt = lambda xs: ", ".join(f"{m['name']} ({m['ratio_vs_bf16']:.2f}×, {m['delta_ppl_pct']:+.2f} %)" for m in xs) or "none"
+    fmt_p = lambda xs: ", ".join(f"{m['name']} [{ci[0]:+.2f}, {ci[1]:+.2f}]" for m, ci in xs) or "none"
     lines = ["| rival | ratio | ΔPPL % | our settings with higher ratio and lower ΔPPL | "
-             "… and ΔPPL CI upper bound below the rival's lower bound |", "|---|---|---|---|---|"]
+             "… and ΔPPL CI upper bound below the rival's lower bound | "
+             "… and paired per-window PPL difference to the rival, 95 % CI (%) below 0 |", "|---|---|---|---|---|---|"]
     for b in beats(rows, rival_families, ours):
         t = b["rival"]
         lines.append(f"| {t['name']} | {t['ratio_vs_bf16']:.2f} | {t['delta_ppl_pct']:+.2f} | {fmt(b['beaten_by'])} | "
-                     f"{fmt(b['ci_separated'])} |")
+                     f"{fmt(b['ci_separated'])} | {fmt_p(b['paired_separated'])} |")
     return "\n".join(lines)
 
 

@@ -409,9 +409,17 @@ def run(a) -> int:
     return 0 if all(r["ppl"] is not None for r in doc["configs"]) else 1
 
 
+def better_measured(new: dict, old: dict) -> bool:
+    """Whether `new` may replace `old` (same config name) in a merge: it measured the windows if `old` did, and
+    left no more phases unmeasured (the baseline re-run without NIAH must not drop the NIAH one's results)."""
+    if bool(new.get("window_nll")) != bool(old.get("window_nll")):
+        return bool(new.get("window_nll"))
+    return len(new.get("not_measured") or []) <= len(old.get("not_measured") or [])
+
+
 def merge_rows(docs: list[tuple[str, dict]], tol: float = 0.0) -> tuple[list[dict], dict, dict]:
-    """Rows of several raw results of one protocol -> one set (later files win per config name, but a measured
-    row is never replaced by one that was not measured). Runs are only comparable when each re-measured the
+    """Rows of several raw results of one protocol -> one set (later files win per config name, but a row is
+    never replaced by one that measured less, see better_measured). Runs are only comparable when each re-measured the
     baseline with the same per-window NLL (ΔPPL, KLD and ratios are taken against it in each run): otherwise
     refuse, naming the run and the largest difference."""
     import numpy as np
@@ -436,7 +444,7 @@ def merge_rows(docs: list[tuple[str, dict]], tol: float = 0.0) -> tuple[list[dic
                 raise ValueError(f"{name}: baseline KV capacity {base.get('capacity_tokens')} != {ref[3]} in {ref[0]}")
         measured = []
         for r in d["rows"]:
-            if r.get("window_nll") or r["name"] not in rows:
+            if r["name"] not in rows or better_measured(r, rows[r["name"]]):
                 rows[r["name"]] = r
             if r.get("window_nll") and r["name"] != BASELINE:
                 measured.append(r["name"])
@@ -449,8 +457,31 @@ def merge_rows(docs: list[tuple[str, dict]], tol: float = 0.0) -> tuple[list[dic
 def merge(a) -> int:
     """Several raw files of the same protocol on the same card -> one result (see merge_rows)."""
     rows, meta, aliases = merge_rows([(f, json.loads(Path(f).read_text())) for f in a.inputs])
+    if a.recipes:
+        aliases.update(recipe_aliases(rows, [n if n.startswith("recipe:") else f"recipe:{n}"
+                                             for n in a.recipes.split(",") if n]))
     finish(rows, a, meta, aliases)
     return 0
+
+
+def recipe_aliases(rows: list[dict], recipes: list[str]) -> dict[str, str]:
+    """Recipes written after the runs, named onto the measured row whose setting they equal (the same rule a run
+    uses to skip re-running them); a recipe whose setting no row measured is an error, never a borrowed row."""
+    from .config import ConfigError
+    from .vllm_configs import dedupe, resolve
+    measured = []
+    for r in rows:
+        if r.get("window_nll") and r["name"] != BASELINE and not r["name"].startswith("recipe:"):
+            try:
+                measured.append(resolve(r["name"]))
+            except ConfigError:
+                continue            # a row this checkout no longer knows by name cannot carry an alias
+    wanted = [resolve(n) for n in recipes]
+    _, alias = dedupe(measured + wanted)
+    missing = [c.name for c in wanted if c.name not in alias]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: setting not measured in the merged runs (run it on the device)")
+    return {c.name: alias[c.name] for c in wanted}
 
 
 def main(argv=None) -> int:
@@ -499,6 +530,8 @@ def main(argv=None) -> int:
             s.add_argument("--configs", default="flash_bf16,kakeya_k4v3")
         else:
             s.add_argument("inputs", nargs="+")
+            s.add_argument("--recipes", default="", help="recipe files (comma-separated) written after the runs: "
+                           "each is reported as the measured row with the same setting, or refused")
     a = p.parse_args(argv)
     return a.fn(a)
 

@@ -3,8 +3,11 @@
 A variant = kernel knobs (lut, fused, tt, num_warps, maxnreg; see kakeya_triton.KakeyaKernels) + the planner's
 rows per query tile ``bm`` + the KV split rule (``waves`` = target programs per SM, None = a fixed split count).
 
-"tuned" won the H200 sweep of session 6 (k4v3, batch 16, context 16k, CUDA-graph replay;
-benchmarks/results/kernels_h200_session6.json): D=128 484 µs vs 981 µs for the previous path, D=64 262 vs 745 µs.
+"tuned" is the winner of the H200 sweeps (k4v3, batch 16, context 16k, CUDA-graph replay). Session 6
+(benchmarks/results/kernels_h200_session6.json) found the pair-table launch (lut 2: D=128 484 µs vs 981 µs for the
+previous path, D=64 262 vs 745 µs); session 7 (benchmarks/results/kernels_h200_session7.json) measured the centroid
+tables held in registers (lut 4, the "reg4" candidate) faster again, same run: D=64 216.0 vs 258.9 µs, D=128 425.2 vs
+480.6 µs, outputs within 4e-5 of the baseline's. Codes wider than 4 bits (k5) keep the pair table inside lut 4.
 "baseline" is the backend path of sessions 2-5 (bm 16, 8 splits). KAKEYA_DECODE_VARIANT picks one.
 """
 from __future__ import annotations
@@ -13,20 +16,24 @@ import math
 
 BASELINE = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=None)
 FIXED_SPLITS = 8   # the baseline's split count (waves None)
-TUNED = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4, waves=2),
-         64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
+PAIR_TABLE = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4, waves=2),     # session 6's winner
+              64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
+TUNED = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}
 NAMES = ("tuned", "baseline")
-# Opt-in candidates for the next GPU sweep (NOT yet run on a GPU; not selectable by KAKEYA_DECODE_VARIANT), each the
-# tuned launch plus: "reg4" the centroid tables held in registers as byte planes (kakeya_triton LUTS 3/4: prmt
-# lookups instead of L1 gathers; lut 3 for codes of <= 3 bits only, i.e. V at k4v3); "swap" the sealed-block MMAs
-# with the codes as the M operand (a 4-row query tile pads to N = 8, not M = 16); "swap_t128" the same over
-# 128-token tiles; "swap_t128_reg3" that with V's table in registers. CPU proxy (sm_90 SASS loop instructions per
-# code element, KERNELS_PROXY.md; not a speed): tuned 5.70 (D=128) / 6.64 (D=64), swap_t128 4.54 / 5.71.
-CANDIDATES = {"reg4": {d: dict(v, lut=4) for d, v in TUNED.items()},
-              "swap": {d: dict(v, swap=True) for d, v in TUNED.items()},
-              "swap_t128": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None) for d, v in TUNED.items()},
+# Opt-in candidates for GPU sweeps (not selectable by KAKEYA_DECODE_VARIANT): session 6's pair-table launch (the
+# default before session 7's "reg4", now TUNED: centroid tables in registers as byte planes) and it plus "swap" the
+# sealed-block MMAs with the codes as the M operand (a 4-row query tile pads to N = 8, not M = 16), "swap_t128" the
+# same over 128-token tiles, "swap_t128_reg3" that with V's table in registers (lut 3: codes of <= 3 bits).
+# Session 7 (H200, µs at b16 ctx16k, D=64 / D=128): pair table 258.9 / 480.6, reg4 216.0 / 425.2, swap 260.7 / 484.7,
+# swap_t128 234.4 / 441.6, swap_t128_reg3 224.9 / 412.1; the 2-stage pipelining probe 541.0 / 1415.6.
+CANDIDATES = {"pair_table": PAIR_TABLE,
+              "swap": {d: dict(v, swap=True) for d, v in PAIR_TABLE.items()},
+              "swap_t128": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
+                            for d, v in PAIR_TABLE.items()},
               "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
-                                 for d, v in TUNED.items()}}
+                                 for d, v in PAIR_TABLE.items()},
+              "swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=4)
+                                 for d, v in PAIR_TABLE.items()}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2

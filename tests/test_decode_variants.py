@@ -84,7 +84,7 @@ def test_tuned_matches_baseline_and_reference(kb, vb, gqa):
 
 def test_variant_table_and_split_rule():
     assert decode_variant("tuned", 128) == TUNED[128] and TUNED[128]["maxnreg"] == 96 and TUNED[64]["maxnreg"] is None
-    assert all(v["bm"] == 4 and v["lut"] == 2 and v["fused"] and v["tt"] == 64 and v["num_warps"] == 4
+    assert all(v["bm"] == 4 and v["lut"] == 4 and v["fused"] and v["tt"] == 64 and v["num_warps"] == 4
                for v in TUNED.values())
     assert decode_variant("baseline", 64) == BASELINE and decode_variant("tuned", 256) == BASELINE   # not measured
     with pytest.raises(ValueError, match="tuned"):
@@ -165,7 +165,7 @@ def test_runtime_decode_steps_tuned_vs_baseline(bits):
         runs[name] = (torch.stack(outs), host[0])
     assert rel_err(runs["tuned"][0], runs["baseline"][0].double().cpu()) < ACCEPT_REL
     assert torch.equal(runs["tuned"][1], runs["baseline"][1])
-    assert Launches("tuned", d, hkv, DEV).decode["lut"] == 2 and Launches("baseline", d, hkv, DEV).decode == BASELINE
+    assert Launches("tuned", d, hkv, DEV).decode["lut"] == 4 and Launches("baseline", d, hkv, DEV).decode == BASELINE
 
 
 def test_decode_variant_knob():

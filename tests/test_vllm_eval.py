@@ -282,6 +282,33 @@ def test_merge_needs_identical_baselines_and_keeps_measured_rows():
         merge_rows([("r1", {"meta": {}, "rows": [a_row]})])
 
 
+def test_merge_keeps_the_baseline_run_that_measured_niah():
+    from kakeya_kv.vllm_eval import merge_rows
+    with_niah = _raw([1.0, 2.0], [])
+    with_niah["rows"][0]["niah_4k"] = 0.9
+    without = _raw([1.0, 2.0], [])
+    without["rows"][0]["not_measured"] = [{"what": "niah_4k", "reason": "--no-niah"}]
+    for order in ((with_niah, without), (without, with_niah)):
+        rows, _, _ = merge_rows([(f"r{i}", d) for i, d in enumerate(order)])
+        assert rows[0]["niah_4k"] == 0.9
+
+
+def test_beats_pairs_windows_against_the_rival():
+    from kakeya_kv.report import beats
+    rng = np.random.default_rng(0)
+    text = rng.normal(3.0, 0.3, 32)             # per-window difficulty, shared by every config
+    row = lambda name, fam, ratio, off, noise: {
+        "name": name, "family": fam, "ratio_vs_bf16": ratio, "window_ids": list(range(32)),
+        "window_nll": list(text + off + rng.normal(0, noise, 32)), "delta_ppl_pct": 100 * (np.exp(off) - 1),
+        "delta_ppl_pct_ci95": [100 * (np.exp(off - 0.01) - 1), 100 * (np.exp(off + 0.01) - 1)]}
+    rival = row("tq", "turboquant", 2.0, 0.0015, 1e-4)
+    close = row("ours_close", "kakeya", 3.0, 0.0010, 1e-4)     # CIs vs bf16 overlap, paired gap clearly < 0
+    noisy = row("ours_noisy", "kakeya", 3.0, 0.0010, 1e-2)     # same mean, pairing cannot separate it
+    (b,) = beats([rival, close, noisy])
+    assert {m["name"] for m in b["beaten_by"]} == {"ours_close", "ours_noisy"} and b["ci_separated"] == []
+    assert [m["name"] for m, _ in b["paired_separated"]] == ["ours_close"]
+
+
 def test_no_niah_call_says_why_in_every_row(tmp_path, monkeypatch):
     script = tmp_path / "child.py"
     script.write_text(FAKE_CHILD)
@@ -329,3 +356,14 @@ def test_quality_job_config_sets_resolve(qset, tmp_path):
         rivals = {"turboquant_4bit_nc", "turboquant_3bit_nc", "turboquant_k8v4", "turboquant_k3v4_nc",
                   "int4_per_token_head", "triton_fp8"}
         assert rivals <= both
+
+
+def test_merge_names_a_later_recipe_only_onto_a_measured_equal_setting(tmp_path):
+    from kakeya_kv.vllm_eval import recipe_aliases
+    rows = [{"name": "flash_bf16", "window_nll": [1.0]}, {"name": "kakeya_k4v4", "window_nll": [1.1]},
+            {"name": "kakeya_k3v2", "not_measured": [{"what": "config", "reason": "killed"}]}]
+    (tmp_path / "same.env").write_text("KAKEYA_FORMAT=default\nKAKEYA_K_BITS=4\nKAKEYA_V_BITS=4\n")
+    (tmp_path / "k3v2.env").write_text("KAKEYA_FORMAT=default\nKAKEYA_K_BITS=3\nKAKEYA_V_BITS=2\n")
+    assert recipe_aliases(rows, [f"recipe:{tmp_path / 'same.env'}"]) == {"recipe:same": "kakeya_k4v4"}
+    with pytest.raises(ValueError, match="recipe:k3v2: setting not measured"):   # its row was never measured
+        recipe_aliases(rows, [f"recipe:{tmp_path / 'k3v2.env'}"])

@@ -30,7 +30,7 @@ BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm
 # Triton pads M < 16 inside the MMA, so the softmax runs on 4 rows instead of 16) / more KV splits (waves =
 # target programs per SM; register caps leave room for more). sass_count.py: caps of 80 (8 warps) / 96 (4 warps)
 # spill 0-9 LDL/STL per loop iteration, 64 spills 14-53: measured here whether occupancy pays for them.
-# Session 6 ran this sweep on an H200 (kernels_h200_session6.json); its winners are the backend default (TUNED).
+# Session 6 ran this sweep on an H200 (kernels_h200_session6.json); its winner + session 7's lut 4 = TUNED.
 SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxnreg=r, bm=bm, waves=wv)
                               for lut, tt, w, r, bm, wv in (
     (0, 64, 8, None, 16, 2), (2, 64, 8, None, 16, 2),
@@ -39,12 +39,10 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
 
 
 def short_sweep(d: int) -> list[dict]:
-    """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES, not yet timed; session
-    6's runners-up are in its JSON): <= 7 variants, ~3 s of compile each on the device."""
-    # + one latency probe: the tuned launch with a 2-stage software pipeline over the code loads (by the proxy the
-    # kernel issues at ~20 % of the SM's rate, so it waits rather than computes; NOTES.md, session 6).
-    return [BASELINE_VARIANT, TUNED[d]] + [c[d] for c in CANDIDATES.values() if c[d] != TUNED[d]] \
-        + [dict(TUNED[d], num_stages=2)]
+    """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES; earlier runners-up are
+    in the session JSONs): <= 7 variants, ~3 s of compile each on the device. (Session 7 timed a 2-stage pipelining
+    probe of the default: 2.1x / 2.9x slower at D=64 / 128, so it is no longer swept.)"""
+    return [BASELINE_VARIANT, TUNED[d]] + [c[d] for c in CANDIDATES.values() if c[d] != TUNED[d]]
 
 
 # Seal: the default (tf32x3 rotation) and the exact-Hadamard bf16x3 rotation without token-loop pipelining

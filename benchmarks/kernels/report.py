@@ -30,11 +30,19 @@ def render(res: dict) -> str:
         out.append("")
     out += ["| head_dim | batch | context | variant | ours µs | ours eager µs | FA3 bf16 µs | ours / FA3 speed | ours GB/s "
             "| our byte floor µs | x floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["decode"], key=lambda r: (r["head_dim"], r["context"], r["batch"])):
+    # v13 rows (the seed format, served for compatibility) have no byte floor or variant: their own table below.
+    v13 = [r for r in res["decode"] if str(r.get("format", "")).startswith("v13")]
+    main = [r for r in res["decode"] if r not in v13]
+    for r in sorted(main, key=lambda r: (r["head_dim"], r["context"], r["batch"])):
         eager = f"{r['us_eager']:.1f}" if "us_eager" in r else "-"
         out.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | {variant(r)} | {r['us']:.1f} | {eager} | "
                    f"{r['fa3_bf16_us']:.1f} | {r['fa3_bf16_us'] / r['us']:.2f}× | {r['gbps']:.0f} | "
                    f"{r['floor_us']:.1f} | {r['us'] / r['floor_us']:.1f}× |")
+    if v13:
+        out += ["", "| v13 attention | head_dim | batch | context | µs | FA3 bf16 µs | ours / FA3 speed |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['format']} | {r['head_dim']} | {r['batch']} | {r['context']} | {r['us']:.1f} | "
+                f"{r['fa3_bf16_us']:.1f} | {r['fa3_bf16_us'] / r['us']:.3f}× |" for r in v13]
     out += ["", "| head_dim | seal µs per 512-token block per layer (8 heads, K+V) | seal variant | prefill µs of that "
             "block (Qwen3-8B-like layer) | share |", "|---|---|---|---|---|"]
     for s in res["seal"]:
@@ -42,12 +50,13 @@ def render(res: dict) -> str:
         name = "-" if sv is None else (f"{sv.get('prec') or 'tf32x3'} stages {sv.get('num_stages') or 'default'}"
                                        f"{' r' + str(sv['maxnreg']) if sv.get('maxnreg') else ''}, bytes = ieee "
                                        f"{sv['bytes_equal_to_ieee']:.4f}")
+        name = f"{s['format']}: {name}" if str(s.get("format", "")).startswith("v13") else name
         out.append(f"| {s['head_dim']} | {s['us_per_block_layer']:.1f} | {name} | {s['prefill_us_per_block_layer']:.1f} | "
                    f"{100 * s['us_per_block_layer'] / s['prefill_us_per_block_layer']:.1f} % |")
     if res.get("not_measured"):
         out += ["", f"Not measured ({len(res['not_measured'])}): " +
                 "; ".join(", ".join(f"{k} {v}" for k, v in n.items()) for n in res["not_measured"])]
-    big = [r for r in res["decode"] if r["context"] >= 16384 and r["batch"] >= 16]
+    big = [r for r in main if r["context"] >= 16384 and r["batch"] >= 16]
     if big:
         sp = [r["fa3_bf16_us"] / r["us"] for r in big]
         fl = [r["us"] / r["floor_us"] for r in big]
