@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device job: the vLLM GPU test suite (issues 4 and 7), most essential part first, within one device call.
-#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle soak tp perlayer v13 (default: core lifecycle)
+#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle soak tp perlayer graphs v13 (default: core lifecycle)
 #   core       tests/test_vllm_gpu.py: alias + 512-token pages, 200 random aborts -> KV usage 0, prefix hits,
 #              `vllm serve --attention-backend KAKEYA` answers an OpenAI chat request
 #   lifecycle  tests/test_vllm_lifecycle.py: exact vs FLASH_ATTN, aborts at every phase, preemption, prefix hits,
@@ -8,6 +8,7 @@
 #   soak       benchmarks/soak/soak.py -> $OUT/soak.json (give it its own call: it uses most of one)
 #   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
+#   graphs     tests/test_vllm_graphs_gpu.py (KAKEYA_CUDA_GRAPHS=1: full decode graphs vs the eager path; not yet run)
 #   v13        tests/test_v13_triton.py on the GPU (seal/decode/fused attention parity, GPU seal vs CPU encoding)
 #              + tests/test_vllm_v13_gpu.py (KAKEYA_FORMAT=v13 PPL vs FLASH_ATTN; carry .gpudata)
 # Stages nothing: the kit's chunks must already be in /tmp/stage (carry .gpukit/b .gpukit/setup.sh and the
@@ -63,11 +64,12 @@ for part in "${@:-core lifecycle}"; do
       lifecycle) run_part lifecycle 330 $PYTEST tests/test_vllm_lifecycle.py ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
       perlayer)  run_part perlayer 200 $PYTEST tests/test_vllm_perlayer_gpu.py ;;
+      graphs)    run_part graphs 240 $PYTEST tests/test_vllm_graphs_gpu.py ;;
       v13)       run_part v13 300 ${PYTEST/ -m gpu/} tests/test_v13_triton.py tests/test_vllm_v13_gpu.py ;;
       soak)      left=$(( DEADLINE - $(date +%s) ))
                  run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
                  [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed')})")" ;;
-      *)         echo "unknown part $p (core lifecycle soak tp perlayer v13)"; exit 2 ;;
+      *)         echo "unknown part $p (core lifecycle soak tp perlayer graphs v13)"; exit 2 ;;
     esac
   done
 done
