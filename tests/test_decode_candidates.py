@@ -155,7 +155,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
     import pathlib
     assert all(v["lut"] == 4 and "swap" not in v for v in TUNED.values())
     assert all(c["lut"] == 2 for c in CANDIDATES["pair_table"].values())     # the previous default stays timed
-    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap"][64])["swap"]
+    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128"][64])["swap"]
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
     B = importlib.util.module_from_spec(spec)
@@ -167,7 +167,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
         assert len({tuple(sorted(v.items())) for v in sw}) == len(sw)
 
 
-@pytest.mark.parametrize("name", ["pair_table", "swap_t128_reg4"])
+@pytest.mark.parametrize("name", ["t128_reg4", "swap_t128_reg4"])
 def test_candidate_stays_in_bounds(monkeypatch, name):
     """test_decode_variants' debug bounds check (poisoned guard rows around every input, canaries around the output,
     ragged lengths, tails not multiples of tt) run with a candidate in place of the tuned launch."""
