@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.serving import client, report, rows as R, runner, stats, workload
+from benchmarks.serving import client, report, rows as R, runner, serve_bench, stats, workload
 from benchmarks.serving.serve_bench import cli_flags, main as bench_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,8 @@ def test_parse_vllm_log():
             "INFO Maximum concurrency for 32,768 tokens per request: 58.91x\n"
             "WARNING Kakeya KV: format kakeya k4v3, 119.00 B/token/head (4.30x vs bf16) on compressed layers, "
             "boundary bf16 layers none, calibration none (data-free), exact-tail pool 7000 MiB (max_num_seqs 96), "
-            "KV capacity 8018432 tokens\n")
+            "KV capacity 8018432 tokens\n"
+            "WARNING Kakeya KV: exact bf16 layers are served by vLLM's FlashAttention\n")    # a later, other line
     d = runner.parse_vllm_log(text)
     assert d["log_kv_cache_tokens"] == 1930592
     assert d["log_max_concurrency"] == pytest.approx(58.91) and d["log_max_concurrency_tokens"] == 32768
@@ -560,3 +561,60 @@ def test_sweep_against_a_fake_server(tmp_path, monkeypatch):
     merged = R.merge_latency([_row("flash_bf16")], [row], ref_rate=None)[0]
     assert merged["tpot_p50_ms"] == r100["tpot_p50_ms"] and merged["latency_request_rate"] == 100.0
     R.check_row(merged)
+
+
+# ----------------------------------------------------------------------------- pre-flight of the first GPU call
+
+def test_wait_gpu_released_polls_until_memory_is_back():
+    seen = iter([90_000.0, 40_000.0, 900.0])
+    t = [0.0]
+    r = runner.wait_gpu_released(500.0, used=lambda: next(seen), clock=lambda: t[0],
+                                 sleep=lambda s: t.__setitem__(0, t[0] + s))
+    assert r == {"gpu_mem_used_mb": 900.0, "gpu_mem_wait_s": 2.0, "gpu_mem_released": True}
+    stuck = runner.wait_gpu_released(500.0, used=lambda: 90_000.0, timeout_s=5, clock=lambda: t[0],
+                                     sleep=lambda s: t.__setitem__(0, t[0] + s))
+    assert stuck["gpu_mem_released"] is False and stuck["gpu_mem_wait_s"] >= 5
+    assert runner.wait_gpu_released(None, used=lambda: None)["gpu_mem_released"] is None   # no nvidia-smi
+
+
+def test_gpu_memory_used_sums_the_visible_cards():
+    import types
+    ok = lambda *a, **k: types.SimpleNamespace(returncode=0, stdout="1200\n800\n")
+    assert runner.gpu_memory_used_mb(run=ok) == 2000.0
+    bad = lambda *a, **k: types.SimpleNamespace(returncode=9, stdout="")
+    assert runner.gpu_memory_used_mb(run=bad) is None
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+    assert runner.gpu_memory_used_mb(run=missing) is None
+
+
+def test_v13_row_runs_at_8k_only_and_says_why():
+    ctxs, skipped = R.row_contexts("kakeya_v13", [32768, 8192])
+    assert ctxs == [8192] and set(skipped) == {"decode_tok_s_b16_32k", "decode_tok_s_max_batch_32k", "max_batch_32k"}
+    assert R.row_contexts("kakeya", [32768, 8192]) == ([32768, 8192], {})
+    assert R.row_contexts("kakeya_v13", [32768])[0] == []
+    assert ("qwen3-8b-like", "kakeya_v13") in R.PLANS["main"] and ("qwen3-8b-like", "fp8") in R.PLANS["more"]
+
+
+def test_run_starts_the_v13_row_at_8k(tmp_path, monkeypatch):
+    """v13 is served now: the row is started (here it fails at `import vllm`), with --contexts 8192, and its 32k
+    fields carry the context-cap reason rather than the child's failure."""
+    out = tmp_path / "serving.json"
+    started = []
+    real = serve_bench.run_child
+
+    def spy(cmd, *a, **k):
+        started.append(cmd)
+        return real(cmd, *a, **k)
+    monkeypatch.setattr(serve_bench, "run_child", spy)
+    assert bench_main(["run", "--rows", "qwen3-8b-like:kakeya_v13", "--deadline-s", "120", "--row-limit-s", "60",
+                       "--min-row-s", "1", "--log-dir", str(tmp_path / "logs"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    row = res["rows"][0]
+    R.check_row(row)
+    assert started and started[0][started[0].index("--contexts") + 1] == "8192"
+    assert "8k only" in row["not_measured"]["decode_tok_s_b16_32k"]
+    assert "after_row" in row and "gpu_mem_used_mb_before" in res
+    if not importlib_has_vllm():
+        assert row["status"] == "partial" and "vllm" in row["not_measured"]["decode_tok_s_b16_8k"].lower()

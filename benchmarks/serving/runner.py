@@ -97,7 +97,7 @@ def run_child(cmd: list[str], log_path: str, timeout_s: float, env: dict | None 
 
 _KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 _CONCURRENCY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
-_KAKEYA = re.compile(r"Kakeya KV: (.*)")
+_KAKEYA = re.compile(r"Kakeya KV: (format .*)")     # the start-up summary, not the backend's other lines
 _POOL = re.compile(r"exact-tail pool (\d+) MiB")
 
 
@@ -115,6 +115,33 @@ def parse_vllm_log(text: str) -> dict:
         if p := _POOL.findall(m[-1]):
             out["kakeya_tail_pool_mib"] = int(p[-1])
     return out
+
+
+def gpu_memory_used_mb(run=subprocess.run) -> float | None:
+    """MiB in use on the visible GPUs (all processes), from nvidia-smi; None without one."""
+    try:
+        r = run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True,
+                text=True, timeout=30)
+        vals = [float(x) for x in r.stdout.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return sum(vals) if r.returncode == 0 and vals else None
+
+
+def wait_gpu_released(baseline_mb: float | None, slack_mb: float = 1024.0, timeout_s: float = 30.0,
+                      used=gpu_memory_used_mb, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Wait until GPU memory is back near `baseline_mb` (what was in use before the first row).
+
+    A killed row's engine processes can hold their memory for a moment after the group is gone; the next
+    row's vLLM refuses to start ("Free memory on device ... is less than desired GPU memory utilization")
+    when it sees less free memory than --gpu-util asks. Returns what it saw, for the row's record."""
+    t0 = clock()
+    now = used()
+    while baseline_mb is not None and now is not None and now > baseline_mb + slack_mb and clock() - t0 < timeout_s:
+        sleep(1.0)
+        now = used()
+    return {"gpu_mem_used_mb": now, "gpu_mem_wait_s": round(clock() - t0, 1),
+            "gpu_mem_released": None if baseline_mb is None or now is None else now <= baseline_mb + slack_mb}
 
 
 def write_json(path: str, res: dict) -> None:
