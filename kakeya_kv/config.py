@@ -69,6 +69,9 @@ def _choice_env(env, name: str, default: str, allowed: tuple[str, ...]) -> str:
 # Decode-attention launch: "tuned" = session 6's H200 sweep winner (pair table, fused, 4-row GQA tiles), the
 # default; "baseline" = the path of sessions 2-5. Both agree within the bench's bound (kakeya_kernels.variants).
 DECODE_VARIANTS = ("tuned", "baseline")
+# Attention of exact (bf16) layers in vLLM: "triton" = our kernel on our page layout (the default); "flash" = vLLM's
+# own FlashAttention backend (its page layout, builder and impl), so exact layers round exactly as FLASH_ATTN does.
+EXACT_ATTENTIONS = ("triton", "flash")
 FORMATS = ("kakeya", "v13", "exact")
 EXACT = "exact"   # what KakeyaConfig.layer_bits gives for a layer stored as bf16
 
@@ -95,6 +98,15 @@ def _v13_attention(env, fmt: str) -> str:
     if raw is not None and raw.strip() and fmt != "v13":
         raise ConfigError(f"KAKEYA_V13_ATTENTION={raw!r} only applies to KAKEYA_FORMAT=v13 (format is {fmt}); unset it")
     return _choice_env(env, "KAKEYA_V13_ATTENTION", "fused", ("fused", "scratch"))
+
+
+def _exact_attention(env, fmt: str, boundary: tuple[int, ...]) -> str:
+    """KAKEYA_EXACT_ATTENTION: triton (default) or flash; refused where no layer is exact (it would do nothing)."""
+    v = _choice_env(env, "KAKEYA_EXACT_ATTENTION", "triton", EXACT_ATTENTIONS)
+    if v == "flash" and fmt != "exact" and not boundary:
+        raise ConfigError("KAKEYA_EXACT_ATTENTION=flash has no effect: no layer is exact (set KAKEYA_FORMAT=exact or "
+                          "KAKEYA_BOUNDARY_SKIP_LAYERS), unset it")
+    return v
 
 
 def parse_layer_bits(raw: str | None, fmt: str = "kakeya", num_layers: int | None = None,
@@ -162,6 +174,7 @@ class KakeyaConfig:
     v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
+    exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -195,6 +208,7 @@ class KakeyaConfig:
             v13_scratch_mib=_v13_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
             decode_variant=_choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS),
+            exact_attention=_exact_attention(env, fmt, boundary),
         )
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:

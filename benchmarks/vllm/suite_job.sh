@@ -4,7 +4,9 @@
 #   core       tests/test_vllm_gpu.py: alias + 512-token pages, 200 random aborts -> KV usage 0, prefix hits,
 #              `vllm serve --attention-backend KAKEYA` answers an OpenAI chat request
 #   lifecycle  tests/test_vllm_lifecycle.py: exact vs FLASH_ATTN, aborts at every phase, preemption, prefix hits,
-#              chunk boundaries 511/512/513, mixed lengths (in-process engines, exact and k4v3)
+#              chunk boundaries 511/512/513, mixed lengths (in-process engines, exact and k4v3); then, not yet run,
+#              KAKEYA_EXACT_ATTENTION=flash: exact through FA == FLASH_ATTN token for token (8 x 256), k4v3 with FA
+#              boundary layers 0,1,28,29 runs (session 6: 232 s without these; estimate ~330 s with them)
 #   soak       benchmarks/soak/soak.py -> $OUT/soak.json (give it its own call: it uses most of one)
 #   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
@@ -61,7 +63,7 @@ for part in "${@:-core lifecycle}"; do
   for p in $part; do
     case $p in
       core)      run_part core 200 $PYTEST tests/test_vllm_gpu.py ;;
-      lifecycle) run_part lifecycle 330 $PYTEST tests/test_vllm_lifecycle.py ;;
+      lifecycle) run_part lifecycle 450 $PYTEST tests/test_vllm_lifecycle.py ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
       perlayer)  run_part perlayer 200 $PYTEST tests/test_vllm_perlayer_gpu.py ;;
       graphs)    run_part graphs 240 $PYTEST tests/test_vllm_graphs_gpu.py ;;

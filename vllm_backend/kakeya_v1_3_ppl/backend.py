@@ -4,10 +4,13 @@
   widths differ from KAKEYA_K_BITS/V_BITS): a page is one sealed block per KV head in the
   ``kakeya`` format of the layer's widths; the request's unsealed tokens live in a bf16 tail slot (one per
   persistent request row, allocated at model load so vLLM's profiler counts it).
-* Exact layers (``KakeyaExactBackend``: boundary layers, or KAKEYA_FORMAT=exact): bf16 pages
-  in the ``exact`` layout, written in place, no tail.
+* Exact layers (boundary layers, or KAKEYA_FORMAT=exact), by KAKEYA_EXACT_ATTENTION:
+  ``triton`` (default): ``KakeyaExactBackend``, bf16 pages in the ``exact`` layout, written in place, no tail, read
+  by our Triton kernel; ``flash`` (opt-in, not yet run on a GPU): vLLM's own ``FlashAttentionBackend`` and
+  ``FlashAttentionImpl`` (FA's page layout, builder and kernels, so FLASH_ATTN's rounding), swapped onto the layer
+  by :mod:`.flash` in the spec hook; same page bytes, same KV-cache group and block table.
 
-Both read the cache through the Triton kernels in ``kakeya_kernels``; the per-step plan (phases,
+Our layers read the cache through the Triton kernels in ``kakeya_kernels``; the per-step plan (phases,
 tail writes, seals) is made on the CPU by :mod:`.plan`.
 """
 from __future__ import annotations
@@ -129,11 +132,15 @@ def backend_for_bits(k_bits: int, v_bits: int) -> type[KakeyaBackend]:
     return cls
 
 
-def backend_for_layer(bits) -> type[KakeyaBackend]:
-    """bits: KakeyaConfig.bits_for(layer). Layers at the default widths keep KakeyaBackend itself."""
-    if bits == EXACT:
-        return KakeyaExactBackend
+def backend_for_layer(bits, head_size: int | None = None) -> type:
+    """bits: KakeyaConfig.bits_for(layer). Layers at the default widths keep KakeyaBackend itself; exact layers get
+    KakeyaExactBackend, or vLLM's FlashAttentionBackend with KAKEYA_EXACT_ATTENTION=flash (head_size required)."""
     cfg = settings()
+    if bits == EXACT:
+        if cfg.exact_attention == "flash":
+            from .flash import flash_backend
+            return flash_backend(head_size)
+        return KakeyaExactBackend
     return KakeyaBackend if tuple(bits) == (cfg.k_bits, cfg.v_bits) else backend_for_bits(*bits)
 
 
@@ -288,6 +295,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.exact = self.cfg.format == "exact"
         self.bits = EXACT if self.exact else (self.cfg.k_bits, self.cfg.v_bits)   # until bind() knows the layer
         self.tail_k = self.tail_v = None
+        if self.cfg.exact_attention == "flash" and torch.cuda.is_available():
+            from .flash import flash_backend
+            flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
         if self.cfg.format != "exact" and torch.cuda.is_available():
             n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
             self.tail_pool_bytes = check_tail_pool(self.max_slots, self.num_kv_heads, head_size, n_comp,

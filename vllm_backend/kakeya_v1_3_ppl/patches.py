@@ -3,7 +3,8 @@ layers whose impl is Kakeya's.
 
 1. ``Attention.get_kv_cache_spec``: compressed layers get a :class:`KakeyaAttentionSpec` (page
    bytes from the layer's block format and widths) and the backend class of those widths, exact
-   layers a bf16 spec and the exact backend class.
+   layers a bf16 spec and the exact backend class (KAKEYA_EXACT_ATTENTION=flash: vLLM's FlashAttention
+   backend class and impl, :mod:`.flash`).
 2. ``Attention.process_weights_after_loading``: tell the impl its layer name before it allocates
    (the impl constructor gets none).
 3. ``DefaultModelState.prepare_attn``: stash the step's request ids / persistent rows for the
@@ -25,17 +26,22 @@ def apply() -> None:
     from vllm.v1.worker.gpu.input_batch import InputBatch
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+    from kakeya_kv.config import EXACT
     from kakeya_kv.format import BLOCK_TOKENS
 
     from . import context
-    from .backend import KakeyaImpl, backend_for_layer
+    from .backend import KakeyaExactBackend, KakeyaImpl, backend_for_layer
     from .checks import apply_additional_config, check_block_size
+    from .flash import serve_with_flash
     from .spec import layer_spec
 
     orig_spec = Attention.get_kv_cache_spec
 
     @functools.wraps(orig_spec)
     def get_kv_cache_spec(self, vllm_config):
+        if getattr(self, "_kakeya_exact_flash", False):   # swapped to FlashAttention by an earlier call
+            return layer_spec(EXACT, vllm_config.cache_config.block_size, self.num_kv_heads, self.head_size,
+                              self.head_size_v)
         if not isinstance(getattr(self, "impl", None), KakeyaImpl):
             return orig_spec(self, vllm_config)
         apply_additional_config(vllm_config.additional_config)     # also outside a model-building context
@@ -43,9 +49,12 @@ def apply() -> None:
         block_size = vllm_config.cache_config.block_size
         check_block_size(block_size, BLOCK_TOKENS)
         # The layer's backend class decides its kv-cache shape and attention group: exact, default or per width.
-        self.attn_backend = backend_for_layer(self.impl.bits)
-        return layer_spec(self.impl.bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v,
-                          self.impl.cfg.format)
+        bits, fmt = self.impl.bits, self.impl.cfg.format
+        backend = backend_for_layer(bits, self.head_size)
+        if bits == EXACT and backend is not KakeyaExactBackend:   # KAKEYA_EXACT_ATTENTION=flash: impl replaced
+            serve_with_flash(self, backend, vllm_config)
+        self.attn_backend = backend
+        return layer_spec(bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v, fmt)
 
     orig_pwal = Attention.process_weights_after_loading
 
