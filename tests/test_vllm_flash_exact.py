@@ -154,6 +154,8 @@ def _layer(backend, layer):
 def test_backend_for_layer_picks_flash_for_exact_layers_only(fa, monkeypatch):
     backend, _, _, _ = fa
     assert backend.backend_for_layer(EXACT, D) is FlashAttentionBackend
+    with pytest.raises(ValueError, match="needs the layer's head_size"):
+        backend.backend_for_layer(EXACT)
     assert backend.backend_for_layer((3, 2), D) is backend.KakeyaBackend          # compressed: unchanged
     assert backend.backend_for_layer((4, 3), D) is backend.backend_for_bits(4, 3)
     monkeypatch.setenv("KAKEYA_EXACT_ATTENTION", "triton")

@@ -138,6 +138,8 @@ def backend_for_layer(bits, head_size: int | None = None) -> type:
     cfg = settings()
     if bits == EXACT:
         if cfg.exact_attention == "flash":
+            if head_size is None:
+                raise ValueError("backend_for_layer: KAKEYA_EXACT_ATTENTION=flash needs the layer's head_size")
             from .flash import flash_backend
             return flash_backend(head_size)
         return KakeyaExactBackend

@@ -8,7 +8,12 @@ own attention group inside that KV-cache group (groups are keyed by backend clas
 ``v1/worker/gpu/attn_utils.py`` ``init_attn_backend``), FA's metadata builder fed the group's common block table
 and slot mapping (``build_attn_metadata``), FA's view of the layer's page memory (``_reshape_kv_cache``:
 ``get_kv_cache_shape`` + ``get_kv_cache_stride_order``; 512 is a multiple of FA's 16), and FA's cache write
-(``forward_includes_kv_cache_update`` is False, so ``Attention.forward`` calls ``do_kv_cache_update``).
+(``forward_includes_kv_cache_update`` is False, so ``Attention.forward`` calls ``do_kv_cache_update``). Each
+layer of that group owns one tensor of num_blocks x its page bytes (``v1/core/kv_cache_utils.py``
+``get_kv_cache_config_from_groups``), so FA's view starts aligned. CUDA graphs: vLLM takes the minimum support over
+attention groups; FA's (ALWAYS with FA3, UNIFORM_BATCH with FA2) is above ours, so with compressed layers present
+the mode stays what our builder reports; with KAKEYA_FORMAT=exact only FA groups exist and vLLM graphs them as it
+does for FLASH_ATTN.
 
 The swap happens in the ``get_kv_cache_spec`` hook (patches.py), which vLLM runs before memory profiling, graph
 capture or compilation, so every forward pass already sees the FA backend. Imports vLLM lazily.
