@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Device job: the vLLM GPU test suite (issues 4 and 7), most essential part first, within one device call.
-#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle soak tp perlayer graphs v13 (default: core lifecycle)
+#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle flash soak tp perlayer graphs v13 (default: core lifecycle)
 #   core       tests/test_vllm_gpu.py: alias + 512-token pages, 200 random aborts -> KV usage 0, prefix hits,
 #              `vllm serve --attention-backend KAKEYA` answers an OpenAI chat request
 #   lifecycle  tests/test_vllm_lifecycle.py: exact vs FLASH_ATTN, aborts at every phase, preemption, prefix hits,
 #              chunk boundaries 511/512/513, mixed lengths (in-process engines, exact and k4v3); then, not yet run,
 #              KAKEYA_EXACT_ATTENTION=flash: exact through FA == FLASH_ATTN token for token (8 x 256), k4v3 with FA
 #              boundary layers 0,1,28,29 runs (session 6: 232 s without these; estimate ~330 s with them)
+#   flash      only lifecycle's KAKEYA_EXACT_ATTENTION=flash engines (strict 8/8 vs FLASH_ATTN + FA boundary layers)
 #   soak       benchmarks/soak/soak.py -> $OUT/soak.json (give it its own call: it uses most of one)
 #   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
@@ -64,6 +65,7 @@ for part in "${@:-core lifecycle}"; do
     case $p in
       core)      run_part core 200 $PYTEST tests/test_vllm_gpu.py ;;
       lifecycle) run_part lifecycle 450 $PYTEST tests/test_vllm_lifecycle.py ;;
+      flash)     run_part flash 240 $PYTEST tests/test_vllm_lifecycle.py -k "exact_flash or k4v3_b_flash" ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
       perlayer)  run_part perlayer 200 $PYTEST tests/test_vllm_perlayer_gpu.py ;;
       graphs)    run_part graphs 240 $PYTEST tests/test_vllm_graphs_gpu.py ;;
@@ -71,7 +73,7 @@ for part in "${@:-core lifecycle}"; do
       soak)      left=$(( DEADLINE - $(date +%s) ))
                  run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
                  [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed')})")" ;;
-      *)         echo "unknown part $p (core lifecycle soak tp perlayer graphs v13)"; exit 2 ;;
+      *)         echo "unknown part $p (core lifecycle flash soak tp perlayer graphs v13)"; exit 2 ;;
     esac
   done
 done
