@@ -194,38 +194,6 @@ def _pair_lookup(ptab_ptr, pair):
 
 
 @triton.jit
-def _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr):
-    """Centroids of TT tokens -> fp16 [TT, D], two codes per table lookup (LUT 2). 4-bit codes need no
-    unpack at all (a byte is a pair); wider groups split into G/2 pairs of 2*BITS bits."""
-    grp = tl.arange(0, D // G)
-    P: tl.constexpr = G // 2
-    PM: tl.constexpr = (1 << (2 * BITS)) - 1
-    if NB == 1:
-        word = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :], mask=t_mask[:, None], other=0).to(tl.int32)
-    else:
-        WT: tl.constexpr = tl.int64 if NB > 3 else tl.int32
-        word = tl.zeros((TT, D // G), dtype=WT)
-        for m in tl.static_range(NB):
-            byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * NB + m, mask=t_mask[:, None], other=0)
-            word = word | (byte.to(WT) << (8 * m))
-    if P == 1:
-        return tl.reshape(_pair_lookup(ptab_ptr, word), (TT, D))
-    elif P == 2:
-        x0 = _pair_lookup(ptab_ptr, (word & PM).to(tl.int32))
-        x1 = _pair_lookup(ptab_ptr, ((word >> (2 * BITS)) & PM).to(tl.int32))
-        # [TT, D/4, e, i] -> dims g*4 + 2i + e
-        return tl.reshape(tl.permute(tl.join(x0, x1), (0, 1, 3, 2)), (TT, D))
-    else:
-        x0 = _pair_lookup(ptab_ptr, (word & PM).to(tl.int32))
-        x1 = _pair_lookup(ptab_ptr, ((word >> (2 * BITS)) & PM).to(tl.int32))
-        x2 = _pair_lookup(ptab_ptr, ((word >> (4 * BITS)) & PM).to(tl.int32))
-        x3 = _pair_lookup(ptab_ptr, ((word >> (6 * BITS)) & PM).to(tl.int32))
-        # [TT, D/8, e, i%2, i//2] -> dims g*8 + 2i + e
-        return tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 4, 3, 2)), (TT, D))
-
-
-@triton.jit
 def _prmt(a, b, sel, ASM: tl.constexpr):
     """PTX prmt.b32 (byte permute, default mode) on int32 tensors: output byte k = byte (nibble k of sel) & 7 of
     the 8 bytes b:a, or that byte's sign bit replicated when the nibble's bit 3 is set. One SASS instruction on the
@@ -361,34 +329,75 @@ def _halves(w):
 
 
 @triton.jit
-def _reg_codes(row_ptr, t_off, t_mask, rt, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-               TT: tl.constexpr, ASM: tl.constexpr):
-    """Centroids of TT tokens -> fp16 [TT, D] through the register table (LUT 3/4), codes of <= 4 bits, 8 codes
-    (BITS bytes, LSB-first) at a time: 4-bit codes are nibbles already (one aligned 32-bit load); 2/3-bit codes
-    are spread to one nibble each (prmt selectors) in 3 shift-and-merge steps."""
-    grp = tl.arange(0, D // 8)
-    if BITS == 4:
-        x = tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + t_off[:, None] * (ROW_BYTES // 4) + grp[None, :],
-                    mask=t_mask[:, None], other=0)
-        w0, w1, w2, w3 = _reg_lookup16(x, rt, ASM)
+def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+           NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
+    """The packed code words of TT tokens, as the LUT >= 2 decoders take them: [TT, D/8] int32 (8 codes per
+    word, LSB-first) for the register table, [TT, D/G] groups for the pair table. Split from _dec16 so that a
+    caller can load the next tile's words before decoding this one's (register prefetch)."""
+    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
+        grp = tl.arange(0, D // 8)
+        if BITS == 4:
+            x = tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + t_off[:, None] * (ROW_BYTES // 4) + grp[None, :],
+                        mask=t_mask[:, None], other=0)
+        else:
+            x = tl.zeros((TT, D // 8), dtype=tl.int32)
+            for m in tl.static_range(BITS):
+                byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * BITS + m, mask=t_mask[:, None],
+                               other=0)
+                x = x | (byte.to(tl.int32) << (8 * m))
+        return x
     else:
-        t = tl.zeros((TT, D // 8), dtype=tl.int32)
-        for m in tl.static_range(BITS):
-            byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * BITS + m, mask=t_mask[:, None],
-                           other=0)
-            t = t | (byte.to(tl.int32) << (8 * m))
-        if BITS == 3:   # fields at 3k -> 4k: halves apart by 4, then pairs by 2, then singles by 1
-            x = (t & 0xFFF) | ((t & 0xFFF000) << 4)
-            x = (x & 0x003F003F) | ((x & 0x0FC00FC0) << 2)
-            x = (x & 0x07070707) | ((x & 0x38383838) << 1)
-        else:           # 2-bit: fields at 2k -> 4k
-            x = (t & 0xFF) | ((t & 0xFF00) << 8)
-            x = (x & 0x000F000F) | ((x & 0x00F000F0) << 4)
-            x = (x & 0x03030303) | ((x & 0x0C0C0C0C) << 2)
-        w0, w1, w2, w3 = _reg_lookup8(x, rt, ASM)
-    # [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order (int32 joins), then the fp16 halves: 8g + 2i + h
-    w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
-    return tl.reshape(_halves(w), (TT, D))
+        grp = tl.arange(0, D // G)
+        if NB == 1:
+            word = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :], mask=t_mask[:, None],
+                           other=0).to(tl.int32)
+        else:
+            WT: tl.constexpr = tl.int64 if NB > 3 else tl.int32
+            word = tl.zeros((TT, D // G), dtype=WT)
+            for m in tl.static_range(NB):
+                byte = tl.load(row_ptr + t_off[:, None] * ROW_BYTES + grp[None, :] * NB + m, mask=t_mask[:, None],
+                               other=0)
+                word = word | (byte.to(WT) << (8 * m))
+        return word
+
+
+@triton.jit
+def _dec16(raw, ptab_ptr, rt, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, TT: tl.constexpr,
+           LUT: tl.constexpr, ASM: tl.constexpr):
+    """fp16 centroids [TT, D] of _raw16's words."""
+    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
+        if BITS == 4:
+            w0, w1, w2, w3 = _reg_lookup16(raw, rt, ASM)
+        else:
+            if BITS == 3:   # fields at 3k -> 4k: halves apart by 4, then pairs by 2, then singles by 1
+                x = (raw & 0xFFF) | ((raw & 0xFFF000) << 4)
+                x = (x & 0x003F003F) | ((x & 0x0FC00FC0) << 2)
+                x = (x & 0x07070707) | ((x & 0x38383838) << 1)
+            else:           # 2-bit: fields at 2k -> 4k
+                x = (raw & 0xFF) | ((raw & 0xFF00) << 8)
+                x = (x & 0x000F000F) | ((x & 0x00F000F0) << 4)
+                x = (x & 0x03030303) | ((x & 0x0C0C0C0C) << 2)
+            w0, w1, w2, w3 = _reg_lookup8(x, rt, ASM)
+        # [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order (int32 joins), then the fp16 halves: 8g + 2i + h
+        w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
+        return tl.reshape(_halves(w), (TT, D))
+    else:
+        P: tl.constexpr = G // 2
+        PM: tl.constexpr = (1 << (2 * BITS)) - 1
+        if P == 1:
+            return tl.reshape(_pair_lookup(ptab_ptr, raw), (TT, D))
+        elif P == 2:
+            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32))
+            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32))
+            # [TT, D/4, e, i] -> dims g*4 + 2i + e
+            return tl.reshape(tl.permute(tl.join(x0, x1), (0, 1, 3, 2)), (TT, D))
+        else:
+            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32))
+            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32))
+            x2 = _pair_lookup(ptab_ptr, ((raw >> (4 * BITS)) & PM).to(tl.int32))
+            x3 = _pair_lookup(ptab_ptr, ((raw >> (6 * BITS)) & PM).to(tl.int32))
+            # [TT, D/8, e, i%2, i//2] -> dims g*8 + 2i + e
+            return tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 4, 3, 2)), (TT, D))
 
 
 @triton.jit
@@ -397,10 +406,8 @@ def _codes16(row_ptr, t_off, t_mask, ptab_ptr, rt, ROW_BYTES: tl.constexpr, D: t
              ASM: tl.constexpr):
     """fp16 centroids of TT tokens for LUT >= 2: register table where the variant covers this width (LUT 3: codes
     of <= 3 bits, LUT 4: <= 4 bits), else the pair table."""
-    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:
-        return _reg_codes(row_ptr, t_off, t_mask, rt, ROW_BYTES, D, BITS, TT, ASM)
-    else:
-        return _pair_codes(row_ptr, t_off, t_mask, ptab_ptr, ROW_BYTES, D, BITS, G, NB, TT)
+    return _dec16(_raw16(row_ptr, t_off, t_mask, ROW_BYTES, D, BITS, G, NB, TT, LUT), ptab_ptr, rt, D, BITS, G, TT,
+                  LUT, ASM)
 
 
 @triton.jit
@@ -447,7 +454,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
-                 SWAP: tl.constexpr = 0):
+                 SWAP: tl.constexpr = 0, PF: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
     tile = tl.program_id(0)
@@ -525,11 +532,34 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             acc_rot = tl.zeros((BM, D), tl.float32)
             cmass = tl.zeros((BM,), tl.float32)
             m_blk = m_i         # acc is rescaled once after the block, not per tile
+            if PF:
+                # Register prefetch (LUT >= 2): tile t+1's code words and gains are loaded before tile t is
+                # decoded, so their latency hides behind this tile's work; the first tile's loads are issued here,
+                # ahead of the query rotation below.
+                t = tl.arange(0, TT)
+                k_nxt = _raw16(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
+                kg_nxt = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                v_nxt = _raw16(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT, LUT)
+                vg_nxt = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
             for t0 in tl.range(0, N, TT, num_stages=NS):
                 t = t0 + tl.arange(0, TT)
-                kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                if PF:
+                    k_raw, kg, v_raw, vg_pf = k_nxt, kg_nxt, v_nxt, vg_nxt
+                    tn = t + TT
+                    nm = tn < N
+                    k_nxt = _raw16(slot + K_CODES, tn, nm, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
+                    kg_nxt = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + tn, mask=nm, other=0.0)
+                    v_nxt = _raw16(slot + KV_OFF + V_CODES, tn, nm, D * VBITS // 8, D, VBITS, VG, VNB, TT, LUT)
+                    vg_nxt = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + tn, mask=nm,
+                                     other=0.0)
+                else:
+                    kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                if LUT >= 2:
+                if PF:
+                    kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM)
+                    if PRECISE:
+                        kc = kc.to(tl.float32)
+                elif LUT >= 2:
                     kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
                                   TT, LUT, ASM)
                     if PRECISE:
@@ -557,9 +587,16 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
-                vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
+                if PF:
+                    vg = vg_pf
+                else:
+                    vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                if LUT >= 2:
+                if PF:
+                    vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM)
+                    if PRECISE:
+                        vc = vc.to(tl.float32)
+                elif LUT >= 2:
                     vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
                                   VG, VNB, TT, LUT, ASM)
                     if PRECISE:
@@ -831,21 +868,22 @@ class KakeyaKernels:
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int | None = None,
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
-                  maxnreg: int | None = None, swap: bool = False) -> torch.Tensor:
+                  maxnreg: int | None = None, swap: bool = False, pf: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
         swap (opt-in, fast mode only): sealed-block MMAs with the codes as the M operand (s^T = codes q'^T,
-        acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16."""
+        acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16.
+        pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg), swap=swap)
+                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
-                maxnreg=None, exact_kv_off: int = 0, swap: bool = False):
+                maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -863,6 +901,10 @@ class KakeyaKernels:
         _check_variant(lut, fused)
         if swap not in (True, False, 0, 1):
             raise ValueError(f"swap must be a bool, got {swap!r}")
+        if pf not in (True, False, 0, 1):
+            raise ValueError(f"pf must be a bool, got {pf!r}")
+        if pf and lut < 2:
+            raise ValueError(f"pf (register prefetch of packed codes) needs lut >= 2, got lut={lut}")
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -897,7 +939,7 @@ class KakeyaKernels:
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
-            SWAP=int(bool(swap) and not precise), num_warps=num_warps,
+            SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), num_warps=num_warps,
             **_regs(maxnreg))
         if fused:
             if out is None:

@@ -23,23 +23,28 @@ NAMES = ("tuned", "baseline")
 # Opt-in candidates for GPU sweeps (not selectable by KAKEYA_DECODE_VARIANT): session 6's pair-table launch (the
 # default before session 7's "reg4", now TUNED: centroid tables in registers as byte planes) and it plus "swap" (the
 # sealed-block MMAs with the codes as the M operand: a 4-row query tile pads to N = 8, not M = 16) over 128-token
-# tiles ("swap_t128"), that with V's table in registers ("swap_t128_reg3", lut 3: codes of <= 3 bits).
+# tiles with V's table in registers ("swap_t128_reg3", lut 3: codes of <= 3 bits; "swap_t128" with the pair table,
+# 234.4 / 441.6 µs below, is dropped: the register tables beat it).
 # Session 7 (H200, µs at b16 ctx16k, D=64 / D=128): pair table 258.9 / 480.6, reg4 216.0 / 425.2, swap 260.7 / 484.7,
 # swap_t128 234.4 / 441.6, swap_t128_reg3 224.9 / 412.1; the 2-stage pipelining probe 541.0 / 1415.6.
 CANDIDATES = {"pair_table": PAIR_TABLE,
-              "swap_t128": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
-                            for d, v in PAIR_TABLE.items()},
               "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
                                  for d, v in PAIR_TABLE.items()},
               # Not yet timed: the two best of session 7 combined (register tables + 128-token tiles), with and
               # without swap ("swap" at 64-token tiles lost to the default at both head_dims and is dropped).
               "swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
                                  for d, v in TUNED.items()},
-              "t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in TUNED.items()}}
+              "t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in TUNED.items()},
+              # Register prefetch: the next tile's packed codes and gains are loaded before this tile is decoded
+              # (the kernel waits more than it computes, see NOTES; num_stages 2, the pipeliner's shared-memory
+              # version, was 2-3x slower in session 7). Not yet timed.
+              # (D=128 uncapped: at the default's cap of 96 the prefetch spills 73 instructions per loop iteration,
+              # sass_count.py; uncapped it takes 246 registers, 2 programs per SM.)
+              "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in TUNED.items()}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap")   # swap: only in CANDIDATES
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf")   # swap, pf: only in CANDIDATES
 
 
 def decode_variant(name: str, head_dim: int) -> dict:

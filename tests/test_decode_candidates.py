@@ -147,6 +147,30 @@ def test_candidate_attention(lut, swap, tt, kb, vb, gqa):
         assert rel_err(outs["reg"][i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
 
 
+@pytest.mark.parametrize("lut,kb,vb,tt", [(4, 4, 3, 64), (4, 5, 4, 64), (2, 3, 2, 64), (3, 4, 3, 128)])
+def test_register_prefetch_is_the_same_math(lut, kb, vb, tt):
+    """pf (the next tile's code words and gains loaded before this tile is decoded) changes when bytes are loaded,
+    not what is computed: bit for bit the non-prefetch launch in the interpreter (on a GPU within ACCEPT_REL: the
+    compiler may schedule the arithmetic differently), at every width path (register table, pair table, 5-bit K)
+    and with ragged tails; and within 5e-3 of float64 attention on the reference decode."""
+    lens, d, gqa, hkv = [1077, 1, 600], 64, 4, 2
+    kk, sc, refs = build(lens, hkv, gqa, d, kb, vb, device=DEV, seed=kb + 10 * vb)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEV)
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    v = dict(TUNED[d], lut=lut, tt=tt)
+    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+    outs = [kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=2, pf=pf,
+                         **kernel_args(v), **sc) for pf in (False, True)]
+    if DEV == "cpu":
+        assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], outs[0].double().cpu()) < ACCEPT_REL
+    for i in range(len(lens)):
+        assert rel_err(outs[1][i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3
+    with pytest.raises(ValueError, match="pf .* needs lut >= 2"):
+        kk.attention(q, pos, req, scale=0.1, plan=plan, pf=True, lut=0, **sc)
+
+
 def test_candidates_are_opt_in_and_in_the_short_sweep():
     """The backend default is session 7's measured winner (register tables, no swap: its launch carries no swap key);
     the bench's short sweep times every candidate next to it with <= 7 variants per head_dim (compile time on the
@@ -155,7 +179,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
     import pathlib
     assert all(v["lut"] == 4 and "swap" not in v for v in TUNED.values())
     assert all(c["lut"] == 2 for c in CANDIDATES["pair_table"].values())     # the previous default stays timed
-    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128"][64])["swap"]
+    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128_reg3"][64])["swap"]
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
     B = importlib.util.module_from_spec(spec)

@@ -119,6 +119,6 @@ def test_short_sweep_times_the_backend_default():
     for d in (64, 128):
         sw = B.short_sweep(d)
         assert sw[0] == B.BASELINE_VARIANT and TUNED[d] in sw and len(sw) == len({str(v) for v in sw})
-        # swap: only the opt-in candidates; num_stages: only the pipelining probe
-        assert all(set(v) - {"swap", "num_stages"} == set(B.BASELINE_VARIANT) for v in sw)
+        # swap, pf: only the opt-in candidates (every variant has the launch's keys, nothing unknown)
+        assert all(set(v) - {"swap", "pf"} == set(B.BASELINE_VARIANT) for v in sw)
         assert len(sw) <= 7

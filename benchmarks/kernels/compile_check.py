@@ -85,6 +85,7 @@ def jobs(quick: bool):
                                                                             maxnreg=a[1]["maxnreg"],
                                                                             fused=a[1]["fused"],
                                                                             swap=a[1].get("swap", False),
+                                                                            pf=a[1].get("pf", False),
                                                                             ns=a[1].get("num_stages", 1))),
                         (d, v)))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):

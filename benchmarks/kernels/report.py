@@ -10,7 +10,7 @@ def variant(r: dict) -> str:
     reg = f" r{r['maxnreg']}" if r.get("maxnreg") else ""
     return (f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg} "
             f"bm{r.get('bm', 16)}{' waves' + str(r['waves']) if r.get('waves', 2) != 2 else ''}"
-            f"{' swap' if r.get('swap') else ''}")
+            f"{' swap' if r.get('swap') else ''}{' pf' if r.get('pf') else ''}")
 
 
 def render(res: dict) -> str:
