@@ -332,3 +332,96 @@ def test_gpu_name_from_nvidia_smi(tmp_path, monkeypatch):
     smi.unlink()
     monkeypatch.setenv("PATH", str(tmp_path))            # no nvidia-smi at all
     assert gpu_name() == "unknown"
+
+
+# ----------------------------------------------------------------------------- soak.main end to end (fake server)
+
+class _FakeServerCM:
+    """Stands in for vllm_server.Server around a _FakeOpenAI port; `fail_graphs` makes a start without
+    --enforce-eager fail as a crashed `vllm serve` does."""
+    started: list = []
+
+    def __init__(self, port, fail_graphs=False):
+        self.port_, self.fail_graphs = port, fail_graphs
+
+    def __call__(self, model, args, env=None, startup_s=0, log_path=None):
+        _FakeServerCM.started.append((list(args), startup_s))
+        srv = vllm_server.Server(model, args, port=self.port_, log_path=log_path)
+        fail = self.fail_graphs and "--enforce-eager" not in args
+
+        class CM:
+            port = self.port_
+
+            def __enter__(self):
+                if fail:
+                    raise RuntimeError("vllm serve exited with 1:\ncompile failed")
+                return self
+
+            def stop(self):
+                pass
+
+            def metrics(self):
+                return srv.metrics()
+        return CM()
+
+
+def _soak_main(monkeypatch, tmp_path, port, *extra, fail_graphs=False):
+    _FakeServerCM.started = []
+    monkeypatch.setattr(soak, "Server", _FakeServerCM(port, fail_graphs))
+    monkeypatch.setattr(soak, "gpu_memory_used_mb", lambda: 1000.0)
+    monkeypatch.setattr(soak, "gpu_name", lambda: "FakeGPU")
+    out = tmp_path / "soak.json"
+    def exit_fn(code):
+        raise soak.CutShort(code)
+    rc = soak.main(["--requests", "40", "--max-len", "64", "--concurrency", "4", "--out", str(out), *extra],
+                   exit_fn=exit_fn)
+    import json
+    return rc, json.loads(out.read_text())
+
+
+SCHEMA = ("gpu", "requests", "errors", "aborted", "kv_usage_end", "mem_growth_mb")
+
+
+def test_soak_main_writes_the_schema_and_falls_back_to_eager(monkeypatch, tmp_path):
+    with _FakeOpenAI() as port:
+        rc, res = _soak_main(monkeypatch, tmp_path, port, fail_graphs=True)
+    assert all(k in res for k in SCHEMA)
+    # request_mix(40) holds no 13- or 17-token prompt at max_len 64? Errors, if any, are counted, never hidden.
+    assert res["requests"] == 40 and res["planned"] == 40 and res["complete"] is True and res["cut_short"] is None
+    assert res["kv_usage_end"] == 0.0 and res["mem_growth_mb"] == 0.0 and res["passed"] is (res["errors"] == 0)
+    assert rc == (0 if res["passed"] else 1)
+    assert res["mode"] == "eager" and "compile failed" in res["graphs_start_failure"]
+    (first, first_limit), (second, _) = _FakeServerCM.started
+    assert "--enforce-eager" not in first and "--enforce-eager" in second and first_limit <= 150
+
+
+def test_soak_main_records_what_was_sent_when_the_deadline_cuts_it(monkeypatch, tmp_path):
+    with _FakeOpenAI() as port:
+        # deadline - reserve < 0: the warm-up runs, no request is sent; the file says so and does not pass
+        rc, res = _soak_main(monkeypatch, tmp_path, port, "--deadline-s", "60", "--reserve-s", "61", "--mode", "eager")
+    assert rc == 1 and res["requests"] == 0 and res["planned"] == 40 and res["passed"] is False
+    assert res["cut_short"].startswith("deadline: 40 of 40")
+
+
+def test_soak_main_leaves_a_partial_file_when_signalled(monkeypatch, tmp_path):
+    """The suite job's cap sends SIGINT: soak.json must hold the schema with what completed and why it stopped."""
+    import signal
+    import threading
+    real_send = soak.send
+
+    def slow_send(*a, **k):
+        time.sleep(0.05)
+        return real_send(*a, **k)
+    monkeypatch.setattr(soak, "send", slow_send)
+    with _FakeOpenAI() as port:
+        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            rc, res = _soak_main(monkeypatch, tmp_path, port, "--mode", "eager", "--requests", "3000")
+        finally:
+            timer.cancel()
+    assert rc == 1 and all(k in res for k in SCHEMA)
+    assert res["complete"] is False and res["passed"] is False and "signal 2" in res["cut_short"]
+    assert 0 < res["requests"] < 3000 and res["planned"] == 3000
+    assert res["kv_usage_end"] is None and "kv_usage_end" in res["not_measured"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored

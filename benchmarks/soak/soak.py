@@ -11,7 +11,11 @@ did not grow past the warm-up baseline; throughput per 100 completed requests is
 8k, so 16k prompts run past it (VLLM_ALLOW_LONG_MAX_MODEL_LEN): the outputs are meaningless, the cache mechanics are
 what is tested. Bounded: no request is sent after --deadline-s minus a reserve for the checks and shutdown.
 Writes benchmarks/results/soak.json's schema {"gpu","requests","errors","aborted","kv_usage_end","mem_growth_mb"} +
-details. NOT YET RUN on a GPU.
+details, from the start on: a placeholder at once, counts every 50 requests, the partial result on SIGINT/SIGTERM
+(`complete: false`, `cut_short`: why, end-state fields None), the full result before the server is stopped.
+"requests" counts requests actually sent and answered, never the planned number ("planned").
+Server mode (--mode auto): vLLM's default piecewise CUDA graphs (never yet run with the Kakeya backend on a GPU),
+and --enforce-eager if that start fails (recorded as mode / graphs_start_failure). NOT YET RUN on a GPU.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import argparse
 import http.client
 import json
 import math
+import os
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -161,7 +167,54 @@ def settle(srv: Server, model: str, timeout_s: float = 60) -> dict:
     return srv.metrics()
 
 
-def main(argv=None) -> int:
+class CutShort(BaseException):
+    """Raised by a test's exit_fn in place of os._exit after a signal (the partial result is already written)."""
+
+
+def write_result(path: Path, res: dict) -> None:
+    """Atomic (tmp + rename; the tmp name is per thread): a kill mid-write leaves the previous complete file."""
+    tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def partial_result(rows: list[dict], planned: int, *, gpu: str, reason: str, **extra) -> dict:
+    """The issue's schema for a soak that did not finish: counts of what completed so far, the end-state fields
+    (kv_usage_end, mem_growth_mb) None because they were not measured, and why."""
+    done = list(rows)
+    return {"gpu": gpu, "requests": len(done), "errors": sum(r["status"] == "error" for r in done),
+            "aborted": sum(r["status"] == "aborted" for r in done), "kv_usage_end": None, "mem_growth_mb": None,
+            "planned": planned, "completed": sum(r["status"] == "ok" for r in done), "complete": False,
+            "cut_short": reason, "passed": False,
+            "not_measured": {"kv_usage_end": reason, "mem_growth_mb": reason},
+            "error_samples": [f"#{r['idx']} ({r['prompt_len']} tok): {r['error']}"
+                              for r in done if r["status"] == "error"][:8], **extra}
+
+
+def start_server(a, args: list[str], log_path: str, t_begin: float):
+    """Start `vllm serve`: in --mode auto first with vLLM's default piecewise CUDA graphs (never yet run with the
+    Kakeya backend on a GPU) under --graphs-startup-s, then eager if that start fails; returns (server, mode, why)."""
+    modes = {"graphs": ["graphs"], "eager": ["eager"], "auto": ["graphs", "eager"]}[a.mode]
+    why = None
+    for i, mode in enumerate(modes):
+        left = a.deadline_s - a.reserve_s - (time.monotonic() - t_begin) - 30
+        limit = min(a.graphs_startup_s if mode == "graphs" and i + 1 < len(modes) else a.startup_s, left)
+        srv = Server(a.model, args + (["--enforce-eager"] if mode == "eager" else []),
+                     env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_s=max(limit, 1),
+                     log_path=log_path if i == 0 else log_path.replace(".log", f".{mode}.log"))
+        try:
+            return srv.__enter__(), mode, why
+        except (RuntimeError, TimeoutError) as e:
+            why = f"{mode} start failed: {type(e).__name__}: {e}"[-1500:]
+            if i + 1 == len(modes):
+                raise
+            print(f"[soak] {why.splitlines()[0]}; retrying with --enforce-eager", flush=True)
+    raise AssertionError("unreachable")
+
+
+def main(argv=None, exit_fn=os._exit) -> int:
+    """exit_fn ends the process after SIGINT/SIGTERM (os._exit: no wait for the request threads, whose locks a
+    signal may have interrupted; tests pass a function that raises CutShort)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--requests", type=int, default=1000)
@@ -171,7 +224,10 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=420, help="no request is sent after this minus --reserve-s")
     ap.add_argument("--reserve-s", type=float, default=75)
     ap.add_argument("--startup-s", type=float, default=240)
-    ap.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's piecewise CUDA graphs)")
+    ap.add_argument("--mode", choices=("auto", "graphs", "eager"), default="auto",
+                    help="graphs: vLLM's default piecewise CUDA graphs; eager: --enforce-eager; auto: graphs, and "
+                         "eager if the graphs start fails")
+    ap.add_argument("--graphs-startup-s", type=float, default=150, help="--mode auto: limit of the graphs start")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     a = ap.parse_args(argv)
@@ -179,17 +235,41 @@ def main(argv=None) -> int:
     name = "soak"
     args = ["--attention-backend", "KAKEYA", "--served-model-name", name, "--max-model-len", str(a.max_len + 256),
             "--max-num-seqs", str(a.concurrency), "--gpu-memory-utilization", "0.3", "--enable-prefix-caching",
-            *(["--enforce-eager"] if a.eager else []), *a.server_arg]
+            *a.server_arg]
     reqs = request_mix(a.requests, a.seed, max_len=a.max_len)
     prefixes = shared_prefixes(a.seed, max_len=a.max_len)
     gpu = gpu_name()
-    res = {"gpu": gpu, "requests": 0, "errors": None, "aborted": 0, "kv_usage_end": None, "mem_growth_mb": None}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows, lock = [], threading.Lock()
+    state = {"phase": "server start-up", "final": False, "mode": None, "halt": False, "srv": None}
+    info = dict(concurrency=a.concurrency, max_len=a.max_len, server_args=args)
+
+    def snapshot(reason: str) -> dict:
+        return partial_result(rows, len(reqs), gpu=gpu, reason=reason, phase=state["phase"],
+                              total_s=time.monotonic() - t_begin, **{**info, "mode": state["mode"]})
+
+    write_result(out, snapshot("not finished: the soak was still running when this file was written"))
+
+    def on_signal(signum, frame):
+        # Runs in the main thread wherever it was (possibly inside executor or lock internals): write, stop the
+        # server's process group, leave without unwinding.
+        state["halt"] = True            # worker threads neither send nor overwrite the file from now on
+        if not state["final"]:          # a signal during shutdown must not replace the finished result
+            write_result(out, snapshot(f"cut short by signal {signum} during {state['phase']}"))
+        print(f"[soak] signal {signum} during {state['phase']}: result file written, stopping", flush=True)
+        if state["srv"] is not None:
+            state["srv"].stop()
+        exit_fn(0 if state["final"] and json.loads(out.read_text()).get("passed") else 1)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    res = None
     try:
-        with Server(a.model, args, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_s=a.startup_s,
-                    log_path=str(out.with_suffix(".server.log"))) as srv:
+        srv, mode, graphs_failure = start_server(a, args, str(out.with_suffix(".server.log")), t_begin)
+        state["mode"], state["srv"] = mode, srv
+        info.update(mode=mode, **({"graphs_start_failure": graphs_failure} if graphs_failure else {}))
+        try:
             startup = time.monotonic() - t_begin
+            state["phase"] = "warm-up"
             # Warm-up (not counted): the longest prompt and a full batch, so allocator pools reach steady size.
             warm = [Req(-1 - i, n, 4, None, None, 0, 7 + i) for i, n in enumerate([a.max_len] + [512] * a.concurrency)]
             with ThreadPoolExecutor(a.concurrency) as ex:
@@ -199,37 +279,68 @@ def main(argv=None) -> int:
             settle(srv, name)
             mem_base = gpu_memory_used_mb()
             stop_at = t_begin + a.deadline_s - a.reserve_s
-            rows, lock = [], threading.Lock()
+            state["phase"] = "requests"
 
             def one(r: Req):
-                if time.monotonic() > stop_at:
+                if time.monotonic() > stop_at or state["halt"]:
                     return
                 row = send(srv.port, name, r, prefixes, timeout=max(30.0, stop_at + 60 - time.monotonic()))
                 with lock:
+                    if state["halt"]:       # answered after a signal or a failure: not part of the result
+                        return
                     rows.append(row)
-                    if len(rows) % 100 == 0:
-                        print(f"[soak] {len(rows)} done, {sum(x['status'] == 'error' for x in rows)} errors, "
-                              f"{time.monotonic() - t_begin:.0f} s", flush=True)
+                    n = len(rows)
+                    if n % 50 == 0:         # a kill -9 still leaves counts at most 50 requests old
+                        write_result(out, snapshot("not finished: the soak was still running when this file was "
+                                                   "written"))
+                if n % 100 == 0:
+                    print(f"[soak] {n} done, {sum(x['status'] == 'error' for x in rows)} errors, "
+                          f"{time.monotonic() - t_begin:.0f} s", flush=True)
 
             t_start = time.monotonic()
-            with ThreadPoolExecutor(a.concurrency) as ex:
+            ex = ThreadPoolExecutor(a.concurrency)
+            try:
                 list(ex.map(one, reqs))
+            except BaseException:
+                state["halt"] = True
+                raise
+            finally:                        # on a signal: do not wait for requests still in flight
+                ex.shutdown(wait=False, cancel_futures=True)
             wall = time.monotonic() - t_start
+            state["phase"] = "end-state checks"
             m = settle(srv, name)
             time.sleep(2)                                  # let the allocator return what the last steps freed
-            res = summarize(rows, len(reqs), gpu=gpu, kv_usage_end=m.get("vllm:kv_cache_usage_perc"),
+            res = summarize(list(rows), len(reqs), gpu=gpu, kv_usage_end=m.get("vllm:kv_cache_usage_perc"),
                             mem_base=mem_base, mem_end=gpu_memory_used_mb(), wall_s=wall, t_start=t_start,
                             startup_s=startup, preemptions=m.get("vllm:num_preemptions_total"),
                             prefix_cache_hits=m.get("vllm:prefix_cache_hits_total"),
-                            prefix_cache_queries=m.get("vllm:prefix_cache_queries_total"),
-                            concurrency=a.concurrency, max_len=a.max_len, server_args=args)
+                            prefix_cache_queries=m.get("vllm:prefix_cache_queries_total"), complete=True,
+                            cut_short=(None if len(rows) == len(reqs) else
+                                       f"deadline: {len(reqs) - len(rows)} of {len(reqs)} planned requests not sent"),
+                            **info)
+            res["total_s"] = time.monotonic() - t_begin
+            write_result(out, res)                         # before the server stop, which may take a while
+            state["final"], state["phase"] = True, "server stop"
+        finally:
+            srv.stop()
+            state["srv"] = None
+    except CutShort:
+        res = None                                         # the handler wrote the partial file
     except Exception as e:  # noqa: BLE001 - the result file must say why the soak did not complete
-        res.update(passed=False, failure=f"{type(e).__name__}: {e}"[-3000:])
-    res["total_s"] = time.monotonic() - t_begin
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({k: res.get(k) for k in ("gpu", "requests", "errors", "aborted", "kv_usage_end",
-                                              "mem_growth_mb", "passed", "failure")}), flush=True)
-    return 0 if res.get("passed") else 1
+        if not state["final"]:
+            res = snapshot(f"failed during {state['phase']}")
+            res["failure"] = f"{type(e).__name__}: {e}"[-3000:]
+            write_result(out, res)
+    finally:
+        for s_, h in old.items():
+            signal.signal(s_, h)
+    if state["final"]:
+        res["total_s"] = time.monotonic() - t_begin
+        write_result(out, res)
+    final = json.loads(out.read_text())
+    print(json.dumps({k: final.get(k) for k in ("gpu", "requests", "errors", "aborted", "kv_usage_end",
+                                                "mem_growth_mb", "passed", "cut_short", "failure")}), flush=True)
+    return 0 if final.get("passed") else 1
 
 
 if __name__ == "__main__":

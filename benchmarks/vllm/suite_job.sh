@@ -72,7 +72,7 @@ for part in "${@:-core lifecycle}"; do
       v13)       run_part v13 300 ${PYTEST/ -m gpu/} tests/test_v13_triton.py tests/test_vllm_v13_gpu.py ;;
       soak)      left=$(( DEADLINE - $(date +%s) ))
                  run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
-                 [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed')})")" ;;
+                 [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'planned', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed', 'mode', 'cut_short')})")" ;;
       *)         echo "unknown part $p (core lifecycle flash soak tp perlayer graphs v13)"; exit 2 ;;
     esac
   done
