@@ -357,7 +357,7 @@ class _FakeServerCM:
                     raise RuntimeError("vllm serve exited with 1:\ncompile failed")
                 return self
 
-            def stop(self):
+            def stop(self, grace_s=30):
                 pass
 
             def metrics(self):

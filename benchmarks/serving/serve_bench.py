@@ -203,7 +203,9 @@ def run(a) -> int:
         open(os.path.splitext(a.out)[0] + ".md", "w").write(markdown(res))
         print(f"[{model} / {config}] {row['status']} in {row['wall_s']}s: capacity {row['capacity_tokens']} "
               f"b16@32k {row['decode_tok_s_b16_32k']} max@32k {row['decode_tok_s_max_batch_32k']} "
-              f"(batch {row['max_batch_32k']}) prefill {row['prefill_tok_s']}", flush=True)
+              f"(batch {row['max_batch_32k']}) b16@8k {row.get('decode_tok_s_b16_8k')} prefill {row['prefill_tok_s']}",
+              flush=True)
+    print(markdown(res), flush=True)            # the call's table in the device output's tail
     return 0
 
 

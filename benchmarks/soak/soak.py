@@ -259,7 +259,7 @@ def main(argv=None, exit_fn=os._exit) -> int:
             write_result(out, snapshot(f"cut short by signal {signum} during {state['phase']}"))
         print(f"[soak] signal {signum} during {state['phase']}: result file written, stopping", flush=True)
         if state["srv"] is not None:
-            state["srv"].stop()
+            state["srv"].stop(grace_s=10)   # within the suite job's 20 s between SIGINT and SIGKILL
         exit_fn(0 if state["final"] and json.loads(out.read_text()).get("passed") else 1)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     res = None
