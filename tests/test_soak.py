@@ -341,16 +341,21 @@ class _FakeServerCM:
     --enforce-eager fail as a crashed `vllm serve` does."""
     started: list = []
 
-    def __init__(self, port, fail_graphs=False):
-        self.port_, self.fail_graphs = port, fail_graphs
+    def __init__(self, port, fail_graphs=False, dead_graphs=False):
+        self.port_, self.fail_graphs, self.dead_graphs = port, fail_graphs, dead_graphs
 
     def __call__(self, model, args, env=None, startup_s=0, log_path=None):
         _FakeServerCM.started.append((list(args), startup_s))
-        srv = vllm_server.Server(model, args, port=self.port_, log_path=log_path)
-        fail = self.fail_graphs and "--enforce-eager" not in args
+        graphs = "--enforce-eager" not in args
+        # dead_graphs: the graphs server starts but answers nothing (a port nobody listens on)
+        port = vllm_server.free_port() if self.dead_graphs and graphs else self.port_
+        srv = vllm_server.Server(model, args, port=port, log_path=log_path)
+        fail = self.fail_graphs and graphs
+
+        live_port = port
 
         class CM:
-            port = self.port_
+            port = live_port
 
             def __enter__(self):
                 if fail:
@@ -365,9 +370,9 @@ class _FakeServerCM:
         return CM()
 
 
-def _soak_main(monkeypatch, tmp_path, port, *extra, fail_graphs=False):
+def _soak_main(monkeypatch, tmp_path, port, *extra, fail_graphs=False, dead_graphs=False):
     _FakeServerCM.started = []
-    monkeypatch.setattr(soak, "Server", _FakeServerCM(port, fail_graphs))
+    monkeypatch.setattr(soak, "Server", _FakeServerCM(port, fail_graphs, dead_graphs))
     monkeypatch.setattr(soak, "gpu_memory_used_mb", lambda: 1000.0)
     monkeypatch.setattr(soak, "gpu_name", lambda: "FakeGPU")
     out = tmp_path / "soak.json"
@@ -425,3 +430,10 @@ def test_soak_main_leaves_a_partial_file_when_signalled(monkeypatch, tmp_path):
     assert 0 < res["requests"] < 3000 and res["planned"] == 3000
     assert res["kv_usage_end"] is None and "kv_usage_end" in res["not_measured"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
+
+
+def test_soak_main_falls_back_to_eager_when_the_graphs_warm_up_fails(monkeypatch, tmp_path):
+    with _FakeOpenAI() as port:
+        rc, res = _soak_main(monkeypatch, tmp_path, port, dead_graphs=True)
+    assert res["mode"] == "eager" and "graphs warm-up failed" in res["graphs_start_failure"]
+    assert res["requests"] == 40 and res["complete"] is True

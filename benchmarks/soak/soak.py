@@ -191,9 +191,11 @@ def partial_result(rows: list[dict], planned: int, *, gpu: str, reason: str, **e
                               for r in done if r["status"] == "error"][:8], **extra}
 
 
-def start_server(a, args: list[str], log_path: str, t_begin: float):
-    """Start `vllm serve`: in --mode auto first with vLLM's default piecewise CUDA graphs (never yet run with the
-    Kakeya backend on a GPU) under --graphs-startup-s, then eager if that start fails; returns (server, mode, why)."""
+def start_server(a, args: list[str], log_path: str, t_begin: float, warm_up, on_server=lambda srv: None):
+    """Start `vllm serve` and warm it up: in --mode auto first with vLLM's default piecewise CUDA graphs (never yet
+    run with the Kakeya backend on a GPU; start bounded by --graphs-startup-s), then eager if that start or its
+    warm-up fails. on_server(srv) sees each server before its start (a signal handler must be able to stop it).
+    Returns (server, mode, why the graphs attempt failed or None)."""
     modes = {"graphs": ["graphs"], "eager": ["eager"], "auto": ["graphs", "eager"]}[a.mode]
     why = None
     for i, mode in enumerate(modes):
@@ -202,13 +204,23 @@ def start_server(a, args: list[str], log_path: str, t_begin: float):
         srv = Server(a.model, args + (["--enforce-eager"] if mode == "eager" else []),
                      env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_s=max(limit, 1),
                      log_path=log_path if i == 0 else log_path.replace(".log", f".{mode}.log"))
+        on_server(srv)
         try:
-            return srv.__enter__(), mode, why
+            srv.__enter__()
         except (RuntimeError, TimeoutError) as e:
             why = f"{mode} start failed: {type(e).__name__}: {e}"[-1500:]
             if i + 1 == len(modes):
                 raise
-            print(f"[soak] {why.splitlines()[0]}; retrying with --enforce-eager", flush=True)
+        else:
+            try:
+                warm_up(srv)
+                return srv, mode, why
+            except (RuntimeError, OSError) as e:
+                srv.stop()
+                why = f"{mode} warm-up failed: {type(e).__name__}: {e}"[-1500:]
+                if i + 1 == len(modes):
+                    raise
+        print(f"[soak] {why.splitlines()[0]}; retrying with --enforce-eager", flush=True)
     raise AssertionError("unreachable")
 
 
@@ -264,19 +276,22 @@ def main(argv=None, exit_fn=os._exit) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     res = None
     try:
-        srv, mode, graphs_failure = start_server(a, args, str(out.with_suffix(".server.log")), t_begin)
-        state["mode"], state["srv"] = mode, srv
-        info.update(mode=mode, **({"graphs_start_failure": graphs_failure} if graphs_failure else {}))
-        try:
-            startup = time.monotonic() - t_begin
+        def warm_up(srv):
+            """Not counted: the longest prompt and a full batch, so allocator pools reach their steady size."""
             state["phase"] = "warm-up"
-            # Warm-up (not counted): the longest prompt and a full batch, so allocator pools reach steady size.
             warm = [Req(-1 - i, n, 4, None, None, 0, 7 + i) for i, n in enumerate([a.max_len] + [512] * a.concurrency)]
             with ThreadPoolExecutor(a.concurrency) as ex:
                 bad = [w for w in ex.map(lambda r: send(srv.port, name, r, prefixes, 300), warm) if w["status"] != "ok"]
             if bad:
                 raise RuntimeError(f"warm-up failed: {bad[0]}")
             settle(srv, name)
+
+        srv, mode, graphs_failure = start_server(a, args, str(out.with_suffix(".server.log")), t_begin, warm_up,
+                                                 on_server=lambda s_: state.update(srv=s_, phase="server start-up"))
+        state["mode"] = mode
+        info.update(mode=mode, **({"graphs_start_failure": graphs_failure} if graphs_failure else {}))
+        try:
+            startup = time.monotonic() - t_begin
             mem_base = gpu_memory_used_mb()
             stop_at = t_begin + a.deadline_s - a.reserve_s
             state["phase"] = "requests"
@@ -312,7 +327,7 @@ def main(argv=None, exit_fn=os._exit) -> int:
             time.sleep(2)                                  # let the allocator return what the last steps freed
             res = summarize(list(rows), len(reqs), gpu=gpu, kv_usage_end=m.get("vllm:kv_cache_usage_perc"),
                             mem_base=mem_base, mem_end=gpu_memory_used_mb(), wall_s=wall, t_start=t_start,
-                            startup_s=startup, preemptions=m.get("vllm:num_preemptions_total"),
+                            startup_and_warmup_s=startup, preemptions=m.get("vllm:num_preemptions_total"),
                             prefix_cache_hits=m.get("vllm:prefix_cache_hits_total"),
                             prefix_cache_queries=m.get("vllm:prefix_cache_queries_total"), complete=True,
                             cut_short=(None if len(rows) == len(reqs) else
