@@ -389,10 +389,11 @@ SCHEMA = ("gpu", "requests", "errors", "aborted", "kv_usage_end", "mem_growth_mb
 
 def test_soak_main_writes_the_schema_and_falls_back_to_eager(monkeypatch, tmp_path):
     with _FakeOpenAI() as port:
-        rc, res = _soak_main(monkeypatch, tmp_path, port, fail_graphs=True)
+        rc, res = _soak_main(monkeypatch, tmp_path, port, "--requests", "120", fail_graphs=True)
     assert all(k in res for k in SCHEMA)
-    # request_mix(40) holds no 13- or 17-token prompt at max_len 64? Errors, if any, are counted, never hidden.
-    assert res["requests"] == 40 and res["planned"] == 40 and res["complete"] is True and res["cut_short"] is None
+    # The fake fails 13-token prompts and shortens 17-token ones: errors, if any, are counted, never hidden.
+    assert res["requests"] == 120 and res["planned"] == 120 and res["complete"] is True and res["cut_short"] is None
+    assert res["mem_trace_mb"] == [[100, 1000.0]] and res["mem_base_mb"] == 1000.0
     assert res["kv_usage_end"] == 0.0 and res["mem_growth_mb"] == 0.0 and res["passed"] is (res["errors"] == 0)
     assert rc == (0 if res["passed"] else 1)
     assert res["mode"] == "eager" and "compile failed" in res["graphs_start_failure"]

@@ -255,7 +255,8 @@ def main(argv=None, exit_fn=os._exit) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, lock = [], threading.Lock()
     state = {"phase": "server start-up", "final": False, "mode": None, "halt": False, "srv": None}
-    info = dict(concurrency=a.concurrency, max_len=a.max_len, server_args=args)
+    mem_trace: list = []             # [requests answered, GPU MiB in use] every 100 requests
+    info = dict(concurrency=a.concurrency, max_len=a.max_len, server_args=args, mem_trace_mb=mem_trace)
 
     def snapshot(reason: str) -> dict:
         return partial_result(rows, len(reqs), gpu=gpu, reason=reason, phase=state["phase"],
@@ -293,6 +294,7 @@ def main(argv=None, exit_fn=os._exit) -> int:
         try:
             startup = time.monotonic() - t_begin
             mem_base = gpu_memory_used_mb()
+            info["mem_base_mb"] = mem_base
             stop_at = t_begin + a.deadline_s - a.reserve_s
             state["phase"] = "requests"
 
@@ -309,8 +311,11 @@ def main(argv=None, exit_fn=os._exit) -> int:
                         write_result(out, snapshot("not finished: the soak was still running when this file was "
                                                    "written"))
                 if n % 100 == 0:
+                    # Under load (activations included): a plateau here and a return to base at the end is no
+                    # leak; a steady climb is one.
+                    mem_trace.append([n, gpu_memory_used_mb()])
                     print(f"[soak] {n} done, {sum(x['status'] == 'error' for x in rows)} errors, "
-                          f"{time.monotonic() - t_begin:.0f} s", flush=True)
+                          f"{time.monotonic() - t_begin:.0f} s, GPU {mem_trace[-1][1]} MiB", flush=True)
 
             t_start = time.monotonic()
             ex = ThreadPoolExecutor(a.concurrency)
