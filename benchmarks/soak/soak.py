@@ -15,7 +15,11 @@ details, from the start on: a placeholder at once, counts every 50 requests, the
 (`complete: false`, `cut_short`: why, end-state fields None), the full result before the server is stopped.
 "requests" counts requests actually sent and answered, never the planned number ("planned").
 Server mode (--mode auto): vLLM's default piecewise CUDA graphs (never yet run with the Kakeya backend on a GPU),
-and --enforce-eager if that start fails (recorded as mode / graphs_start_failure). NOT YET RUN on a GPU.
+and --enforce-eager if that start or its warm-up fails (recorded as mode / graphs_start_failure).
+Size (seed 0, computed): 1000 requests = 2.63 M prompt tokens (124 over 8k) + 63 k generated tokens, 145 planned
+aborts. Time (NOT measured; session 7's vLLM NIAH 8k ran 10 x 8k-token Kakeya prompts in 2.6 s): a guess of
+100-250 s of requests, against a send window of about --deadline-s - --reserve-s - start-up (~300 s in
+`SUITE_BUDGET_S=540 suite_job.sh soak`). NOT YET RUN on a GPU.
 """
 from __future__ import annotations
 
