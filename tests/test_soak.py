@@ -438,3 +438,10 @@ def test_soak_main_falls_back_to_eager_when_the_graphs_warm_up_fails(monkeypatch
         rc, res = _soak_main(monkeypatch, tmp_path, port, dead_graphs=True)
     assert res["mode"] == "eager" and "graphs warm-up failed" in res["graphs_start_failure"]
     assert res["requests"] == 40 and res["complete"] is True
+
+
+def test_soak_main_writes_the_failure_when_the_server_cannot_start(monkeypatch, tmp_path):
+    with _FakeOpenAI() as port:
+        rc, res = _soak_main(monkeypatch, tmp_path, port, "--mode", "graphs", fail_graphs=True)
+    assert rc == 1 and all(k in res for k in SCHEMA) and res["requests"] == 0 and res["passed"] is False
+    assert "compile failed" in res["failure"] and res["cut_short"] == "failed during server start-up"

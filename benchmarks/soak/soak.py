@@ -279,6 +279,14 @@ def main(argv=None, exit_fn=os._exit) -> int:
             state["srv"].stop(grace_s=10)   # within the suite job's 20 s between SIGINT and SIGKILL
         exit_fn(0 if state["final"] and json.loads(out.read_text()).get("passed") else 1)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def write_failure(e: Exception) -> None:
+        if not state["final"] and not state.get("failure_written"):
+            state["halt"] = state["failure_written"] = True
+            fail = snapshot(f"failed during {state['phase']}")
+            fail["failure"] = f"{type(e).__name__}: {e}"[-3000:]
+            write_result(out, fail)
+
     res = None
     try:
         def warm_up(srv):
@@ -345,20 +353,20 @@ def main(argv=None, exit_fn=os._exit) -> int:
             res["total_s"] = time.monotonic() - t_begin
             write_result(out, res)                         # before the server stop, which may take a while
             state["final"], state["phase"] = True, "server stop"
+        except Exception as e:  # noqa: BLE001 - written before the server stop, which may take a while
+            write_failure(e)
+            raise
         finally:
             srv.stop()
             state["srv"] = None
     except CutShort:
-        res = None                                         # the handler wrote the partial file
+        pass                                               # the handler wrote the partial file
     except Exception as e:  # noqa: BLE001 - the result file must say why the soak did not complete
-        if not state["final"]:
-            res = snapshot(f"failed during {state['phase']}")
-            res["failure"] = f"{type(e).__name__}: {e}"[-3000:]
-            write_result(out, res)
+        write_failure(e)
     finally:
         for s_, h in old.items():
             signal.signal(s_, h)
-    if state["final"]:
+    if state["final"] and res is not None:
         res["total_s"] = time.monotonic() - t_begin
         write_result(out, res)
     final = json.loads(out.read_text())
