@@ -445,3 +445,100 @@ def test_soak_main_writes_the_failure_when_the_server_cannot_start(monkeypatch, 
         rc, res = _soak_main(monkeypatch, tmp_path, port, "--mode", "graphs", fail_graphs=True)
     assert rc == 1 and all(k in res for k in SCHEMA) and res["requests"] == 0 and res["passed"] is False
     assert "compile failed" in res["failure"] and res["cut_short"] == "failed during server start-up"
+
+
+_FAKE_SERVE = r'''
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+args = sys.argv[1:]
+if os.environ.get("FAKE_FAIL_GRAPHS") and "--enforce-eager" not in args:
+    sys.exit("fake vllm serve: graph capture failed")
+port = int(args[args.index("--port") + 1])
+if os.environ.get("FAKE_PID_FILE"):
+    open(os.environ["FAKE_PID_FILE"], "a").write(f"{os.getpid()}\n")
+delay = float(os.environ.get("FAKE_DELAY", "0"))
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        body = (b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.0\n"
+                if self.path == "/metrics" else b"ok")
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(delay)
+        self.send_response(200)
+        self.end_headers()
+        try:
+            if req.get("stream"):
+                for i in range(req["max_tokens"]):
+                    self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+                self.wfile.write(b"data: [DONE]\n\n")
+            else:
+                self.wfile.write(json.dumps({"usage": {"completion_tokens": req["max_tokens"]}}).encode())
+        except OSError:
+            pass
+
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _fake_vllm_tree(tmp_path):
+    """A `vllm` package whose `python -m vllm.entrypoints.cli.main serve` is a tiny stand-in server."""
+    pkg = tmp_path / "fakevllm" / "vllm" / "entrypoints" / "cli"
+    pkg.mkdir(parents=True)
+    for d in (pkg, pkg.parent, pkg.parent.parent):
+        (d / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(_FAKE_SERVE)
+    return tmp_path / "fakevllm"
+
+
+def _soak_cli(tmp_path, env_extra, *args):
+    env = {**os.environ, "PYTHONPATH": f"{_fake_vllm_tree(tmp_path)}:{ROOT}", **env_extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "soak" / "soak.py"), "--out",
+                             str(tmp_path / "soak.json"), "--max-len", "64", "--concurrency", "4", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_soak_cli_end_to_end_with_a_stand_in_server(tmp_path):
+    """The device path as the suite job runs it: real Server class, graphs start fails -> eager, SIGINT mid-run ->
+    soak.json holds the partial schema and the stand-in server's process group is gone."""
+    import json
+    import signal
+    pids = tmp_path / "server_pids"
+    p = _soak_cli(tmp_path, {"FAKE_FAIL_GRAPHS": "1", "FAKE_DELAY": "0.05", "FAKE_PID_FILE": str(pids)},
+                  "--requests", "5000")
+    out = tmp_path / "soak.json"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        if out.exists() and json.loads(out.read_text()).get("phase") == "requests":
+            break
+        time.sleep(0.2)
+    else:
+        p.kill()
+        pytest.fail("soak never reached its request phase:\n" + p.communicate()[0][-3000:])
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    log = p.communicate(timeout=60)[0]
+    res = json.loads(out.read_text())
+    assert p.returncode == 1, log[-2000:]
+    assert res["mode"] == "eager" and "graph capture failed" in res["graphs_start_failure"]
+    assert res["complete"] is False and "signal 2" in res["cut_short"] and 0 < res["requests"] < 5000
+    assert (tmp_path / "soak.server.eager.log").exists() and "result file written" in log
+    server = int(pids.read_text().split()[-1])         # the eager stand-in, in its own session
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(server, signal.SIGKILL)
+        pytest.fail("the signal handler left the server running")
