@@ -20,15 +20,14 @@ PAIR_TABLE = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4,
               64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
 TUNED = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}
 NAMES = ("tuned", "baseline")
-# Opt-in candidates for GPU sweeps (not selectable by KAKEYA_DECODE_VARIANT): session 6's pair-table launch (the
-# default before session 7's "reg4", now TUNED: centroid tables in registers as byte planes) and it plus "swap" (the
+# Opt-in candidates for GPU sweeps (not selectable by KAKEYA_DECODE_VARIANT). Session 7 timed session 6's pair-table
+# launch (PAIR_TABLE), "reg4" (now TUNED: centroid tables in registers as byte planes) and, plus "swap" (the
 # sealed-block MMAs with the codes as the M operand: a 4-row query tile pads to N = 8, not M = 16) over 128-token
 # tiles with V's table in registers ("swap_t128_reg3", lut 3: codes of <= 3 bits; "swap_t128" with the pair table,
 # 234.4 / 441.6 µs below, is dropped: the register tables beat it).
 # Session 7 (H200, µs at b16 ctx16k, D=64 / D=128): pair table 258.9 / 480.6, reg4 216.0 / 425.2, swap 260.7 / 484.7,
 # swap_t128 234.4 / 441.6, swap_t128_reg3 224.9 / 412.1; the 2-stage pipelining probe 541.0 / 1415.6.
-CANDIDATES = {"pair_table": PAIR_TABLE,
-              "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
+CANDIDATES = {              "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
                                  for d, v in PAIR_TABLE.items()},
               # Not yet timed: the two best of session 7 combined (register tables + 128-token tiles), with and
               # without swap ("swap" at 64-token tiles lost to the default at both head_dims and is dropped).
@@ -40,7 +39,12 @@ CANDIDATES = {"pair_table": PAIR_TABLE,
               # version, was 2-3x slower in session 7). Not yet timed.
               # (D=128 uncapped: at the default's cap of 96 the prefetch spills 73 instructions per loop iteration,
               # sass_count.py; uncapped it takes 246 registers, 2 programs per SM.)
-              "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in TUNED.items()}}
+              "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in TUNED.items()},
+              # One full wave: the default's grid (waves 2 rounds up to 3 splits at batch 16 -> 2.9 programs/SM)
+              # leaves resident slots empty; sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
+              # sass_count.occupancy (tests/test_kernel_bench.py checks these against the compiled kernels).
+              # Session 6's waves 4 rows were slower because 4.85 programs/SM ran as two waves. Not yet timed.
+              "fill": {64: dict(TUNED[64], waves=None, fill=4), 128: dict(TUNED[128], waves=None, fill=5)}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
@@ -60,9 +64,14 @@ def kernel_args(v: dict) -> dict:
 
 
 def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> int:
-    """KV splits for a launch of n_tiles query tiles x hkv heads: enough programs for ``waves`` per SM, never more
-    than the sealed blocks + tail there are to split (max_blocks: a host-known bound, e.g. the block table's width,
-    so a captured decode graph keeps one split count per batch size)."""
+    """KV splits for a launch of n_tiles query tiles x hkv heads, never more than the sealed blocks + tail there are
+    to split (max_blocks: a host-known bound, e.g. the block table's width, so a captured decode graph keeps one
+    split count per batch size). ``fill`` (resident programs per SM): as many programs as fit in ONE wave (round
+    down: a grid of 4.85 programs per SM with 4 resident runs two waves); else ``waves``: about that many programs
+    per SM (round up); else a fixed count."""
+    tiles = max(1, n_tiles * hkv)
+    if v.get("fill"):
+        return max(1, min(max_blocks + 1, v["fill"] * sms // tiles))
     if v.get("waves") is None:
         return FIXED_SPLITS
-    return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / max(1, n_tiles * hkv))))
+    return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / tiles)))

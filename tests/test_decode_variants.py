@@ -94,6 +94,10 @@ def test_variant_table_and_split_rule():
     assert num_splits(TUNED[128], 16, 8, 32, 132) == 3
     assert num_splits(TUNED[128], 1, 8, 2, 132) == 3          # capped at blocks + tail
     assert num_splits(TUNED[128], 4096, 8, 64, 132) == 1
+    # fill: one full wave of resident programs (round down), capped by the blocks the same way
+    assert num_splits(dict(TUNED[64], waves=None, fill=4), 16, 8, 32, 132) == 4    # 512 programs <= 4 x 132
+    assert num_splits(dict(TUNED[64], waves=None, fill=4), 64, 8, 32, 132) == 1
+    assert num_splits(dict(TUNED[64], waves=None, fill=4), 1, 8, 2, 132) == 3
 
 
 def test_planner_builds_the_fused_source_map():

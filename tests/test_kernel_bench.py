@@ -14,7 +14,10 @@ def test_bench_variants_agree_on_the_bench_scenario():
     torch.manual_seed(0)
     sc = B.OursDecode(KakeyaKernels(64, 4, 3, "cpu"), 2, 1024, 64, sms=4, device="cpu", hkv=2)
     ref = sc.fn(B.BASELINE_VARIANT)()
-    assert torch.isfinite(ref.float()).all() and sc.splits(4, 4) >= sc.splits(16) >= 1 and sc.bytes > 0
+    assert torch.isfinite(ref.float()).all() and sc.bytes > 0
+    assert sc.splits(dict(bm=4, waves=4)) >= sc.splits(dict(bm=16, waves=2)) >= 1
+    # fill 4 on 4 SMs over 2 tiles x 2 heads: 4 x 4 // 4 = 4 splits, capped at 2 sealed blocks + the tail
+    assert sc.n_sealed == 2 and sc.splits(dict(bm=4, waves=None, fill=4)) == 3
     for v in (B.SWEEP[-1], dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=64, bm=16, waves=2)):
         assert B.rel_diff(sc.fn(v)(), ref) < B.ACCEPT_REL / 2   # the bench's own acceptance bound, with margin
     assert all(set(v) == set(B.BASELINE_VARIANT) for v in B.SWEEP)
@@ -62,6 +65,31 @@ def test_sass_proxy_counts_the_sealed_loop():
     lut0, lut2 = json.loads(p.stdout.strip().splitlines()[-1])
     assert lut2["regs"] <= 80 and lut2["spill_instructions_in_loop"] == 0 and lut2["warps_per_sm"] == 24
     assert 0 < lut2["per_element"] < 0.85 * lut0["per_element"]
+
+
+def test_fill_candidate_matches_the_compiled_occupancy():
+    """variants.CANDIDATES["fill"] sizes the grid to one full wave of resident programs; its per-head_dim count must
+    be what the sm_90 compile of that launch really allows (registers, shared memory), else the grid either leaves
+    slots empty or spills into a second wave."""
+    import json
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("Triton without its CUDA binaries")
+    code = ("import json, sass_count as S; from kakeya_kernels.variants import CANDIDATES as C; "
+            "print(json.dumps({d: [S.occupancy(S.compile_attn(d, 4, 3, v['lut'], v['tt'], v['num_warps'], bm=v['bm'], "
+            "maxnreg=v['maxnreg'], fused=v['fused']), v['num_warps'])['programs_per_sm'], v['fill']] "
+            "for d, v in C['fill'].items()}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root / "benchmarks" / "kernels", env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for d, (resident, fill) in json.loads(p.stdout.strip().splitlines()[-1]).items():
+        assert resident == fill, f"D={d}: sm_90 holds {resident} programs per SM, the fill candidate assumes {fill}"
 
 
 def test_gpu_configurations_compile_for_sm90():
@@ -119,6 +147,6 @@ def test_short_sweep_times_the_backend_default():
     for d in (64, 128):
         sw = B.short_sweep(d)
         assert sw[0] == B.BASELINE_VARIANT and TUNED[d] in sw and len(sw) == len({str(v) for v in sw})
-        # swap, pf: only the opt-in candidates (every variant has the launch's keys, nothing unknown)
-        assert all(set(v) - {"swap", "pf"} == set(B.BASELINE_VARIANT) for v in sw)
+        # swap, pf, fill: only the opt-in candidates (every variant has the launch's keys, nothing unknown)
+        assert all(set(v) - {"swap", "pf", "fill"} == set(B.BASELINE_VARIANT) for v in sw)
         assert len(sw) <= 7

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from kakeya_kernels.kakeya_triton import KakeyaKernels
-from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, TUNED
+from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, TUNED, kernel_args, num_splits
 
 HKV, GQA = 8, 4
 BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # sessions 2-5 path
@@ -159,10 +158,9 @@ class OursDecode:
         self.batch, self.n_sealed, self.hkv, self.sms, self.plans = batch, n_sealed, hkv, sms, {}
         self.bytes = batch * (n_sealed * hkv * kk.lay.slot_bytes + tail * hkv * d * 4)
 
-    def splits(self, bm: int, waves: int = 2) -> int:
-        """Split the KV axis until the grid holds about `waves` programs per SM."""
-        nt = self.plan(bm)["nt"]
-        return max(1, min(self.n_sealed + 1, math.ceil(waves * self.sms / (nt * self.hkv))))
+    def splits(self, v: dict) -> int:
+        """The backend's split rule (variants.num_splits: waves or fill) on this scenario's grid."""
+        return num_splits(v, self.plan(v["bm"])["nt"], self.hkv, self.n_sealed, self.sms)
 
     def plan(self, bm: int) -> dict:
         if bm not in self.plans:   # the row/tile bookkeeping is format-independent (v13 kernels share it)
@@ -171,8 +169,8 @@ class OursDecode:
 
     def fn(self, v: dict):
         v = dict(v)
-        bm, waves = v.pop("bm"), v.pop("waves")
-        plan, splits = self.plan(bm), self.splits(bm, waves)
+        plan, splits = self.plan(v["bm"]), self.splits(v)
+        v = kernel_args(v)
 
         def run():
             return self.kk.attention(self.q, self.pos, self.req, self.cache, self.bt, self.nsl, self.sl, self.tk,
@@ -315,7 +313,7 @@ def main():
         us = graph_us(fn)
         eager = do_bench(fn) * 1e3
         out = {"format": res["format"], **row, "us": us, "bytes": sc.bytes, "gbps": sc.bytes / us / 1e3,
-               "splits": sc.splits(v["bm"], v["waves"]), "floor_us": sc.bytes / (res["copy_gbps"] * 1e3),
+               "splits": sc.splits(v), "floor_us": sc.bytes / (res["copy_gbps"] * 1e3),
                "us_eager": eager, "rel_diff_vs_baseline": diff, **v}
         del sc, fn
         _free_cuda()
