@@ -618,3 +618,108 @@ def test_run_starts_the_v13_row_at_8k(tmp_path, monkeypatch):
     assert "after_row" in row and "gpu_mem_used_mb_before" in res
     if not importlib_has_vllm():
         assert row["status"] == "partial" and "vllm" in row["not_measured"]["decode_tok_s_b16_8k"].lower()
+
+
+_FAKE_VLLM = r'''
+"""Stand-in `vllm` for a CPU dry run of `serve_bench run`: LLM(...) -> an engine that steps (one token per
+request per step, prefix hits in whole 512-token blocks), logs vLLM's start-up lines, honours FAKE_INIT_S."""
+import os, sys, time, types
+from enum import Enum
+
+
+class RequestOutputKind(Enum):
+    CUMULATIVE = 0
+    DELTA = 1
+
+
+class SamplingParams:
+    def __init__(self, max_tokens, **kw):
+        self.max_tokens = max_tokens
+
+
+class _Engine:
+    def __init__(self, kw):
+        self.vllm_config = types.SimpleNamespace(cache_config=types.SimpleNamespace(
+            num_gpu_blocks=700_000 // 16, block_size=16))
+        self.seen, self.reqs = set(), {}
+
+    def add_request(self, rid, prompt, sp):
+        p = prompt["prompt_token_ids"]
+        k = (len(p) // 512) * 512
+        while k and tuple(p[:k]) not in self.seen:
+            k -= 512
+        for j in range(512, len(p) + 1, 512):
+            self.seen.add(tuple(p[:j]))
+        self.reqs[rid] = [sp.max_tokens, k]
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
+
+    def step(self):
+        time.sleep(0.001)
+        outs = []
+        for rid, r in list(self.reqs.items()):
+            r[0] -= 1
+            outs.append(types.SimpleNamespace(request_id=rid, num_cached_tokens=r[1],
+                                              outputs=[types.SimpleNamespace(token_ids=[7])]))
+            if r[0] == 0:
+                del self.reqs[rid]
+        return outs
+
+
+class LLM:
+    def __init__(self, **kw):
+        time.sleep(float(os.environ.get("FAKE_INIT_S", "0")))
+        print("INFO GPU KV cache size: 700,000 tokens", flush=True)
+        print(f"INFO Maximum concurrency for {kw['max_model_len']:,} tokens per request: 21.36x", flush=True)
+        self.llm_engine = _Engine(kw)
+
+    def generate(self, prompts, sp, use_tqdm=False):
+        for i, p in enumerate(prompts):
+            self.llm_engine.add_request(f"g{i}", p, sp)
+        while self.llm_engine.has_unfinished_requests():
+            self.llm_engine.step()
+'''
+
+
+def test_run_end_to_end_with_a_stand_in_vllm(tmp_path):
+    """`serve_bench run` as serving_job.sh calls it, children and all, against a stand-in vLLM: rows come back
+    measured, the v13 row at 8k with the reason for 32k, and a row started too late for its time is cut with
+    what it measured (the call still returns every row)."""
+    pkg = tmp_path / "fakevllm" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(_FAKE_VLLM)
+    (pkg / "sampling_params.py").write_text("from vllm import RequestOutputKind, SamplingParams\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fakevllm'}:{ROOT}"}
+    out = tmp_path / "serving_main.json"
+    cmd = [sys.executable, "-m", "benchmarks.serving.serve_bench", "run", "--rows",
+           "qwen3-8b-like:flash_bf16,qwen3-8b-like:kakeya_v13", "--deadline-s", "170", "--min-row-s", "1",
+           "--log-dir", str(tmp_path / "logs"), "--out", str(out)]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    flash, v13 = res["rows"]
+    for row in res["rows"]:
+        R.check_row(row)
+    assert flash["status"] == "ok" and flash["capacity_tokens"] == 700_000 and flash["log_kv_cache_tokens"] == 700_000
+    assert flash["decode_tok_s_b16_32k"] > 0 and flash["max_batch_32k"] == 21 and flash["prefill_tok_s"] > 0
+    assert v13["status"] == "ok" and v13["max_model_len"] == 8192 and v13["decode_tok_s_b16_8k"] > 0
+    assert v13["decode_tok_s_b16_32k"] is None and "8k only" in v13["not_measured"]["decode_tok_s_b16_32k"]
+    assert "| qwen3-8b-like | kakeya_v13 |" in r.stdout          # the table is printed at the end
+    # A slow start-up leaves less than a measurement's minimum (15 s) of the row's time: the child skips the
+    # measurements and ends in time; the row keeps its capacity and says why the rest is missing.
+    env["FAKE_INIT_S"] = "3"
+    cmd[cmd.index("--rows") + 1] = "qwen3-8b-like:flash_bf16"
+    subprocess.run(cmd + ["--row-limit-s", "4", "--min-row-s", "1"], env=env, cwd=ROOT, timeout=200, check=True,
+                   capture_output=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["status"] == "ok" and row["capacity_tokens"] == 700_000 and row["decode_tok_s_b16_32k"] is None
+    assert "row time budget used up before decode 32k" in row["not_measured"]["decode_tok_s_b16_32k"]
+    # A start-up longer than the row's limit: the child's process group is killed, the row says where.
+    env["FAKE_INIT_S"] = "30"
+    t0 = time.monotonic()
+    subprocess.run(cmd + ["--row-limit-s", "3", "--min-row-s", "1"], env=env, cwd=ROOT, timeout=200, check=True,
+                   capture_output=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert time.monotonic() - t0 < 25 and row["status"] == "partial" and row["capacity_tokens"] is None
+    assert row["not_measured"]["capacity_tokens"] == "row time limit 3s reached during start-up"
