@@ -44,7 +44,9 @@ CANDIDATES = {              "swap_t128_reg3": {d: dict(v, swap=True, tt=128, max
               # leaves resident slots empty; sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
               # sass_count.occupancy (tests/test_kernel_bench.py checks these against the compiled kernels).
               # Session 6's waves 4 rows were slower because 4.85 programs/SM ran as two waves. Not yet timed.
-              "fill": {64: dict(TUNED[64], waves=None, fill=4), 128: dict(TUNED[128], waves=None, fill=5)}}
+              "fill": {64: dict(TUNED[64], waves=None, fill=4), 128: dict(TUNED[128], waves=None, fill=5)},
+              "pf_fill": {64: dict(TUNED[64], pf=True, waves=None, fill=4),
+                          128: dict(TUNED[128], pf=True, maxnreg=None, waves=None, fill=2)}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2

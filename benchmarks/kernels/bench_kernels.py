@@ -39,7 +39,7 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
 
 def short_sweep(d: int) -> list[dict]:
     """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES; earlier runners-up are
-    in the session JSONs): <= 7 variants, ~3 s of compile each on the device. (Session 7 timed a 2-stage pipelining
+    in the session JSONs): <= 8 variants, ~3 s of compile each on the device. (Session 7 timed a 2-stage pipelining
     probe of the default: 2.1x / 2.9x slower at D=64 / 128, so it is no longer swept.)"""
     return [BASELINE_VARIANT, TUNED[d]] + [c[d] for c in CANDIDATES.values() if c[d] != TUNED[d]]
 
