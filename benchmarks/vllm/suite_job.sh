@@ -8,7 +8,8 @@
 #              KAKEYA_EXACT_ATTENTION=flash: exact through FA == FLASH_ATTN token for token (8 x 256), k4v3 with FA
 #              boundary layers 0,1,28,29 runs (session 6: 232 s without these; estimate ~330 s with them)
 #   flash      only lifecycle's KAKEYA_EXACT_ATTENTION=flash engines (strict 8/8 vs FLASH_ATTN + FA boundary layers)
-#   soak       benchmarks/soak/soak.py -> $OUT/soak.json (give it its own call: it uses most of one)
+#   soak       benchmarks/soak/soak.py -> $OUT/soak.json + soak.server.log (not yet run; its own call:
+#              SUITE_BUDGET_S=540, it uses all that is left; soak.json is written even when the cap cuts it)
 #   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
 #   graphs     tests/test_vllm_graphs_gpu.py (KAKEYA_CUDA_GRAPHS=1: full decode graphs vs the eager path; not yet run)
