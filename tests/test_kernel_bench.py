@@ -21,6 +21,9 @@ def test_bench_variants_agree_on_the_bench_scenario():
     for v in (B.SWEEP[-1], dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=64, bm=16, waves=2)):
         assert B.rel_diff(sc.fn(v)(), ref) < B.ACCEPT_REL / 2   # the bench's own acceptance bound, with margin
     assert all(set(v) == set(B.BASELINE_VARIANT) for v in B.SWEEP)
+    assert len(B.grid_rows("full", (64, 128))) == 2 * len(B.GRID) and B.grid_rows("none", (64,)) == []
+    assert [(r["context"], r["batch"]) for r in B.grid_rows("goal", (64,))] == [c for c in B.GRID if c[0] >= 16384
+                                                                              and c[1] >= 16]
     # goal rows (context >= 16k, batch >= 16) are measured first
     first = [c >= 16384 and b >= 16 for c, b in B.GRID]
     assert first == sorted(first, reverse=True) and sum(first) == 6

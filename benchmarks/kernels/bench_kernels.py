@@ -53,6 +53,12 @@ GRID = sorted(((ctx, b) for ctx in (4096, 16384, 65536, 131072) for b in (1, 16,
 
 
 
+def grid_rows(kind: str, head_dims) -> list[dict]:
+    """The decode grid's rows for --grid: full, goal (issue 3's goal rows: context >= 16k, batch >= 16) or none."""
+    keep = {"full": lambda c, b: True, "goal": lambda c, b: c >= 16384 and b >= 16, "none": lambda c, b: False}[kind]
+    return [dict(head_dim=d, batch=b, context=c) for c, b in GRID if keep(c, b) for d in head_dims]
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -258,6 +264,9 @@ def main():
     ap.add_argument("--vbits", type=int, default=3)
     ap.add_argument("--deadline-s", type=float, default=420.0, help="stop starting new measurements after this")
     ap.add_argument("--sweep", choices=("short", "full"), default="short", help="variant sweep before the grid")
+    ap.add_argument("--grid", choices=("full", "goal", "none"), default="full",
+                    help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
+                         ">= 16), or none (then no seal/v13 rows either: a quick sweep-only call)")
     a = ap.parse_args()
     t_end = time.time() + a.deadline_s
     props = torch.cuda.get_device_properties(0)
@@ -327,8 +336,9 @@ def main():
               flush=True)
         return out
 
-    rows = [dict(head_dim=d, batch=batch, context=ctx) for ctx, batch in GRID for d in kks]
-    if not run_rows(rows, measure, res, save):
+    rows = grid_rows(a.grid, kks)
+    if not run_rows(rows, measure, res, save) or a.grid == "none":
+        save()
         return
     for d, kk in kks.items():
         if time.time() > t_end + 30:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device job for issue 3, one call of <= KERNEL_BUDGET_S (default 450) s (NOT yet run in this form): kernel benchmarks (short variant sweep:
-# baseline, the backend's tuned default and the 4 opt-in candidates of kakeya_kernels.variants.CANDIDATES, with
+# baseline, the backend's tuned default and the opt-in candidates of kakeya_kernels.variants.CANDIDATES, with
 # on-GPU agreement; the decode grid vs FA3 bf16 with the backend's tuned default, each row agreement-checked and
 # guarded; seal variants vs prefill), then the kernel parity suite (tests/test_kernels.py, test_decode_variants.py:
 # the tuned launch incl. maxnreg on the GPU, test_decode_candidates.py: the candidates' inline PTX on the GPU),
@@ -22,10 +22,13 @@ for t in ncu nsys; do command -v $t >/dev/null && echo "profiler available: $(co
 python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('SMs', p.multi_processor_count, 'clock', getattr(p, 'clock_rate', '?'))" 2>/dev/null
 BUDGET=${KERNEL_BUDGET_S:-450}      # the whole job; the bench gets half of it (at most 230 s of new work)
 BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
-timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S --sweep short 2>&1 | grep -v Warning
+[ "${KERNEL_PARITY:-1}" = 0 ] && BENCH_S=$(( BUDGET - 60 ))     # no parity after it: the bench gets the call
+# KERNEL_GRID=full|goal|none (bench --grid), KERNEL_PARITY=0 skips the parity suite: a quick sweep-only call.
+timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S --sweep short \
+    --grid "${KERNEL_GRID:-full}" 2>&1 | grep -v Warning
 python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && tail -3 "$OUT/KERNELS.md"
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"
-[ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" 2>&1 | tail -25
+[ "${KERNEL_PARITY:-1}" = 1 ] && [ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" 2>&1 | tail -25
 source scripts/triton_cache.sh save
 echo "total $(( $(date +%s) - T0 ))s"
