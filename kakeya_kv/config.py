@@ -66,8 +66,21 @@ def _choice_env(env, name: str, default: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
-# Decode-attention launch: "tuned" = session 6's H200 sweep winner (pair table, fused, 4-row GQA tiles), the
-# default; "baseline" = the path of sessions 2-5. Both agree within the bench's bound (kakeya_kernels.variants).
+def _decode_variant_env(env) -> str:
+    raw = (env.get("KAKEYA_DECODE_VARIANT") or "").strip()
+    if raw.lower().startswith("candidate:"):
+        from kakeya_kernels.variants import CANDIDATES      # the kernels package ships with this one
+        name = raw.split(":", 1)[1]
+        if name not in CANDIDATES:
+            raise ConfigError(f"KAKEYA_DECODE_VARIANT={raw!r}: no such candidate; known: "
+                              f"{', '.join('candidate:' + n for n in sorted(CANDIDATES))}")
+        return f"candidate:{name}"
+    return _choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS)
+
+
+# Decode-attention launch: "tuned" = the H200 sweeps' winner (register tables, fused, 4-row GQA tiles), the
+# default; "baseline" = the path of sessions 2-5; "candidate:NAME" = an opt-in candidate of
+# kakeya_kernels.variants.CANDIDATES (experiments). All agree within the bench's bound.
 DECODE_VARIANTS = ("tuned", "baseline")
 # Attention of exact (bf16) layers in vLLM: "triton" = our kernel on our page layout (the default); "flash" = vLLM's
 # own FlashAttention backend (its page layout, builder and impl), so exact layers round exactly as FLASH_ATTN does.
@@ -207,7 +220,7 @@ class KakeyaConfig:
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
             v13_scratch_mib=_v13_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
-            decode_variant=_choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS),
+            decode_variant=_decode_variant_env(env),
             exact_attention=_exact_attention(env, fmt, boundary),
         )
 

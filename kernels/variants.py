@@ -8,7 +8,8 @@ rows per query tile ``bm`` + the KV split rule (``waves`` = target programs per 
 previous path, D=64 262 vs 745 µs); session 7 (benchmarks/results/kernels_h200_session7.json) measured the centroid
 tables held in registers (lut 4, the "reg4" candidate) faster again, same run: D=64 216.0 vs 258.9 µs, D=128 425.2 vs
 480.6 µs, outputs within 4e-5 of the baseline's. Codes wider than 4 bits (k5) keep the pair table inside lut 4.
-"baseline" is the backend path of sessions 2-5 (bm 16, 8 splits). KAKEYA_DECODE_VARIANT picks one.
+"baseline" is the backend path of sessions 2-5 (bm 16, 8 splits). KAKEYA_DECODE_VARIANT picks one (or
+candidate:NAME, one of CANDIDATES below, to serve a sweep candidate without a code change).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ PAIR_TABLE = {128: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=96, bm=4,
               64: dict(lut=2, fused=True, tt=64, num_warps=4, maxnreg=None, bm=4, waves=2)}
 TUNED = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}
 NAMES = ("tuned", "baseline")
-# Opt-in candidates for GPU sweeps (not selectable by KAKEYA_DECODE_VARIANT). Session 7 timed session 6's pair-table
+# Opt-in candidates for GPU sweeps (KAKEYA_DECODE_VARIANT=candidate:NAME serves one, for experiments). Session 7 timed session 6's pair-table
 # launch (PAIR_TABLE), "reg4" (now TUNED: centroid tables in registers as byte planes) and, plus "swap" (the
 # sealed-block MMAs with the codes as the M operand: a 4-row query tile pads to N = 8, not M = 16) over 128-token
 # tiles with V's table in registers ("swap_t128_reg3", lut 3: codes of <= 3 bits; "swap_t128" with the pair table,
@@ -53,10 +54,19 @@ ACCEPT_REL = 1e-2
 KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf")   # swap, pf: only in CANDIDATES
 
 
+CANDIDATE_PREFIX = "candidate:"    # KAKEYA_DECODE_VARIANT=candidate:NAME serves an opt-in candidate (experiments)
+
+
 def decode_variant(name: str, head_dim: int) -> dict:
-    """The variant `name` at this head_dim. head_dims the sweep did not measure (256) keep the baseline."""
+    """The variant `name` (tuned, baseline or candidate:NAME) at this head_dim. head_dims a variant does not cover
+    (256) keep the baseline."""
+    if name.startswith(CANDIDATE_PREFIX):
+        c = CANDIDATES.get(name[len(CANDIDATE_PREFIX):])
+        if c is None:
+            raise ValueError(f"decode variant {name!r}: no such candidate (known: {', '.join(sorted(CANDIDATES))})")
+        return dict(c.get(head_dim, BASELINE))
     if name not in NAMES:
-        raise ValueError(f"decode variant must be one of {NAMES}, got {name!r}")
+        raise ValueError(f"decode variant must be one of {NAMES} or {CANDIDATE_PREFIX}NAME, got {name!r}")
     return dict(TUNED[head_dim]) if name == "tuned" and head_dim in TUNED else dict(BASELINE)
 
 

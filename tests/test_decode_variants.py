@@ -100,6 +100,26 @@ def test_variant_table_and_split_rule():
     assert num_splits(dict(TUNED[64], waves=None, fill=4), 1, 8, 2, 132) == 3
 
 
+def test_candidates_are_servable_by_name(glue):  # noqa: F811 - pytest fixture
+    """KAKEYA_DECODE_VARIANT=candidate:NAME serves a sweep candidate without a code change (the next device call
+    can use a winner at once); unknown names fail at configuration with the known ones listed."""
+    from kakeya_kernels.variants import CANDIDATES
+    from kakeya_kv.config import ConfigError, KakeyaConfig
+    assert decode_variant("candidate:fill", 64) == CANDIDATES["fill"][64]
+    assert decode_variant("candidate:fill", 256) == BASELINE             # a head_dim the candidate does not cover
+    with pytest.raises(ValueError, match="no such candidate"):
+        decode_variant("candidate:nope", 64)
+    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:pf_fill"}).decode_variant == "candidate:pf_fill"
+    with pytest.raises(ConfigError, match="candidate:fill"):
+        KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:nope"})
+    # the planner's launch for it: its kernel knobs and its split rule (fill: one full wave)
+    from kakeya_v1_3_ppl.plan import Launches
+    la = Launches("candidate:fill", 64, 8, "cpu")
+    ph = la.attach({"plan": {"nt": 4}}, la.decode, max_blocks=64)
+    assert ph["launch"] == dict(kernel_args(CANDIDATES["fill"][64]), splits=num_splits(CANDIDATES["fill"][64], 4, 8,
+                                                                                       64, la.sms))
+
+
 def test_planner_builds_the_fused_source_map():
     """Host phases and the GPU decode buffers carry the tile row -> query row map the fused launch gathers with,
     equal to the kernel's own plan, for 4-row tiles and GQA 1 / 3 / 4 / 8."""
