@@ -7,6 +7,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
 
 
+def _sm90_run(args: list[str], tool: str, timeout: int = 300):
+    """Run a python command in benchmarks/kernels in a process without the interpreter (sm_90 compiles on the CPU
+    with Triton's bundled CUDA tools); skip when Triton lacks `tool`."""
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)):
+        pytest.skip("Triton without its CUDA binaries")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=Path(__file__).resolve().parents[1] / "benchmarks" / "kernels",
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_bench_variants_agree_on_the_bench_scenario():
     import bench_kernels as B
     import report
@@ -51,19 +66,9 @@ def test_sass_proxy_counts_the_sealed_loop():
     """sm_90 compile on CPU (Triton's bundled ptxas/cuobjdump, in a process without the interpreter): the pair
     table must keep its instruction cut."""
     import json
-    import os
-    import subprocess
-
-    import pytest
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("Triton without its CUDA binaries")
     code = ("import json, sass_count as S; print(json.dumps([S.count(64, 4, 3, 0, 64, 8, bm=4, maxnreg=80), "
             "S.count(64, 4, 3, 2, 64, 8, bm=4, maxnreg=80)]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", code], cwd=root / "benchmarks" / "kernels", env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = _sm90_run(["-c", code], "cuobjdump")
     assert p.returncode == 0, p.stderr[-2000:]
     lut0, lut2 = json.loads(p.stdout.strip().splitlines()[-1])
     assert lut2["regs"] <= 80 and lut2["spill_instructions_in_loop"] == 0 and lut2["warps_per_sm"] == 24
@@ -75,21 +80,11 @@ def test_fill_candidate_matches_the_compiled_occupancy():
     be what the sm_90 compile of that launch really allows (registers, shared memory), else the grid either leaves
     slots empty or spills into a second wave."""
     import json
-    import os
-    import subprocess
-
-    import pytest
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("Triton without its CUDA binaries")
     code = ("import json, sass_count as S; from kakeya_kernels.variants import CANDIDATES as C; "
             "print(json.dumps({f'{n} D={d}': [S.occupancy(S.compile_attn(d, 4, 3, v['lut'], v['tt'], v['num_warps'], "
             "bm=v['bm'], maxnreg=v['maxnreg'], fused=v['fused'], pf=v.get('pf', False)), v['num_warps'])"
             "['programs_per_sm'], v['fill']] for n, c in C.items() for d, v in c.items() if v.get('fill')}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", code], cwd=root / "benchmarks" / "kernels", env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = _sm90_run(["-c", code], "cuobjdump")
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(got) >= 4
@@ -100,17 +95,7 @@ def test_fill_candidate_matches_the_compiled_occupancy():
 def test_gpu_configurations_compile_for_sm90():
     """A subset of compile_check.py (every configuration the GPU session launches compiles for sm_90, within the
     shared-memory limit), in a process without the interpreter."""
-    import os
-    import subprocess
-
-    import pytest
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("Triton without its CUDA binaries")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "compile_check.py", "--quick"], cwd=root / "benchmarks" / "kernels", env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = _sm90_run(["compile_check.py", "--quick"], "ptxas", timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
 
 
