@@ -544,7 +544,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             for t0 in tl.range(0, N, TT, num_stages=NS):
                 t = t0 + tl.arange(0, TT)
                 if PF:
-                    k_raw, kg, v_raw, vg_pf = k_nxt, kg_nxt, v_nxt, vg_nxt
+                    k_raw, kg, v_raw, vg = k_nxt, kg_nxt, v_nxt, vg_nxt
                     tn = t + TT
                     nm = tn < N
                     k_nxt = _raw16(slot + K_CODES, tn, nm, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
@@ -555,13 +555,12 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 else:
                     kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                if PF:
-                    kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM)
-                    if PRECISE:
-                        kc = kc.to(tl.float32)
-                elif LUT >= 2:
-                    kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
-                                  TT, LUT, ASM)
+                if LUT >= 2:     # (PF implies LUT >= 2: the launcher refuses pf with lut < 2)
+                    if PF:
+                        kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM)
+                    else:
+                        kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
+                                      TT, LUT, ASM)
                     if PRECISE:
                         kc = kc.to(tl.float32)
                 else:
@@ -587,18 +586,15 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp2(m_i - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
-                if PF:
-                    vg = vg_pf
-                else:
+                if not PF:
                     vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                if PF:
-                    vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM)
-                    if PRECISE:
-                        vc = vc.to(tl.float32)
-                elif LUT >= 2:
-                    vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
-                                  VG, VNB, TT, LUT, ASM)
+                if LUT >= 2:
+                    if PF:
+                        vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM)
+                    else:
+                        vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
+                                      VG, VNB, TT, LUT, ASM)
                     if PRECISE:
                         vc = vc.to(tl.float32)
                 else:
