@@ -122,6 +122,21 @@ def _exact_attention(env, fmt: str, boundary: tuple[int, ...]) -> str:
     return v
 
 
+def _memory_log(env) -> str | None:
+    """KAKEYA_MEMORY_LOG: a file the engine worker appends its torch CUDA memory to (JSON lines, at most one per
+    second); its directory must exist. Unset = no log."""
+    raw = env.get("KAKEYA_MEMORY_LOG")
+    if raw is None or raw.strip() == "":
+        return None
+    p = Path(raw.strip()).expanduser().resolve()
+    if not p.parent.is_dir():
+        raise ConfigError(f"KAKEYA_MEMORY_LOG={raw!r}: directory {p.parent} does not exist; create it or unset the "
+                          "variable")
+    if p.is_dir():
+        raise ConfigError(f"KAKEYA_MEMORY_LOG={raw!r}: is a directory; give a file path (e.g. {p / 'memory.jsonl'})")
+    return str(p)
+
+
 def parse_layer_bits(raw: str | None, fmt: str = "kakeya", num_layers: int | None = None,
                      name: str = "KAKEYA_LAYER_BITS") -> tuple[tuple[int, int, int], ...]:
     """Parse "17:4/3,18:4/3,20-24:5/4" -> ((17, 4, 3), (18, 4, 3), (20, 5, 4), ...), sorted by layer.
@@ -188,6 +203,7 @@ class KakeyaConfig:
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
+    memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -222,6 +238,7 @@ class KakeyaConfig:
             v13_attention=_v13_attention(env, fmt),
             decode_variant=_decode_variant_env(env),
             exact_attention=_exact_attention(env, fmt, boundary),
+            memory_log=_memory_log(env),
         )
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:

@@ -176,8 +176,13 @@ def test_timeout_marker_interrupts_a_long_call():
         next(hook)
 
 
+# The fake worker's KAKEYA_MEMORY_LOG: path (from the server env), allocated MiB grows by leak_mb per completion.
+_MEM = {"path": None, "leak_mb": 0.0, "n": 0}
+
+
 class _FakeOpenAI:
-    """A stand-in for vLLM's OpenAI server: completions (JSON or SSE stream), /metrics, /health."""
+    """A stand-in for vLLM's OpenAI server: completions (JSON or SSE stream), /metrics, /health; appends a
+    memory-log line per completion like the backend's KAKEYA_MEMORY_LOG."""
 
     def __enter__(self):
         import json
@@ -198,6 +203,12 @@ class _FakeOpenAI:
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 n = len(req["prompt"])
+                if _MEM["path"]:
+                    _MEM["n"] += 1
+                    mb = 500.0 + _MEM["leak_mb"] * _MEM["n"]
+                    with open(_MEM["path"], "a") as f:
+                        f.write(json.dumps({"t": time.time(), "allocated_mb": mb, "reserved_mb": mb + 100,
+                                            "max_allocated_mb": mb + 50}) + "\n")
                 if n == 13:
                     self.send_response(500)
                     self.end_headers()
@@ -346,6 +357,7 @@ class _FakeServerCM:
 
     def __call__(self, model, args, env=None, startup_s=0, log_path=None):
         _FakeServerCM.started.append((list(args), startup_s))
+        _MEM["path"] = (env or {}).get("KAKEYA_MEMORY_LOG")
         graphs = "--enforce-eager" not in args
         # dead_graphs: the graphs server starts but answers nothing (a port nobody listens on)
         port = vllm_server.free_port() if self.dead_graphs and graphs else self.port_
@@ -370,8 +382,9 @@ class _FakeServerCM:
         return CM()
 
 
-def _soak_main(monkeypatch, tmp_path, port, *extra, fail_graphs=False, dead_graphs=False):
+def _soak_main(monkeypatch, tmp_path, port, *extra, fail_graphs=False, dead_graphs=False, leak_mb=0.0):
     _FakeServerCM.started = []
+    _MEM.update(path=None, leak_mb=leak_mb, n=0)
     monkeypatch.setattr(soak, "Server", _FakeServerCM(port, fail_graphs, dead_graphs))
     monkeypatch.setattr(soak, "gpu_memory_used_mb", lambda: 1000.0)
     monkeypatch.setattr(soak, "gpu_name", lambda: "FakeGPU")
@@ -393,12 +406,29 @@ def test_soak_main_writes_the_schema_and_falls_back_to_eager(monkeypatch, tmp_pa
     assert all(k in res for k in SCHEMA)
     # The fake fails 13-token prompts and shortens 17-token ones: errors, if any, are counted, never hidden.
     assert res["requests"] == 120 and res["planned"] == 120 and res["complete"] is True and res["cut_short"] is None
-    assert res["mem_trace_mb"] == [[100, 1000.0]] and res["mem_base_mb"] == 1000.0
+    assert res["mem_trace_mb"] == [[100, 1000.0, 500.0]] and res["mem_base_mb"] == 1000.0
     assert res["kv_usage_end"] == 0.0 and res["mem_growth_mb"] == 0.0 and res["passed"] is (res["errors"] == 0)
+    assert res["mem_growth_basis"] == "torch.cuda.memory_allocated" and res["gpu_used_growth_mb"] == 0.0
     assert rc == (0 if res["passed"] else 1)
     assert res["mode"] == "eager" and "compile failed" in res["graphs_start_failure"]
     (first, first_limit), (second, _) = _FakeServerCM.started
     assert "--enforce-eager" not in first and "--enforce-eager" in second and first_limit <= 150
+
+
+def test_soak_main_fails_on_a_growing_allocated_memory(monkeypatch, tmp_path):
+    """nvidia-smi flat (1000 MiB throughout), but the worker's allocated bytes climb 0.5 MiB per request: a leak."""
+    with _FakeOpenAI() as port:
+        rc, res = _soak_main(monkeypatch, tmp_path, port, "--mode", "eager", leak_mb=0.5)
+    assert res["requests"] == 40 and res["gpu_used_growth_mb"] == 0.0
+    assert res["mem_growth_mb"] > soak.MEM_GROWTH_LIMIT_MB and res["passed"] is False and rc == 1
+    assert res["reserved_growth_mb"] == res["mem_growth_mb"]
+
+
+def test_position_override_only_where_the_model_is_shorter(tmp_path):
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 8192}')
+    assert soak.position_override(str(tmp_path), 16640) == ["--hf-overrides", '{"max_position_embeddings": 16640}']
+    assert soak.position_override(str(tmp_path), 8192) == []
+    assert soak.position_override(str(tmp_path / "missing"), 16640) == []
 
 
 def test_soak_main_records_what_was_sent_when_the_deadline_cuts_it(monkeypatch, tmp_path):
@@ -411,6 +441,7 @@ def test_soak_main_records_what_was_sent_when_the_deadline_cuts_it(monkeypatch, 
 
 def test_soak_main_leaves_a_partial_file_when_signalled(monkeypatch, tmp_path):
     """The suite job's cap sends SIGINT: soak.json must hold the schema with what completed and why it stopped."""
+    # 3 s: past the warm-up and the idle memory probe (1.2 s), so requests are running when the signal comes
     import signal
     import threading
     real_send = soak.send
@@ -420,7 +451,7 @@ def test_soak_main_leaves_a_partial_file_when_signalled(monkeypatch, tmp_path):
         return real_send(*a, **k)
     monkeypatch.setattr(soak, "send", slow_send)
     with _FakeOpenAI() as port:
-        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
         timer.start()
         try:
             rc, res = _soak_main(monkeypatch, tmp_path, port, "--mode", "eager", "--requests", "3000")

@@ -6,20 +6,22 @@
 Mix: prompt lengths log-uniform 16 -> 16k tokens (token-id prompts, ~30 % start with one of 4 shared prefixes so the
 prefix cache is hit, also by requests running at the same time), 1-128 new tokens with ignore_eos, ~15 % aborted by
 the client (connection closed before the first token, or after k streamed tokens), `--concurrency` in flight.
-Checks: no request fails or returns fewer tokens than asked; once idle, vLLM's KV usage is back to 0 and GPU memory
-did not grow past the warm-up baseline; throughput per 100 completed requests is logged. SmolLM2's trained context is
-8k, so 16k prompts run past it (VLLM_ALLOW_LONG_MAX_MODEL_LEN): the outputs are meaningless, the cache mechanics are
-what is tested. Bounded: no request is sent after --deadline-s minus a reserve for the checks and shutdown.
+Checks: no request fails or returns fewer tokens than asked; once idle, vLLM's KV usage is back to 0 and the engine
+worker's allocated GPU memory (KAKEYA_MEMORY_LOG, read at an idle step after the warm-up and after the requests) did
+not grow; nvidia-smi's growth (which includes the caching allocator's reserve) is reported beside it. Throughput per
+100 completed requests is logged. SmolLM2's trained context is 8k, so 16k prompts run past it (max_position_embeddings
+raised by --hf-overrides so the RoPE table covers them): the outputs are meaningless, the cache mechanics are what is
+tested. Bounded: no request is sent after --deadline-s minus a reserve for the checks and shutdown.
 Writes benchmarks/results/soak.json's schema {"gpu","requests","errors","aborted","kv_usage_end","mem_growth_mb"} +
 details, from the start on: a placeholder at once, counts every 50 requests, the partial result on SIGINT/SIGTERM
 (`complete: false`, `cut_short`: why, end-state fields None), the full result before the server is stopped.
 "requests" counts requests actually sent and answered, never the planned number ("planned").
-Server mode (--mode auto): vLLM's default piecewise CUDA graphs (never yet run with the Kakeya backend on a GPU),
-and --enforce-eager if that start or its warm-up fails (recorded as mode / graphs_start_failure).
+Server mode (--mode auto): vLLM's default piecewise CUDA graphs, and --enforce-eager if that start or its warm-up
+fails (recorded as mode / graphs_start_failure).
 Size (seed 0, computed): 1000 requests = 2.63 M prompt tokens (124 over 8k) + 63 k generated tokens, 145 planned
-aborts. Time (NOT measured; session 7's vLLM NIAH 8k ran 10 x 8k-token Kakeya prompts in 2.6 s): a guess of
-100-250 s of requests, against a send window of about --deadline-s - --reserve-s - start-up (~300 s in
-`SUITE_BUDGET_S=540 suite_job.sh soak`). NOT YET RUN on a GPU.
+aborts. Session 8 (H200, eager after the graphs warm-up hit the RoPE-table assert fixed since): 1000 requests in
+116 s, 0 errors, KV usage 0, nvidia-smi +798 MiB at the very end (flat for the first 900) - the reason the check now
+reads the worker's allocated bytes (benchmarks/results/vllm_s8/soak/).
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ from vllm_server import Server, gpu_memory_used_mb, gpu_name, request  # noqa: E
 
 MODEL = "/tmp/models/SmolLM2-135M-Instruct"
 VOCAB_LO, VOCAB_HI = 100, 40000
-MEM_GROWTH_LIMIT_MB = 64.0     # pass criterion: allocator noise, not a leak (KV pages are preallocated)
+# Pass criterion on the worker's allocated bytes at idle (KV pages and tail pool are preallocated, so only
+# per-request leftovers can move it); the nvidia-smi fallback (no memory log) has the same limit.
+MEM_GROWTH_LIMIT_MB = 16.0
 
 
 @dataclass
@@ -141,20 +145,71 @@ def throughput_per_100(rows: list[dict], t_start: float) -> list[dict]:
 
 
 def summarize(rows: list[dict], planned: int, *, gpu: str, kv_usage_end: float | None, mem_base: float | None,
-              mem_end: float | None, wall_s: float, t_start: float, **extra) -> dict:
+              mem_end: float | None, wall_s: float, t_start: float, alloc_base: dict | None = None,
+              alloc_end: dict | None = None, **extra) -> dict:
+    """mem_base/mem_end: GPU MiB in use (nvidia-smi) when idle before/after the requests; alloc_base/alloc_end: the
+    engine worker's KAKEYA_MEMORY_LOG lines at those two idle points. The leak check (mem_growth_mb) uses torch's
+    allocated bytes when the log has them: nvidia-smi's number also holds the caching allocator's reserve, which
+    grows to the largest step seen and is never handed back (reported as gpu_used_growth_mb / reserved_growth_mb)."""
     errors = [r for r in rows if r["status"] == "error"]
     tput = throughput_per_100(rows, t_start)
     rates = [t["tok_s"] for t in tput[1:]]            # the first group includes the ramp-up
-    growth = None if mem_base is None or mem_end is None else mem_end - mem_base
+    used_growth = None if mem_base is None or mem_end is None else mem_end - mem_base
+    if alloc_base and alloc_end:
+        growth, basis = alloc_end["allocated_mb"] - alloc_base["allocated_mb"], "torch.cuda.memory_allocated"
+        more = {"reserved_growth_mb": alloc_end["reserved_mb"] - alloc_base["reserved_mb"],
+                "allocated_mb_base": alloc_base["allocated_mb"], "allocated_mb_end": alloc_end["allocated_mb"],
+                "max_allocated_mb": alloc_end.get("max_allocated_mb")}
+    else:
+        growth, basis, more = used_growth, "nvidia-smi memory.used", {}
     res = {"gpu": gpu, "requests": len(rows), "errors": len(errors),
            "aborted": sum(r["status"] == "aborted" for r in rows), "kv_usage_end": kv_usage_end,
-           "mem_growth_mb": growth, "planned": planned, "completed": sum(r["status"] == "ok" for r in rows),
+           "mem_growth_mb": growth, "mem_growth_basis": basis, "gpu_used_growth_mb": used_growth, **more,
+           "planned": planned, "completed": sum(r["status"] == "ok" for r in rows),
            "not_sent_deadline": planned - len(rows), "wall_s": wall_s, "throughput_per_100": tput,
            "throughput_min_over_median": min(rates) / statistics.median(rates) if len(rates) >= 2 else None,
            "error_samples": [f"#{r['idx']} ({r['prompt_len']} tok): {r['error']}" for r in errors[:8]], **extra}
     res["passed"] = (res["errors"] == 0 and res["requests"] == planned and kv_usage_end == 0.0
                      and growth is not None and growth <= MEM_GROWTH_LIMIT_MB)
     return res
+
+
+def read_memory_log(path: str, after: float) -> dict | None:
+    """The newest KAKEYA_MEMORY_LOG line written after wall time `after` (None if there is none)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for raw in reversed(lines):
+        try:
+            rec = json.loads(raw)
+        except ValueError:          # a line being written right now
+            continue
+        return rec if rec.get("t", 0) > after else None
+    return None
+
+
+def idle_memory(srv: Server, model: str, log_path: str) -> dict | None:
+    """The worker's memory at an idle step: wait past the log's 1 s interval, run one tiny request (its first step
+    is logged before it allocates anything), read that line."""
+    time.sleep(1.2)
+    t = time.time()
+    request(srv.port, "POST", "/v1/completions", {"model": model, "prompt": [VOCAB_LO + 11] * 16, "max_tokens": 1},
+            timeout=60)
+    return read_memory_log(log_path, t)
+
+
+def position_override(model: str, need: int) -> list[str]:
+    """`--hf-overrides` raising max_position_embeddings to `need` where the model's config is shorter. vLLM sizes
+    the RoPE cos/sin table by it: past it, eager mode reads outside the table silently and the compiled (CUDA
+    graphs) model trips a device-side assert (session 8, SmolLM2's 8192 with 16k prompts)."""
+    try:
+        have = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return []
+    if have is None or have >= need:
+        return []
+    return ["--hf-overrides", json.dumps({"max_position_embeddings": need})]
 
 
 def settle(srv: Server, model: str, timeout_s: float = 60) -> dict:
@@ -195,7 +250,8 @@ def partial_result(rows: list[dict], planned: int, *, gpu: str, reason: str, **e
                               for r in done if r["status"] == "error"][:8], **extra}
 
 
-def start_server(a, args: list[str], log_path: str, t_begin: float, warm_up, on_server=lambda srv: None):
+def start_server(a, args: list[str], log_path: str, t_begin: float, warm_up, on_server=lambda srv: None,
+                 env: dict | None = None):
     """Start `vllm serve` and warm it up: in --mode auto first with vLLM's default piecewise CUDA graphs (never yet
     run with the Kakeya backend on a GPU; start bounded by --graphs-startup-s), then eager if that start or its
     warm-up fails. on_server(srv) sees each server before its start (a signal handler must be able to stop it).
@@ -206,7 +262,7 @@ def start_server(a, args: list[str], log_path: str, t_begin: float, warm_up, on_
         left = a.deadline_s - a.reserve_s - (time.monotonic() - t_begin) - 30
         limit = min(a.graphs_startup_s if mode == "graphs" and i + 1 < len(modes) else a.startup_s, left)
         srv = Server(a.model, args + (["--enforce-eager"] if mode == "eager" else []),
-                     env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_s=max(limit, 1),
+                     env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", **(env or {})}, startup_s=max(limit, 1),
                      log_path=log_path if i == 0 else log_path.replace(".log", f".{mode}.log"))
         on_server(srv)
         try:
@@ -251,7 +307,7 @@ def main(argv=None, exit_fn=os._exit) -> int:
     name = "soak"
     args = ["--attention-backend", "KAKEYA", "--served-model-name", name, "--max-model-len", str(a.max_len + 256),
             "--max-num-seqs", str(a.concurrency), "--gpu-memory-utilization", "0.3", "--enable-prefix-caching",
-            *a.server_arg]
+            *position_override(a.model, a.max_len + 256), *a.server_arg]
     reqs = request_mix(a.requests, a.seed, max_len=a.max_len)
     prefixes = shared_prefixes(a.seed, max_len=a.max_len)
     gpu = gpu_name()
@@ -259,7 +315,7 @@ def main(argv=None, exit_fn=os._exit) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, lock = [], threading.Lock()
     state = {"phase": "server start-up", "final": False, "mode": None, "halt": False, "srv": None}
-    mem_trace: list = []             # [requests answered, GPU MiB in use] every 100 requests
+    mem_trace: list = []             # [requests answered, GPU MiB in use, worker allocated MiB] every 100 requests
     info = dict(concurrency=a.concurrency, max_len=a.max_len, server_args=args, mem_trace_mb=mem_trace)
 
     def snapshot(reason: str) -> dict:
@@ -299,12 +355,16 @@ def main(argv=None, exit_fn=os._exit) -> int:
                 raise RuntimeError(f"warm-up failed: {bad[0]}")
             settle(srv, name)
 
+        memlog = str(out.with_suffix(".memory.jsonl"))
+        Path(memlog).unlink(missing_ok=True)
         srv, mode, graphs_failure = start_server(a, args, str(out.with_suffix(".server.log")), t_begin, warm_up,
-                                                 on_server=lambda s_: state.update(srv=s_, phase="server start-up"))
+                                                 on_server=lambda s_: state.update(srv=s_, phase="server start-up"),
+                                                 env={"KAKEYA_MEMORY_LOG": memlog})
         state["mode"] = mode
         info.update(mode=mode, **({"graphs_start_failure": graphs_failure} if graphs_failure else {}))
         try:
             startup = time.monotonic() - t_begin
+            alloc_base = idle_memory(srv, name, memlog)
             mem_base = gpu_memory_used_mb()
             info["mem_base_mb"] = mem_base
             stop_at = t_begin + a.deadline_s - a.reserve_s
@@ -325,7 +385,8 @@ def main(argv=None, exit_fn=os._exit) -> int:
                 if n % 100 == 0:
                     # Under load (activations included): a plateau here and a return to base at the end is no
                     # leak; a steady climb is one.
-                    mem_trace.append([n, gpu_memory_used_mb()])
+                    rec = read_memory_log(memlog, 0.0)
+                    mem_trace.append([n, gpu_memory_used_mb(), rec and round(rec["allocated_mb"], 1)])
                     print(f"[soak] {n} done, {sum(x['status'] == 'error' for x in rows)} errors, "
                           f"{time.monotonic() - t_begin:.0f} s, GPU {mem_trace[-1][1]} MiB", flush=True)
 
@@ -341,9 +402,10 @@ def main(argv=None, exit_fn=os._exit) -> int:
             wall = time.monotonic() - t_start
             state["phase"] = "end-state checks"
             m = settle(srv, name)
-            time.sleep(2)                                  # let the allocator return what the last steps freed
+            alloc_end = idle_memory(srv, name, memlog)
             res = summarize(list(rows), len(reqs), gpu=gpu, kv_usage_end=m.get("vllm:kv_cache_usage_perc"),
                             mem_base=mem_base, mem_end=gpu_memory_used_mb(), wall_s=wall, t_start=t_start,
+                            alloc_base=alloc_base, alloc_end=alloc_end,
                             startup_and_warmup_s=startup, preemptions=m.get("vllm:num_preemptions_total"),
                             prefix_cache_hits=m.get("vllm:prefix_cache_hits_total"),
                             prefix_cache_queries=m.get("vllm:prefix_cache_queries_total"), complete=True,

@@ -32,6 +32,7 @@ from kakeya_kv.format import ALLOWED_BITS, BLOCK_TOKENS, SUPPORTED_HEAD_DIMS
 
 from . import context
 from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
+from .memlog import memory_log
 from .pages import describe, kv_cache_shape
 from .plan import DecodeBuffers, Launches, TailState, plan_step, read_only_rows, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
@@ -191,6 +192,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
                                  device)
         self.gpu_decode = settings().cuda_graphs
+        self.memlog = memory_log(settings().memory_log)
         cc = vllm_config.cache_config
         check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
         if self.compressed:
@@ -199,6 +201,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KakeyaMetadata:
         cam = common_attn_metadata
+        if self.memlog is not None:
+            self.memlog.tick(self.device)
         B, T = cam.num_reqs, cam.num_actual_tokens
         ident = context.current()
         meta = KakeyaMetadata(num_actual_tokens=T, block_table=cam.block_table_tensor, seq_lens=cam.seq_lens,
