@@ -319,9 +319,13 @@ def report(a) -> int:
         R.check_row(r)
     res = {"gpu": " + ".join(sorted(set(gpus))), "settings": json.load(open(a.inputs[0])).get("settings", {}),
            "rows": rows}
+    kernels = None
+    if a.kernels:
+        kernels = json.load(open(a.kernels))
+        res["kernels_input"] = a.kernels           # provenance of the cause models in the .md
     write_json(a.out, res)
     base = os.path.splitext(a.out)[0]
-    open(base + ".md", "w").write(markdown(res))
+    open(base + ".md", "w").write(markdown(res, kernels, a.kernels or "kernels.json"))
     plot(res, base + ".png")
     print(open(base + ".md").read())
     return 0
@@ -389,6 +393,8 @@ def main(argv=None) -> int:
     rp.add_argument("--inputs", nargs="+", required=True)
     rp.add_argument("--sweep", default=None)
     rp.add_argument("--ref-rate", type=float, default=None, help="sweep rate for tpot/ttft_p50_ms (default: lowest)")
+    rp.add_argument("--kernels", default=None, help="kernel bench result (kernels.json, same card) for the decode and "
+                    "prefill cause models in the .md's Causes section")
     rp.add_argument("--out", default="benchmarks/results/serving.json")
     rp.set_defaults(fn=report)
     a = p.parse_args(argv)
