@@ -597,6 +597,31 @@ def test_v13_row_runs_at_8k_only_and_says_why():
     assert ("qwen3-8b-like", "kakeya_v13") in R.PLANS["main"] and ("qwen3-8b-like", "fp8") in R.PLANS["more"]
 
 
+def test_plans_put_turboquant_last_and_rest_covers_what_session_8_did_not_measure():
+    main = R.PLANS["main"]
+    assert main[:2] == [("qwen3-8b-like", "flash_bf16"), ("qwen3-8b-like", "kakeya")]
+    assert [c for _, c in main[-2:]] == ["turboquant_4bit_nc", "turboquant_3bit_nc"]
+    assert not any(c.startswith("turboquant") for _, c in main[:-2])
+    assert len(set(main)) == len(main) == 14
+    measured = {("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "fp8", "int4_per_token_head")}
+    rest, tq = R.PLANS["rest"], R.PLANS["tq"]
+    assert not set(rest) & (measured | set(tq)) and set(rest) | set(tq) | measured == set(main)
+    assert set(R.PLANS["more"]) == set(main) - set(main[:2])
+    for plan in ("rest", "tq"):
+        assert f"{plan}" in open(ROOT / "benchmarks/serving/serving_job.sh").read().split("case $MODE in")[1]
+
+
+def test_turboquant_row_needs_its_own_time(tmp_path):
+    assert R.row_time("turboquant_3bit_nc", 240, 45) == (330.0, 240.0)
+    assert R.row_time("kakeya", 240, 45) == (240, 45)
+    out = tmp_path / "tq.json"
+    assert bench_main(["run", "--rows", "qwen3-8b-like:turboquant_4bit_nc", "--deadline-s", "200", "--out", str(out),
+                       "--log-dir", str(tmp_path / "logs")]) == 0
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["status"] == "not_run"     # a machine with vLLM but no FA2 refuses it earlier, for its own reason
+    assert "(< 240s)" in r["not_measured"]["capacity_tokens"] or "FlashAttention-2" in r["not_measured"]["capacity_tokens"]
+
+
 def test_run_starts_the_v13_row_at_8k(tmp_path, monkeypatch):
     """v13 is served now: the row is started (here it fails at `import vllm`), with --contexts 8192, and its 32k
     fields carry the context-cap reason rather than the child's failure."""

@@ -22,7 +22,8 @@ class StepAPIError(RuntimeError):
 def model_info(path: str) -> dict:
     c = json.load(open(Path(path) / "config.json"))
     heads = c["num_attention_heads"]
-    return {"num_layers": c["num_hidden_layers"], "num_kv_heads": c.get("num_key_value_heads", heads),
+    return {"num_layers": c["num_hidden_layers"], "num_attention_heads": heads,
+            "num_kv_heads": c.get("num_key_value_heads", heads),
             "head_dim": c.get("head_dim") or c["hidden_size"] // heads, "vocab": c["vocab_size"],
             "max_position": c.get("max_position_embeddings", 1 << 20)}
 

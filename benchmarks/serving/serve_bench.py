@@ -176,11 +176,12 @@ def run(a) -> int:
         t0 = time.time()
         why = preflight(config)
         ctxs, ctx_skipped = R.row_contexts(config, [int(c) for c in a.contexts.split(",")])
-        budget = deadline.budget(a.row_limit_s, reserve_s=a.reserve_s)
+        limit_s, min_s = R.row_time(config, a.row_limit_s, a.min_row_s)
+        budget = deadline.budget(limit_s, reserve_s=a.reserve_s)
         if why is None and not ctxs:
             why = next(iter(ctx_skipped.values()))
-        if why is None and budget < a.min_row_s:
-            why = f"call deadline: {max(budget, 0):.0f}s left for the row (< {a.min_row_s}s)"
+        if why is None and budget < min_s:
+            why = f"call deadline: {max(budget, 0):.0f}s left for the row (< {min_s:.0f}s)"
         if why:
             row = R.assemble_row(model, config, a.tp, {}, status="not_run", reason=why, skipped=ctx_skipped)
         else:
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
     r.add_argument("--row-limit-s", type=float, default=240,
                    help="an 8B dummy init + the Kakeya kernels' first Triton compiles at head_dim 128 (never "
                         "timed) come before the first measurement")
-    r.add_argument("--min-row-s", type=float, default=45, help="do not start a row with less time than this")
+    r.add_argument("--min-row-s", type=float, default=45, help="do not start a row with less time than this "
+                   "(rows.ROW_TIME overrides both limits for TurboQuant)")
     r.add_argument("--reserve-s", type=float, default=5)
     r.add_argument("--log-dir", default="/tmp/serving_logs")
     r.add_argument("--out", default="benchmarks/results/serving.json")

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Device job for issue 6 (written, NOT yet run on a GPU). One mode per device call:
+# Device job for issue 6 (main ran once: session 8, benchmarks/results/vllm_s8/serving). One mode per device call:
 #   bash benchmarks/serving/serving_job.sh main         # 1x H200: rows of plan "main" -> $OUT/serving_main.json
 #   bash benchmarks/serving/serving_job.sh more         # 1x H200: the rows "main" had no time for -> serving_more.json
+#   bash benchmarks/serving/serving_job.sh rest         # 1x H200: after session 8's main call: its unrun rows except
+#                                                       #   TurboQuant -> serving_rest.json
+#   bash benchmarks/serving/serving_job.sh tq           # 1x H200: the TurboQuant rows alone (330 s row limit, each
+#                                                       #   needs >= 240 s left to start) -> serving_tq.json
 #   bash benchmarks/serving/serving_job.sh sweep        # 1x H200: TPOT/TTFT rate sweep, OpenAI server -> serving_sweep.json
 #   bash benchmarks/serving/serving_job.sh decode_step  # 1x H200: decode ms/step + top kernels -> decode_step.json
 #   bash benchmarks/serving/serving_job.sh tp2          # nvidia-h200-x2: plan "tp2" with --tp 2 -> serving_tp2.json
@@ -9,11 +13,11 @@
 # device call's limit: the python side stops 30 s before it so that $OUT comes back complete.
 # carry: .gpukit/b .gpukit/setup.sh .gpudata (kit built --with-fa2 for the TurboQuant rows, --with-smollm2 for the
 # SmolLM2 rows; stage chunks already copied into /tmp/stage). Merge on the CPU afterwards:
-#   python -m benchmarks.serving.serve_bench report --inputs serving_main.json [serving_more.json serving_tp2.json] \
-#       [--sweep serving_sweep.json] --out benchmarks/results/serving.json
+#   python -m benchmarks.serving.serve_bench report --inputs serving_main.json [serving_rest.json serving_tq.json \
+#       serving_tp2.json] [--sweep serving_sweep.json] [--kernels kernels.json] --out benchmarks/results/serving.json
 set -u
 T0=$(date +%s)
-MODE=${1:?usage: serving_job.sh main|more|sweep|decode_step|tp2 [extra args]}; shift
+MODE=${1:?usage: serving_job.sh main|more|rest|tq|sweep|decode_step|tp2 [extra args]}; shift
 CALL_S=${CALL_S:-550}
 source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (are the stage chunks in /tmp/stage?)"; exit 3; }
 source scripts/device_install.sh
@@ -26,7 +30,7 @@ LEFT=$(( CALL_S - ($(date +%s) - T0) - 30 ))
 echo "setup took $(( $(date +%s) - T0 ))s; ${LEFT}s left for $MODE"
 SB="python3 -m benchmarks.serving.serve_bench"
 case $MODE in
-  main|more) $SB run --rows "$MODE" --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
+  main|more|rest|tq) $SB run --rows "$MODE" --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
                --out "$OUT/serving_$MODE.json" "$@" ;;
   tp2)       $SB run --rows tp2 --tp 2 --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
                --out "$OUT/serving_tp2.json" "$@" ;;
