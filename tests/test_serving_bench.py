@@ -184,7 +184,9 @@ def test_parse_vllm_log():
             "boundary bf16 layers none, calibration none (data-free), exact-tail pool 7000 MiB (max_num_seqs 96), "
             "KV capacity 8018432 tokens\n"
             "WARNING Kakeya KV: exact bf16 layers are served by vLLM's FlashAttention\n")    # a later, other line
-    d = runner.parse_vllm_log(text)
+    d = runner.parse_vllm_log(text + "(EngineCore pid=1) INFO [model_runner.py:305] Model loading took 22.16 GiB and "
+                                     "1.759040 seconds\nINFO [gpu_worker.py:560] Available KV cache memory: 101.78 GiB\n")
+    assert (d["log_model_load_gib"], d["log_kv_cache_gib"]) == (22.16, 101.78)
     assert d["log_kv_cache_tokens"] == 1930592
     assert d["log_max_concurrency"] == pytest.approx(58.91) and d["log_max_concurrency_tokens"] == 32768
     assert d["kakeya_tail_pool_mib"] == 7000 and d["kakeya_log"].startswith("format kakeya")

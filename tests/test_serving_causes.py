@@ -129,6 +129,13 @@ def test_report_cli_writes_the_causes_section(tmp_path):
     assert "| kakeya | 32k | 24 | 1.5 |" in md and "Caution: flash_bf16 at 32k" in md
     assert "| 8192 | 0.250 | 0.250 |" in md            # the prefill medians after the dropped first run
     assert json.loads(out.read_text())["kernels_input"].endswith("k.json")
+    assert "vLLM's log (cross-check)" not in md                     # these rows predate the memory fields
+    b.update(log_kv_cache_gib=1.0, log_model_load_gib=15.0)
+    k.update(log_kv_cache_gib=0.94, log_model_load_gib=15.06)
+    (tmp_path / "in.json").write_text(json.dumps({"gpu": "TEST", "settings": {}, "rows": [b, k]}))
+    assert serve_bench.main(["report", "--inputs", str(tmp_path / "in.json"), "--out", str(out)]) == 0
+    assert "KV memory 1.00 GiB (bf16) vs 0.94 GiB (Kakeya), model loading 15.00 vs 15.06 GiB" in \
+        (tmp_path / "serving.md").read_text()
     # Without a kernel file only the capacity part can be derived.
     assert serve_bench.main(["report", "--inputs", str(tmp_path / "in.json"), "--out", str(out)]) == 0
     md = (tmp_path / "serving.md").read_text()

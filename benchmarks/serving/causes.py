@@ -197,6 +197,10 @@ def markdown(k: dict, b: dict, kernels: dict | None, tol: float, kernels_name: s
                 f"number of such requests served at once. Meeting the goal needs tails that cost < {_pct(tol)} per "
                 "running request (tails in the request's own pages, NOTES open problem 2, or a smaller tail format).",
                 ""]
+        if all(r.get(f) is not None for r in (k, b) for f in ("log_kv_cache_gib", "log_model_load_gib")):
+            out[-1:-1] = [f"vLLM's log (cross-check): KV memory {b['log_kv_cache_gib']:.2f} GiB (bf16) vs "
+                          f"{k['log_kv_cache_gib']:.2f} GiB (Kakeya), model loading {b['log_model_load_gib']:.2f} vs "
+                          f"{k['log_model_load_gib']:.2f} GiB (the tail pool is allocated while loading)."]
     costs = kernel_costs(kernels, k["head_dim"]) if kernels else None
     if costs:
         kb, ours, fa3 = costs["batch"], costs["ours_ns"], costs["fa3_ns"]

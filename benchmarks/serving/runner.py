@@ -101,6 +101,10 @@ _KAKEYA = re.compile(r"Kakeya KV: (format .*)")     # the start-up summary, not 
 _POOL = re.compile(r"exact-tail pool (\d+) MiB")
 
 
+_KV_GIB = re.compile(r"Available KV cache memory: ([\d.]+) GiB")
+_LOAD_GIB = re.compile(r"Model loading took ([\d.]+) GiB")
+
+
 def parse_vllm_log(text: str) -> dict:
     """What vLLM (and the Kakeya backend) log at start-up: KV tokens, max concurrency, Kakeya line."""
     out = {}
@@ -110,6 +114,11 @@ def parse_vllm_log(text: str) -> dict:
         tokens, x = m[-1]
         out["log_max_concurrency"] = float(x)
         out["log_max_concurrency_tokens"] = int(tokens.replace(",", ""))
+    # Memory split (GiB, as vLLM rounds it): the Kakeya tail pool shows up in "model loading", not in KV memory.
+    if m := _KV_GIB.findall(text):
+        out["log_kv_cache_gib"] = float(m[-1])
+    if m := _LOAD_GIB.findall(text):
+        out["log_model_load_gib"] = float(m[-1])
     if m := _KAKEYA.findall(text):
         out["kakeya_log"] = m[-1].strip()
         if p := _POOL.findall(m[-1]):
