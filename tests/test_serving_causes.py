@@ -79,6 +79,10 @@ def test_capacity_accounting():
     assert c["max_seqs_within_tol"] == 3                    # floor(0.05 x 1024 MiB / 16 MiB)
     assert c["balanced_seqs"] == pytest.approx(1024 / (16 + 8))   # a 32k request holds 8 MiB of compressed KV
     assert causes.capacity(dict(k, kakeya_log=""), b, 0.05) is None
+    assert "above the 5.0 % tolerance: max_num_seqs ≤ 3" in "\n".join(causes.markdown(k, b, None, 0.05))
+    # A 1 MiB pool over 4 rows: 1024 tokens a row = 3.1 % of a 32k request -> within the tolerance.
+    small = dict(k, kakeya_tail_pool_mib=1, capacity_tokens=(1024 - 1) * MIB // 256)
+    assert "of a 32768-token request, within the 5.0 % tolerance." in "\n".join(causes.markdown(small, b, None, 0.05))
 
 
 def test_kernel_costs_and_decode_step_model():

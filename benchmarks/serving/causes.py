@@ -168,6 +168,10 @@ def _prefill_times(row: dict) -> list[tuple[int, float]]:
     return out
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -190,12 +194,13 @@ def markdown(k: dict, b: dict, kernels: dict | None, tol: float, kernels_name: s
                 f"{c['ratio_without_pool']:.2f}× bf16 (the format's {c['expected_ratio']:.2f}× up to page rounding); "
                 f"with it {c['measured_ratio']:.2f}×.",
                 f"Each request row's tail costs {c['tail_tokens_per_row']:.0f} compressed tokens of capacity = "
-                f"{_pct(c['tail_share_of_request'])} of a {c['context']}-token request — above the {_pct(tol)} "
-                f"tolerance at any max_num_seqs that {c['context']}-token requests fill: max_num_seqs ≤ "
-                f"{c['max_seqs_within_tol']} would meet it, but capacity and rows balance at "
-                f"{c['balanced_seqs']:.1f} rows for {c['context']}-token requests, so a smaller pool lowers the "
-                f"number of such requests served at once. Meeting the goal needs tails that cost < {_pct(tol)} per "
-                "running request (tails in the request's own pages, NOTES open problem 2, or a smaller tail format).",
+                f"{_pct(c['tail_share_of_request'])} of a {c['context']}-token request"
+                + (f" — above the {_pct(tol)} tolerance: max_num_seqs ≤ {c['max_seqs_within_tol']} would meet it, "
+                   f"but capacity and rows balance at {c['balanced_seqs']:.1f} rows for {c['context']}-token requests, "
+                   "so a smaller pool lowers the number of such requests served at once. Meeting the goal needs "
+                   f"tails that cost < {_pct(tol)} per running request (tails in the request's own pages, NOTES open "
+                   "problem 2, or a smaller tail format)." if c["tail_share_of_request"] > tol else
+                   f", within the {_pct(tol)} tolerance."),
                 ""]
         if all(r.get(f) is not None for r in (k, b) for f in ("log_kv_cache_gib", "log_model_load_gib")):
             out[-1:-1] = [f"vLLM's log (cross-check): KV memory {b['log_kv_cache_gib']:.2f} GiB (bf16) vs "
@@ -225,13 +230,16 @@ def markdown(k: dict, b: dict, kernels: dict | None, tol: float, kernels_name: s
                     "time, so part of them can come from L2 (the README's caveat)."]
         sk, sb = decode_step(k, "32k", "max_batch", ours), decode_step(b, "32k", "max_batch", fa3)
         if sk and sb:
-            out += ["", f"At 32k the step is attention-bound for both: tok/s at batch B = B / (rest + B × attention "
-                    f"per request), which tends to 1 / (layers × context × ns) — {sk['bound_tok_s']:.0f} tok/s for "
-                    f"ours, {sb['bound_tok_s']:.0f} for FA3 — whatever the batch. So the largest-batch ratio tends to "
-                    f"{fa3 / ours:.2f}× (measured {k.get('decode_tok_s_max_batch_32k', 0) / b['decode_tok_s_max_batch_32k']:.2f}×): "
-                    f"a {sk['batch']}-request batch cannot make up for a per-token cost {ours / fa3:.2f}× FA3's. "
-                    f"3× needs ≤ {fa3 / 3:.3f} ns per token-layer, {ours / (fa3 / 3):.1f}× faster than today's kernel "
-                    f"and {fa3 / 3 / costs['floor_ns']:.1f}× our byte floor (today {ours / costs['floor_ns']:.1f}×)."]
+            meas = _ratio(k.get("decode_tok_s_max_batch_32k"), b.get("decode_tok_s_max_batch_32k"))
+            out += ["", f"At 32k and the largest batch, the predicted attention is {_pct(sk['attn_ms'] / sk['step_ms'])} "
+                    f"(ours, batch {sk['batch']}) and {_pct(sb['attn_ms'] / sb['step_ms'])} (FA3, batch {sb['batch']}) "
+                    "of the measured step. tok/s at batch B = B / (rest + B × attention per request) tends to "
+                    f"1 / (layers × context × ns) whatever the batch: {sk['bound_tok_s']:.0f} tok/s for ours, "
+                    f"{sb['bound_tok_s']:.0f} for FA3. Where attention dominates, the largest-batch ratio tends to "
+                    f"{fa3 / ours:.2f}× (measured {'–' if meas is None else f'{meas:.2f}'}×): a larger batch cannot "
+                    f"make up for a per-token cost {ours / fa3:.2f}× FA3's. 3× needs ≤ {fa3 / 3:.3f} ns per "
+                    f"token-layer, {ours / (fa3 / 3):.1f}× faster than today's kernel and "
+                    f"{fa3 / 3 / costs['floor_ns']:.1f}× our byte floor (today {ours / costs['floor_ns']:.1f}×)."]
         for row in (b, k):
             for ctx_key in ("32k", "8k"):
                 slow = slow_small_batch(row, ctx_key)
