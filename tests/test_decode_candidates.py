@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kernels.variants import ACCEPT_REL, BASELINE, CANDIDATES, TUNED, kernel_args, num_splits
+from kakeya_kernels.variants import ACCEPT_REL, BASELINE, CANDIDATES, REG4, TUNED, kernel_args, num_splits
 from kakeya_kv import lloyd_max
 from tests.kernel_cases import build, ref_attention, rel_err
 
@@ -158,7 +158,7 @@ def test_register_prefetch_is_the_same_math(lut, kb, vb, tt):
     q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEV)
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
     req = torch.arange(len(lens), device=DEV)
-    v = dict(TUNED[d], lut=lut, tt=tt)
+    v = dict(REG4[d], lut=lut, tt=tt)        # the launch without prefetch; pf is set per run below
     plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
     outs = [kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=2, pf=pf,
                          **kernel_args(v), **sc) for pf in (False, True)]
@@ -172,7 +172,8 @@ def test_register_prefetch_is_the_same_math(lut, kb, vb, tt):
 
 
 def test_candidates_are_opt_in_and_in_the_short_sweep():
-    """The backend default is session 7's measured winner (register tables, no swap: its launch carries no swap key);
+    """The backend default is session 8's measured winner per head_dim (register tables, no swap: its launch carries
+    no swap key);
     the bench's short sweep times every candidate next to it with <= 8 variants per head_dim (compile time on the
     device)."""
     import importlib.util
