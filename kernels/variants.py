@@ -28,34 +28,33 @@ REG4 = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}   # session 7's winner
 TUNED = {64: dict(REG4[64], pf=True, maxnreg=None), 128: dict(REG4[128], tt=128, maxnreg=128)}
 NAMES = ("tuned", "baseline")
 # Opt-in candidates for GPU sweeps (KAKEYA_DECODE_VARIANT=candidate:NAME serves one, for experiments). Session 7 timed session 6's pair-table
-# launch (PAIR_TABLE), "reg4" (now TUNED: centroid tables in registers as byte planes) and, plus "swap" (the
+# launch (PAIR_TABLE), "reg4" (then TUNED, now REG4: centroid tables in registers as byte planes) and "swap" (the
 # sealed-block MMAs with the codes as the M operand: a 4-row query tile pads to N = 8, not M = 16) over 128-token
 # tiles with V's table in registers ("swap_t128_reg3", lut 3: codes of <= 3 bits; "swap_t128" with the pair table,
 # 234.4 / 441.6 µs below, is dropped: the register tables beat it).
 # Session 7 (H200, µs at b16 ctx16k, D=64 / D=128): pair table 258.9 / 480.6, reg4 216.0 / 425.2, swap 260.7 / 484.7,
 # swap_t128 234.4 / 441.6, swap_t128_reg3 224.9 / 412.1; the 2-stage pipelining probe 541.0 / 1415.6.
-CANDIDATES = {              "swap_t128_reg3": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None, lut=3)
-                                 for d, v in PAIR_TABLE.items()},
-              # Not yet timed: the two best of session 7 combined (register tables + 128-token tiles), with and
-              # without swap ("swap" at 64-token tiles lost to the default at both head_dims and is dropped).
-              "swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
+# Session 8 (same run, µs D=64 / D=128): swap_t128_reg3 227.4 / 411.6 and pf_fill 234.8 / 378.5 lost to
+# swap_t128_reg4 / pf and to fill: dropped from the sweep.
+CANDIDATES = {"swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
                                  for d, v in REG4.items()},
               "t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
               # Register prefetch: the next tile's packed codes and gains are loaded before this tile is decoded
-              # (the kernel waits more than it computes, see NOTES; num_stages 2, the pipeliner's shared-memory
-              # version, was 2-3x slower in session 7). Not yet timed.
-              # (D=128 uncapped: at the default's cap of 96 the prefetch spills 73 instructions per loop iteration,
-              # sass_count.py; uncapped it takes 246 registers, 2 programs per SM.)
+              # (the kernel waits more than it computes; num_stages 2, the pipeliner's shared-memory version, was
+              # 2-3x slower in session 7). D=128 uncapped: at a cap of 96 the prefetch spills 73 instructions per
+              # loop iteration (sass_count.py); uncapped it takes 246 registers, 2 programs per SM.
               "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in REG4.items()},
-              # One full wave: the default's grid (waves 2 rounds up to 3 splits at batch 16 -> 2.9 programs/SM)
-              # leaves resident slots empty; sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
+              # One full wave: sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
               # sass_count.occupancy (tests/test_kernel_bench.py checks these against the compiled kernels).
-              # Session 6's waves 4 rows were slower because 4.85 programs/SM ran as two waves. Not yet timed.
               "fill": {64: dict(REG4[64], waves=None, fill=4), 128: dict(REG4[128], waves=None, fill=5)},
-              "pf_fill": {64: dict(REG4[64], pf=True, waves=None, fill=4),
-                          128: dict(REG4[128], pf=True, maxnreg=None, waves=None, fill=2)},
               # Session 7's default, for same-run comparisons with TUNED.
-              "reg4": {d: dict(v) for d, v in REG4.items()}}
+              "reg4": {d: dict(v) for d, v in REG4.items()},
+              # Not yet timed: 8 warps per program. sm_90 compile at D=128 (sass_count.py, session 8): TUNED (tt 128,
+              # 4 warps, cap 128) has 19 spill instructions in its loop; with 8 warps 0 (6.05 SASS instructions per
+              # code element vs 5.66, 16 resident warps/SM either way), and the prefetch at 8 warps, tt 64, cap 128
+              # has none either (7.17 per element).
+              "t128_w8": {d: dict(v, tt=128, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
+              "pf_w8": {d: dict(v, pf=True, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2

@@ -179,7 +179,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
     import importlib.util
     import pathlib
     assert all(v["lut"] == 4 and "swap" not in v for v in TUNED.values())
-    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128_reg3"][64])["swap"]
+    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128_reg4"][64])["swap"]
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
     B = importlib.util.module_from_spec(spec)
