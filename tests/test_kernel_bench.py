@@ -87,7 +87,7 @@ def test_fill_candidate_matches_the_compiled_occupancy():
     p = _sm90_run(["-c", code], "cuobjdump")
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(got) >= 4
+    assert len(got) >= 2          # fill at both head_dims (session 8 dropped pf_fill)
     for name, (resident, fill) in got.items():
         assert resident == fill, f"{name}: sm_90 holds {resident} programs per SM, the candidate assumes {fill}"
 
