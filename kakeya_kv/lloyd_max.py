@@ -68,3 +68,58 @@ def fit(samples: torch.Tensor, bits: int, iters: int = 100) -> torch.Tensor:
         cnt = torch.zeros_like(c).index_add_(0, idx, torch.ones_like(s))
         c = torch.where(cnt > 0, sums / cnt.clamp_min(1), c)
     return c.sort().values.to(torch.float32)
+
+
+# Uniform grid c_j = (j - (2^b - 1)/2) * delta: a candidate centroid table for a lookup-free decode
+# kernel (codes go to the MMA as integers, the per-token gain absorbs delta). Same byte format.
+def uniform_mse(bits: int, delta: float) -> float:
+    """Expected squared error of the nearest-level uniform grid of step delta on N(0, 1) (closed form)."""
+    def pdf(x):
+        return 0.0 if math.isinf(x) else math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+    def xpdf(x):
+        return 0.0 if math.isinf(x) else x * pdf(x)
+
+    def cdf(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    n = 2 ** bits
+    c = [(j - (n - 1) / 2) * delta for j in range(n)]
+    t = [-math.inf] + [(c[i] + c[i + 1]) / 2 for i in range(n - 1)] + [math.inf]
+    # int_a^b (x - c)^2 phi = (1 + c^2)(Phi(b) - Phi(a)) - (b phi(b) - a phi(a)) + 2c (phi(b) - phi(a))
+    return sum((1 + cj * cj) * (cdf(b) - cdf(a)) - (xpdf(b) - xpdf(a)) + 2 * cj * (pdf(b) - pdf(a))
+               for cj, a, b in zip(c, t[:-1], t[1:]))
+
+
+def golden_min(f, lo: float, hi: float, tol: float = 1e-12) -> float:
+    """Minimiser of a unimodal f on [lo, hi] (golden-section search)."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    while b - a > tol:
+        c, d = b - g * (b - a), a + g * (b - a)
+        if f(c) < f(d):
+            b = d
+        else:
+            a = c
+    return (a + b) / 2
+
+
+_UNIFORM_DELTA: dict[int, float] = {}
+
+
+def uniform_delta(bits: int) -> float:
+    """The MSE-optimal step of the 2^bits-level uniform grid for N(0, 1) (cached)."""
+    if bits not in _HALF:
+        raise ValueError(f"no uniform grid for {bits} bits (have {sorted(_HALF)})")
+    if bits not in _UNIFORM_DELTA:
+        _UNIFORM_DELTA[bits] = golden_min(lambda s: uniform_mse(bits, s), 1e-3, 2.5)
+    return _UNIFORM_DELTA[bits]
+
+
+def uniform_table(bits: int, delta: float | None = None) -> torch.Tensor:
+    """Ascending float32 levels (j - (2^bits - 1)/2) * delta, j = 0..2^bits-1 (default: uniform_delta)."""
+    step = uniform_delta(bits) if delta is None else delta
+    if not step > 0:
+        raise ValueError(f"uniform grid step must be > 0, got {step}")
+    n = 2 ** bits
+    return ((torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * step).float()

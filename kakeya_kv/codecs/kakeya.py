@@ -25,6 +25,7 @@ from ..hadamard import rotation
 from .base import Codec
 
 _FP16_MAX = 65504.0
+GRIDS = ("lloyd", "uniform")   # centroid table: Lloyd-Max N(0,1) (the default) or lloyd_max.uniform_table
 
 
 def shaping(var: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -98,13 +99,23 @@ class KakeyaCodec(Codec):
     def __init__(self, k_bits: int = 4, v_bits: int = 3, shape: bool = True, center: bool = True,
                  sink: bool = True, k_weights: dict[int, torch.Tensor] | None = None,
                  k_table: torch.Tensor | None = None, v_table: torch.Tensor | None = None,
-                 v_weights: dict[int, torch.Tensor] | None = None, name: str | None = None):
+                 v_weights: dict[int, torch.Tensor] | None = None, name: str | None = None,
+                 grid: str = "lloyd"):
+        if grid not in GRIDS:
+            raise ValueError(f"KakeyaCodec grid must be one of {GRIDS}, got {grid!r}")
         self.k_bits, self.v_bits = k_bits, v_bits
+        self.grid = grid
+        # grid="uniform": the same bytes decoded with a uniform centroid grid (lloyd_max.uniform_table);
+        # explicit tables (calibration) still win.
+        if grid == "uniform":
+            k_table = lloyd_max.uniform_table(k_bits) if k_table is None else k_table
+            v_table = lloyd_max.uniform_table(v_bits) if v_table is None else v_table
         self.k_table, self.v_table = k_table, v_table
         self.shape, self.center, self.sink = shape, center, sink
         self.k_weights = k_weights or {}
         self.v_weights = v_weights or {}
         suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter") + ("" if sink else "_nosink")
+        suffix += "_uni" if grid == "uniform" else ""
         self.name = name or f"kakeya_k{k_bits}v{v_bits}{suffix}"
 
     @classmethod
