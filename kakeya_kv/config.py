@@ -78,6 +78,22 @@ def _decode_variant_env(env) -> str:
     return _choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS)
 
 
+def _prefill_variant_env(env, fmt: str) -> str:
+    """KAKEYA_PREFILL_VARIANT: the launch of prefill / mixed steps, baseline (default) or candidate:NAME of
+    kakeya_kernels.variants.PREFILL_CANDIDATES (the default format's kernel only)."""
+    name, raw = "KAKEYA_PREFILL_VARIANT", (env.get("KAKEYA_PREFILL_VARIANT") or "").strip()
+    if raw.lower().startswith("candidate:"):
+        from kakeya_kernels.variants import PREFILL_CANDIDATES
+        cand = raw.split(":", 1)[1]
+        if cand not in PREFILL_CANDIDATES:
+            raise ConfigError(f"{name}={raw!r}: no such candidate; known: "
+                              f"{', '.join('candidate:' + n for n in sorted(PREFILL_CANDIDATES))}")
+        if fmt != "kakeya":
+            raise ConfigError(f"{name}={raw!r} only applies to KAKEYA_FORMAT=kakeya (format is {fmt}); unset it")
+        return f"candidate:{cand}"
+    return _choice_env(env, name, "baseline", ("baseline",))
+
+
 # Decode-attention launch: "tuned" = the H200 sweeps' winner (register tables, fused, 4-row GQA tiles), the
 # default; "baseline" = the path of sessions 2-5; "candidate:NAME" = an opt-in candidate of
 # kakeya_kernels.variants.CANDIDATES (experiments). All agree within the bench's bound.
@@ -202,6 +218,7 @@ class KakeyaConfig:
     v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
+    prefill_variant: str = "baseline"  # prefill/mixed-step launch: baseline | candidate:NAME (PREFILL_CANDIDATES)
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
     extra: dict = field(default_factory=dict)
@@ -237,6 +254,7 @@ class KakeyaConfig:
             v13_scratch_mib=_v13_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
             decode_variant=_decode_variant_env(env),
+            prefill_variant=_prefill_variant_env(env, fmt),
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),
         )

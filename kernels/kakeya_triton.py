@@ -454,9 +454,12 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
-                 SWAP: tl.constexpr = 0, PF: tl.constexpr = 0):
+                 SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
-    blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail."""
+    blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
+    PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
+    loops (a [BM, D] fp32 q would cost 32 registers/thread at BM 64, D 128, 8 warps), and the tail loop stops at the
+    tile's last query position (later tail keys are causally masked for every row of the tile)."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -522,11 +525,20 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
         else:
             kmean = tl.load((slot + K_MEAN).to(tl.pointer_type(tl.float32)) + d)
             klam = tl.load((slot + K_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
+            if PREFILL:
+                if GATHER:
+                    qb = tl.load(q_ptr + (src // GQA)[:, None] * q_row + qh[:, None] * q_head + d[None, :],
+                                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sc
+                else:
+                    qb = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None],
+                                 other=0.0).to(tl.float32) * sc
+            else:
+                qb = q
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
-            qr = _hada(q * (rsg / klam)[None, :], hd, BM, D, PRECISE, BF16DOT)
+            qr = _hada(qb * (rsg / klam)[None, :], hd, BM, D, PRECISE, BF16DOT)
             if not PRECISE:
                 qr = qr.to(tl.float16)
-            qmu = tl.sum(q * kmean[None, :], 1)
+            qmu = tl.sum(qb * kmean[None, :], 1)
             if SWAP:
                 acc_rt = tl.zeros((D, BM), tl.float32)      # acc_rot transposed
             acc_rot = tl.zeros((BM, D), tl.float32)
@@ -632,8 +644,19 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                     + cmass[:, None] * vmean[None, :])
     if (not EXACT) and (n_sealed % SPLITS == split):
         tail_len = seq_len - n_sealed * N
+        tail_end = tail_len
+        if PREFILL:
+            tail_end = tl.minimum(tail_len, tl.max(qp, 0) - n_sealed * N + 1)
+            if GATHER:
+                q_raw = tl.load(q_ptr + (src // GQA)[:, None] * q_row + qh[:, None] * q_head + d[None, :],
+                                mask=row_ok[:, None], other=0.0)
+            else:
+                q_raw = tl.load(q_ptr + r[:, None] * q_row + kvh * q_head + d[None, :], mask=row_ok[:, None],
+                                other=0.0)
+            q = q_raw.to(tl.float32) * sc
+            q16 = q_raw.to(tl.bfloat16)
         # num_stages=1: a pipelined tail would hold 2 stages of K and V tiles in shared memory for the whole kernel
-        for t0 in tl.range(0, tail_len, TT, num_stages=1):
+        for t0 in tl.range(0, tail_end, TT, num_stages=1):
             t = t0 + tl.arange(0, TT)
             tm = t < tail_len
             base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
@@ -864,22 +887,25 @@ class KakeyaKernels:
                   out_dtype: torch.dtype | None = None, plan: dict | None = None, tt: int | None = None,
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
-                  maxnreg: int | None = None, swap: bool = False, pf: bool = False) -> torch.Tensor:
+                  maxnreg: int | None = None, swap: bool = False, pf: bool = False,
+                  prefill: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
         swap (opt-in, fast mode only): sealed-block MMAs with the codes as the M operand (s^T = codes q'^T,
         acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16.
-        pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop."""
+        pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop.
+        prefill (opt-in, for tiles of many tokens, kakeya_kernels.variants.PREFILL_CANDIDATES): query rows re-read per
+        block instead of held in registers, tail loop bounded by the tile's last query position."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf)
+                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
-                maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False):
+                maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -899,6 +925,8 @@ class KakeyaKernels:
             raise ValueError(f"swap must be a bool, got {swap!r}")
         if pf not in (True, False, 0, 1):
             raise ValueError(f"pf must be a bool, got {pf!r}")
+        if prefill not in (True, False, 0, 1):
+            raise ValueError(f"prefill must be a bool, got {prefill!r}")
         if pf and lut < 2:
             raise ValueError(f"pf (register prefetch of packed codes) needs lut >= 2, got lut={lut}")
         gqa = Hq // Hkv
@@ -935,7 +963,8 @@ class KakeyaKernels:
             VG=vg, VNB=vnb, D=self.D, BM=bm, N=BLOCK_TOKENS, TT=tt, SPLITS=splits,
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
-            SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), num_warps=num_warps,
+            SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
+            num_warps=num_warps,
             **_regs(maxnreg))
         if fused:
             if out is None:

@@ -58,7 +58,8 @@ CANDIDATES = {"swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d 
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf")   # swap, pf: only in CANDIDATES
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill")   # swap, pf: only in CANDIDATES;
+# prefill: only in PREFILL_CANDIDATES
 
 
 CANDIDATE_PREFIX = "candidate:"    # KAKEYA_DECODE_VARIANT=candidate:NAME serves an opt-in candidate (experiments)
@@ -94,3 +95,39 @@ def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> in
     if v.get("waves") is None:
         return FIXED_SPLITS
     return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / tiles)))
+
+
+# Prefill / mixed-step launches (KAKEYA_PREFILL_VARIANT; the backend's default stays "baseline" until a GPU sweep
+# measures a winner). A prefill phase's queries are many tokens of one request over the same sealed blocks, so a
+# tile of bm rows (bm / GQA tokens x the GQA heads of one KV head) decodes each sealed 64-token K/V tile once for all
+# of its rows: the baseline (bm 16 = 4 tokens at GQA 4) decodes every sealed block once per 4 tokens. "prefill":
+# the kernel's PREFILL path (query rows re-read per block instead of held in registers; tail loop bounded by the
+# tile's last query position). waves = the compiled occupancy (programs per SM) so a phase's grid fills one wave
+# per split. sm_90 compile (benchmarks/kernels/sass_count.py, k4v3; tests/test_prefill_variants.py checks spills and
+# occupancy): SASS warp-instructions of the sealed loop per query token per 64 cached tokens, baseline 924 / 1448
+# (D=64 / 128); q16 538 / 821, q64 246 / 506, q128 218 / 265 (a proxy for the decode work saved, not a speed).
+# Not yet run on a GPU.
+_PF = dict(lut=4, fused=True, maxnreg=None, prefill=True)
+PREFILL_CANDIDATES = {
+    # register-table lookups at the baseline's tile: the lookup's share of the gain, without the tile's
+    "q16": {64: dict(_PF, tt=64, num_warps=4, bm=16, waves=3), 128: dict(_PF, tt=64, num_warps=4, bm=16, waves=2)},
+    # 16 tokens x GQA 4 per tile (D=64: 4 warps, tt 32 — no spill at all; D=128: 8 warps, no spill in the loop)
+    "q64": {64: dict(_PF, tt=32, num_warps=4, bm=64, waves=2), 128: dict(_PF, tt=64, num_warps=8, bm=64, waves=1)},
+    # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
+    "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},
+}
+PREFILL_NAMES = ("baseline",)
+
+
+def prefill_variant(name: str, head_dim: int) -> dict:
+    """The launch of prefill / mixed steps: "baseline" (the default) or candidate:NAME of PREFILL_CANDIDATES;
+    head_dims a candidate does not cover (256) keep the baseline."""
+    if name.startswith(CANDIDATE_PREFIX):
+        c = PREFILL_CANDIDATES.get(name[len(CANDIDATE_PREFIX):])
+        if c is None:
+            raise ValueError(f"prefill variant {name!r}: no such candidate (known: "
+                             f"{', '.join(sorted(PREFILL_CANDIDATES))})")
+        return dict(c.get(head_dim, BASELINE))
+    if name not in PREFILL_NAMES:
+        raise ValueError(f"prefill variant must be one of {PREFILL_NAMES} or {CANDIDATE_PREFIX}NAME, got {name!r}")
+    return dict(BASELINE)

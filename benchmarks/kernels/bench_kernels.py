@@ -21,7 +21,8 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from kakeya_kernels.kakeya_triton import KakeyaKernels
-from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, TUNED, kernel_args, num_splits
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, CANDIDATES, PREFILL_CANDIDATES, TUNED, kernel_args,
+                                     num_splits)
 
 HKV, GQA = 8, 4
 BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # sessions 2-5 path
@@ -80,8 +81,8 @@ def context_lost(e: BaseException) -> bool:
     return any(s in str(e) for s in _STICKY)
 
 
-def run_rows(rows, measure, res: dict, save) -> bool:
-    """measure(row) -> result dict (appended to res["decode"]) or a not_measured dict (has "why"). One failing
+def run_rows(rows, measure, res: dict, save, key: str = "decode") -> bool:
+    """measure(row) -> result dict (appended to res[key]) or a not_measured dict (has "why"). One failing
     row is recorded with its error and the rest go on; a sticky CUDA error stops the loop (False)."""
     for row in rows:
         try:
@@ -99,7 +100,7 @@ def run_rows(rows, measure, res: dict, save) -> bool:
             save()
             continue
         if out is not None:
-            res["not_measured" if "why" in out else "decode"].append(out)
+            res["not_measured" if "why" in out else key].append(out)
         save()
     return True
 
@@ -185,6 +186,150 @@ class OursDecode:
         return run
 
 
+# Prefill rows (--prefill, gpu_job.sh KERNEL_PREFILL=1; NOT yet run on a GPU): one chunk of new query tokens per
+# request against a cached context, 8 KV heads, GQA 4; ours = the backend's phases (one attention launch per
+# 512-token block the chunk touches, each over the sealed blocks before it + the block's exact tail, causal; the seal
+# of each filled block is not included: kernels.json's seal rows time it) for the baseline launch and each of
+# variants.PREFILL_CANDIDATES, vs FA3 varlen on a bf16 paged cache (one call, causal). Most important first
+# (head_dim 128: the serving model's). The baseline is timed only on chunks of <= 512 tokens x 1 request (the
+# serving run's model: 3.7 ns per 4-token tile per cached token -> ~250 ms at 4 x 2048 tokens x 32k); elsewhere it
+# runs once, as the agreement reference.
+PREFILL_ROWS = [dict(head_dim=d, context=c, requests=r, chunk=q) for d in (128, 64)
+                for r, q in ((1, 512), (4, 512), (1, 2048), (4, 2048)) for c in (16384, 32768)]
+PREFILL_TIME_BASELINE_TOKENS = 512
+
+
+class OursPrefill:
+    """Prepared prefill scenario: `requests` requests with `context` cached tokens in sealed pages (shuffled) each
+    get a chunk of `chunk` new tokens, run as the backend's phases: phase j = the chunk's tokens in block
+    context/512 + j, attending the sealed blocks before it and the block's exact tail (its earlier tokens)."""
+
+    def __init__(self, kk: KakeyaKernels, requests, context, chunk, d, sms, device="cuda", hkv=HKV):
+        if context % 512:
+            raise ValueError(f"context must be a multiple of 512 (whole sealed blocks), got {context}")
+        n0, nph = context // 512, -(-chunk // 512)
+        self.kk, self.requests, self.hkv, self.sms = kk, requests, hkv, sms
+        per_req = n0 + nph
+        pages = requests * per_req
+        proto = torch.zeros(4, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
+        kk.seal((torch.randn(4, hkv, 512, d, device=device) * 2).bfloat16(),
+                torch.randn(4, hkv, 512, d, device=device).bfloat16(), proto)
+        self.cache = proto.repeat(-(-pages // 4), 1, 1)[:pages].contiguous()
+        self.bt = torch.randperm(pages, device=device).to(torch.int32).view(requests, per_req)
+        self.tk = torch.randn(requests, hkv, 512, d, device=device).bfloat16()
+        self.tv = torch.randn_like(self.tk)
+        self.ts = torch.arange(requests, dtype=torch.int32, device=device)
+        self.phases = []
+        for j in range(nph):
+            n = min(512, chunk - 512 * j)
+            start = context + 512 * j
+            pos = (start + torch.arange(n, device=device)).repeat(requests)
+            req = torch.arange(requests, device=device).repeat_interleave(n)
+            self.phases.append(dict(
+                q=torch.randn(requests * n, hkv * GQA, d, dtype=torch.bfloat16, device=device), pos=pos, req=req,
+                nsl=torch.full((requests,), n0 + j, dtype=torch.int32, device=device),
+                sl=torch.full((requests,), start + n, dtype=torch.int32, device=device), plans={}))
+
+    def plan(self, ph: dict, bm: int) -> dict:
+        if bm not in ph["plans"]:
+            ph["plans"][bm] = self.kk.plan(ph["pos"], ph["req"], self.requests, GQA, bm=bm)
+        return ph["plans"][bm]
+
+    def fn(self, v: dict):
+        """All phases of the chunk, in order, with variant v (its split rule per phase, as Launches.attach)."""
+        calls = []
+        for ph in self.phases:
+            plan = self.plan(ph, v["bm"])
+            splits = num_splits(v, plan["nt"], self.hkv, self.bt.shape[1], self.sms)
+            out = torch.empty_like(ph["q"]) if v["fused"] else None
+            calls.append((ph, plan, splits, out))
+        kw = kernel_args(v)
+
+        def run():
+            return [self.kk.attention(ph["q"], ph["pos"], ph["req"], self.cache, self.bt, ph["nsl"], ph["sl"],
+                                      self.tk, self.tv, self.ts, scale=ph["q"].shape[-1] ** -0.5, splits=splits,
+                                      plan=plan, out=out, **kw) for ph, plan, splits, out in calls]
+        return run
+
+
+def fa_prefill_fn(requests, context, chunk, d):
+    """bf16 paged chunked prefill through vLLM's FlashAttention-3 varlen (page 256, causal: the chunk's last token
+    sees the whole context), or SDPA with the same mask if the kit is absent."""
+    L = context + chunk
+    q = torch.randn(requests * chunk, HKV * GQA, d, dtype=torch.bfloat16, device="cuda")
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        page = 256
+        nb = -(-L // page)
+        k = torch.randn(requests * nb, page, HKV, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        bt = torch.arange(requests * nb, dtype=torch.int32, device="cuda").view(requests, nb)
+        cu = torch.arange(requests + 1, dtype=torch.int32, device="cuda") * chunk
+        used = torch.full((requests,), L, dtype=torch.int32, device="cuda")
+
+        def run():
+            return flash_attn_varlen_func(q, k, v, max_seqlen_q=chunk, cu_seqlens_q=cu, max_seqlen_k=L,
+                                          seqused_k=used, block_table=bt, softmax_scale=d ** -0.5, causal=True,
+                                          fa_version=3)
+        return run, "fa3"
+    except Exception as e:  # noqa: BLE001 - the kit may be missing
+        print("FA3 unavailable, SDPA baseline:", repr(e)[:200])
+        k = torch.randn(requests, HKV, L, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        qs = q.view(requests, chunk, HKV * GQA, d).transpose(1, 2)
+        mask = torch.arange(L, device="cuda")[None, :] <= (context + torch.arange(chunk, device="cuda"))[:, None]
+
+        def run():
+            return torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+        return run, "sdpa"
+
+
+def prefill_measure(kks, sms, t_end, free, timer=None):
+    """measure(row) for run_rows(..., key="prefill"): the baseline launch once (agreement reference; timed on small
+    rows), each prefill candidate agreement-checked then timed, FA3 varlen timed. timer: graph_us on the GPU."""
+    timer = timer or graph_us
+
+    def measure(row):
+        d, ctx, R, Q = row["head_dim"], row["context"], row["requests"], row["chunk"]
+        if time.time() > t_end:
+            return {**row, "what": "prefill", "why": "deadline"}
+        if R * (ctx + Q) * HKV * d * 4 * 2 > free * 0.8:
+            return {**row, "what": "prefill", "why": "memory"}
+        kk = kks[d]
+        sc = OursPrefill(kk, R, ctx, Q, d, sms, device="cuda" if torch.cuda.is_available() else "cpu", hkv=HKV)
+        ref = torch.cat(sc.fn(BASELINE)())
+        out = {**row, "variants": {}}
+        if R * Q <= PREFILL_TIME_BASELINE_TOKENS:
+            out["baseline_us"] = timer(sc.fn(BASELINE))
+        for name, c in PREFILL_CANDIDATES.items():
+            v = c[d]
+            if time.time() > t_end:
+                out["variants"][name] = {**v, "why": "deadline"}
+                continue
+            diff = rel_diff(torch.cat(sc.fn(v)()), ref)
+            r = {**v, "rel_diff_vs_baseline": diff, "agrees": diff < ACCEPT_REL}
+            if r["agrees"]:
+                r["us"] = timer(sc.fn(v))
+            out["variants"][name] = r
+        del sc, ref
+        _free_cuda()
+        if torch.cuda.is_available():
+            fa, fa_name = fa_prefill_fn(R, ctx, Q, d)
+            out.update(fa3_bf16_us=timer(fa), baseline=fa_name)
+            del fa
+            _free_cuda()
+        timed = {n: r["us"] for n, r in out["variants"].items() if "us" in r}
+        if timed:
+            out["best"] = min(timed, key=timed.get)
+            if "fa3_bf16_us" in out:
+                out["best_speedup_vs_bf16"] = out["fa3_bf16_us"] / timed[out["best"]]
+        print(f"prefill D={d} ctx={ctx} R={R} chunk={Q}: " + ", ".join(f"{n} {u:.0f} us" for n, u in timed.items())
+              + (f"; baseline {out['baseline_us']:.0f} us" if "baseline_us" in out else "")
+              + (f"; {out['baseline']} {out['fa3_bf16_us']:.0f} us" if "fa3_bf16_us" in out else ""), flush=True)
+        return out
+    return measure
+
+
 def copy_bandwidth():
     x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -263,7 +408,10 @@ def main():
     ap.add_argument("--kbits", type=int, default=4)
     ap.add_argument("--vbits", type=int, default=3)
     ap.add_argument("--deadline-s", type=float, default=420.0, help="stop starting new measurements after this")
-    ap.add_argument("--sweep", choices=("short", "full"), default="short", help="variant sweep before the grid")
+    ap.add_argument("--sweep", choices=("short", "full", "none"), default="short", help="variant sweep before the grid")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill rows (PREFILL_ROWS: ours per prefill candidate vs FA3 varlen) first, into 'prefill'")
+    ap.add_argument("--prefill-s", type=float, default=120.0, help="stop starting prefill rows after this")
     ap.add_argument("--grid", choices=("full", "goal", "none"), default="full",
                     help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
                          ">= 16), or none (then no seal/v13 rows either: a quick sweep-only call)")
@@ -282,7 +430,16 @@ def main():
 
     free = torch.cuda.mem_get_info()[0]
     kks = {d: KakeyaKernels(d, a.kbits, a.vbits, "cuda") for d in (64, 128)}
+    if a.prefill:
+        res["prefill"] = []
+        res["prefill_timing"] = ("CUDA-graph replay; ours = one attention launch per 512-token block of the chunk "
+                                 "(seal not included), FA3 = one varlen call")
+        if not run_rows(PREFILL_ROWS, prefill_measure(kks, sms, min(t_end, time.time() + a.prefill_s), free), res,
+                        save, key="prefill"):
+            return
     for d, kk in kks.items():
+        if a.sweep == "none":
+            break
         sc = OursDecode(kk, 16, 16384, d, sms)
         ref = sc.fn(BASELINE_VARIANT)()
         for v in (SWEEP if a.sweep == "full" else short_sweep(d)):

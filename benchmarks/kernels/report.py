@@ -14,6 +14,30 @@ def variant(r: dict) -> str:
             f"{' swap' if r.get('swap') else ''}{' pf' if r.get('pf') else ''}")
 
 
+def prefill_table(res: dict) -> list[str]:
+    """Prefill rows (bench --prefill): µs per chunk for FA3 varlen bf16, the baseline launch and each candidate."""
+    names = sorted({n for r in res["prefill"] for n in r.get("variants", {})})
+    out = ["", "Prefill: one chunk of new tokens per request against a cached context (8 KV heads, GQA 4). Ours = one "
+           "attention launch per 512-token block of the chunk (the seal is not included); FA3 = one varlen call on bf16 "
+           f"pages. Timing: {res.get('prefill_timing', '-')}.", "",
+           "| head_dim | context | requests | chunk | FA3 bf16 µs | baseline µs | " + " | ".join(f"{n} µs" for n in names)
+           + " | best | best / FA3 speed |", "|---" * (7 + len(names)) + "|"]
+
+    def cell(r: dict) -> str:
+        if "us" in r:
+            return f"{r['us']:.0f}"
+        if "rel_diff_vs_baseline" in r:
+            return f"disagrees ({r['rel_diff_vs_baseline']:.1e})"
+        return r.get("why", "-")
+    for r in res["prefill"]:
+        fa = f"{r['fa3_bf16_us']:.0f}" if "fa3_bf16_us" in r else "-"
+        base = f"{r['baseline_us']:.0f}" if "baseline_us" in r else "not timed"
+        sp = f"{r['best_speedup_vs_bf16']:.2f}×" if "best_speedup_vs_bf16" in r else "-"
+        out.append(f"| {r['head_dim']} | {r['context']} | {r['requests']} | {r['chunk']} | {fa} | {base} | "
+                   + " | ".join(cell(r["variants"].get(n, {})) for n in names) + f" | {r.get('best', '-')} | {sp} |")
+    return out
+
+
 def render(res: dict) -> str:
     timing = res.get("timing", "triton.testing.do_bench medians")
     out = [f"# Kernel benchmarks — {res['gpu']} (copy bandwidth {res['copy_gbps']:.0f} GB/s), format {res['format']}",
@@ -54,6 +78,8 @@ def render(res: dict) -> str:
         name = f"{s['format']}: {name}" if str(s.get("format", "")).startswith("v13") else name
         out.append(f"| {s['head_dim']} | {s['us_per_block_layer']:.1f} | {name} | {s['prefill_us_per_block_layer']:.1f} | "
                    f"{100 * s['us_per_block_layer'] / s['prefill_us_per_block_layer']:.1f} % |")
+    if res.get("prefill") is not None:
+        out += prefill_table(res)
     if res.get("not_measured"):
         out += ["", f"Not measured ({len(res['not_measured'])}): " +
                 "; ".join(", ".join(f"{k} {v}" for k, v in n.items()) for n in res["not_measured"])]

@@ -33,7 +33,7 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
-                 swap: bool = False, ns: int = 1, pf: bool = False):
+                 swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
     pipeline stages of the block loops (KakeyaKernels.attention's num_stages)."""
     lay = kakeya_layout(d, kb, vb)
@@ -44,6 +44,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
                  DIAG=0, LUT=lut, NS=ns, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap), PF=int(pf),
+                 PREFILL=int(prefill),
                  ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
@@ -115,8 +116,9 @@ def load_kernels(path: str):
 
 
 def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
-          bm: int = 16, mod=K, fused: bool = False, swap: bool = False, pf: bool = False) -> dict:
-    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused, swap=swap, pf=pf)
+          bm: int = 16, mod=K, fused: bool = False, swap: bool = False, pf: bool = False, prefill: bool = False) -> dict:
+    ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused, swap=swap, pf=pf,
+                      prefill=prefill)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):

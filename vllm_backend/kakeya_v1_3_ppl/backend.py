@@ -183,10 +183,11 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.compressed = isinstance(kv_cache_spec, KakeyaAttentionSpec)
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
-        # Pure-decode steps of compressed layers launch KAKEYA_DECODE_VARIANT (kakeya_kernels.variants); prefill and
-        # mixed steps and exact pages keep the baseline launch (the only one measured there).
+        # Pure-decode steps of compressed layers launch KAKEYA_DECODE_VARIANT (kakeya_kernels.variants), their prefill
+        # and mixed steps KAKEYA_PREFILL_VARIANT (default baseline); exact pages keep the baseline launch.
         self.launches = Launches(settings().decode_variant if self.compressed else "baseline",
-                                 kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device)
+                                 kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device,
+                                 prefill=settings().prefill_variant if self.compressed else "baseline")
         self.bm = self.launches.base["bm"]
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],

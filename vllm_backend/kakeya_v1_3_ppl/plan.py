@@ -251,12 +251,13 @@ class DecodeBuffers:
 
 class Launches:
     """The decode-attention launch of a metadata builder's steps (kakeya_kernels.variants): ``decode`` for
-    one-token-per-request steps (KAKEYA_DECODE_VARIANT), ``base`` for prefill/mixed steps. ``attach`` adds a
-    phase's kernel knobs and split count, which depends on host-known sizes only (tiles, block-table width)."""
+    one-token-per-request steps (KAKEYA_DECODE_VARIANT), ``base`` for prefill/mixed steps (``prefill``:
+    KAKEYA_PREFILL_VARIANT, baseline or candidate:NAME). ``attach`` adds a phase's kernel knobs and split count,
+    which depends on host-known sizes only (tiles, block-table width)."""
 
-    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device):
-        from kakeya_kernels.variants import decode_variant
-        self.decode, self.base = decode_variant(name, head_dim), decode_variant("baseline", head_dim)
+    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "baseline"):
+        from kakeya_kernels.variants import decode_variant, prefill_variant
+        self.decode, self.base = decode_variant(name, head_dim), prefill_variant(prefill, head_dim)
         self.hkv = num_kv_heads
         dev = torch.device(device)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4

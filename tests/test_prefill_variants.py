@@ -1,0 +1,236 @@
+"""Prefill launches (kakeya_kernels.variants.PREFILL_CANDIDATES, KAKEYA_PREFILL_VARIANT) in the Triton interpreter:
+tiles of many query tokens x the GQA heads of one KV head, the kernel's PREFILL path (query rows re-read per block,
+tail loop bounded by the tile's last query), against the baseline launch and float64 attention on the reference
+codec's decode; in-bounds with poisoned guards; through the backend's data path over chunks that cross 512-token
+blocks; the knob and the builder; the sm_90 compile (spills, occupancy) of each candidate."""
+import numpy as np
+import pytest
+import torch
+
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, PREFILL_CANDIDATES, kernel_args,
+                                     num_splits, prefill_variant)
+from tests.kernel_cases import build, ref_attention, rel_err
+from tests.test_vllm_perlayer import glue  # noqa: F401 - vLLM stand-ins fixture
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _chunk(lens, chunks):
+    """Query tokens of a prefill phase: request r's last chunks[r] positions (all inside its tail block)."""
+    pos = np.concatenate([np.arange(L - c, L) for L, c in zip(lens, chunks)])
+    req = np.concatenate([np.full(c, r) for r, c in enumerate(chunks)])
+    return torch.tensor(pos, device=DEV), torch.tensor(req, device=DEV)
+
+
+def _run(kk, sc, q, pos, req, n_req, gqa, hkv, v, **kw):
+    plan = kk.plan(pos, req, n_req, gqa, bm=v["bm"])
+    splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
+    return kk.attention(q, pos, req, scale=q.shape[-1] ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,
+                        **kernel_args(v), **{**sc, **kw})
+
+
+@pytest.mark.parametrize("d,gqa,kb,vb", [(64, 4, 4, 3), (128, 4, 3, 2), (64, 1, 3, 2)])
+def test_prefill_candidates_match_baseline_and_reference(d, gqa, kb, vb):
+    """Fast mode, as served. Three requests in one phase: 1 sealed block + a 48-token tail whose 48 tokens are all
+    new queries (a tile holds many of them: causal masking inside the tile), 1 sealed block + 11 new tokens of an
+    18-token tail (earlier tail tokens are context), and a one-token row without sealed blocks (a mixed step's
+    decode request). Every candidate within ACCEPT_REL of the baseline launch and within 5e-3 of float64 attention
+    per query token. (Small shapes: the interpreter emulates the register-table lookups in integer ops.)"""
+    lens, chunks, hkv = [560, 530, 3], [48, 11, 1], 1 if gqa > 1 else 2
+    kk, sc, refs = build(lens, hkv, gqa, d, kb, vb, device=DEV, seed=d + gqa)
+    pos, req = _chunk(lens, chunks)
+    q = torch.randn(len(pos), hkv * gqa, d, generator=torch.Generator().manual_seed(gqa)).bfloat16().to(DEV)
+    base = _run(kk, sc, q, pos, req, len(lens), gqa, hkv, BASELINE)
+    for name, c in PREFILL_CANDIDATES.items():
+        out = _run(kk, sc, q, pos, req, len(lens), gqa, hkv, c[d])
+        assert rel_err(out, base.double().cpu()) < ACCEPT_REL, name
+        for i in range(len(pos)):
+            r = int(req[i])
+            assert rel_err(out[i], ref_attention(q[i], int(pos[i]), refs[r], gqa)) < 5e-3, (name, i)
+
+
+def test_prefill_path_is_the_same_math():
+    """PREFILL only changes where q comes from (re-read per block) and where the tail loop stops (past the tile's last
+    query every key is masked anyway): bit for bit the same output as the launch without it, in the interpreter,
+    for 64-row tiles gathering their rows (fused) and for the packed (unfused) launch, fast and precise (fp32)."""
+    lens, chunks, hkv, gqa, d = [600, 40], [80, 20], 1, 4, 64     # 88-token tail: early tiles stop 2 tiles short
+    kk, sc, _ = build(lens, hkv, gqa, d, 3, 2, device=DEV, seed=5)
+    pos, req = _chunk(lens, chunks)
+    q = torch.randn(len(pos), hkv * gqa, d, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEV)
+    v = PREFILL_CANDIDATES["q64"][d]
+    for fused, precise in ((True, False), (False, True)):
+        a, b = (_run(kk, sc, q, pos, req, len(lens), gqa, hkv, dict(v, prefill=pf, fused=fused), precise=precise)
+                for pf in (False, True))
+        if DEV == "cpu":
+            assert torch.equal(a, b), (fused, precise)
+        assert rel_err(b, a.double().cpu()) < ACCEPT_REL
+    with pytest.raises(ValueError, match="prefill must be a bool"):
+        _run(kk, sc, q, pos, req, len(lens), gqa, hkv, dict(BASELINE, prefill="yes"))
+
+
+def _guarded(t: torch.Tensor, fill):
+    buf = torch.full((t.shape[0] + 2, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    buf[1:-1] = t
+    return buf, buf[1:-1]
+
+
+@pytest.mark.parametrize("name", sorted(PREFILL_CANDIDATES))
+def test_prefill_candidate_stays_in_bounds(name):
+    """Debug bounds check with multi-token query tiles: every input between guard rows that poison a stray read
+    (0xFF pages = NaN means/gains; NaN query rows around the chunk, NaN tail rows past each request's length,
+    block-table entries past n_sealed at a guard page); the output between canaries a stray write would change.
+    Chunks not multiples of the tile's tokens, tails not multiples of tt, splits above the blocks to split."""
+    lens, chunks, hkv, gqa, d = [560, 3], [21, 3], 1, 4, 64
+    v = PREFILL_CANDIDATES[name][d]
+    kk, sc, refs = build(lens, hkv, gqa, d, 3, 2, device=DEV, seed=11)
+    cache_buf, cache = _guarded(sc["cache"], 255)
+    bt = sc["block_table"].clone()
+    tail_k, tail_v = sc["tail_k"].clone(), sc["tail_v"].clone()
+    for r, L in enumerate(lens):
+        bt[r, L // 512:] = -1
+        tail_k[r, :, L % 512:] = float("nan")
+        tail_v[r, :, L % 512:] = float("nan")
+    _, tk = _guarded(tail_k, float("nan"))
+    _, tv = _guarded(tail_v, float("nan"))
+    pos, req = _chunk(lens, chunks)
+    q = torch.randn(len(pos), hkv * gqa, d, generator=torch.Generator().manual_seed(2)).bfloat16().to(DEV)
+    _, qv = _guarded(q, float("nan"))
+    out_buf, out = _guarded(torch.zeros(len(pos), hkv * gqa, d, device=DEV), 7.0)
+    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+    res = kk.attention(qv, pos, req, cache, bt, sc["n_sealed"], sc["seq_lens"], tk, tv, sc["tail_slot"],
+                       scale=d ** -0.5, plan=plan, out=out, splits=3, **kernel_args(v))
+    assert res is out and torch.isfinite(out).all()
+    assert (out_buf[0] == 7).all() and (out_buf[-1] == 7).all()
+    for i in range(len(pos)):
+        assert rel_err(out[i], ref_attention(q[i], int(pos[i]), refs[int(req[i])], gqa)) < 5e-3
+
+
+@pytest.mark.parametrize("name", ["q64", "q128"])
+def test_runtime_chunked_prefill_across_blocks(name):
+    """The backend's data path (planner phases -> tail write -> attention with Launches.base -> seal) with
+    KAKEYA_PREFILL_VARIANT=candidate:NAME's launch vs the baseline's: a chunked-prefill step whose chunks cross a
+    512-token block in both requests (500 -> 530 and 1002 -> 1042: two phases, a seal between them), a decode step
+    and a mixed step (a 20-token chunk beside a decode row). Outputs within ACCEPT_REL at every step, the same
+    sealed bytes (the seal does not depend on the attention launch)."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import Launches, TailState, plan_step, to_device
+    from kakeya_v1_3_ppl.runtime import forward_compressed
+    d, hkv, gqa = 64, 1, 4
+    g = torch.Generator().manual_seed(3)
+    kk = KakeyaKernels(d, 3, 2, DEV)
+    start, steps = (500, 1002), [(530, 1042), (531, 1043), (551, 1044)]     # seq lens before / after each step
+    K = [(torch.randn(L, hkv, d, generator=g) + torch.randn(d, generator=g) * 3).bfloat16() for L in steps[-1]]
+    V = [torch.randn(L, hkv, d, generator=g).bfloat16() for L in steps[-1]]
+    Q = [torch.randn(L, hkv * gqa, d, generator=g).bfloat16() for L in steps[-1]]
+    bt = torch.tensor([[0, 2, 4], [1, 3, 5]], dtype=torch.int32, device=DEV)
+    slots, ids = np.array([1, 0]), ["a", "b"]
+    runs = {}
+    for pv in ("baseline", f"candidate:{name}"):
+        la = Launches("tuned", d, hkv, DEV, prefill=pv)
+        assert la.base == prefill_variant(pv, d)
+        cache = torch.zeros(6, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+        tk = torch.zeros(2, hkv, 512, d, dtype=torch.bfloat16, device=DEV)
+        tv = torch.zeros_like(tk)
+        state = TailState()
+        # as earlier steps leave them: a's 500 tokens in its tail; b's block 0 sealed in page 1, 490 tokens in its tail
+        kk.seal(K[1][None, :512].transpose(1, 2).to(DEV), V[1][None, :512].transpose(1, 2).to(DEV), cache[1:2])
+        for r, (s0, blk) in enumerate(((0, 0), (512, 1))):
+            tk[slots[r], :, :start[r] - s0] = K[r][s0:start[r]].transpose(0, 1).to(DEV)
+            tv[slots[r], :, :start[r] - s0] = V[r][s0:start[r]].transpose(0, 1).to(DEV)
+            state.set(int(slots[r]), ids[r], blk, start[r] - s0)
+        prev, outs = start, []
+        for seq in steps:
+            n = [seq[r] - prev[r] for r in range(2)]
+            qsl = np.array([0, n[0], n[0] + n[1]])
+            take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(2)]).to(DEV)   # noqa: E731
+            q, k, v = take(Q), take(K), take(V)
+            lv = la.decode if max(n) == 1 else la.base
+            ph = [la.attach(to_device(p, DEV, gqa, lv["bm"]), lv, bt.shape[1])
+                  for p in plan_step(qsl, np.array(seq), slots, ids, state)]
+            out = torch.zeros_like(q)
+            forward_compressed(kk, q, k, v, cache, tk, tv, ph, bt, d ** -0.5, out)
+            outs.append(out.float().cpu())
+            prev = seq
+        assert cache[[0, 1, 3]].flatten(1).any(1).all() and not cache[[2, 4, 5]].any()
+        runs[pv] = (torch.cat(outs), cache)
+    (ob, cb), (oc, cc) = runs["baseline"], runs[f"candidate:{name}"]
+    assert torch.isfinite(oc).all() and rel_err(oc, ob.double()) < ACCEPT_REL
+    assert torch.equal(cb, cc)
+
+
+def test_prefill_variant_table_and_knob():
+    from kakeya_kv.config import ConfigError, KakeyaConfig
+    from kakeya_v1_3_ppl.checks import known_env_names
+    assert prefill_variant("baseline", 128) == BASELINE and prefill_variant("candidate:q64", 256) == BASELINE
+    for name, c in PREFILL_CANDIDATES.items():
+        for d, v in c.items():
+            assert prefill_variant(f"candidate:{name}", d) == v and v["prefill"] and v["fused"] and v["lut"] >= 2
+            assert v["bm"] % 4 == 0 and v["waves"] >= 1      # whole tokens at GQA 4; waves = compiled occupancy
+    with pytest.raises(ValueError, match="no such candidate"):
+        prefill_variant("candidate:nope", 64)
+    with pytest.raises(ValueError, match="baseline"):
+        prefill_variant("tuned", 64)
+    assert KakeyaConfig.from_env({}).prefill_variant == "baseline"
+    assert KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": " Baseline "}).prefill_variant == "baseline"
+    assert KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "candidate:q128"}).prefill_variant == "candidate:q128"
+    with pytest.raises(ConfigError, match=r"KAKEYA_PREFILL_VARIANT='candidate:nope': no such candidate; known: "
+                                          r"candidate:q128, candidate:q16, candidate:q64"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "candidate:nope"})
+    with pytest.raises(ConfigError, match=r"KAKEYA_PREFILL_VARIANT='tuned': must be one of baseline"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "tuned"})
+    with pytest.raises(ConfigError, match="only applies to KAKEYA_FORMAT=kakeya"):
+        KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_PREFILL_VARIANT": "candidate:q64"})
+    assert "KAKEYA_PREFILL_VARIANT" in known_env_names()
+
+
+def test_metadata_builder_attaches_the_prefill_launch(glue, monkeypatch):  # noqa: F811 - pytest fixture
+    """Under vLLM stand-ins (9 query / 3 KV heads, D 64): with KAKEYA_PREFILL_VARIANT=candidate:q64, prefill steps
+    carry the candidate's launch and tiles, pure-decode steps still the decode variant's."""
+    import threading
+
+    from kakeya_v1_3_ppl import context
+    from tests.test_decode_variants import _builder, _cam
+    monkeypatch.setattr(context, "_local", threading.local())
+    backend, spec_mod = glue
+    b = _builder(backend, spec_mod, monkeypatch, KAKEYA_PREFILL_VARIANT="candidate:q64")
+    v = PREFILL_CANDIDATES["q64"][64]
+    context.set_current(["a", "b"], [2, 0], False)
+    pre = b.build(0, _cam([0, 5, 8], [5, 3]))
+    assert pre.phases[0]["plan"]["bm"] == v["bm"] and pre.phases[0]["plan"]["nt"] == 2
+    assert pre.phases[0]["launch"] == dict(kernel_args(v), splits=num_splits(v, 2, 3, 4, sms=4))
+    dec = b.build(0, _cam([0, 1, 2], [6, 4]))
+    assert "prefill" not in dec.phases[0]["launch"] and dec.phases[0]["plan"]["bm"] == 4
+    monkeypatch.delenv("KAKEYA_PREFILL_VARIANT")
+    b = _builder(backend, spec_mod, monkeypatch)
+    context.set_current(["a", "b"], [2, 0], False)
+    assert b.build(0, _cam([0, 5, 8], [5, 3])).phases[0]["launch"] == dict(kernel_args(BASELINE), splits=FIXED_SPLITS)
+
+
+def test_prefill_candidates_compile_for_sm90_without_loop_spills():
+    """sm_90 compile on the CPU (Triton's ptxas, sass_count.py): each candidate's sealed-block loop has no register
+    spill, its ``waves`` is the compiled occupancy (programs per SM: one wave of resident programs per split), and
+    its loop costs fewer warp-instructions per query token than the baseline's (the decode work a larger tile
+    shares), a proxy only."""
+    import json
+
+    from tests.test_kernel_bench import _sm90_run
+    code = ("import json, sass_count as S; from kakeya_kernels.variants import PREFILL_CANDIDATES as C, BASELINE as B\n"
+            "def f(v):\n"
+            "    r = S.count(d, 4, 3, v['lut'], v['tt'], v['num_warps'], v['maxnreg'], v['bm'], fused=v['fused'], "
+            "prefill=v.get('prefill', False))\n"
+            "    return [r['spill_instructions_in_loop'], r['programs_per_sm'], "
+            "r['loop_instructions'] * v['num_warps'] * 4 / v['bm'] * 64 / v['tt'], r['regs']]\n"
+            "out = {}\n"
+            "for d in (64, 128):\n"
+            "    out[f'baseline {d}'] = f(B)\n"
+            "    out.update({f'{n} {d}': f(c[d]) for n, c in C.items()})\n"
+            "print(json.dumps(out))")
+    p = _sm90_run(["-c", code], "cuobjdump", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for name, c in PREFILL_CANDIDATES.items():
+        for d, v in c.items():
+            spills, resident, per_token, regs = got[f"{name} {d}"]
+            assert spills == 0, f"{name} D={d}: {spills} spill instructions in the sealed loop ({regs} registers)"
+            assert resident == v["waves"], f"{name} D={d}: sm_90 holds {resident} programs per SM, waves={v['waves']}"
+            assert per_token < got[f"baseline {d}"][2], (name, d, per_token, got[f"baseline {d}"])
