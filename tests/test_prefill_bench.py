@@ -43,6 +43,9 @@ def test_prefill_rows_agree_and_render():
     md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[], seal=[], tuning=[], not_measured=[],
                             prefill=[dict(row, fa3_bf16_us=5.0, best_speedup_vs_bf16=0.5)]))
     assert "| 64 | 512 | 1 | 24 | 5 |" in md and all(f"{n} µs" in md for n in PREFILL_CANDIDATES)
+    table = [ln for ln in md.splitlines() if ln.startswith("| head_dim | context | requests")]
+    table = md.splitlines()[md.splitlines().index(table[0]):][:3]
+    assert len({ln.count("|") for ln in table}) == 1, table          # header, separator and row line up
 
 
 def test_prefill_rows_and_budget():

@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 import sass_count as S
 from bench_kernels import SEAL_VARIANTS, SWEEP, short_sweep
 from kakeya_kernels import kakeya_triton as K
+from kakeya_kernels.variants import PREFILL_CANDIDATES
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
 SMEM_LIMIT = 227 * 1024
@@ -88,6 +89,12 @@ def jobs(quick: bool):
                                                                             pf=a[1].get("pf", False),
                                                                             ns=a[1].get("num_stages", 1))),
                         (d, v)))
+        # Prefill launches (variants.PREFILL_CANDIDATES: bench --prefill and KAKEYA_PREFILL_VARIANT); the quick set's
+        # sm_90 check is tests/test_prefill_variants.py (spills, occupancy).
+        for name, c in ({} if quick else PREFILL_CANDIDATES).items():
+            out.append((f"prefill {name} D={d}", lambda *a: _fits(S.compile_attn(
+                a[0], 4, 3, a[1]["lut"], a[1]["tt"], a[1]["num_warps"], bm=a[1]["bm"], maxnreg=a[1]["maxnreg"],
+                fused=a[1]["fused"], prefill=True)), (d, c[d])))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
             for bits in (4, 3):
                 out.append((f"seal D={d} bits={bits} {sv}", seal,

@@ -42,7 +42,8 @@ def main():
     with tempfile.TemporaryDirectory() as td:
         xml = os.path.join(td, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels.py",
-               "tests/test_decode_variants.py", "tests/test_decode_candidates.py", f"--junitxml={xml}"]
+               "tests/test_decode_variants.py", "tests/test_decode_candidates.py", "tests/test_prefill_variants.py",
+               f"--junitxml={xml}"]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             rc, text = p.returncode, p.stdout

@@ -17,11 +17,11 @@ def variant(r: dict) -> str:
 def prefill_table(res: dict) -> list[str]:
     """Prefill rows (bench --prefill): µs per chunk for FA3 varlen bf16, the baseline launch and each candidate."""
     names = sorted({n for r in res["prefill"] for n in r.get("variants", {})})
-    out = ["", "Prefill: one chunk of new tokens per request against a cached context (8 KV heads, GQA 4). Ours = one "
-           "attention launch per 512-token block of the chunk (the seal is not included); FA3 = one varlen call on bf16 "
-           f"pages. Timing: {res.get('prefill_timing', '-')}.", "",
-           "| head_dim | context | requests | chunk | FA3 bf16 µs | baseline µs | " + " | ".join(f"{n} µs" for n in names)
-           + " | best | best / FA3 speed |", "|---" * (7 + len(names)) + "|"]
+    out = ["", "Prefill: one chunk of new tokens per request against a cached context (8 KV heads, GQA 4). Ours = "
+           "one attention launch per 512-token block of the chunk (the seal is not included); FA3 = one varlen call "
+           f"on bf16 pages. Timing: {res.get('prefill_timing', '-')}.", "",
+           "| head_dim | context | requests | chunk | FA3 bf16 µs | baseline µs | "
+           + " | ".join(f"{n} µs" for n in names) + " | best | best / FA3 speed |", "|---" * (8 + len(names)) + "|"]
 
     def cell(r: dict) -> str:
         if "us" in r:
