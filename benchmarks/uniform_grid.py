@@ -139,6 +139,8 @@ def markdown(doc: dict) -> str:
             out.append(f"| {p['uniform']} − {p['lloyd']} | {_f(p['paired_ppl_diff_pct'])} "
                        f"{_ci(p['paired_ppl_diff_pct_ci95'])} | {_f(p['kld_diff'], '{:+.5f}')} "
                        f"{_ci(p['kld_diff_ci95'], '{:+.5f}')} | {_f(p['kld_ratio'], '{:.3f}')} |")
+    if doc.get("notes"):      # added by hand after a run, with the verdict
+        out += ["", "Notes:", ""] + ["- " + n for n in doc["notes"]]
     if doc.get("verdict"):
         out += ["", "## Verdict", "", doc["verdict"]]
     return "\n".join(out) + "\n"
