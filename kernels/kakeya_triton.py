@@ -333,8 +333,9 @@ def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BIT
            NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
     """The packed code words of TT tokens, as the LUT >= 2 decoders take them: [TT, D/8] int32 (8 codes per
     word, LSB-first) for the register table, [TT, D/G] groups for the pair table. Split from _dec16 so that a
-    caller can load the next tile's words before decoding this one's (register prefetch)."""
-    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
+    caller can load the next tile's words before decoding this one's (register prefetch). LUT 5/6 (linear) take
+    the register table's words."""
+    if ((LUT == 3 and BITS <= 3) or (LUT >= 4 and BITS <= 4)) and BITS >= 2:   # register table / linear
         grp = tl.arange(0, D // 8)
         if BITS == 4:
             x = tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + t_off[:, None] * (ROW_BYTES // 4) + grp[None, :],
@@ -362,22 +363,55 @@ def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BIT
 
 
 @triton.jit
+def _nibbles(raw, BITS: tl.constexpr):
+    """8 packed codes of <= 4 bits (int32, LSB-first) -> one per nibble (code k in bits 4k..4k+3)."""
+    if BITS == 4:
+        x = raw
+    elif BITS == 3:   # fields at 3k -> 4k: halves apart by 4, then pairs by 2, then singles by 1
+        x = (raw & 0xFFF) | ((raw & 0xFFF000) << 4)
+        x = (x & 0x003F003F) | ((x & 0x0FC00FC0) << 2)
+        x = (x & 0x07070707) | ((x & 0x38383838) << 1)
+    else:             # 2-bit: fields at 2k -> 4k
+        x = (raw & 0xFF) | ((raw & 0xFF00) << 8)
+        x = (x & 0x000F000F) | ((x & 0x00F000F0) << 4)
+        x = (x & 0x03030303) | ((x & 0x0C0C0C0C) << 2)
+    return x
+
+
+@triton.jit
+def _linear16(x, D: tl.constexpr, BITS: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
+    """Uniform-grid codes, one per nibble of x [TT, D/8] -> fp16 [TT, D] of 2 j - (2^b - 1) = 2 (j - mid), exact
+    (odd integers, |.| <= 15); the caller folds the step Delta / 2 into the per-token gains. No table at all.
+    LUT 5: a pair of codes (k, k + 4) is placed as fp16 1024 + 2 j + 1 in each half of one word (shift + mask/or:
+    the bit pattern 0x6400 | (2 j + 1) is that number), then one packed fp16 subtract of 1024 + 2^b per two codes.
+    (A mid-centred 1024 + j - mid is not exact: fp16's step at 1024 is 1, mid is a half-integer.)
+    LUT 6: per-code integer 2 j - (2^b - 1) converted by .to(tl.float16) (I2F per element), for comparison."""
+    if LUT == 5:
+        OFF: tl.constexpr = 1024.0 + (1 << BITS)
+        w0 = ((x << 1) & 0x001E001E) | 0x64016401            # codes 0, 4
+        w1 = ((x >> 3) & 0x001E001E) | 0x64016401            # codes 1, 5
+        w2 = ((x >> 7) & 0x001E001E) | 0x64016401            # codes 2, 6
+        w3 = ((x >> 11) & 0x001E001E) | 0x64016401           # codes 3, 7 (arithmetic shift: bits 20+ masked)
+        # [TT, D/8, e, f, h]: code e + 2f + 4h -> dims 8g + 4h + 2f + e
+        c = _halves(tl.join(tl.join(w0, w1), tl.join(w2, w3))) - OFF
+        return tl.reshape(tl.permute(c, (0, 1, 4, 3, 2)), (TT, D))
+    else:
+        sh = tl.arange(0, 8) * 4
+        j = (x[:, :, None] >> sh[None, None, :]) & 15
+        return tl.reshape((2 * j - ((1 << BITS) - 1)).to(tl.float16), (TT, D))
+
+
+@triton.jit
 def _dec16(raw, ptab_ptr, rt, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, TT: tl.constexpr,
            LUT: tl.constexpr, ASM: tl.constexpr):
-    """fp16 centroids [TT, D] of _raw16's words."""
-    if ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
+    """fp16 centroids [TT, D] of _raw16's words (LUT 5/6: 2 (j - mid), see _linear16)."""
+    if (LUT == 5 or LUT == 6) and BITS <= 4 and BITS >= 2:
+        return _linear16(_nibbles(raw, BITS), D, BITS, TT, LUT)
+    elif ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
         if BITS == 4:
             w0, w1, w2, w3 = _reg_lookup16(raw, rt, ASM)
         else:
-            if BITS == 3:   # fields at 3k -> 4k: halves apart by 4, then pairs by 2, then singles by 1
-                x = (raw & 0xFFF) | ((raw & 0xFFF000) << 4)
-                x = (x & 0x003F003F) | ((x & 0x0FC00FC0) << 2)
-                x = (x & 0x07070707) | ((x & 0x38383838) << 1)
-            else:           # 2-bit: fields at 2k -> 4k
-                x = (raw & 0xFF) | ((raw & 0xFF00) << 8)
-                x = (x & 0x000F000F) | ((x & 0x00F000F0) << 4)
-                x = (x & 0x03030303) | ((x & 0x0C0C0C0C) << 2)
-            w0, w1, w2, w3 = _reg_lookup8(x, rt, ASM)
+            w0, w1, w2, w3 = _reg_lookup8(_nibbles(raw, BITS), rt, ASM)
         # [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order (int32 joins), then the fp16 halves: 8g + 2i + h
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
         return tl.reshape(_halves(w), (TT, D))
@@ -454,12 +488,15 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  PRECISE: tl.constexpr, DIAG: tl.constexpr = 0, LUT: tl.constexpr = 0,
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
-                 SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0):
+                 SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0,
+                 KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
     loops (a [BM, D] fp32 q would cost 32 registers/thread at BM 64, D 128, 8 warps), and the tail loop stops at the
-    tile's last query position (later tail keys are causally masked for every row of the tile)."""
+    tile's last query position (later tail keys are causally masked for every row of the tile).
+    LUT 5/6 (linear, uniform-grid tables only): codes decode to 2 j - (2^b - 1) and KSTEP / VSTEP (Delta / 2 of
+    each stream, 1.0 for streams that keep a table) scale the per-token K / V gains."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -591,7 +628,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                         s = tl.trans(tl.dot(kc.to(tl.float16), tl.trans(qr)))
                     else:
                         s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
-                s = s * tl.abs(kg.to(tl.float32))[None, :]
+                if LUT >= 5:
+                    s = s * (tl.abs(kg.to(tl.float32)) * KSTEP)[None, :]
+                else:
+                    s = s * tl.abs(kg.to(tl.float32))[None, :]
                 s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
                 s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -620,7 +660,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                     else:
                         vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
                 # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
-                pg = p * tl.abs(vg.to(tl.float32))[None, :]
+                if LUT >= 5:
+                    pg = p * (tl.abs(vg.to(tl.float32)) * VSTEP)[None, :]
+                else:
+                    pg = p * tl.abs(vg.to(tl.float32))[None, :]
                 l_i = l_i * alpha + tl.sum(p, 1)
                 if PRECISE:
                     acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
@@ -769,14 +812,45 @@ def _regs(maxnreg: int | None) -> dict:
 
 
 # Centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup), 3 = 2 + codes of
-# <= 3 bits from byte planes in registers (prmt, no memory access), 4 = 3 for codes of <= 4 bits too.
-LUTS = (0, 1, 2, 3, 4)
+# <= 3 bits from byte planes in registers (prmt, no memory access), 4 = 3 for codes of <= 4 bits too; 5 / 6 =
+# "linear": no table for codes of 2-4 bits (value = (j - mid) * Delta, Delta folded into the gains; 5 fp16 bit trick,
+# 6 integer convert), only for uniform-grid tables (lloyd_max.uniform_table); 5-bit codes keep the pair table.
+LUTS = (0, 1, 2, 3, 4, 5, 6)
+LINEAR_LUTS = (5, 6)
 
 
 def _check_variant(lut, fused) -> None:
     if lut not in LUTS:
         raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table, 3/4 register "
-                         f"byte-plane table for codes of <= 3/4 bits), got {lut!r}")
+                         f"byte-plane table for codes of <= 3/4 bits, 5/6 linear: uniform-grid tables), got {lut!r}")
+
+
+def uniform_step(table: torch.Tensor, rel_tol: float = 1e-5) -> float | None:
+    """The step Delta if table[j] = (j - (n - 1) / 2) * Delta for all j (equal steps, symmetric about 0; within
+    rel_tol of the largest level, float32 tables), else None."""
+    t = table.detach().double().cpu()
+    n = t.numel()
+    delta = (t[-1] - t[0]).item() / (n - 1)
+    if not delta > 0:
+        return None
+    ideal = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * delta
+    return delta if (t - ideal).abs().max().item() <= rel_tol * t.abs().max().item() else None
+
+
+def linear_steps(tables: dict, bits: dict) -> tuple[float, float]:
+    """(KSTEP, VSTEP) of the linear lookup (LUT 5/6): Delta / 2 for the streams of 2-4 bits (their codes decode to
+    2 j - (2^b - 1)), 1.0 for the others (they keep the pair table). Raises ValueError on a non-uniform table."""
+    out = []
+    for name in ("k", "v"):
+        if not 2 <= bits[name] <= 4:
+            out.append(1.0)
+            continue
+        delta = uniform_step(tables[name])
+        if delta is None:
+            raise ValueError(f"lut 5/6 (linear) needs a uniform-grid {name.upper()} table (equal steps, symmetric: "
+                             f"lloyd_max.uniform_table({bits[name]})), got {tables[name].tolist()}")
+        out.append(delta / 2)
+    return out[0], out[1]
     if fused not in (True, False, 0, 1):
         raise ValueError(f"fused must be a bool, got {fused!r}")
 
@@ -818,6 +892,14 @@ class KakeyaKernels:
         self.reg_tables = {n: (reg_table(t) if t.numel() <= 16 else torch.zeros(8, dtype=torch.int32, device=device))
                            .repeat(32).contiguous() for n, t in self.tables16.items()}
         self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
+        # (KSTEP, VSTEP) of the linear lookup (LUT 5/6), or why it cannot serve these tables; found here, on the
+        # host, so that a launch (possibly under CUDA-graph capture) never syncs.
+        try:
+            self._steps = linear_steps(self.tables, {"k": k_bits, "v": v_bits})
+        except ValueError as e:
+            self._steps = str(e)
+        if lut in LINEAR_LUTS and isinstance(self._steps, str):
+            raise ValueError(self._steps)
 
     def _consts(self, st, off):
         g, nb = _group(st.bits)
@@ -929,6 +1011,11 @@ class KakeyaKernels:
             raise ValueError(f"prefill must be a bool, got {prefill!r}")
         if pf and lut < 2:
             raise ValueError(f"pf (register prefetch of packed codes) needs lut >= 2, got lut={lut}")
+        steps = {}
+        if lut in LINEAR_LUTS:
+            if isinstance(self._steps, str):
+                raise ValueError(self._steps)
+            steps = dict(KSTEP=self._steps[0], VSTEP=self._steps[1])
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -964,7 +1051,7 @@ class KakeyaKernels:
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
             SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
-            num_warps=num_warps,
+            num_warps=num_warps, **steps,
             **_regs(maxnreg))
         if fused:
             if out is None:

@@ -47,14 +47,19 @@ CANDIDATES = {"swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d 
               # One full wave: sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
               # sass_count.occupancy (tests/test_kernel_bench.py checks these against the compiled kernels).
               "fill": {64: dict(REG4[64], waves=None, fill=4), 128: dict(REG4[128], waves=None, fill=5)},
-              # Session 7's default, for same-run comparisons with TUNED.
-              "reg4": {d: dict(v) for d, v in REG4.items()},
               # Not yet timed: 8 warps per program. sm_90 compile at D=128 (sass_count.py, session 8): TUNED (tt 128,
               # 4 warps, cap 128) has 19 spill instructions in its loop; with 8 warps 0 (6.05 SASS instructions per
               # code element vs 5.66, 16 resident warps/SM either way), and the prefetch at 8 warps, tt 64, cap 128
               # has none either (7.17 per element).
               "t128_w8": {d: dict(v, tt=128, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              "pf_w8": {d: dict(v, pf=True, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()}}
+              "pf_w8": {d: dict(v, pf=True, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
+              # Not yet timed: TUNED without the centroid lookup (lut 5, "linear"): codes of 2-4 bits decode to
+              # 2 j - (2^b - 1) by an fp16 bit trick, the grid step folded into the per-token gains. ONLY for caches
+              # sealed with uniform-grid tables (lloyd_max.uniform_table; KakeyaKernels refuses other tables); the
+              # bench times it, and lut 4 for reference, on such a cache. SASS_LINEAR below.
+              "linear": {d: dict(v, lut=5) for d, v in TUNED.items()}}
+# Session 7's default (REG4, "reg4") left the sweep for "linear" (<= 8 variants per head_dim); TUNED vs REG4 is
+# measured in the session 8 numbers above.
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
