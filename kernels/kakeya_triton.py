@@ -333,7 +333,7 @@ def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BIT
            NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
     """The packed code words of TT tokens, as the LUT >= 2 decoders take them: [TT, D/8] int32 (8 codes per
     word, LSB-first) for the register table, [TT, D/G] groups for the pair table. Split from _dec16 so that a
-    caller can load the next tile's words before decoding this one's (register prefetch). LUT 5/6 (linear) take
+    caller can load the next tile's words before decoding this one's (register prefetch). LUT 5-7 (linear) take
     the register table's words."""
     if ((LUT == 3 and BITS <= 3) or (LUT >= 4 and BITS <= 4)) and BITS >= 2:   # register table / linear
         grp = tl.arange(0, D // 8)
@@ -379,22 +379,33 @@ def _nibbles(raw, BITS: tl.constexpr):
 
 
 @triton.jit
-def _linear16(x, D: tl.constexpr, BITS: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
+def _linear16(x, D: tl.constexpr, BITS: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr, ASM: tl.constexpr):
     """Uniform-grid codes, one per nibble of x [TT, D/8] -> fp16 [TT, D] of 2 j - (2^b - 1) = 2 (j - mid), exact
     (odd integers, |.| <= 15); the caller folds the step Delta / 2 into the per-token gains. No table at all.
-    LUT 5: a pair of codes (k, k + 4) is placed as fp16 1024 + 2 j + 1 in each half of one word (shift + mask/or:
-    the bit pattern 0x6400 | (2 j + 1) is that number), then one packed fp16 subtract of 1024 + 2^b per two codes.
-    (A mid-centred 1024 + j - mid is not exact: fp16's step at 1024 is 1, mid is a half-integer.)
+    LUT 5: codes 2i, 2i+1 go to the two halves of one word as fp16 1024 + 2 j + 1 (the bit pattern 0x6400 | (2 j + 1)
+    is that number: one prmt of x << 1 and x >> 3 + one masking lop3 per pair), then one packed fp16 subtract of
+    1024 + 2^b per pair. The pairs are the lut-4 lookup's (same join / permute), i.e. already the MMA operand's
+    packing; pairing codes k, k + 4 instead (shifts only) cost as many repacking PRMT/MOV as it saved (sm_90
+    compile). (A mid-centred 1024 + j - mid is not exact: fp16's step at 1024 is 1 and mid is a half-integer.)
+    LUT 7: LUT 5 without the subtract: 1024 + 2 j + 1 + 2^b - 2^b, the kernel takes (1024 + 2^b) x the sum of the
+    MMA's other operand off the product once per block (K: the query row sums; V: the p x gain sums), see
+    _attn_kernel. Exact values, but the fp32 accumulators then carry ~1040x larger terms (relative error ~1e-7 x
+    1040 of the row sums: ~1e-4, far below the bf16 output rounding).
     LUT 6: per-code integer 2 j - (2^b - 1) converted by .to(tl.float16) (I2F per element), for comparison."""
-    if LUT == 5:
+    if LUT == 5 or LUT == 7:
         OFF: tl.constexpr = 1024.0 + (1 << BITS)
-        w0 = ((x << 1) & 0x001E001E) | 0x64016401            # codes 0, 4
-        w1 = ((x >> 3) & 0x001E001E) | 0x64016401            # codes 1, 5
-        w2 = ((x >> 7) & 0x001E001E) | 0x64016401            # codes 2, 6
-        w3 = ((x >> 11) & 0x001E001E) | 0x64016401           # codes 3, 7 (arithmetic shift: bits 20+ masked)
-        # [TT, D/8, e, f, h]: code e + 2f + 4h -> dims 8g + 4h + 2f + e
-        c = _halves(tl.join(tl.join(w0, w1), tl.join(w2, w3))) - OFF
-        return tl.reshape(tl.permute(c, (0, 1, 4, 3, 2)), (TT, D))
+        x2 = x << 1           # byte i: bits 1-4 = code 2i
+        y2 = x >> 3           # byte i: bits 1-4 = code 2i + 1
+        w0 = (_prmt(x2, y2, x2 * 0 + 0x4400, ASM) & 0x001E001E) | 0x64016401
+        w1 = (_prmt(x2, y2, x2 * 0 + 0x5511, ASM) & 0x001E001E) | 0x64016401
+        w2 = (_prmt(x2, y2, x2 * 0 + 0x6622, ASM) & 0x001E001E) | 0x64016401
+        w3 = (_prmt(x2, y2, x2 * 0 + 0x7733, ASM) & 0x001E001E) | 0x64016401
+        # as in the lut-4 lookup: [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order, then the fp16 halves
+        w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
+        if LUT == 7:
+            return tl.reshape(_halves(w), (TT, D))
+        else:
+            return tl.reshape(_halves(w), (TT, D)) - OFF
     else:
         sh = tl.arange(0, 8) * 4
         j = (x[:, :, None] >> sh[None, None, :]) & 15
@@ -404,9 +415,9 @@ def _linear16(x, D: tl.constexpr, BITS: tl.constexpr, TT: tl.constexpr, LUT: tl.
 @triton.jit
 def _dec16(raw, ptab_ptr, rt, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, TT: tl.constexpr,
            LUT: tl.constexpr, ASM: tl.constexpr):
-    """fp16 centroids [TT, D] of _raw16's words (LUT 5/6: 2 (j - mid), see _linear16)."""
-    if (LUT == 5 or LUT == 6) and BITS <= 4 and BITS >= 2:
-        return _linear16(_nibbles(raw, BITS), D, BITS, TT, LUT)
+    """fp16 centroids [TT, D] of _raw16's words (LUT 5-7: 2 (j - mid), see _linear16)."""
+    if LUT >= 5 and BITS <= 4 and BITS >= 2:
+        return _linear16(_nibbles(raw, BITS), D, BITS, TT, LUT, ASM)
     elif ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
         if BITS == 4:
             w0, w1, w2, w3 = _reg_lookup16(raw, rt, ASM)
@@ -495,7 +506,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
     loops (a [BM, D] fp32 q would cost 32 registers/thread at BM 64, D 128, 8 warps), and the tail loop stops at the
     tile's last query position (later tail keys are causally masked for every row of the tile).
-    LUT 5/6 (linear, uniform-grid tables only): codes decode to 2 j - (2^b - 1) and KSTEP / VSTEP (Delta / 2 of
+    LUT 5-7 (linear, uniform-grid tables only): codes decode to 2 j - (2^b - 1) and KSTEP / VSTEP (Delta / 2 of
     each stream, 1.0 for streams that keep a table) scale the per-token K / V gains."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -576,6 +587,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(qb * kmean[None, :], 1)
+            if LUT == 7 and KBITS <= 4 and KBITS >= 2:   # linear codes off by 1024 + 2^b: q'.(c + o) - o sum(q')
+                qoff = tl.sum(qr.to(tl.float32), 1) * (1024.0 + (1 << KBITS))
+            if LUT == 7 and VBITS <= 4 and VBITS >= 2:
+                psum = tl.zeros((BM,), tl.float32)          # sum of the V MMA's p x gain operand (as rounded)
             if SWAP:
                 acc_rt = tl.zeros((D, BM), tl.float32)      # acc_rot transposed
             acc_rot = tl.zeros((BM, D), tl.float32)
@@ -628,6 +643,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                         s = tl.trans(tl.dot(kc.to(tl.float16), tl.trans(qr)))
                     else:
                         s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+                if LUT == 7 and KBITS <= 4 and KBITS >= 2:
+                    s = s - qoff[:, None]
                 if LUT >= 5:
                     s = s * (tl.abs(kg.to(tl.float32)) * KSTEP)[None, :]
                 else:
@@ -674,6 +691,11 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                     else:
                         acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
                 cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
+                if LUT == 7 and VBITS <= 4 and VBITS >= 2:
+                    if PRECISE:
+                        psum = psum * alpha + tl.sum(pg, 1)
+                    else:
+                        psum = psum * alpha + tl.sum(pg.to(tl.float16).to(tl.float32), 1)
                 m_i = m_new
             # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
             vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
@@ -683,6 +705,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             acc = acc * tl.exp2(tl.where(m_blk == -float("inf"), m_now, m_blk) - m_now)[:, None]
             if SWAP:
                 acc_rot = tl.trans(acc_rt)
+            if LUT == 7 and VBITS <= 4 and VBITS >= 2:
+                acc_rot = acc_rot - psum[:, None] * (1024.0 + (1 << VBITS))
             acc += (_hada(acc_rot, hd, BM, D, PRECISE, BF16DOT) * (rsg / vlam)[None, :]
                     + cmass[:, None] * vmean[None, :])
     if (not EXACT) and (n_sealed % SPLITS == split):
@@ -814,15 +838,15 @@ def _regs(maxnreg: int | None) -> dict:
 # Centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup), 3 = 2 + codes of
 # <= 3 bits from byte planes in registers (prmt, no memory access), 4 = 3 for codes of <= 4 bits too; 5 / 6 =
 # "linear": no table for codes of 2-4 bits (value = (j - mid) * Delta, Delta folded into the gains; 5 fp16 bit trick,
-# 6 integer convert), only for uniform-grid tables (lloyd_max.uniform_table); 5-bit codes keep the pair table.
-LUTS = (0, 1, 2, 3, 4, 5, 6)
-LINEAR_LUTS = (5, 6)
+# 6 integer convert, 7 = 5 with the fp16 offset taken off once per block), only for uniform-grid tables (lloyd_max.uniform_table); 5-bit codes keep the pair table.
+LUTS = (0, 1, 2, 3, 4, 5, 6, 7)
+LINEAR_LUTS = (5, 6, 7)
 
 
 def _check_variant(lut, fused) -> None:
     if lut not in LUTS:
         raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table, 3/4 register "
-                         f"byte-plane table for codes of <= 3/4 bits, 5/6 linear: uniform-grid tables), got {lut!r}")
+                         f"byte-plane table for codes of <= 3/4 bits, 5-7 linear: uniform-grid tables), got {lut!r}")
 
 
 def uniform_step(table: torch.Tensor, rel_tol: float = 1e-5) -> float | None:
@@ -838,7 +862,7 @@ def uniform_step(table: torch.Tensor, rel_tol: float = 1e-5) -> float | None:
 
 
 def linear_steps(tables: dict, bits: dict) -> tuple[float, float]:
-    """(KSTEP, VSTEP) of the linear lookup (LUT 5/6): Delta / 2 for the streams of 2-4 bits (their codes decode to
+    """(KSTEP, VSTEP) of the linear lookup (LUT 5-7): Delta / 2 for the streams of 2-4 bits (their codes decode to
     2 j - (2^b - 1)), 1.0 for the others (they keep the pair table). Raises ValueError on a non-uniform table."""
     out = []
     for name in ("k", "v"):
@@ -847,7 +871,7 @@ def linear_steps(tables: dict, bits: dict) -> tuple[float, float]:
             continue
         delta = uniform_step(tables[name])
         if delta is None:
-            raise ValueError(f"lut 5/6 (linear) needs a uniform-grid {name.upper()} table (equal steps, symmetric: "
+            raise ValueError(f"lut 5-7 (linear) needs a uniform-grid {name.upper()} table (equal steps, symmetric: "
                              f"lloyd_max.uniform_table({bits[name]})), got {tables[name].tolist()}")
         out.append(delta / 2)
     return out[0], out[1]
@@ -892,7 +916,7 @@ class KakeyaKernels:
         self.reg_tables = {n: (reg_table(t) if t.numel() <= 16 else torch.zeros(8, dtype=torch.int32, device=device))
                            .repeat(32).contiguous() for n, t in self.tables16.items()}
         self.mids = {n: ((t[1:] + t[:-1]) / 2).contiguous() for n, t in self.tables.items()}
-        # (KSTEP, VSTEP) of the linear lookup (LUT 5/6), or why it cannot serve these tables; found here, on the
+        # (KSTEP, VSTEP) of the linear lookup (LUT 5-7), or why it cannot serve these tables; found here, on the
         # host, so that a launch (possibly under CUDA-graph capture) never syncs.
         try:
             self._steps = linear_steps(self.tables, {"k": k_bits, "v": v_bits})

@@ -53,11 +53,18 @@ CANDIDATES = {"swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d 
               # has none either (7.17 per element).
               "t128_w8": {d: dict(v, tt=128, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
               "pf_w8": {d: dict(v, pf=True, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              # Not yet timed: TUNED without the centroid lookup (lut 5, "linear"): codes of 2-4 bits decode to
-              # 2 j - (2^b - 1) by an fp16 bit trick, the grid step folded into the per-token gains. ONLY for caches
-              # sealed with uniform-grid tables (lloyd_max.uniform_table; KakeyaKernels refuses other tables); the
-              # bench times it, and lut 4 for reference, on such a cache. SASS_LINEAR below.
-              "linear": {d: dict(v, lut=5) for d, v in TUNED.items()}}
+              # Not yet timed: TUNED without the centroid lookup (lut 7, "linear"): codes of 2-4 bits decode to
+              # 1024 + 2 j + 1 in fp16 by a bit trick (a prmt + a lop3 per pair of codes), the offset 1024 + 2^b is
+              # taken off once per block, the grid step Delta / 2 rides on the per-token gains. ONLY for caches sealed
+              # with uniform-grid tables (lloyd_max.uniform_table; KakeyaKernels refuses other tables); the bench
+              # times it, and lut 4 for reference, on such a cache. sm_90 compile (sass_count.py, session 9, CPU):
+              # loop SASS instructions per code element per thread, TUNED -> lut 7 (lut 5 = exact fp16 subtract,
+              # lut 6 = integer convert): D=64 k4v3 7.81 -> 7.75 (7.78, 11.92), k3v2 7.81 -> 8.66 (8.77, 12.67);
+              # D=128 k4v3 5.66 -> 5.67 (5.87, 19.29), k3v2 5.25 -> 6.01 (6.25, 24.73); 128 registers everywhere
+              # (D=64 k3v2: TUNED 134 -> 3 programs/SM, lut 7 128 -> 4), spill instructions in the loop D=128
+              # k4v3 19 -> 15, k3v2 4 -> 5. The prmt lookup it removes was ~1.9 of those instructions per element;
+              # the rest (unpack, layout moves: IMAD/MOV) stays, so expect little unless the GPU disagrees.
+              "linear": {d: dict(v, lut=7) for d, v in TUNED.items()}}
 # Session 7's default (REG4, "reg4") left the sweep for "linear" (<= 8 variants per head_dim); TUNED vs REG4 is
 # measured in the session 8 numbers above.
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and

@@ -202,7 +202,7 @@ def test_candidate_stays_in_bounds(monkeypatch, name):
 
 def test_candidate_values_validated():
     with pytest.raises(ValueError, match="lut must be one of"):
-        K.KakeyaKernels(64, 4, 3, DEV, lut=7)
+        K.KakeyaKernels(64, 4, 3, DEV, lut=9)
     kk, sc, _ = build([600], 1, 1, 64, device=DEV)
     q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device=DEV)
     pos, req = torch.tensor([599], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)

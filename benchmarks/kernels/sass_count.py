@@ -45,7 +45,12 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),
                  DIAG=0, LUT=lut, NS=ns, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap), PF=int(pf),
                  PREFILL=int(prefill),
-                 ROT_PREC="tf32", SPLITS=8)   # the last two: older versions
+                 ROT_PREC="tf32", SPLITS=8,   # these two: older versions
+                 KSTEP=1.0, VSTEP=1.0)        # the kernel's defaults (a launch passes them only for lut 5-7)
+    if lut in getattr(mod, "LINEAR_LUTS", ()):   # the steps of uniform-grid tables, as KakeyaKernels passes them
+        from kakeya_kv import lloyd_max
+        const["KSTEP"], const["VSTEP"] = mod.linear_steps(
+            {"k": lloyd_max.uniform_table(kb), "v": lloyd_max.uniform_table(vb)}, {"k": kb, "v": vb})
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
     sig = {}
