@@ -164,3 +164,8 @@ def test_bench_times_linear_on_a_uniform_table_cache():
     assert B.rel_diff(sc.fn(lin)(), ref) < ACCEPT_REL / 2
     with pytest.raises(ValueError, match="uniform-grid"):
         scs.default.fn(lin)()
+    import report
+    row = dict(head_dim=64, **lin, us_b16_ctx16k=1.5, cache="uniform-grid tables", lut4_same_cache_us=2.0,
+               rel_diff_vs_lut4_same_cache=1e-4, agrees=True)
+    md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[], seal=[], tuning=[row], not_measured=[]))
+    assert "| 1.5 | 1.0e-04 vs lut 4 on a uniform-table cache (lut 4 there: 2.0 µs) |" in md

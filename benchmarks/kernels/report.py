@@ -51,6 +51,9 @@ def render(res: dict) -> str:
         for t in res["tuning"]:
             us = f"{t['us_b16_ctx16k']:.1f}" if "us_b16_ctx16k" in t else f"failed: {t.get('error', '')[:60]}"
             diff = f"{t['rel_diff_vs_baseline']:.1e}" if "rel_diff_vs_baseline" in t else "-"
+            if "lut4_same_cache_us" in t:   # linear (lut 5-7): its own uniform-table cache, vs lut 4 on it
+                diff = (f"{t['rel_diff_vs_lut4_same_cache']:.1e} vs lut 4 on a uniform-table cache "
+                        f"(lut 4 there: {t['lut4_same_cache_us']:.1f} µs)")
             out.append(f"| {t['head_dim']} | {variant(t)} | {us} | {diff} |")
         out.append("")
     out += ["| head_dim | batch | context | variant | ours µs | ours eager µs | FA3 bf16 µs | ours / FA3 speed | ours GB/s "
