@@ -142,6 +142,19 @@ def fa_decode_fn(batch, ctx, d):
     return run, bytes_, name
 
 
+def sealed_pages(kk: KakeyaKernels, rows: int, per_row: int, d: int, hkv: int, device):
+    """rows x per_row sealed pages (copies of 4 sealed random blocks) in shuffled page order + each row's exact-tail
+    slot: (cache, block_table [rows, per_row], tail_k, tail_v, tail_slot)."""
+    pages = rows * per_row
+    proto = torch.zeros(4, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
+    kk.seal((torch.randn(4, hkv, 512, d, device=device) * 2).bfloat16(),
+            torch.randn(4, hkv, 512, d, device=device).bfloat16(), proto)
+    cache = proto.repeat(-(-pages // 4), 1, 1)[:pages].contiguous()
+    bt = torch.randperm(pages, device=device).to(torch.int32).view(rows, per_row)
+    tk = torch.randn(rows, hkv, 512, d, device=device).bfloat16()
+    return cache, bt, tk, torch.randn_like(tk), torch.arange(rows, dtype=torch.int32, device=device)
+
+
 class OursDecode:
     """Prepared decode scenario (sealed pages in shuffled order + a 100-token exact tail per request)."""
 
@@ -149,21 +162,13 @@ class OursDecode:
         tail = 100
         self.kk, n_sealed = kk, ctx // 512
         seq = n_sealed * 512 + tail
-        pages = batch * n_sealed
-        proto = torch.zeros(4, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
-        kk.seal((torch.randn(4, hkv, 512, d, device=device) * 2).bfloat16(),
-                torch.randn(4, hkv, 512, d, device=device).bfloat16(), proto)
-        self.cache = proto.repeat(-(-pages // 4), 1, 1)[:pages].contiguous()
-        self.bt = torch.randperm(pages, device=device).to(torch.int32).view(batch, n_sealed)
-        self.tk = torch.randn(batch, hkv, 512, d, device=device).bfloat16()
-        self.tv = torch.randn_like(self.tk)
+        self.cache, self.bt, self.tk, self.tv, self.ts = sealed_pages(kk, batch, n_sealed, d, hkv, device)
         self.q = torch.randn(batch, hkv * GQA, d, dtype=torch.bfloat16, device=device)
         self.out = torch.empty_like(self.q)
         self.pos = torch.full((batch,), seq - 1, device=device)
         self.req = torch.arange(batch, device=device)
         self.nsl = torch.full((batch,), n_sealed, dtype=torch.int32, device=device)
         self.sl = torch.full((batch,), seq, dtype=torch.int32, device=device)
-        self.ts = torch.arange(batch, dtype=torch.int32, device=device)
         self.batch, self.n_sealed, self.hkv, self.sms, self.plans = batch, n_sealed, hkv, sms, {}
         self.bytes = batch * (n_sealed * hkv * kk.lay.slot_bytes + tail * hkv * d * 4)
 
@@ -239,16 +244,7 @@ class OursPrefill:
             raise ValueError(f"context must be a multiple of 512 (whole sealed blocks), got {context}")
         n0, nph = context // 512, -(-chunk // 512)
         self.kk, self.requests, self.hkv, self.sms = kk, requests, hkv, sms
-        per_req = n0 + nph
-        pages = requests * per_req
-        proto = torch.zeros(4, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=device)
-        kk.seal((torch.randn(4, hkv, 512, d, device=device) * 2).bfloat16(),
-                torch.randn(4, hkv, 512, d, device=device).bfloat16(), proto)
-        self.cache = proto.repeat(-(-pages // 4), 1, 1)[:pages].contiguous()
-        self.bt = torch.randperm(pages, device=device).to(torch.int32).view(requests, per_req)
-        self.tk = torch.randn(requests, hkv, 512, d, device=device).bfloat16()
-        self.tv = torch.randn_like(self.tk)
-        self.ts = torch.arange(requests, dtype=torch.int32, device=device)
+        self.cache, self.bt, self.tk, self.tv, self.ts = sealed_pages(kk, requests, n0 + nph, d, hkv, device)
         self.phases = []
         for j in range(nph):
             n = min(512, chunk - 512 * j)
