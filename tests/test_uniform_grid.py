@@ -9,21 +9,10 @@ from kakeya_kv import formats, lloyd_max
 from kakeya_kv.codecs.kakeya import KakeyaCodec, decode_stream, encode_stream
 from kakeya_kv.hadamard import rotation
 from kakeya_kv.format import ROTATION_SEED
+from tests.test_kakeya_codec import _kv, rel as _rel
 
 # Max (1960), Table II: MSE-optimal uniform quantiser steps for N(0, 1), 4/8/16/32 levels.
 MAX_1960 = {2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881}
-
-
-def _kv(h=2, t=1024, d=64, seed=0, offset=5.0):
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.rand(d, generator=g) * 3 + 0.1
-    k = torch.randn(h, t, d, generator=g) * scales + torch.randn(d, generator=g) * offset
-    v = torch.randn(h, t, d, generator=g)
-    return k.bfloat16().float(), v.bfloat16().float()
-
-
-def _rel(a, b):
-    return ((a - b).pow(2).sum() / (b - b.mean(-2, keepdim=True)).pow(2).sum()).item()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
