@@ -21,7 +21,8 @@ fails (recorded as mode / graphs_start_failure).
 Size (seed 0, computed): 1000 requests = 2.63 M prompt tokens (124 over 8k) + 63 k generated tokens, 145 planned
 aborts. Session 8 (H200, eager after the graphs warm-up hit the RoPE-table assert fixed since): 1000 requests in
 116 s, 0 errors, KV usage 0, nvidia-smi +798 MiB at the very end (flat for the first 900) - the reason the check now
-reads the worker's allocated bytes (benchmarks/results/vllm_s8/soak/).
+reads the worker's allocated bytes (benchmarks/results/vllm_s8/soak/); the rerun with both fixes passed in graphs
+mode (benchmarks/results/soak.json).
 """
 from __future__ import annotations
 
@@ -189,13 +190,18 @@ def read_memory_log(path: str, after: float) -> dict | None:
     return None
 
 
+def one_token(srv: Server, model: str, token: int) -> None:
+    """A 16-token prompt, 1 new token: one short step on an otherwise idle server."""
+    request(srv.port, "POST", "/v1/completions", {"model": model, "prompt": [token] * 16, "max_tokens": 1},
+            timeout=60)
+
+
 def idle_memory(srv: Server, model: str, log_path: str) -> dict | None:
     """The worker's memory at an idle step: wait past the log's 1 s interval, run one tiny request (its first step
     is logged before it allocates anything), read that line."""
     time.sleep(1.2)
     t = time.time()
-    request(srv.port, "POST", "/v1/completions", {"model": model, "prompt": [VOCAB_LO + 11] * 16, "max_tokens": 1},
-            timeout=60)
+    one_token(srv, model, VOCAB_LO + 11)
     return read_memory_log(log_path, t)
 
 
@@ -221,8 +227,7 @@ def settle(srv: Server, model: str, timeout_s: float = 60) -> dict:
         if m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0:
             break
         time.sleep(1)
-    request(srv.port, "POST", "/v1/completions", {"model": model, "prompt": [VOCAB_LO + 7] * 16, "max_tokens": 1},
-            timeout=60)
+    one_token(srv, model, VOCAB_LO + 7)
     return srv.metrics()
 
 
@@ -252,9 +257,8 @@ def partial_result(rows: list[dict], planned: int, *, gpu: str, reason: str, **e
 
 def start_server(a, args: list[str], log_path: str, t_begin: float, warm_up, on_server=lambda srv: None,
                  env: dict | None = None):
-    """Start `vllm serve` and warm it up: in --mode auto first with vLLM's default piecewise CUDA graphs (never yet
-    run with the Kakeya backend on a GPU; start bounded by --graphs-startup-s), then eager if that start or its
-    warm-up fails. on_server(srv) sees each server before its start (a signal handler must be able to stop it).
+    """Start `vllm serve` and warm it up: in --mode auto first with vLLM's default piecewise CUDA graphs (start
+    bounded by --graphs-startup-s), then eager if that start or its warm-up fails. on_server(srv) sees each server before its start (a signal handler must be able to stop it).
     Returns (server, mode, why the graphs attempt failed or None)."""
     modes = {"graphs": ["graphs"], "eager": ["eager"], "auto": ["graphs", "eager"]}[a.mode]
     why = None
