@@ -750,3 +750,15 @@ def test_run_end_to_end_with_a_stand_in_vllm(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert time.monotonic() - t0 < 25 and row["status"] == "partial" and row["capacity_tokens"] is None
     assert row["not_measured"]["capacity_tokens"] == "row time limit 3s reached during start-up"
+
+
+def test_graphs_rows_are_judged_against_graphs_bf16():
+    """A CUDA-graph Kakeya row's ratios come from flash_bf16_graphs, not from the eager bf16 row (session 9:
+    eager bf16 decoded 2.4x slower than graphs bf16 at b16 32k, which would have flattered the graphs row)."""
+    rows = [_row("flash_bf16", decode_tok_s_b16_32k=400.0), _row("flash_bf16_graphs", decode_tok_s_b16_32k=1000.0),
+            _row("kakeya_graphs", decode_tok_s_b16_32k=500.0), _row("kakeya", decode_tok_s_b16_32k=500.0)]
+    out = {r["config"]: r for r in report.add_ratios(rows)}
+    assert out["kakeya_graphs"]["decode_tok_s_b16_32k_ratio"] == pytest.approx(0.5)
+    assert out["kakeya"]["decode_tok_s_b16_32k_ratio"] == pytest.approx(1.25)
+    assert out["kakeya_graphs"]["goals"]["decode_b16_32k"].startswith("missed: 0.50x")
+    assert "goals" not in out["flash_bf16_graphs"]

@@ -5,7 +5,7 @@ import re
 
 from . import causes
 from .causes import logged_ratio
-from .rows import BASELINE, CONFIGS
+from .rows import BASELINES, CONFIGS, reference_config
 
 
 def _ratio(a, b):
@@ -54,12 +54,13 @@ def capacity_verdict(x: float | None, expected: float | None, source: str = "", 
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Ratios vs the FLASH_ATTN bf16 row of the same model and tp; goal verdicts on Kakeya rows."""
-    base = {(r["model"], r["tp"]): r for r in rows if r["config"] == BASELINE}
+    """Ratios vs the FLASH_ATTN bf16 row of the same model, tp and execution mode (rows.reference_config);
+    goal verdicts on Kakeya rows."""
+    base = {(r["model"], r["tp"], r["config"]): r for r in rows if r["config"] in BASELINES}
     out = []
     for r in rows:
         r = dict(r)
-        b = base.get((r["model"], r["tp"]))
+        b = base.get((r["model"], r["tp"], reference_config(r["config"])))
         if b is not None and r is not b:
             r["capacity_ratio"] = _ratio(r.get("capacity_tokens"), b.get("capacity_tokens"))
             for f in ("decode_tok_s_b16_32k", "decode_tok_s_max_batch_32k", "decode_tok_s_b16_8k",
@@ -128,7 +129,7 @@ def markdown(res: dict, kernels: dict | None = None, kernels_name: str = "kernel
                      f"{_f(r.get('kakeya_tail_pool_mib'))} | {_f(r.get('init_s'))} | {r.get('mode', '')} |")
     g = [r for r in rows if r.get("goals")]
     if g:
-        lines += ["", "## Issue-6 goals (Kakeya rows vs FLASH_ATTN bf16 of the same model)", ""]
+        lines += ["", "## Issue-6 goals (Kakeya rows vs FLASH_ATTN bf16 of the same model, tp and mode: eager or CUDA graphs)", ""]
         for r in g:
             lines.append(f"- {r['model']} / {r['config']} (tp {r['tp']}): "
                          + "; ".join(f"{k} {v}" for k, v in r["goals"].items()))
@@ -146,21 +147,24 @@ def markdown(res: dict, kernels: dict | None = None, kernels_name: str = "kernel
 
 
 def causes_section(rows: list[dict], kernels: dict | None, kernels_name: str) -> list[str]:
-    """Cause analysis of the measured Kakeya rows that have a measured bf16 row of the same model and tp."""
-    base = {(r["model"], r["tp"]): r for r in rows if r["config"] == BASELINE and r.get("capacity_tokens")}
-    ks = [r for r in rows if r.get("family") == "kakeya" and r.get("capacity_tokens") and (r["model"], r["tp"]) in base]
+    """Cause analysis of the measured Kakeya rows that have a measured bf16 row of the same model, tp and mode."""
+    base = {(r["model"], r["tp"], r["config"]): r for r in rows if r["config"] in BASELINES and r.get("capacity_tokens")}
+
+    def ref(r):
+        return base.get((r["model"], r["tp"], reference_config(r["config"])))
+    ks = [r for r in rows if r.get("family") == "kakeya" and r.get("capacity_tokens") and ref(r) is not None]
     if not ks:
         return []
     out = ["", "## Causes (derived from the measured numbers above" + (f" and {kernels_name}" if kernels else "")
            + "; models, not measurements)", ""]
     for k in ks:
-        out += causes.markdown(k, base[(k["model"], k["tp"])], kernels, CAPACITY_TOL, kernels_name)
+        out += causes.markdown(k, ref(k), kernels, CAPACITY_TOL, kernels_name)
     return out
 
 
 def plot(res: dict, path: str) -> bool:
     """Capacity and decode tok/s relative to FLASH_ATTN bf16, one group of bars per row; False if no data."""
-    rows = [r for r in add_ratios(res["rows"]) if r["config"] != BASELINE and r.get("capacity_ratio")]
+    rows = [r for r in add_ratios(res["rows"]) if r["config"] not in BASELINES and r.get("capacity_ratio")]
     if not rows:
         return False
     import matplotlib
@@ -178,7 +182,7 @@ def plot(res: dict, path: str) -> bool:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['model']}\n{r['config']}" + (f" tp{r['tp']}" if r["tp"] > 1 else "") for r in rows],
                        fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("× FLASH_ATTN bf16 (same model, tp)")
+    ax.set_ylabel("× FLASH_ATTN bf16 (same model, tp, eager/graphs)")
     ax.set_title(f"vLLM 0.26 serving, {res.get('gpu', '')} (missing bar = not measured)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

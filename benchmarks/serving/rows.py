@@ -34,6 +34,16 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "turboquant_3bit_nc": ("turboquant", {"kv_cache_dtype": "turboquant_3bit_nc"}, {}),
 }
 BASELINE = "flash_bf16"
+# The bf16 reference of a row is the bf16 row run in the same execution mode: CUDA-graph rows against
+# flash_bf16_graphs (session 9: eager bf16 decodes 2.4x slower than graphs bf16 at b16 32k, so an eager reference
+# would flatter a graphs row).
+REFERENCE = {"kakeya_graphs": "flash_bf16_graphs"}
+BASELINES = (BASELINE, *sorted(set(REFERENCE.values())))
+
+
+def reference_config(config: str) -> str:
+    """The bf16 config a row's ratios and goals are measured against."""
+    return REFERENCE.get(config, BASELINE)
 
 # Configs that run only up to a context, and why (the cut fields get this as their reason). v13 is served
 # (kernels/v13_*.py, eager, no CUDA graphs) but session 7's H200 bench timed its fused decode at 8.0 ms per
