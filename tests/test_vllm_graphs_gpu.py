@@ -1,7 +1,8 @@
 """Full CUDA graphs for pure-decode steps (KAKEYA_CUDA_GRAPHS=1, issue 4: "CUDA graphs for decode,
 UNIFORM_SINGLE_TOKEN_DECODE or better") in vLLM 0.26.
 
-Four engines on the same 8 prompts (contexts crossing 512-token boundaries, so blocks seal during decode):
+Four KAKEYA engines (and two FLASH_ATTN control engines: compiled without capture, and with full graphs) on the
+same 8 prompts (contexts crossing 512-token boundaries, so blocks seal during decode):
   ref      KAKEYA k4v3, host-planned decode, eager (the path every earlier GPU run measured)
   planned  KAKEYA k4v3, KAKEYA_CUDA_GRAPHS=1, eager (the GPU-planned DecodeBuffers path without capture)
   compiled KAKEYA k4v3, KAKEYA_CUDA_GRAPHS=1, vLLM's torch.compile model, cudagraph_mode NONE (no capture)
@@ -33,7 +34,12 @@ ENGINES = {"ref": ({"KAKEYA_FORMAT": "default"}, dict(enforce_eager=True)),
            "planned": ({"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}, dict(enforce_eager=True)),
            "compiled": ({"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"},
                         dict(enforce_eager=False, compilation_config={"cudagraph_mode": "NONE"})),
-           "graphs": ({"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}, dict(enforce_eager=False))}
+           "graphs": ({"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}, dict(enforce_eager=False)),
+           # Control: vLLM's own FLASH_ATTN through the same compile, with and without capture - how far capture
+           # alone moves greedy tokens in vLLM itself (recorded beside the KAKEYA pair, not asserted).
+           "fa_compiled": ({}, dict(enforce_eager=False, compilation_config={"cudagraph_mode": "NONE"},
+                                    attention_backend="FLASH_ATTN")),
+           "fa_graphs": ({}, dict(enforce_eager=False, attention_backend="FLASH_ATTN"))}
 TOKENS = 200
 _rng = random.Random(5)
 # Decode crosses a 512 boundary in most prompts (seal inside a decode step, captured in the graphs engine).
@@ -44,7 +50,7 @@ PROMPTS = {f"p{i}_{n}": copy_prompt(_rng, n) for i, n in enumerate((400, 450, 50
 def runs():
     out = {}
     for name, (env, kw) in ENGINES.items():
-        with inproc_llm(env, **COMMON, **kw) as llm:
+        with inproc_llm(env, **{**COMMON, **kw}) as llm:
             s = Stepper(llm)
             mode = str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
             s.generate({"warm": PROMPTS["p0_400"]}, 8)        # first-use compiles outside the timed batch
@@ -62,8 +68,9 @@ def runs():
 
 def test_graphs_engine_keeps_a_full_cudagraph_mode(runs):
     assert "FULL" in runs["graphs"]["mode"], f"vLLM did not keep full CUDA graphs: {runs['graphs']['mode']}"
-    assert runs["ref"]["mode"].endswith("NONE") and runs["compiled"]["mode"].endswith("NONE"), \
-        (runs["ref"]["mode"], runs["compiled"]["mode"])
+    assert "FULL" in runs["fa_graphs"]["mode"], f"control: FLASH_ATTN did not keep full graphs: {runs['fa_graphs']['mode']}"
+    assert all(runs[n]["mode"].endswith("NONE") for n in ("ref", "compiled", "fa_compiled")), \
+        {n: runs[n]["mode"] for n in ("ref", "compiled", "fa_compiled")}
 
 
 # (engine, its reference): each pair differs in one thing only.
@@ -73,10 +80,14 @@ PAIRS = [("planned", "ref"), ("graphs", "compiled")]
 @pytest.mark.parametrize("name,ref", PAIRS)
 def test_same_greedy_tokens_as_the_same_model_without_the_change(runs, name, ref):
     got, want = runs[name]["tokens"], runs[ref]["tokens"]
+    fa_g, fa_c = runs["fa_graphs"]["tokens"], runs["fa_compiled"]["tokens"]
+    control = {k: first_divergence(fa_g[k], fa_c[k]) for k in fa_c}
     record("cuda_graphs_parity", engine=name, reference=ref,
            first_divergence={k: first_divergence(got[k], want[k]) for k in want},
-           graphs_vs_eager_ref={k: first_divergence(runs[name]["tokens"][k], runs["ref"]["tokens"][k]) for k in want})
-    assert_same_tokens(got, want, f"KAKEYA_CUDA_GRAPHS=1 ({name}) vs {ref}")
+           graphs_vs_eager_ref={k: first_divergence(runs[name]["tokens"][k], runs["ref"]["tokens"][k]) for k in want},
+           flash_attn_graphs_vs_compiled=control)
+    assert_same_tokens(got, want, f"KAKEYA_CUDA_GRAPHS=1 ({name}) vs {ref} (control, FLASH_ATTN graphs vs compiled, "
+                                  f"first divergences: {control})")
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
