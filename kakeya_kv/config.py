@@ -20,6 +20,21 @@ def cache_dir() -> Path:
     return p
 
 
+def device_triton(env=None) -> Path | None:
+    """KAKEYA_DEVICE_TRITON (CPU tools only): a folder holding the GPU image's Triton, made with
+    `pip install --no-deps --target DIR triton==3.6.0`; the sm_90 compile checks then also run with it
+    (benchmarks/kernels/compile_check.py --device-triton). Unset = those checks are skipped."""
+    env = os.environ if env is None else env
+    raw = (env.get("KAKEYA_DEVICE_TRITON") or "").strip()
+    if not raw:
+        return None
+    p = Path(raw).expanduser().resolve()
+    if not (p / "triton" / "__init__.py").is_file():
+        raise ConfigError(f"KAKEYA_DEVICE_TRITON={raw!r}: {p} holds no triton package; make it with "
+                          "`pip install --no-deps --target DIR triton==3.6.0` or unset it")
+    return p
+
+
 def parse_layer_list(name: str, raw: str | None, num_layers: int | None = None) -> tuple[int, ...]:
     """Parse "0,1,26,27" (empty = none). Rejects non-integers, negatives, duplicates, out-of-range."""
     if raw is None or raw.strip() == "":

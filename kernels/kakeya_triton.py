@@ -184,13 +184,16 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, D: tl.constexpr, LUT: tl.constexpr
 
 
 @triton.jit
-def _pair_lookup(ptab_ptr, pair):
+def _pair_lookup(ptab_ptr, pair, I16: tl.constexpr = 0):
     """Pair codes -> [.., 2] fp16 centroids (low code first): one 32-bit load from the pair table
-    (entry = fp16 c[lo] | fp16 c[hi] << 16) gives two centroids."""
+    (entry = fp16 c[lo] | fp16 c[hi] << 16) gives two centroids. I16: their int16 bit patterns (see _dec16's FLAT)."""
     w = tl.load(ptab_ptr + pair)
-    lo = w.to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.join(lo, hi)
+    if I16:
+        return tl.join(w.to(tl.int16), (w >> 16).to(tl.int16))
+    else:
+        lo = w.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.join(lo, hi)
 
 
 @triton.jit
@@ -414,8 +417,14 @@ def _linear16(x, D: tl.constexpr, BITS: tl.constexpr, TT: tl.constexpr, LUT: tl.
 
 @triton.jit
 def _dec16(raw, ptab_ptr, rt, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, TT: tl.constexpr,
-           LUT: tl.constexpr, ASM: tl.constexpr):
-    """fp16 centroids [TT, D] of _raw16's words (LUT 5-7: 2 (j - mid), see _linear16)."""
+           LUT: tl.constexpr, ASM: tl.constexpr, FLAT: tl.constexpr = 0):
+    """fp16 centroids [TT, D] of _raw16's words (LUT 5-7: 2 (j - mid), see _linear16).
+    FLAT (the PREFILL path: its tiles of 64+ rows make the MMAs Hopper wgmma, which read the codes from shared
+    memory): the halves are joined as int16 and bitcast to fp16 after the last reshape, so the tensor stored to
+    shared memory comes from a bitcast, not straight from join -> reshape (-> trans). Triton 3.6 (torch 2.11's, the
+    H200 image's) failed there in TritonGPUOptimizeDotOperands ("Illegal shared layout ... collapsedTmaShape
+    [2, TT*D/2]": by that message, it moved the shared-memory store above the reshape and gave the join's
+    [TT, D/2, 2] tensor an NVMMA layout); 3.9 compiled it. Same bits, same values."""
     if LUT >= 5 and BITS <= 4 and BITS >= 2:
         return _linear16(_nibbles(raw, BITS), D, BITS, TT, LUT, ASM)
     elif ((LUT == 3 and BITS <= 3) or (LUT == 4 and BITS <= 4)) and BITS >= 2:   # register table
@@ -425,34 +434,40 @@ def _dec16(raw, ptab_ptr, rt, D: tl.constexpr, BITS: tl.constexpr, G: tl.constex
             w0, w1, w2, w3 = _reg_lookup8(_nibbles(raw, BITS), rt, ASM)
         # [TT, D/8, e, f] = pair e + 2f -> [TT, D/2] pairs in order (int32 joins), then the fp16 halves: 8g + 2i + h
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 1, 3, 2)), (TT, D // 2))
-        return tl.reshape(_halves(w), (TT, D))
+        if FLAT:
+            return tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (TT, D)).to(tl.float16, bitcast=True)
+        else:
+            return tl.reshape(_halves(w), (TT, D))
     else:
         P: tl.constexpr = G // 2
         PM: tl.constexpr = (1 << (2 * BITS)) - 1
         if P == 1:
-            return tl.reshape(_pair_lookup(ptab_ptr, raw), (TT, D))
+            c = tl.reshape(_pair_lookup(ptab_ptr, raw, FLAT), (TT, D))
         elif P == 2:
-            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32))
-            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32))
+            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32), FLAT)
+            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32), FLAT)
             # [TT, D/4, e, i] -> dims g*4 + 2i + e
-            return tl.reshape(tl.permute(tl.join(x0, x1), (0, 1, 3, 2)), (TT, D))
+            c = tl.reshape(tl.permute(tl.join(x0, x1), (0, 1, 3, 2)), (TT, D))
         else:
-            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32))
-            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32))
-            x2 = _pair_lookup(ptab_ptr, ((raw >> (4 * BITS)) & PM).to(tl.int32))
-            x3 = _pair_lookup(ptab_ptr, ((raw >> (6 * BITS)) & PM).to(tl.int32))
+            x0 = _pair_lookup(ptab_ptr, (raw & PM).to(tl.int32), FLAT)
+            x1 = _pair_lookup(ptab_ptr, ((raw >> (2 * BITS)) & PM).to(tl.int32), FLAT)
+            x2 = _pair_lookup(ptab_ptr, ((raw >> (4 * BITS)) & PM).to(tl.int32), FLAT)
+            x3 = _pair_lookup(ptab_ptr, ((raw >> (6 * BITS)) & PM).to(tl.int32), FLAT)
             # [TT, D/8, e, i%2, i//2] -> dims g*8 + 2i + e
-            return tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 4, 3, 2)), (TT, D))
+            c = tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (0, 1, 4, 3, 2)), (TT, D))
+        if FLAT:
+            c = c.to(tl.float16, bitcast=True)
+        return c
 
 
 @triton.jit
 def _codes16(row_ptr, t_off, t_mask, ptab_ptr, rt, ROW_BYTES: tl.constexpr, D: tl.constexpr,
              BITS: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr,
-             ASM: tl.constexpr):
+             ASM: tl.constexpr, FLAT: tl.constexpr = 0):
     """fp16 centroids of TT tokens for LUT >= 2: register table where the variant covers this width (LUT 3: codes
     of <= 3 bits, LUT 4: <= 4 bits), else the pair table."""
     return _dec16(_raw16(row_ptr, t_off, t_mask, ROW_BYTES, D, BITS, G, NB, TT, LUT), ptab_ptr, rt, D, BITS, G, TT,
-                  LUT, ASM)
+                  LUT, ASM, FLAT)
 
 
 @triton.jit
@@ -621,10 +636,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 kunc = kg.to(tl.int16, bitcast=True) < 0
                 if LUT >= 2:     # (PF implies LUT >= 2: the launcher refuses pf with lut < 2)
                     if PF:
-                        kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM)
+                        kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM, PREFILL)
                     else:
                         kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
-                                      TT, LUT, ASM)
+                                      TT, LUT, ASM, PREFILL)
                     if PRECISE:
                         kc = kc.to(tl.float32)
                 else:
@@ -660,10 +675,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 vunc = vg.to(tl.int16, bitcast=True) < 0
                 if LUT >= 2:
                     if PF:
-                        vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM)
+                        vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM, PREFILL)
                     else:
                         vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
-                                      VG, VNB, TT, LUT, ASM)
+                                      VG, VNB, TT, LUT, ASM, PREFILL)
                     if PRECISE:
                         vc = vc.to(tl.float32)
                 else:

@@ -114,16 +114,20 @@ def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> in
 # tile of bm rows (bm / GQA tokens x the GQA heads of one KV head) decodes each sealed 64-token K/V tile once for all
 # of its rows: the baseline (bm 16 = 4 tokens at GQA 4) decodes every sealed block once per 4 tokens. "prefill":
 # the kernel's PREFILL path (query rows re-read per block instead of held in registers; tail loop bounded by the
-# tile's last query position). waves = the compiled occupancy (programs per SM) so a phase's grid fills one wave
-# per split. sm_90 compile (benchmarks/kernels/sass_count.py, k4v3; tests/test_prefill_variants.py checks spills and
-# occupancy): SASS warp-instructions of the sealed loop per query token per 64 cached tokens, baseline 924 / 1448
-# (D=64 / 128); q16 538 / 821, q64 246 / 506, q128 218 / 265 (a proxy for the decode work saved, not a speed).
-# Not yet run on a GPU.
+# tile's last query position; codes stored for the MMA through an int16 bitcast: with 64-row tiles the MMAs are
+# Hopper wgmma, and Triton 3.6 could not compile the decode path's join -> reshape there, see _dec16's FLAT).
+# waves = the compiled occupancy (programs per SM) with the H200 image's Triton 3.6 (torch 2.11's pin), so a
+# phase's grid fills one wave per split (Triton 3.9 holds 3 programs of q16 at D=64, 3.6 only 2: 208 registers).
+# sm_90 compile (benchmarks/kernels/sass_count.py, k4v3; tests/test_prefill_variants.py checks spills and
+# occupancy): SASS warp-instructions of the sealed loop per query token per 64 cached tokens, D=64 / 128, Triton
+# 3.6: baseline 1064 / 1770, q16 603 / 941, q64 239 / 490, q128 210 / 257 (3.9: 922 / 1448, 538 / 821, 246 / 506,
+# 218 / 264); a proxy for the decode work saved, not a speed. Session 9's H200 run failed to compile q64 / q128
+# (Triton 3.6, before the FLAT fix), so no candidate has been timed yet.
 _PF = dict(lut=4, fused=True, maxnreg=None, prefill=True)
 PREFILL_CANDIDATES = {
     # register-table lookups at the baseline's tile: the lookup's share of the gain, without the tile's
-    "q16": {64: dict(_PF, tt=64, num_warps=4, bm=16, waves=3), 128: dict(_PF, tt=64, num_warps=4, bm=16, waves=2)},
-    # 16 tokens x GQA 4 per tile (D=64: 4 warps, tt 32 — no spill at all; D=128: 8 warps, no spill in the loop)
+    "q16": {64: dict(_PF, tt=64, num_warps=4, bm=16, waves=2), 128: dict(_PF, tt=64, num_warps=4, bm=16, waves=2)},
+    # 16 tokens x GQA 4 per tile (D=64: 4 warps, tt 32 — no spill in the loop; D=128: 8 warps, no spill in the loop)
     "q64": {64: dict(_PF, tt=32, num_warps=4, bm=64, waves=2), 128: dict(_PF, tt=64, num_warps=8, bm=64, waves=1)},
     # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
     "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},

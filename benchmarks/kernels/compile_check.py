@@ -1,12 +1,22 @@
 """Compile, for sm_90 and without a GPU, every kernel configuration the GPU parity suite and the bench launch.
 
-python benchmarks/kernels/compile_check.py [--quick]   (run without TRITON_INTERPRET; exit 1 on any failure)
+python benchmarks/kernels/compile_check.py [--quick] [--v13] [--device-triton [DIR]] [--hashes OUT.json]
+    [--against OLD.json]      (run without TRITON_INTERPRET; exit 1 on any failure)
 Catches compile errors (shapes, types, shared memory over the 227 KB limit) before device time is spent.
+--device-triton: the same compiles in a child process with the GPU image's Triton (DIR, default
+KAKEYA_DEVICE_TRITON; made with `pip install --no-deps --target DIR triton==3.6.0`): session 9's prefill launches
+compiled with this machine's Triton 3.9 but failed on the H200's 3.6. --v13: also v13_compile_check.py's
+configurations. --hashes / --against: a SHA-256 of each configuration's SASS, written / compared with an earlier
+run's file (a kernel change meant for one path must leave the others' machine code identical).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -21,6 +31,7 @@ from kakeya_kernels.variants import PREFILL_CANDIDATES
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
 SMEM_LIMIT = 227 * 1024
+PREFILL_CASES = [(4, 3, 4, False), (3, 2, 4, False), (5, 4, 4, False), (3, 2, 1, False), (3, 2, 4, True)]
 
 
 def _fits(ck):
@@ -89,12 +100,17 @@ def jobs(quick: bool):
                                                                             pf=a[1].get("pf", False),
                                                                             ns=a[1].get("num_stages", 1))),
                         (d, v)))
-        # Prefill launches (variants.PREFILL_CANDIDATES: bench --prefill and KAKEYA_PREFILL_VARIANT); the quick set's
-        # sm_90 check is tests/test_prefill_variants.py (spills, occupancy).
+        # Prefill launches (variants.PREFILL_CANDIDATES: bench --prefill and KAKEYA_PREFILL_VARIANT) at the widths and
+        # GQA of the GPU parity tests (tests/test_prefill_variants.py) and k5v4 (the pair table inside lut 4); the
+        # quick set's sm_90 check is that test file's (spills, occupancy).
         for name, c in ({} if quick else PREFILL_CANDIDATES).items():
-            out.append((f"prefill {name} D={d}", lambda *a: _fits(S.compile_attn(
-                a[0], 4, 3, a[1]["lut"], a[1]["tt"], a[1]["num_warps"], bm=a[1]["bm"], maxnreg=a[1]["maxnreg"],
-                fused=a[1]["fused"], prefill=True)), (d, c[d])))
+            for kb, vb, gqa, precise in PREFILL_CASES:
+                out.append((f"prefill {name} D={d} k{kb}v{vb} gqa={gqa} precise={precise}",
+                            lambda *a: _fits(S.compile_attn(a[0], a[2], a[3], a[1]["lut"], a[1]["tt"],
+                                                            a[1]["num_warps"], bm=a[1]["bm"], maxnreg=a[1]["maxnreg"],
+                                                            fused=a[1]["fused"], gqa=a[4], precise=a[5],
+                                                            prefill=True)),
+                            (d, c[d], kb, vb, gqa, precise)))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
             for bits in (4, 3):
                 out.append((f"seal D={d} bits={bits} {sv}", seal,
@@ -104,20 +120,65 @@ def jobs(quick: bool):
     return out
 
 
+def sass_hash(ck) -> str:
+    return hashlib.sha256("\n".join(t for _, t in S.sass(ck.asm["cubin"])).encode()).hexdigest()[:16]
+
+
+def device_run(dirpath: str, argv: list[str]) -> int:
+    """This script again, in a child process whose `import triton` finds the Triton in dirpath first."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([dirpath] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["COMPILE_CHECK_TRITON_DIR"] = dirpath       # the child checks that it really imported this one
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a subset (CI)")
+    ap.add_argument("--v13", action="store_true", help="also v13_compile_check.py's configurations")
+    ap.add_argument("--device-triton", nargs="?", const="", metavar="DIR",
+                    help="compile with the Triton in DIR (default: KAKEYA_DEVICE_TRITON) instead of this one")
+    ap.add_argument("--hashes", metavar="OUT", help="write {configuration: SASS SHA-256} to OUT (JSON)")
+    ap.add_argument("--against", metavar="OLD", help="list the configurations whose SASS differs from OLD's")
     a = ap.parse_args()
-    t0, failed = time.time(), []
+    if a.device_triton is not None:
+        from kakeya_kv.config import device_triton
+        path = a.device_triton or device_triton()
+        if not path:
+            sys.exit("--device-triton: give DIR or set KAKEYA_DEVICE_TRITON")
+        argv = [x for x in sys.argv[1:] if not x.startswith("--device-triton") and x != a.device_triton]
+        sys.exit(device_run(str(path), argv))
+    want = os.environ.get("COMPILE_CHECK_TRITON_DIR")
+    if want and not os.path.realpath(triton.__file__).startswith(os.path.realpath(want)):
+        sys.exit(f"imported Triton {triton.__version__} from {triton.__file__}, not from {want}")
+    t0, failed, hashes = time.time(), [], {}
     todo = jobs(a.quick)
     for name, fn, args in todo:
         try:
-            fn(*args)
+            ck = fn(*args)
+            if a.hashes or a.against:
+                hashes[name] = sass_hash(ck)
         except Exception as e:  # noqa: BLE001 - report every failure
             failed.append(name)
             print("FAILED", name, repr(e)[:400], flush=True)
-    print(f"{len(todo) - len(failed)}/{len(todo)} configurations compile for sm_90 ({time.time() - t0:.0f} s)")
-    sys.exit(1 if failed else 0)
+    where = f"Triton {triton.__version__} ({os.path.dirname(os.path.dirname(triton.__file__))})"
+    print(f"{len(todo) - len(failed)}/{len(todo)} configurations compile for sm_90 with {where} "
+          f"({time.time() - t0:.0f} s)")
+    if a.hashes:
+        with open(a.hashes, "w") as f:
+            json.dump({"triton": triton.__version__, "sass_sha256": hashes}, f, indent=1)
+    if a.against:
+        with open(a.against) as f:
+            old = json.load(f)["sass_sha256"]
+        common = sorted(set(old) & set(hashes))
+        changed = [n for n in common if old[n] != hashes[n]]
+        print(f"SASS vs {a.against}: {len(common) - len(changed)}/{len(common)} configurations identical"
+              + "".join(f"\n  changed: {n}" for n in changed))
+    bad = bool(failed)
+    if a.v13:
+        import v13_compile_check
+        bad |= v13_compile_check.main(["--quick"] if a.quick else []) != 0
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":
