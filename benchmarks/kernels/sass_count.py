@@ -5,6 +5,8 @@ counts the SASS instructions of the sealed-block token loop (the innermost loop 
 code element per thread. A proxy only: it ignores latency, occupancy and memory; speed needs the GPU.
 
 python benchmarks/kernels/sass_count.py [--json OUT] [--d 64 128] [--lut 0 1 2]
+The H200 image compiles with Triton 3.6 (torch 2.11's pin), whose registers (hence occupancy, spills) differ from
+this machine's 3.9: PYTHONPATH=$KAKEYA_DEVICE_TRITON python benchmarks/kernels/sass_count.py counts with that one.
 """
 from __future__ import annotations
 
