@@ -36,42 +36,62 @@ NAMES = ("tuned", "baseline")
 # swap_t128 234.4 / 441.6, swap_t128_reg3 224.9 / 412.1; the 2-stage pipelining probe 541.0 / 1415.6.
 # Session 8 (same run, µs D=64 / D=128): swap_t128_reg3 227.4 / 411.6 and pf_fill 234.8 / 378.5 lost to
 # swap_t128_reg4 / pf and to fill: dropped from the sweep.
-CANDIDATES = {"swap_t128_reg4": {d: dict(v, swap=True, tt=128, maxnreg=128 if d == 128 else None)
-                                 for d, v in REG4.items()},
-              "t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
+# Session 9 (same run, µs D=64 / D=128, benchmarks/results/vllm_s9/kernels_suite/; FA3 bf16 129.4 / 244.1): TUNED
+# 181.5 / 396.2, t128_reg4 204.7 / -, pf - / 412.8, swap_t128_reg4 208.7 / 405.0, fill 297.6 / 363.5, t128_w8
+# 364.1 / 430.8, pf_w8 274.2 / 466.2, linear 189.5 / 380.5 (lut 4 on the same uniform cache 182.1 / 398.7).
+# Dropped: t128_w8, pf_w8 and swap_t128_reg4 (lost to t128_reg4 in sessions 8 and 9 at both head_dims).
+# Why the 8-warp launches and fill at D=64 lost: the device compiles with Triton 3.6 (torch 2.11's pin), whose register
+# counts differ from this repo's CPU Triton 3.9 (benchmarks/kernels/occupancy_grid.py, PYTHONPATH=/tmp/tri36,
+# benchmarks/results/KERNELS_OCCUPANCY_PROXY.md): t128_w8 takes 167 registers there at D=64 (1 program of 8 warps/SM) and 128 at D=128 (2),
+# pf_w8 120 / 128 (2 / 2), so waves 2 (3 splits = 384 programs at batch 16 on 132 SMs) ran as 3 or 2 waves; fill at D=64
+# (uncapped REG4: 146 registers on 3.6, 122 on 3.9) held 3 programs/SM, not the 4 it assumed, so its 512 programs ran as
+# two waves. The kernel is latency-bound (~23 % of the SM's issue rate), so the candidates added after that run raise
+# resident warps with a register cap (occupancy then does not depend on the Triton version: tests/test_kernel_bench.py)
+# and size the grid to one full wave at that occupancy ("fill"); numbers below are the sm_90 compile with Triton 3.6
+# (CPU PROXY, not speeds), k4v3, as (registers, loop spill instructions, programs/SM, warps/SM, loop SASS per code
+# element): TUNED D=64 (163, 0, 3, 12, 8.39), D=128 (128, 20, 4, 16, 6.76; its waves-2 grid uses 2.9 of the 4 slots).
+# k3v2 and k5v4 keep the same occupancy (no loop spill at D=64).
+CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
               # Register prefetch: the next tile's packed codes and gains are loaded before this tile is decoded
               # (the kernel waits more than it computes; num_stages 2, the pipeliner's shared-memory version, was
               # 2-3x slower in session 7). D=128 uncapped: at a cap of 96 the prefetch spills 73 instructions per
-              # loop iteration (sass_count.py); uncapped it takes 246 registers, 2 programs per SM.
+              # loop iteration (sass_count.py); uncapped it takes 246 registers (255 with 3.6), 2 programs per SM.
               "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in REG4.items()},
-              # One full wave: sm_90 holds 4 programs/SM at D=64 (122 regs) and 5 at D=128 (96 regs),
-              # sass_count.occupancy (tests/test_kernel_bench.py checks these against the compiled kernels).
-              "fill": {64: dict(REG4[64], waves=None, fill=4), 128: dict(REG4[128], waves=None, fill=5)},
-              # Not yet timed: 8 warps per program. sm_90 compile at D=128 (sass_count.py, session 8): TUNED (tt 128,
-              # 4 warps, cap 128) has 19 spill instructions in its loop; with 8 warps 0 (6.05 SASS instructions per
-              # code element vs 5.66, 16 resident warps/SM either way), and the prefetch at 8 warps, tt 64, cap 128
-              # has none either (7.17 per element).
-              "t128_w8": {d: dict(v, tt=128, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              "pf_w8": {d: dict(v, pf=True, num_warps=8, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              # Not yet timed: TUNED without the centroid lookup (lut 7, "linear"): codes of 2-4 bits decode to
-              # 1024 + 2 j + 1 in fp16 by a bit trick (a prmt + a lop3 per pair of codes), the offset 1024 + 2^b is
-              # taken off once per block, the grid step Delta / 2 rides on the per-token gains. ONLY for caches sealed
-              # with uniform-grid tables (lloyd_max.uniform_table; KakeyaKernels refuses other tables); the bench
-              # times it, and lut 4 for reference, on such a cache. sm_90 compile (sass_count.py, session 9, CPU):
-              # loop SASS instructions per code element per thread, TUNED -> lut 7 (lut 5 = exact fp16 subtract,
-              # lut 6 = integer convert): D=64 k4v3 7.81 -> 7.75 (7.78, 11.92), k3v2 7.81 -> 8.66 (8.77, 12.67);
-              # D=128 k4v3 5.66 -> 5.67 (5.87, 19.29), k3v2 5.25 -> 6.01 (6.25, 24.73); 128 registers everywhere
-              # (D=64 k3v2: TUNED 134 -> 3 programs/SM, lut 7 128 -> 4), spill instructions in the loop D=128
-              # k4v3 19 -> 15, k3v2 4 -> 5. The prmt lookup it removes was ~1.9 of those instructions per element;
-              # the rest (unpack, layout moves: IMAD/MOV) stays, so expect little unless the GPU disagrees.
+              # One full wave of 4-warp programs at a cap of 96 registers: 5 programs (20 warps)/SM. D=128: the
+              # session-9 best (363.5 µs; 3.6: 13 loop spills, 7.28 SASS/element); D=64 (changed after that run, was the
+              # uncapped REG4 with fill 4, see above): no loop spill, 8.31 SASS/element, 7 blocks per program at b16 16k
+              # vs TUNED's 11.
+              "fill": {d: dict(REG4[d], maxnreg=96, waves=None, fill=5) for d in REG4},
+              # Not yet timed: TUNED's D=128 launch (128-token tiles, cap 128) with one full wave of
+              # its 4 programs/SM (TUNED's waves 2 fills 2.9): same kernel, 8 blocks per program instead of 11;
+              # D=64 the same launch: 4 programs/SM (uncapped t128_reg4: 3), 0 loop spills, 7.52 SASS/element.
+              "t128_fill4": {d: dict(REG4[d], tt=128, maxnreg=128, waves=None, fill=4) for d in REG4},
+              # Not yet timed: 8-warp programs without session 9's wave loss: cap 80 -> 3 programs = 24 warps/SM,
+              # grid of 3 splits in one wave. D=64: 0 loop spills, 8.53 SASS/element; D=128: 16, 7.41.
+              "w8_r80": {d: dict(REG4[d], tt=128, num_warps=8, maxnreg=80, waves=None, fill=3) for d in REG4},
+              # Not yet timed: the prefetch (D=64's TUNED) at a cap of 128: 4 programs/SM in one wave instead of 3
+              # (D=64: 0 loop spills, 8.97 SASS/element vs 8.39) / 2 (D=128: 17 spills, 7.70 vs pf's 7.20 at 255
+              # registers).
+              "pf_r128_fill4": {d: dict(REG4[d], pf=True, maxnreg=128, waves=None, fill=4) for d in REG4},
+              # TUNED without the centroid lookup (lut 7, "linear"; session 9 above: -5 % at D=128, +4 % at D=64): codes
+              # of 2-4 bits decode to 1024 + 2 j + 1 in fp16 by a bit trick (a prmt + a lop3 per pair of codes), the
+              # offset 1024 + 2^b is taken off once per block, the grid step Delta / 2 rides on the per-token gains.
+              # ONLY for caches sealed with uniform-grid tables (lloyd_max.uniform_table; KakeyaKernels refuses other
+              # tables); the bench times it, and lut 4 for reference, on such a cache. sm_90 compile (sass_count.py,
+              # Triton 3.9): loop SASS instructions per code element per thread, TUNED -> lut 7 (lut 5 = exact fp16
+              # subtract, lut 6 = integer convert): D=64 k4v3 7.81 -> 7.75 (7.78, 11.92), k3v2 7.81 -> 8.66 (8.77,
+              # 12.67); D=128 k4v3 5.66 -> 5.67 (5.87, 19.29), k3v2 5.25 -> 6.01 (6.25, 24.73); 128 registers everywhere
+              # (D=64 k3v2: TUNED 134 -> 3 programs/SM, lut 7 128 -> 4), spill instructions in the loop D=128 k4v3 19 ->
+              # 15, k3v2 4 -> 5. The prmt lookup it removes was ~1.9 of those instructions per element; the rest
+              # (unpack, layout moves: IMAD/MOV) stays, so expect little unless the GPU disagrees.
               "linear": {d: dict(v, lut=7) for d, v in TUNED.items()}}
 # Session 7's default (REG4, "reg4") left the sweep for "linear" (<= 8 variants per head_dim); TUNED vs REG4 is
 # measured in the session 8 numbers above.
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill")   # swap, pf: only in CANDIDATES;
-# prefill: only in PREFILL_CANDIDATES
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill")   # swap, pf: not in BASELINE
+# (swap: no candidate since session 9, the kernel keeps it); prefill: only in PREFILL_CANDIDATES
 
 
 CANDIDATE_PREFIX = "candidate:"    # KAKEYA_DECODE_VARIANT=candidate:NAME serves an opt-in candidate (experiments)

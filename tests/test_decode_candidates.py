@@ -179,7 +179,7 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
     import importlib.util
     import pathlib
     assert all(v["lut"] == 4 and "swap" not in v for v in TUNED.values())
-    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(CANDIDATES["swap_t128_reg4"][64])["swap"]
+    assert all("swap" not in kernel_args(v) for v in TUNED.values()) and kernel_args(dict(TUNED[64], swap=True))["swap"]
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_t", path)
     B = importlib.util.module_from_spec(spec)
@@ -191,13 +191,57 @@ def test_candidates_are_opt_in_and_in_the_short_sweep():
         assert len({tuple(sorted(v.items())) for v in sw}) == len(sw)
 
 
-@pytest.mark.parametrize("name", ["t128_reg4", "swap_t128_reg4"])
+@pytest.mark.parametrize("name", ["t128_reg4"])
 def test_candidate_stays_in_bounds(monkeypatch, name):
     """test_decode_variants' debug bounds check (poisoned guard rows around every input, canaries around the output,
     ragged lengths, tails not multiples of tt) run with a candidate in place of the tuned launch."""
     import tests.test_decode_variants as tdv
     monkeypatch.setitem(tdv.TUNED, 64, CANDIDATES[name][64])
     tdv.test_tuned_launch_stays_in_bounds(64, 4)
+
+
+_SWEEP_CASE = {}
+
+
+def _sweep_case(d: int):
+    """One scenario per head_dim for test_sweep_candidate_launch (3 requests, 2 KV heads, GQA 4, ragged tails) and
+    its baseline-launch output, built once."""
+    if d not in _SWEEP_CASE:
+        lens, hkv, gqa = [1077, 1, 600], 2, 4
+        kk, sc, refs = build(lens, hkv, gqa, d, device=DEV, seed=d + 5)
+        q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(11)).bfloat16().to(DEV)
+        pos, req = torch.tensor([L - 1 for L in lens], device=DEV), torch.arange(len(lens), device=DEV)
+        case = dict(lens=lens, hkv=hkv, gqa=gqa, kk=kk, sc=sc, refs=refs, q=q, pos=pos, req=req)
+        case["base"] = _run_launch(case, BASELINE, d)
+        _SWEEP_CASE[d] = case
+    return _SWEEP_CASE[d]
+
+
+def _run_launch(c: dict, v: dict, d: int) -> torch.Tensor:
+    """v as served (kernel knobs + its split rule on 4 SMs) into an output between canary rows, which must survive."""
+    plan = c["kk"].plan(c["pos"], c["req"], len(c["lens"]), c["gqa"], bm=v["bm"])
+    splits = num_splits(v, plan["nt"], c["hkv"], c["sc"]["block_table"].shape[1], sms=4)
+    buf = torch.full((len(c["lens"]) + 2, c["hkv"] * c["gqa"], d), 7.0, device=DEV)
+    res = c["kk"].attention(c["q"], c["pos"], c["req"], scale=d ** -0.5, plan=plan, splits=splits,
+                            out_dtype=torch.float32, out=buf[1:-1] if v["fused"] else None, **kernel_args(v),
+                            **c["sc"])
+    assert (buf[0] == 7).all() and (buf[-1] == 7).all()
+    return res
+
+
+@pytest.mark.parametrize("d", (64, 128) if DEV == "cuda" else (64,))
+@pytest.mark.parametrize("name", sorted(set(CANDIDATES) - {"linear", "pf", "t128_reg4"}))
+def test_sweep_candidate_launch(name, d):
+    """The grid-changing sweep candidates as served (kernel knobs + fill split rule, 2-3 splits over 3 tiles x 2 heads
+    on 4 SMs): within ACCEPT_REL of the baseline launch and 5e-3 of float64 attention on the reference decode,
+    nothing written outside the output. On a GPU this also checks the register caps (80-128: spills) and 8-warp
+    layouts the interpreter ignores. (pf = TUNED[64], t128_reg4 = TUNED[128]: test_decode_variants; linear:
+    test_linear_decode.)"""
+    c = _sweep_case(d)
+    out = _run_launch(c, CANDIDATES[name][d], d)
+    assert rel_err(out, c["base"].double().cpu()) < ACCEPT_REL
+    for i, L in enumerate(c["lens"]):
+        assert rel_err(out[i], ref_attention(c["q"][i], L - 1, c["refs"][i], c["gqa"])) < 5e-3
 
 
 def test_candidate_values_validated():
