@@ -58,3 +58,27 @@ def test_prefill_rows_and_budget():
     assert {(r["requests"], r["chunk"]) for r in rows} == {(1, 512), (4, 512), (1, 2048), (4, 2048)}
     assert {r["context"] for r in rows} == {16384, 32768}
     assert sum(r["requests"] * r["chunk"] <= B.PREFILL_TIME_BASELINE_TOKENS for r in rows) == 4
+
+
+def test_a_failing_candidate_keeps_the_row(monkeypatch):
+    """Session 9: one candidate that did not compile on the device discarded its whole row (baseline and FA3
+    timings included); now the failure is recorded with that candidate and the row goes on."""
+    import bench_kernels as B
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_kernels.variants import PREFILL_CANDIDATES
+    torch.manual_seed(0)
+    kk = KakeyaKernels(64, 3, 2, "cpu")
+    broken = {"broken": {64: dict(PREFILL_CANDIDATES["q16"][64], tt=48)}, "q16": PREFILL_CANDIDATES["q16"]}
+    monkeypatch.setattr(B, "PREFILL_CANDIDATES", broken)
+    real_fn = B.OursPrefill.fn
+
+    def fn(self, v):
+        if v.get("tt") == 48:
+            raise RuntimeError("PassManager::run failed")
+        return real_fn(self, v)
+    monkeypatch.setattr(B.OursPrefill, "fn", fn)
+    monkeypatch.setattr(B, "HKV", 1)
+    row = B.prefill_measure({64: kk}, 4, time.time() + 600, free=1 << 40, timer=lambda f: 1.0)(
+        dict(head_dim=64, context=512, requests=1, chunk=8))
+    assert row["variants"]["broken"]["why"] == "error" and "PassManager" in row["variants"]["broken"]["error"]
+    assert row["variants"]["q16"]["agrees"] and row["best"] == "q16" and "baseline_us" in row

@@ -332,10 +332,14 @@ def prefill_measure(kks, sms, t_end, free, timer=None):
             if time.time() > t_end:
                 out["variants"][name] = {**v, "why": "deadline"}
                 continue
-            diff = rel_diff(torch.cat(sc.fn(v)()), ref)
-            r = {**v, "rel_diff_vs_baseline": diff, "agrees": diff < ACCEPT_REL}
-            if r["agrees"]:
-                r["us"] = timer(sc.fn(v))
+            try:   # one candidate that fails to compile or run must not discard the row's other timings
+                diff = rel_diff(torch.cat(sc.fn(v)()), ref)
+                r = {**v, "rel_diff_vs_baseline": diff, "agrees": diff < ACCEPT_REL}
+                if r["agrees"]:
+                    r["us"] = timer(sc.fn(v))
+            except Exception as e:   # noqa: BLE001 - recorded with the candidate, the row goes on
+                r = {**v, "why": "error", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(f"prefill candidate {name} D={d} failed: {r['error']}", flush=True)
             out["variants"][name] = r
         del sc, ref
         _free_cuda()
