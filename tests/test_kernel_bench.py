@@ -144,3 +144,21 @@ def test_short_sweep_times_the_backend_default():
         # swap, pf, fill: only the opt-in candidates (every variant has the launch's keys, nothing unknown)
         assert all(set(v) - {"swap", "pf", "fill"} == set(B.BASELINE_VARIANT) for v in sw)
         assert len(sw) <= 8
+
+
+def test_sweep_best_picks_the_fastest_agreeing_lloyd_max_variant():
+    """--grid-variant best: the grid runs the sweep's fastest variant that agreed with the baseline on the
+    ordinary cache; uniform-grid-only launches (timed on their own cache), disagreeing and failed ones are skipped."""
+    import bench_kernels as B
+    from kakeya_kernels.variants import CANDIDATES, TUNED
+    fill = CANDIDATES["fill"][128]
+    tuning = [{"head_dim": 128, **TUNED[128], "us_b16_ctx16k": 396.0, "agrees": True, "rel_diff_vs_baseline": 1e-4},
+              {"head_dim": 128, **fill, "us_b16_ctx16k": 363.5, "agrees": True, "rel_diff_vs_baseline": 3e-4},
+              {"head_dim": 128, **CANDIDATES["linear"][128], "us_b16_ctx16k": 300.0, "agrees": True,
+               "cache": "uniform-grid tables", "rel_diff_vs_lut4_same_cache": 0.0},
+              {"head_dim": 128, **CANDIDATES["pf"][128], "us_b16_ctx16k": 200.0, "agrees": False},
+              {"head_dim": 128, **CANDIDATES["pf"][128], "error": "out of resources"},
+              {"head_dim": 64, **TUNED[64], "us_b16_ctx16k": 181.5, "agrees": True}]
+    best = B.sweep_best(tuning)
+    assert best == {128: fill, 64: TUNED[64]}
+    assert [r["context"] for r in B.grid_rows("goal16k", (64, 128))] == [16384] * 4

@@ -40,6 +40,11 @@ SWEEP = [BASELINE_VARIANT] + [dict(lut=lut, fused=True, tt=tt, num_warps=w, maxn
     (2, 128, 8, 96, 4, 2), (2, 32, 4, None, 4, 2), (2, 64, 8, 80, 4, 4), (2, 64, 4, None, 4, 4))]
 
 
+# Every key a decode variant may carry (the rest of a tuning row is measurement).
+VARIANT_KEYS = frozenset(k for v in [BASELINE_VARIANT, *TUNED.values(), *(c[d] for c in CANDIDATES.values() for d in c)]
+                         for k in v)
+
+
 def short_sweep(d: int) -> list[dict]:
     """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES; earlier runners-up are
     in the session JSONs): <= 8 variants, ~3 s of compile each on the device. (Session 7 timed a 2-stage pipelining
@@ -57,9 +62,24 @@ GRID = sorted(((ctx, b) for ctx in (4096, 16384, 65536, 131072) for b in (1, 16,
 
 
 def grid_rows(kind: str, head_dims) -> list[dict]:
-    """The decode grid's rows for --grid: full, goal (issue 3's goal rows: context >= 16k, batch >= 16) or none."""
-    keep = {"full": lambda c, b: True, "goal": lambda c, b: c >= 16384 and b >= 16, "none": lambda c, b: False}[kind]
+    """The decode grid's rows for --grid: full, goal (issue 3's goal rows: context >= 16k, batch >= 16), goal16k
+    (those at 16k only: a cheap check of a sweep winner at batch 64) or none."""
+    keep = {"full": lambda c, b: True, "goal": lambda c, b: c >= 16384 and b >= 16,
+            "goal16k": lambda c, b: c == 16384 and b >= 16, "none": lambda c, b: False}[kind]
     return [dict(head_dim=d, batch=b, context=c) for c, b in GRID if keep(c, b) for d in head_dims]
+
+
+def sweep_best(tuning: list[dict]) -> dict[int, dict]:
+    """Per head_dim, the fastest sweep variant that agreed with the baseline on the ordinary (Lloyd-Max) cache:
+    uniform-grid-only launches (lut 7, timed on their own cache) and failed variants are not candidates."""
+    best: dict[int, tuple[float, dict]] = {}
+    for t in tuning:
+        if not t.get("agrees") or "us_b16_ctx16k" not in t or t.get("cache"):
+            continue
+        v = {k: x for k, x in t.items() if k in VARIANT_KEYS}
+        if t["head_dim"] not in best or t["us_b16_ctx16k"] < best[t["head_dim"]][0]:
+            best[t["head_dim"]] = (t["us_b16_ctx16k"], v)
+    return {d: v for d, (_, v) in best.items()}
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -442,9 +462,12 @@ def main():
     ap.add_argument("--prefill", action="store_true",
                     help="prefill rows (PREFILL_ROWS: ours per prefill candidate vs FA3 varlen) first, into 'prefill'")
     ap.add_argument("--prefill-s", type=float, default=120.0, help="stop starting prefill rows after this")
-    ap.add_argument("--grid", choices=("full", "goal", "none"), default="full",
+    ap.add_argument("--grid", choices=("full", "goal", "goal16k", "none"), default="full",
                     help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
-                         ">= 16), or none (then no seal/v13 rows either: a quick sweep-only call)")
+                         ">= 16), those at 16k, or none (then no seal/v13 rows either: a quick sweep-only call)")
+    ap.add_argument("--grid-variant", choices=("tuned", "best"), default="tuned",
+                    help="the grid's launch: the backend default (TUNED), or the sweep's fastest agreeing variant per "
+                         "head_dim, timed next to TUNED in every row (the evidence a promotion needs)")
     a = ap.parse_args()
     t_end = time.time() + a.deadline_s
     props = torch.cuda.get_device_properties(0)
@@ -501,13 +524,19 @@ def main():
         del scs
         save()
 
+    grid_v = {d: TUNED[d] for d in kks}
+    if a.grid_variant == "best":
+        grid_v.update(sweep_best(res["tuning"]))
+        res["grid_variant"] = ("the sweep's fastest agreeing variant per head_dim (tuned_us: the backend default "
+                               "TUNED in the same row), agreement-checked per row")
+
     def measure(row):
         ctx, batch, d = row["context"], row["batch"], row["head_dim"]
         if time.time() > t_end:
             return {**row, "why": "deadline"}
         if batch * ctx * HKV * d * 4 * 1.3 > free * 0.8:
             return {**row, "why": "memory"}
-        v, kk = TUNED[d], kks[d]
+        v, kk = grid_v[d], kks[d]
         sc = OursDecode(kk, batch, ctx, d, sms)
         # Agreement at this very shape before timing (a variant may be right at 16k/16 and wrong elsewhere).
         diff = rel_diff(sc.fn(v)(), sc.fn(BASELINE_VARIANT)())
@@ -519,6 +548,8 @@ def main():
         out = {"format": res["format"], **row, "us": us, "bytes": sc.bytes, "gbps": sc.bytes / us / 1e3,
                "splits": sc.splits(v), "floor_us": sc.bytes / (res["copy_gbps"] * 1e3),
                "us_eager": eager, "rel_diff_vs_baseline": diff, **v}
+        if v != TUNED[d]:
+            out["tuned_us"] = graph_us(sc.fn(TUNED[d]))
         del sc, fn
         _free_cuda()
         fa, fa_bytes, fa_name = fa_decode_fn(batch, ctx, d)
@@ -532,7 +563,7 @@ def main():
         return out
 
     rows = grid_rows(a.grid, kks)
-    if not run_rows(rows, measure, res, save) or a.grid == "none":
+    if not run_rows(rows, measure, res, save) or a.grid in ("none", "goal16k"):   # goal16k: a quick check, no seal
         save()
         return
     for d, kk in kks.items():

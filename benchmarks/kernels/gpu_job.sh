@@ -23,14 +23,16 @@ python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('SMs', 
 BUDGET=${KERNEL_BUDGET_S:-450}      # the whole job; the bench gets half of it (at most 230 s of new work)
 BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 [ "${KERNEL_PARITY:-1}" = 0 ] && BENCH_S=$(( BUDGET - 60 ))     # no parity after it: the bench gets the call
-# KERNEL_GRID=full|goal|none (bench --grid), KERNEL_PARITY=0 skips the parity suite: a quick sweep-only call.
+# KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best (the grid's launch: TUNED, or the
+# sweep's winner per head_dim timed next to TUNED in each row), KERNEL_PARITY=0 skips the parity suite.
 # KERNEL_PREFILL=1: the prefill rows first (bench --prefill: each of variants.PREFILL_CANDIDATES vs the baseline launch
 # and FA3 varlen, kernels.json "prefill"), for at most KERNEL_PREFILL_S (default 120) s; KERNEL_SWEEP=none skips the
 # decode sweep (a prefill-only call: KERNEL_PREFILL=1 KERNEL_SWEEP=none KERNEL_GRID=none KERNEL_PARITY=0).
 PREFILL_ARGS=""
 [ "${KERNEL_PREFILL:-0}" = 1 ] && PREFILL_ARGS="--prefill --prefill-s ${KERNEL_PREFILL_S:-120}"
 timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S \
-    --sweep "${KERNEL_SWEEP:-short}" --grid "${KERNEL_GRID:-full}" $PREFILL_ARGS 2>&1 | grep -v Warning
+    --sweep "${KERNEL_SWEEP:-short}" --grid "${KERNEL_GRID:-full}" \
+    --grid-variant "${KERNEL_GRID_VARIANT:-tuned}" $PREFILL_ARGS 2>&1 | grep -v Warning
 python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && tail -3 "$OUT/KERNELS.md"
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"

@@ -63,6 +63,8 @@ def render(res: dict) -> str:
     main = [r for r in res["decode"] if r not in v13]
     for r in sorted(main, key=lambda r: (r["head_dim"], r["context"], r["batch"])):
         eager = f"{r['us_eager']:.1f}" if "us_eager" in r else "-"
+        if "tuned_us" in r:     # --grid-variant best: the backend default timed in the same row
+            eager += f" (TUNED {r['tuned_us']:.1f} µs)"
         out.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | {variant(r)} | {r['us']:.1f} | {eager} | "
                    f"{r['fa3_bf16_us']:.1f} | {r['fa3_bf16_us'] / r['us']:.2f}× | {r['gbps']:.0f} | "
                    f"{r['floor_us']:.1f} | {r['us'] / r['floor_us']:.1f}× |")
