@@ -25,7 +25,16 @@ REG4 = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}   # session 7's winner
 # D=64 "pf" 181.6 vs REG4 218.2 µs (-17 %), D=128 "t128_reg4" 396.2 vs 425.0 µs (-7 %); outputs within 1.6e-4 of
 # the baseline's. ("fill" was faster at D=128, 363.9 µs, but changes the grid and was 36 % slower at D=64: it stays
 # a candidate until a grid run.) The goal grid of that run used REG4.
-TUNED = {64: dict(REG4[64], pf=True, maxnreg=None), 128: dict(REG4[128], tt=128, maxnreg=128)}
+# Session 9 (H200, benchmarks/results/vllm_s9/late/kernels.json; device Triton 3.6): register-capped launches sized
+# to one full wave of resident programs ("fill") won; `--grid goal16k --grid-variant best` timed each winner next to
+# session 8's default in the same rows, µs: D=64 "t128_fill4" b16 181.2 vs 182.1, **b64 695.1 vs 845.3** (-18 %);
+# D=128 "pf_r128_fill4" b16 367.8 vs 394.9 (-7 %), b64 1408.3 vs 1444.4 (-2.5 %); outputs within 3.5e-4 of the
+# baseline's. (Sweep b16 16k, same call: D=64 t128_fill4 180.7, pf 181.9, pf_r128_fill4 181.9, fill 188.2, t128
+# 202.8, w8_r80 210.3; D=128 pf_r128_fill4 362.5, fill 363.8, t128_fill4 371.0, w8_r80 386.7, t128 395.4, pf 413.8.)
+# Contexts 64k / 128k were not timed with them; the split rule (num_splits) gives one wave at any batch.
+# Session 8's defaults stay available as candidate:pf (D=64) and candidate:t128_reg4 (D=128).
+TUNED = {64: dict(REG4[64], tt=128, maxnreg=128, waves=None, fill=4),
+         128: dict(REG4[128], pf=True, maxnreg=128, waves=None, fill=4)}
 NAMES = ("tuned", "baseline")
 # Opt-in candidates for GPU sweeps (KAKEYA_DECODE_VARIANT=candidate:NAME serves one, for experiments). Session 7 timed session 6's pair-table
 # launch (PAIR_TABLE), "reg4" (then TUNED, now REG4: centroid tables in registers as byte planes) and "swap" (the

@@ -134,7 +134,8 @@ def test_candidate_attention(lut, swap, tt, kb, vb, gqa):
     pos = torch.tensor([L - 1 for L in lens], device=DEV)
     req = torch.arange(len(lens), device=DEV)
     outs = {}
-    for name, v in (("reg", dict(TUNED[d], lut=lut, swap=swap, tt=tt)), ("pair", TUNED[d]), ("baseline", BASELINE)):
+    for name, v in (("reg", dict(TUNED[d], lut=lut, swap=swap, tt=tt)), ("pair", dict(TUNED[d], lut=2, tt=tt)),
+                    ("baseline", BASELINE)):
         plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
         splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
         outs[name] = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,

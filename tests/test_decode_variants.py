@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, TUNED, decode_variant, kernel_args,
-                                     num_splits)
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, CANDIDATES, FIXED_SPLITS, TUNED, decode_variant,
+                                     kernel_args, num_splits)
 from tests.kernel_cases import build, ref_attention, rel_err
 from tests.test_vllm_perlayer import glue  # noqa: F401 - vLLM stand-ins fixture
 
@@ -83,19 +83,21 @@ def test_tuned_matches_baseline_and_reference(kb, vb, gqa):
 
 
 def test_variant_table_and_split_rule():
-    # Session 8's per-head_dim winners: D=64 the register prefetch, D=128 128-token tiles (both keep waves 2).
-    assert decode_variant("tuned", 128) == TUNED[128] and TUNED[128]["maxnreg"] == 128 and TUNED[128]["tt"] == 128
-    assert TUNED[64]["pf"] and TUNED[64]["maxnreg"] is None and TUNED[64]["tt"] == 64 and "pf" not in TUNED[128]
-    assert all(v["bm"] == 4 and v["lut"] == 4 and v["fused"] and v["num_warps"] == 4 and v["waves"] == 2
-               for v in TUNED.values())
+    # Session 9's per-head_dim winners: capped launches sized to one full wave (fill 4): D=64 128-token tiles,
+    # D=128 the register prefetch.
+    assert decode_variant("tuned", 128) == TUNED[128] and TUNED[128]["pf"] and TUNED[128]["tt"] == 64
+    assert TUNED[64]["tt"] == 128 and "pf" not in TUNED[64]
+    assert all(v["bm"] == 4 and v["lut"] == 4 and v["fused"] and v["num_warps"] == 4 and v["maxnreg"] == 128
+               and v["waves"] is None and v["fill"] == 4 for v in TUNED.values())
     assert decode_variant("baseline", 64) == BASELINE and decode_variant("tuned", 256) == BASELINE   # not measured
     with pytest.raises(ValueError, match="tuned"):
         decode_variant("fast", 64)
     assert num_splits(BASELINE, 1, 8, 100, 132) == FIXED_SPLITS
-    # H200 (132 SMs), batch 16, GQA 4 in 4-row tiles, 8 KV heads: the bench's 3 splits at 16k
-    assert num_splits(TUNED[128], 16, 8, 32, 132) == 3
-    assert num_splits(TUNED[128], 1, 8, 2, 132) == 3          # capped at blocks + tail
-    assert num_splits(TUNED[128], 4096, 8, 64, 132) == 1
+    # waves 2 (session 8's default at D=128): H200 (132 SMs), batch 16, GQA 4 in 4-row tiles, 8 KV heads -> 3 splits
+    waves2 = CANDIDATES["t128_reg4"][128]
+    assert num_splits(waves2, 16, 8, 32, 132) == 3
+    assert num_splits(waves2, 1, 8, 2, 132) == 3          # capped at blocks + tail
+    assert num_splits(waves2, 4096, 8, 64, 132) == 1
     # fill: one full wave of resident programs (round down), capped by the blocks the same way
     assert num_splits(dict(TUNED[64], waves=None, fill=4), 16, 8, 32, 132) == 4    # 512 programs <= 4 x 132
     assert num_splits(dict(TUNED[64], waves=None, fill=4), 64, 8, 32, 132) == 1
