@@ -94,25 +94,31 @@ def _decode_variant_env(env) -> str:
 
 
 def _prefill_variant_env(env, fmt: str) -> str:
-    """KAKEYA_PREFILL_VARIANT: the launch of prefill / mixed steps, baseline (default) or candidate:NAME of
-    kakeya_kernels.variants.PREFILL_CANDIDATES (the default format's kernel only)."""
+    """KAKEYA_PREFILL_VARIANT: the launch of prefill / mixed steps of the default format's kernel — tuned (default:
+    kakeya_kernels.variants.PREFILL_TUNED), baseline (the previous launch) or candidate:NAME of PREFILL_CANDIDATES.
+    Other formats have no such launch: baseline, and any other value is refused."""
     name, raw = "KAKEYA_PREFILL_VARIANT", (env.get("KAKEYA_PREFILL_VARIANT") or "").strip()
     if raw.lower().startswith("candidate:"):
         from kakeya_kernels.variants import PREFILL_CANDIDATES
         cand = raw.split(":", 1)[1]
         if cand not in PREFILL_CANDIDATES:
-            raise ConfigError(f"{name}={raw!r}: no such candidate; known: "
+            raise ConfigError(f"{name}={raw!r}: no such candidate; known: tuned, baseline, "
                               f"{', '.join('candidate:' + n for n in sorted(PREFILL_CANDIDATES))}")
-        if fmt != "kakeya":
-            raise ConfigError(f"{name}={raw!r} only applies to KAKEYA_FORMAT=kakeya (format is {fmt}); unset it")
-        return f"candidate:{cand}"
-    return _choice_env(env, name, "baseline", ("baseline",))
+        value = f"candidate:{cand}"
+    else:
+        value = _choice_env(env, name, "tuned" if fmt == "kakeya" else "baseline", PREFILL_VARIANTS)
+    if fmt != "kakeya" and value != "baseline":
+        raise ConfigError(f"{name}={raw!r} only applies to KAKEYA_FORMAT=kakeya (format is {fmt}); unset it")
+    return value
 
 
 # Decode-attention launch: "tuned" = the H200 sweeps' winner (register tables, fused, 4-row GQA tiles), the
 # default; "baseline" = the path of sessions 2-5; "candidate:NAME" = an opt-in candidate of
 # kakeya_kernels.variants.CANDIDATES (experiments). All agree within the bench's bound.
 DECODE_VARIANTS = ("tuned", "baseline")
+# Prefill / mixed-step launch (kakeya format): "tuned" = kakeya_kernels.variants.PREFILL_TUNED (per head_dim, from
+# session 9's kernel timings; the default), "baseline" = the launch before it, "candidate:NAME" = PREFILL_CANDIDATES.
+PREFILL_VARIANTS = ("tuned", "baseline")
 # Attention of exact (bf16) layers in vLLM: "triton" = our kernel on our page layout (the default); "flash" = vLLM's
 # own FlashAttention backend (its page layout, builder and impl), so exact layers round exactly as FLASH_ATTN does.
 EXACT_ATTENTIONS = ("triton", "flash")
@@ -233,7 +239,7 @@ class KakeyaConfig:
     v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
-    prefill_variant: str = "baseline"  # prefill/mixed-step launch: baseline | candidate:NAME (PREFILL_CANDIDATES)
+    prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
     extra: dict = field(default_factory=dict)

@@ -138,20 +138,20 @@ def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> in
     return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / tiles)))
 
 
-# Prefill / mixed-step launches (KAKEYA_PREFILL_VARIANT; the backend's default stays "baseline" until a GPU sweep
-# measures a winner). A prefill phase's queries are many tokens of one request over the same sealed blocks, so a
-# tile of bm rows (bm / GQA tokens x the GQA heads of one KV head) decodes each sealed 64-token K/V tile once for all
-# of its rows: the baseline (bm 16 = 4 tokens at GQA 4) decodes every sealed block once per 4 tokens. "prefill":
-# the kernel's PREFILL path (query rows re-read per block instead of held in registers; tail loop bounded by the
-# tile's last query position; codes stored for the MMA through an int16 bitcast: with 64-row tiles the MMAs are
-# Hopper wgmma, and Triton 3.6 could not compile the decode path's join -> reshape there, see _dec16's FLAT).
-# waves = the compiled occupancy (programs per SM) with the H200 image's Triton 3.6 (torch 2.11's pin), so a
-# phase's grid fills one wave per split (Triton 3.9 holds 3 programs of q16 at D=64, 3.6 only 2: 208 registers).
-# sm_90 compile (benchmarks/kernels/sass_count.py, k4v3; tests/test_prefill_variants.py checks spills and
-# occupancy): SASS warp-instructions of the sealed loop per query token per 64 cached tokens, D=64 / 128, Triton
-# 3.6: baseline 1064 / 1770, q16 603 / 941, q64 239 / 490, q128 210 / 257 (3.9: 922 / 1448, 538 / 821, 246 / 506,
-# 218 / 264); a proxy for the decode work saved, not a speed. Session 9's H200 run failed to compile q64 / q128
-# (Triton 3.6, before the FLAT fix), so no candidate has been timed yet.
+# Prefill / mixed-step launches (KAKEYA_PREFILL_VARIANT: "tuned" = PREFILL_TUNED below, the default, timed at kernel
+# level; "baseline" = the previous path, the fallback). A prefill phase's queries are many tokens of one request over
+# the same sealed blocks, so a tile of bm rows (bm / GQA tokens x the GQA heads of one KV head) decodes each sealed
+# 64-token K/V tile once for all of its rows: the baseline (bm 16 = 4 tokens at GQA 4) decodes every sealed block once
+# per 4 tokens. "prefill": the kernel's PREFILL path (query rows re-read per block instead of held in registers; tail
+# loop bounded by the tile's last query position; codes stored for the MMA through an int16 bitcast: with 64-row tiles
+# the MMAs are Hopper wgmma, and Triton 3.6 could not compile the decode path's join -> reshape there, see _dec16's
+# FLAT). waves = the compiled occupancy (programs per SM) with the H200 image's Triton 3.6 (torch 2.11's pin), so a
+# phase's grid fills one wave per split (Triton 3.9 holds 3 programs of q16 at D=64, 3.6 only 2: 208 registers). sm_90
+# compile (benchmarks/kernels/sass_count.py, k4v3; tests/test_prefill_variants.py checks spills and occupancy): SASS
+# warp-instructions of the sealed loop per query token per 64 cached tokens, D=64 / 128, Triton 3.6: baseline 1064 /
+# 1770, q16 603 / 941, q64 239 / 490, q128 210 / 257 (3.9: 922 / 1448, 538 / 821, 246 / 506, 218 / 264); a proxy for
+# the decode work saved, not a speed. Session 9's first H200 call failed to compile q64 / q128 (Triton 3.6, before the
+# FLAT fix); its late call timed them (PREFILL_TUNED below).
 _PF = dict(lut=4, fused=True, maxnreg=None, prefill=True)
 PREFILL_CANDIDATES = {
     # register-table lookups at the baseline's tile: the lookup's share of the gain, without the tile's
@@ -161,12 +161,19 @@ PREFILL_CANDIDATES = {
     # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
     "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},
 }
-PREFILL_NAMES = ("baseline",)
+# Session 9 (H200, benchmarks/results/vllm_s9/late/kernels.json "prefill", k4v3, µs per 512-token chunk of one request
+# against a 16k context): D=128 baseline 6525, q16 3425, q64 2125, q128 1277, FA3 bf16 220; D=64 baseline 4648, q16
+# 2024, q64 649, q128 646, FA3 221. Every candidate within 5.4e-4 of the baseline launch's output in all 16 rows
+# (chunk 512 / 2048 x 1 / 4 requests x 16k / 32k). q128 was the fastest at D=128 in all 8 rows; at D=64 q64 took at
+# most q128's time in 7 of 8 (the exception: 649 vs 646 above) and needs half the tile's rows. Kernel timings only:
+# no prefill candidate has run inside vLLM on a GPU yet.
+PREFILL_TUNED = {64: PREFILL_CANDIDATES["q64"][64], 128: PREFILL_CANDIDATES["q128"][128]}
+PREFILL_NAMES = ("tuned", "baseline")
 
 
 def prefill_variant(name: str, head_dim: int) -> dict:
-    """The launch of prefill / mixed steps: "baseline" (the default) or candidate:NAME of PREFILL_CANDIDATES;
-    head_dims a candidate does not cover (256) keep the baseline."""
+    """The launch of prefill / mixed steps: "tuned" (the default: PREFILL_TUNED), "baseline" (the previous path) or
+    candidate:NAME of PREFILL_CANDIDATES; head_dims neither covers (256) keep the baseline."""
     if name.startswith(CANDIDATE_PREFIX):
         c = PREFILL_CANDIDATES.get(name[len(CANDIDATE_PREFIX):])
         if c is None:
@@ -175,4 +182,4 @@ def prefill_variant(name: str, head_dim: int) -> dict:
         return dict(c.get(head_dim, BASELINE))
     if name not in PREFILL_NAMES:
         raise ValueError(f"prefill variant must be one of {PREFILL_NAMES} or {CANDIDATE_PREFIX}NAME, got {name!r}")
-    return dict(BASELINE)
+    return dict(PREFILL_TUNED[head_dim]) if name == "tuned" and head_dim in PREFILL_TUNED else dict(BASELINE)

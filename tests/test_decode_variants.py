@@ -237,7 +237,7 @@ def test_metadata_builder_attaches_the_decode_launch(glue, monkeypatch, name):  
     from kakeya_v1_3_ppl import context
     monkeypatch.setattr(context, "_local", threading.local())   # the batch identity set here ends with the test
     backend, spec_mod = glue
-    b = _builder(backend, spec_mod, monkeypatch, KAKEYA_DECODE_VARIANT=name)
+    b = _builder(backend, spec_mod, monkeypatch, KAKEYA_DECODE_VARIANT=name, KAKEYA_PREFILL_VARIANT="baseline")
     v = decode_variant(name, 64)
     context.set_current(["a", "b"], [2, 0], False)
     pre = b.build(0, _cam([0, 5, 8], [5, 3]))

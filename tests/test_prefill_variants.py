@@ -2,13 +2,14 @@
 tiles of many query tokens x the GQA heads of one KV head, the kernel's PREFILL path (query rows re-read per block,
 tail loop bounded by the tile's last query), against the baseline launch and float64 attention on the reference
 codec's decode; in-bounds with poisoned guards; through the backend's data path over chunks that cross 512-token
-blocks; the knob and the builder; the sm_90 compile (spills, occupancy) of each candidate."""
+blocks; the knob and the builder; a mixed step's two launches (decode rows / prefill chunk) through the builder; the
+sm_90 compile (spills, occupancy) of each candidate."""
 import numpy as np
 import pytest
 import torch
 
-from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, PREFILL_CANDIDATES, kernel_args,
-                                     num_splits, prefill_variant)
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, FIXED_SPLITS, PREFILL_CANDIDATES, PREFILL_TUNED,
+                                     decode_variant, kernel_args, num_splits, prefill_variant)
 from tests.kernel_cases import build, ref_attention, rel_err
 from tests.test_vllm_perlayer import glue  # noqa: F401 - vLLM stand-ins fixture
 
@@ -109,13 +110,13 @@ def test_prefill_candidate_stays_in_bounds(name):
 
 @pytest.mark.parametrize("name", ["q64", "q128"])
 def test_runtime_chunked_prefill_across_blocks(name):
-    """The backend's data path (planner phases -> tail write -> attention with Launches.base -> seal) with
+    """The backend's data path (planner phases -> tail write -> attention with Launches.phase -> seal) with
     KAKEYA_PREFILL_VARIANT=candidate:NAME's launch vs the baseline's: a chunked-prefill step whose chunks cross a
     512-token block in both requests (500 -> 530 and 1002 -> 1042: two phases, a seal between them), a decode step
-    and a mixed step (a 20-token chunk beside a decode row). Outputs within ACCEPT_REL at every step, the same
-    sealed bytes (the seal does not depend on the attention launch)."""
+    and a mixed step (a 20-token chunk beside a decode row: two launches with the candidate). Outputs within
+    ACCEPT_REL at every step, the same sealed bytes (the seal does not depend on the attention launch)."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
-    from kakeya_v1_3_ppl.plan import Launches, TailState, plan_step, to_device
+    from kakeya_v1_3_ppl.plan import Launches, TailState, plan_step
     from kakeya_v1_3_ppl.runtime import forward_compressed
     d, hkv, gqa = 64, 1, 4
     g = torch.Generator().manual_seed(3)
@@ -146,8 +147,7 @@ def test_runtime_chunked_prefill_across_blocks(name):
             qsl = np.array([0, n[0], n[0] + n[1]])
             take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(2)]).to(DEV)   # noqa: E731
             q, k, v = take(Q), take(K), take(V)
-            lv = la.decode if max(n) == 1 else la.base
-            ph = [la.attach(to_device(p, DEV, gqa, lv["bm"]), lv, bt.shape[1])
+            ph = [la.phase(p, DEV, gqa, bt.shape[1], decode_step=max(n) == 1)
                   for p in plan_step(qsl, np.array(seq), slots, ids, state)]
             out = torch.zeros_like(q)
             forward_compressed(kk, q, k, v, cache, tk, tv, ph, bt, d ** -0.5, out)
@@ -170,24 +170,36 @@ def test_prefill_variant_table_and_knob():
             assert v["bm"] % 4 == 0 and v["waves"] >= 1      # whole tokens at GQA 4; waves = compiled occupancy
     with pytest.raises(ValueError, match="no such candidate"):
         prefill_variant("candidate:nope", 64)
-    with pytest.raises(ValueError, match="baseline"):
-        prefill_variant("tuned", 64)
-    assert KakeyaConfig.from_env({}).prefill_variant == "baseline"
+    with pytest.raises(ValueError, match="tuned"):
+        prefill_variant("fast", 64)
+    # the measured default per head_dim (session 9's kernel timings): q64 at D=64, q128 at D=128; 256: the baseline
+    assert PREFILL_TUNED == {64: PREFILL_CANDIDATES["q64"][64], 128: PREFILL_CANDIDATES["q128"][128]}
+    assert prefill_variant("tuned", 64) == PREFILL_TUNED[64] and prefill_variant("tuned", 128) == PREFILL_TUNED[128]
+    assert prefill_variant("tuned", 256) == BASELINE
+    assert KakeyaConfig.from_env({}).prefill_variant == "tuned"
     assert KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": " Baseline "}).prefill_variant == "baseline"
+    assert KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "TUNED"}).prefill_variant == "tuned"
     assert KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "candidate:q128"}).prefill_variant == "candidate:q128"
     with pytest.raises(ConfigError, match=r"KAKEYA_PREFILL_VARIANT='candidate:nope': no such candidate; known: "
-                                          r"candidate:q128, candidate:q16, candidate:q64"):
+                                          r"tuned, baseline, candidate:q128, candidate:q16, candidate:q64"):
         KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "candidate:nope"})
-    with pytest.raises(ConfigError, match=r"KAKEYA_PREFILL_VARIANT='tuned': must be one of baseline"):
-        KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "tuned"})
-    with pytest.raises(ConfigError, match="only applies to KAKEYA_FORMAT=kakeya"):
-        KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_PREFILL_VARIANT": "candidate:q64"})
+    with pytest.raises(ConfigError, match=r"KAKEYA_PREFILL_VARIANT='fast': must be one of tuned, baseline"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_VARIANT": "fast"})
+    # other formats have no prefill launch: baseline by default, anything else refused
+    for fmt in ("v13", "exact"):
+        assert KakeyaConfig.from_env({"KAKEYA_FORMAT": fmt}).prefill_variant == "baseline"
+        assert KakeyaConfig.from_env({"KAKEYA_FORMAT": fmt, "KAKEYA_PREFILL_VARIANT": "baseline"}).prefill_variant \
+            == "baseline"
+        for bad in ("candidate:q64", "tuned"):
+            with pytest.raises(ConfigError, match="only applies to KAKEYA_FORMAT=kakeya"):
+                KakeyaConfig.from_env({"KAKEYA_FORMAT": fmt, "KAKEYA_PREFILL_VARIANT": bad})
     assert "KAKEYA_PREFILL_VARIANT" in known_env_names()
 
 
 def test_metadata_builder_attaches_the_prefill_launch(glue, monkeypatch):  # noqa: F811 - pytest fixture
     """Under vLLM stand-ins (9 query / 3 KV heads, D 64): with KAKEYA_PREFILL_VARIANT=candidate:q64, prefill steps
-    carry the candidate's launch and tiles, pure-decode steps still the decode variant's."""
+    carry the candidate's launch and tiles, pure-decode steps still the decode variant's; unset: PREFILL_TUNED;
+    baseline: the baseline launch."""
     import threading
 
     from kakeya_v1_3_ppl import context
@@ -203,9 +215,110 @@ def test_metadata_builder_attaches_the_prefill_launch(glue, monkeypatch):  # noq
     dec = b.build(0, _cam([0, 1, 2], [6, 4]))
     assert "prefill" not in dec.phases[0]["launch"] and dec.phases[0]["plan"]["bm"] == 4
     monkeypatch.delenv("KAKEYA_PREFILL_VARIANT")
-    b = _builder(backend, spec_mod, monkeypatch)
+    b = _builder(backend, spec_mod, monkeypatch)                       # the default: PREFILL_TUNED
+    context.set_current(["a", "b"], [2, 0], False)
+    v = PREFILL_TUNED[64]
+    assert b.build(0, _cam([0, 5, 8], [5, 3])).phases[0]["launch"] == dict(kernel_args(v),
+                                                                             splits=num_splits(v, 2, 3, 4, sms=4))
+    b = _builder(backend, spec_mod, monkeypatch, KAKEYA_PREFILL_VARIANT="baseline")
     context.set_current(["a", "b"], [2, 0], False)
     assert b.build(0, _cam([0, 5, 8], [5, 3])).phases[0]["launch"] == dict(kernel_args(BASELINE), splits=FIXED_SPLITS)
+
+
+def _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, max_seqs, **env):
+    """A compressed layer's metadata builder under the vLLM stand-ins, any GQA (tests.test_decode_variants._builder is
+    SmolLM2's 9 / 3 heads)."""
+    from types import SimpleNamespace
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(backend, "_LOGGED", True)      # skip the start-up log (needs more of vLLM's config)
+    vcfg = SimpleNamespace(
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: hkv * gqa, max_model_len=2048),
+        parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=max_seqs),
+        cache_config=SimpleNamespace(num_gpu_blocks=None, block_size=512))
+    spec = spec_mod.layer_spec(bits, 512, hkv, d, d)
+    return backend.KakeyaMetadataBuilder(spec, ["model.layers.1.self_attn.attn"], vcfg, torch.device(DEV))
+
+
+def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, monkeypatch):  # noqa: F811 - fixture
+    """Through the metadata builder (vLLM stand-ins) and the backend's data path (runtime.forward_compressed), GQA 4,
+    D 64: a mixed step of three decode requests (ragged: 37, 1100 and 511 tokens, the last one filling its block) and
+    a 40-token prefill chunk crossing a 512-token block (490 -> 530: phase 0 = the chunk's first 22 tokens + the
+    decode rows, phase 1 = its last 18), then a pure-decode step. With the default (tuned) prefill launch, phase 0
+    runs two launches: the decode rows in the decode variant's 4-row tiles and the chunk in PREFILL_TUNED's 64-row
+    tiles, each with its own split count; phase 1 (prefill only) and the decode step keep one launch. Outputs within
+    ACCEPT_REL of KAKEYA_PREFILL_VARIANT=baseline (one baseline launch per phase, the previous path) at every token,
+    the same sealed pages."""
+    import threading
+    from types import SimpleNamespace
+
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl import context
+    from kakeya_v1_3_ppl.runtime import forward_compressed
+    monkeypatch.setattr(context, "_local", threading.local())
+    backend, spec_mod = glue
+    d, hkv, gqa, bits = 64, 1, 4, (3, 2)
+    ids, slots = ["a", "b", "c", "d"], np.array([3, 0, 1, 2])
+    start, step1, step2 = [37, 490, 1100, 511], [38, 530, 1101, 512], [39, 531, 1102, 513]
+    bt = torch.tensor([[0, 8, 8], [1, 2, 8], [3, 4, 5], [6, 7, 8]], dtype=torch.int32, device=DEV)  # 8: never read
+    g = torch.Generator().manual_seed(7)
+    K = [(torch.randn(L, hkv, d, generator=g) + torch.randn(d, generator=g) * 3).bfloat16() for L in step2]
+    V = [torch.randn(L, hkv, d, generator=g).bfloat16() for L in step2]
+    Q = [torch.randn(L, hkv * gqa, d, generator=g).bfloat16() for L in step2]
+    kk = KakeyaKernels(d, *bits, DEV)
+    dec_v, pre_v = decode_variant("tuned", d), PREFILL_TUNED[d]
+    launch = lambda v, nt: dict(kernel_args(v), splits=num_splits(v, nt, hkv, bt.shape[1], sms=4))   # noqa: E731
+    runs = {}
+    for pv in ("tuned", "baseline"):
+        b = _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, 4, KAKEYA_PREFILL_VARIANT=pv)
+        cache = torch.zeros(9, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+        tk = torch.zeros(5, hkv, 512, d, dtype=torch.bfloat16, device=DEV)
+        tv = torch.zeros_like(tk)
+        # as earlier steps leave them: c's blocks 0-1 sealed in pages 3-4, every request's open block in its tail
+        kk.seal(K[2][:1024].view(2, 512, hkv, d).transpose(1, 2).to(DEV),
+                V[2][:1024].view(2, 512, hkv, d).transpose(1, 2).to(DEV), cache[3:5])
+        for r in range(4):
+            s0 = start[r] // 512 * 512
+            tk[slots[r], :, :start[r] - s0] = K[r][s0:start[r]].transpose(0, 1).to(DEV)
+            tv[slots[r], :, :start[r] - s0] = V[r][s0:start[r]].transpose(0, 1).to(DEV)
+            b.state.set(int(slots[r]), ids[r], start[r] // 512, start[r] - s0)
+        outs, metas, prev = [], [], start
+        for seq in (step1, step2):
+            n = [seq[r] - prev[r] for r in range(4)]
+            qsl = np.concatenate([[0], np.cumsum(n)])
+            context.set_current(ids, slots, False)
+            qs, ss = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+            cam = SimpleNamespace(num_reqs=4, num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qs, seq_lens=ss,
+                                  seq_lens_cpu_upper_bound=None, max_query_len=max(n), block_table_tensor=bt,
+                                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+            meta = b.build(0, cam)
+            take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(4)]).to(DEV)   # noqa: E731
+            q = take(Q)
+            out = torch.zeros_like(q)
+            forward_compressed(kk, q, take(K), take(V), cache, tk, tv, meta.phases, bt, d ** -0.5, out)
+            outs.append(out.float().cpu())
+            metas.append(meta.phases)
+            prev = seq
+        runs[pv] = (torch.cat(outs), cache, metas)
+    (ot, ct, (m1, m2)), (ob, cb, (b1, b2)) = runs["tuned"], runs["baseline"]
+    # tuned: phase 0 = decode rows (tokens 0, 41, 42: one 4-row tile each) + the chunk's 22 tokens (88 rows: 2 tiles)
+    assert len(m1) == 2 and "launch" not in m1[0]
+    dec, pre = m1[0]["attn"]
+    assert dec["tok"].tolist() == [0, 41, 42] and dec["plan"]["bm"] == 4 and dec["plan"]["nt"] == 3
+    assert dec["launch"] == launch(dec_v, 3) and "prefill" not in dec["launch"]
+    assert pre["tok"].tolist() == list(range(1, 23)) and pre["plan"]["bm"] == 64 and pre["plan"]["nt"] == 2
+    assert pre["launch"] == launch(pre_v, 2) and pre["launch"]["prefill"]
+    assert m1[1]["tok"].tolist() == list(range(23, 41)) and "attn" not in m1[1]         # phase 1: the chunk only
+    assert m1[1]["launch"] == launch(pre_v, 1) and m1[1]["plan"]["bm"] == 64
+    (dstep,) = m2                                                                      # the decode step
+    assert "attn" not in dstep and dstep["launch"] == launch(dec_v, 4) and dstep["plan"]["bm"] == 4
+    # baseline: one baseline launch per phase of the mixed step (decode rows included), the decode step unchanged
+    assert all("attn" not in p and p["launch"] == dict(kernel_args(BASELINE), splits=FIXED_SPLITS) for p in b1)
+    assert b2[0]["launch"] == dstep["launch"]
+    assert torch.isfinite(ot).all() and rel_err(ot, ob.double()) < ACCEPT_REL
+    for i in range(len(ot)):                    # every token, decode rows included, not only the batch as a whole
+        assert rel_err(ot[i], ob[i].double()) < ACCEPT_REL, i
+    assert torch.equal(ct, cb) and ct[[1, 6]].flatten(1).any(1).all() and not ct[[2, 7, 8]].any()
 
 
 @pytest.mark.parametrize("which", ["local", "device"])

@@ -183,8 +183,9 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.compressed = isinstance(kv_cache_spec, KakeyaAttentionSpec)
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.gqa = mc.get_num_attention_heads(pc) // kv_cache_spec.num_kv_heads
-        # Pure-decode steps of compressed layers launch KAKEYA_DECODE_VARIANT (kakeya_kernels.variants), their prefill
-        # and mixed steps KAKEYA_PREFILL_VARIANT (default baseline); exact pages keep the baseline launch.
+        # Compressed layers (kakeya_kernels.variants): requests with one new token launch KAKEYA_DECODE_VARIANT, prefill
+        # chunks KAKEYA_PREFILL_VARIANT (default tuned; a mixed step's phase runs both, Launches.phase); exact pages
+        # keep the baseline launch.
         self.launches = Launches(settings().decode_variant if self.compressed else "baseline",
                                  kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device,
                                  prefill=settings().prefill_variant if self.compressed else "baseline")
@@ -224,11 +225,11 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
             # The CPU plan always runs: it keeps TailState current and checks consistency.
             phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
             if not decode:
-                v = self.launches.decode if cam.max_query_len == 1 else self.launches.base
-                meta.phases = [self.launches.attach(to_device(ph, self.device, self.gqa, v["bm"]), v, max_blocks)
-                               for ph in phases]
+                meta.phases = [self.launches.phase(ph, self.device, self.gqa, max_blocks,
+                                                   decode_step=cam.max_query_len == 1) for ph in phases]
             for d, ph in zip(meta.phases, phases):   # v13's scratch path sizes its scratch from these (no sync)
-                d["plan"]["n_sealed_host"] = ph.n_sealed
+                for a in d.get("attn", (d,)):
+                    a["plan"]["n_sealed_host"] = ph.n_sealed
         elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)

@@ -162,18 +162,35 @@ def _hit_shifts(hit: np.ndarray, q_len: np.ndarray, b0: np.ndarray, last_full: n
 
 
 def to_device(ph: Phase, device, gqa: int, bm: int) -> dict:
-    """Tensors the impl needs for one phase (one small H2D copy per field)."""
-    t = lambda a, dt=torch.int32: torch.from_numpy(np.ascontiguousarray(a)).to(dt).to(device, non_blocking=True)
-    pl = gqa_plan(ph.q_pos, ph.q_req, len(ph.rows), gqa, bm)
+    """Tensors the impl needs for one phase (one small H2D copy per field): one attention launch over all of its
+    query tokens, in tiles of bm rows."""
+    return dict(_phase_fields(ph, device), **_tokens(ph, np.arange(len(ph.tok)), device, gqa, bm))
+
+
+def _h2d(a, device, dt=torch.int32):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dt).to(device, non_blocking=True)
+
+
+def _phase_fields(ph: Phase, device) -> dict:
+    """The phase's per-request arrays (what the kernel's tile -> request map indexes), tail writes and seals."""
+    t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     return dict(
-        tok=t(ph.tok, torch.int64), q_pos=t(ph.q_pos), q_req=t(ph.q_req), rows=t(ph.rows, torch.int64),
-        n_sealed=t(ph.n_sealed), seq_end=t(ph.seq_end), tail_slot=t(ph.tail_slot),
+        rows=t(ph.rows, torch.int64), n_sealed=t(ph.n_sealed), seq_end=t(ph.seq_end), tail_slot=t(ph.tail_slot),
         write_tok=t(ph.write_tok, torch.int64), write_slot=t(ph.write_slot, torch.int64),
         write_off=t(ph.write_off, torch.int64), n_write=len(ph.write_tok),
         seal_row=t(ph.seal_row, torch.int64), seal_blk=t(ph.seal_blk, torch.int64),
-        seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok),
-        plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]), src=t(pl["src"]),
-                  nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
+        seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok))
+
+
+def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
+    """One launch over the phase's query tokens ``sel`` (indices into ph.tok): the tokens and their tiles of bm rows.
+    The tiles index the phase's request arrays, so launches over disjoint token sets share them."""
+    t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
+    q_pos, q_req = ph.q_pos[sel], ph.q_req[sel]
+    pl = gqa_plan(q_pos, q_req, len(ph.rows), gqa, bm)
+    return dict(tok=t(ph.tok[sel], torch.int64), q_pos=t(q_pos), q_req=t(q_req), n_tok=len(sel),
+                plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
+                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 
 
 class DecodeBuffers:
@@ -250,14 +267,17 @@ class DecodeBuffers:
 
 
 class Launches:
-    """The decode-attention launch of a metadata builder's steps (kakeya_kernels.variants): ``decode`` for
-    one-token-per-request steps (KAKEYA_DECODE_VARIANT), ``base`` for prefill/mixed steps (``prefill``:
-    KAKEYA_PREFILL_VARIANT, baseline or candidate:NAME). ``attach`` adds a phase's kernel knobs and split count,
-    which depends on host-known sizes only (tiles, block-table width)."""
+    """The attention launches of a metadata builder's host-planned steps (kakeya_kernels.variants): ``decode`` for
+    requests with one query token (KAKEYA_DECODE_VARIANT), ``base`` for requests with several (prefill chunks;
+    KAKEYA_PREFILL_VARIANT: tuned, baseline or candidate:NAME). ``phase`` gives each kind present in a phase its own
+    launch; ``attach`` adds a launch's kernel knobs and split count, which depend on host-known sizes only (tiles,
+    block-table width)."""
 
-    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "baseline"):
+    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "tuned"):
         from kakeya_kernels.variants import decode_variant, prefill_variant
         self.decode, self.base = decode_variant(name, head_dim), prefill_variant(prefill, head_dim)
+        # "baseline" is the fallback to the previous path: one base launch per phase, decode rows included.
+        self.split = prefill != "baseline" and self.decode != self.base
         self.hkv = num_kv_heads
         dev = torch.device(device)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -267,3 +287,20 @@ class Launches:
         ph["launch"] = dict(kernel_args(v), splits=num_splits(v, ph["plan"]["nt"], self.hkv, max_blocks, self.sms))
         return ph
 
+    def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
+        """One phase of a host-planned step (decode_step: every request has one new token). In a mixed step the
+        requests with one query token in the phase (decode rows) get the decode launch over their own tiles and the
+        others (prefill chunks) the base launch: a 1-token row in a prefill tile (bm up to 128 rows) would waste most
+        of it. Such a phase carries ``attn`` = [decode launch, base launch], each {tok, q_pos, q_req, n_tok, plan,
+        launch} over disjoint tokens; a phase of one kind keeps one launch (plan / launch at the phase level)."""
+        v = self.decode if decode_step else self.base
+        if self.split and not decode_step and len(ph.tok):
+            one = (np.bincount(ph.q_req, minlength=len(ph.rows)) == 1)[ph.q_req]
+            if one.all():
+                v = self.decode
+            elif one.any():
+                d = _phase_fields(ph, device)
+                d["attn"] = [self.attach(_tokens(ph, np.nonzero(m)[0], device, gqa, w["bm"]), w, max_blocks)
+                             for w, m in ((self.decode, one), (self.base, ~one))]
+                return d
+        return self.attach(to_device(ph, device, gqa, v["bm"]), v, max_blocks)

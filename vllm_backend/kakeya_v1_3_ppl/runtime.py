@@ -2,8 +2,10 @@
 
 ``forward_compressed``: for each phase of the step plan — write the phase's tokens into the request's
 exact tail, attend (sealed pages read compressed + tail exact, causal), seal blocks that became full
-straight into their pages (a phase's optional ``launch`` dict = the decode variant's kernel knobs and split
-count, from the metadata builder; absent = the kernels' defaults). ``forward_exact``: write tokens into bf16 pages in place, attend over pages.
+straight into their pages (a phase's optional ``launch`` dict = the variant's kernel knobs and split count, from the
+metadata builder, absent = the kernels' defaults; a phase with ``attn`` runs one launch per entry, over disjoint
+query tokens with their own tiles and knobs: Launches.phase). ``forward_exact``: write tokens into bf16 pages in
+place, attend over pages.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
             tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
             tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
         if ph["n_tok"]:
-            out = kk.attention(query[ph["tok"]], ph["q_pos"], ph["q_req"], kv_cache, block_table[ph["rows"]],
-                               ph["n_sealed"], ph["seq_end"], tail_k, tail_v, ph["tail_slot"], scale,
-                               plan=ph["plan"], precise=precise, **ph.get("launch", {}))
-            output[ph["tok"]] = out.to(output.dtype)
+            bt = block_table[ph["rows"]]
+            for a in ph.get("attn", (ph,)):    # a mixed step's phase: decode rows and prefill chunks, own launches
+                out = kk.attention(query[a["tok"]], a["q_pos"], a["q_req"], kv_cache, bt, ph["n_sealed"],
+                                   ph["seq_end"], tail_k, tail_v, ph["tail_slot"], scale, plan=a["plan"],
+                                   precise=precise, **a.get("launch", {}))
+                output[a["tok"]] = out.to(output.dtype)
         if ph["n_seal"]:
             pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
             sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
