@@ -267,10 +267,10 @@ def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, mo
     Q = [torch.randn(L, hkv * gqa, d, generator=g).bfloat16() for L in step2]
     kk = KakeyaKernels(d, *bits, DEV)
     dec_v, pre_v = decode_variant("tuned", d), PREFILL_TUNED[d]
-    launch = lambda v, nt: dict(kernel_args(v), splits=num_splits(v, nt, hkv, bt.shape[1], sms=4))   # noqa: E731
     runs = {}
     for pv in ("tuned", "baseline"):
         b = _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, 4, KAKEYA_PREFILL_VARIANT=pv)
+        sms = b.launches.sms                                     # 4 on the CPU, the GPU's SMs in a GPU parity run
         cache = torch.zeros(9, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
         tk = torch.zeros(5, hkv, 512, d, dtype=torch.bfloat16, device=DEV)
         tv = torch.zeros_like(tk)
@@ -301,6 +301,7 @@ def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, mo
             prev = seq
         runs[pv] = (torch.cat(outs), cache, metas)
     (ot, ct, (m1, m2)), (ob, cb, (b1, b2)) = runs["tuned"], runs["baseline"]
+    launch = lambda v, nt: dict(kernel_args(v), splits=num_splits(v, nt, hkv, bt.shape[1], sms))   # noqa: E731
     # tuned: phase 0 = decode rows (tokens 0, 41, 42: one 4-row tile each) + the chunk's 22 tokens (88 rows: 2 tiles)
     assert len(m1) == 2 and "launch" not in m1[0]
     dec, pre = m1[0]["attn"]
