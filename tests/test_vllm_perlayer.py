@@ -185,3 +185,18 @@ def test_runtime_data_path_at_other_widths(bits):
     from tests.test_vllm_runtime import _run
     steps = [[(0, 300), (1, 40)], [(0, 230), (1, 1)], [(0, 1), (1, 1)]]   # request 0 seals block 0 in step 2
     assert _run(exact=False, bits=bits, steps=steps) < 8e-3
+
+
+def test_startup_line_names_the_launches(glue, monkeypatch, caplog):
+    """The one start-up line carries the decode and prefill launches, so a serving row's backend log says which
+    kernels it measured (the serving rows keep that line as kakeya_log)."""
+    backend, _ = glue
+    monkeypatch.setattr(backend, "_LOGGED", False)
+    vc = SimpleNamespace(model_config=SimpleNamespace(get_num_layers=lambda pc: 30), parallel_config=None,
+                         cache_config=SimpleNamespace(num_gpu_blocks=10, block_size=512),
+                         scheduler_config=SimpleNamespace(max_num_seqs=4))
+    spec = SimpleNamespace(num_kv_heads=3, head_size=64)
+    with caplog.at_level("WARNING"):
+        backend._log_startup(vc, spec)
+    line = [r.getMessage() for r in caplog.records if "Kakeya KV: format" in r.getMessage()]
+    assert len(line) == 1 and "launches decode tuned / prefill tuned, KV capacity 5120 tokens" in line[0], line

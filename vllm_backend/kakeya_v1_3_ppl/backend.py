@@ -272,9 +272,9 @@ def _log_startup(vllm_config, spec) -> None:
     pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
     logger.warning(
         "Kakeya KV: format %s, layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
-        "(max_num_seqs %d), KV capacity %s", cfg.format, describe(cfg, L, spec.num_kv_heads, spec.head_size),
-        cfg.exact_attention, cfg.calibration or "none (data-free)",
-        pool / 2**20, n_seq, cap)
+        "(max_num_seqs %d), launches decode %s / prefill %s, KV capacity %s", cfg.format,
+        describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.exact_attention, cfg.calibration or "none (data-free)",
+        pool / 2**20, n_seq, cfg.decode_variant, cfg.prefill_variant, cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
