@@ -242,6 +242,9 @@ class KakeyaConfig:
     prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
+    # vLLM's default --max-num-seqs (1024 on H100/H200) is lowered until the exact-tail pool takes at most this
+    # percentage of GPU memory (an explicit --max-num-seqs is kept, up to checks.check_tail_pool's 25 % refusal).
+    tail_pool_percent: int = 5
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -278,6 +281,7 @@ class KakeyaConfig:
             prefill_variant=_prefill_variant_env(env, fmt),
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),
+            tail_pool_percent=_int_env(env, "KAKEYA_TAIL_POOL_PERCENT", 5, tuple(range(1, 26))),
         )
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:

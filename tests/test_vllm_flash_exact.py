@@ -122,6 +122,12 @@ def fa(glue, monkeypatch):  # noqa: F811 - pytest fixture
     mods["vllm.v1.worker.gpu.input_batch"].InputBatch = _Batch
     mods["vllm.v1.worker.gpu.model_states.default"] = types.ModuleType("c")
     mods["vllm.v1.worker.gpu.model_states.default"].DefaultModelState = _ModelState
+    mods["vllm.engine"] = types.ModuleType("vllm.engine")
+    mods["vllm.engine.arg_utils"] = types.ModuleType("d")
+    mods["vllm.engine.arg_utils"].EngineArgs = type("EngineArgs", (), {
+        "_set_default_max_num_seqs_and_batched_tokens_args": lambda self, *a: None})
+    mods["vllm.platforms"] = types.ModuleType("e")
+    mods["vllm.platforms"].current_platform = SimpleNamespace(get_device_total_memory=lambda: 80 << 30)
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
 

@@ -1,6 +1,7 @@
 """Per-layer bit widths in the vLLM backend, on CPU: page math (no vLLM), and the backend/spec glue under a
 minimal stand-in of the few vLLM names those modules import (vLLM is not installed on the CPU machines)."""
 import enum
+import logging
 import sys
 import types
 from dataclasses import dataclass
@@ -200,3 +201,48 @@ def test_startup_line_names_the_launches(glue, monkeypatch, caplog):
         backend._log_startup(vc, spec)
     line = [r.getMessage() for r in caplog.records if "Kakeya KV: format" in r.getMessage()]
     assert len(line) == 1 and "launches decode tuned / prefill tuned, KV capacity 5120 tokens" in line[0], line
+
+
+def test_default_max_num_seqs_is_capped_for_the_tail_pool(glue, monkeypatch, caplog):
+    """vLLM 0.26 defaults --max-num-seqs to 1024 on H100/H200: a Qwen3-8B-like model's exact-tail pool would take
+    72 GiB and the backend refused to start. Unset (and only then), the default is lowered to what
+    KAKEYA_TAIL_POOL_PERCENT (5 %) of the GPU holds; an explicit value and other backends are left alone."""
+    from kakeya_v1_3_ppl import checks, patches
+    for k in [k for k in __import__("os").environ if k.startswith("KAKEYA_")]:
+        monkeypatch.delenv(k)
+    assert checks.default_max_num_seqs(1024, 72 << 20, 141 << 30, 5) == 100
+    assert checks.default_max_num_seqs(64, 72 << 20, 141 << 30, 5) == 64 and checks.default_max_num_seqs(8, 1 << 40, 1, 5) == 1
+
+    class EngineArgs:
+        def __init__(self, backend, max_num_seqs=None):
+            self.attention_backend, self.max_num_seqs = backend, max_num_seqs
+            self.attention_config = SimpleNamespace(backend=None)
+
+        def _set_default_max_num_seqs_and_batched_tokens_args(self, usage_context, model_config, parallel_config):
+            if self.max_num_seqs is None:
+                self.max_num_seqs = 1024          # vLLM's H100/H200 default
+    patches.apply_engine_defaults(EngineArgs, lambda: 141 << 30, logging.getLogger("kakeya_kv.vllm"))
+    patches.apply_engine_defaults(EngineArgs, lambda: 141 << 30, logging.getLogger("kakeya_kv.vllm"))  # idempotent
+    qwen = SimpleNamespace(get_num_layers=lambda pc: 36, get_total_num_kv_heads=lambda: 8, get_head_size=lambda: 128)
+    pc = SimpleNamespace(tensor_parallel_size=1)
+    runs = {}
+    with caplog.at_level("WARNING"):
+        for name, backend, n in (("kakeya", "KAKEYA", None), ("explicit", "KAKEYA", 512), ("flash", "FLASH_ATTN", None),
+                                 ("custom", SimpleNamespace(name="CUSTOM"), None)):
+            a = EngineArgs(backend, n)
+            a._set_default_max_num_seqs_and_batched_tokens_args(None, qwen, pc)
+            runs[name] = a.max_num_seqs
+        monkeypatch.setenv("KAKEYA_TAIL_POOL_PERCENT", "10")
+        a = EngineArgs("KAKEYA")
+        a._set_default_max_num_seqs_and_batched_tokens_args(None, qwen, SimpleNamespace(tensor_parallel_size=2))
+        runs["tp2_10pct"] = a.max_num_seqs
+        monkeypatch.setenv("KAKEYA_FORMAT", "exact")
+        a = EngineArgs("KAKEYA")
+        a._set_default_max_num_seqs_and_batched_tokens_args(None, qwen, pc)
+        runs["exact"] = a.max_num_seqs
+    # 36 layers x 8 KV heads x 512 tokens x 128 x (K+V) x 2 B = 72 MiB per row; 5 % of 141 GiB -> 100 rows
+    assert runs == {"kakeya": 100, "explicit": 512, "flash": 1024, "custom": 100, "tp2_10pct": 401, "exact": 1024}
+    assert "lowering vLLM's default 1024 to 100" in caplog.text and "72 MiB per request row" in caplog.text
+    monkeypatch.setenv("KAKEYA_TAIL_POOL_PERCENT", "40")
+    with pytest.raises(Exception, match="KAKEYA_TAIL_POOL_PERCENT"):
+        checks.settings(36)

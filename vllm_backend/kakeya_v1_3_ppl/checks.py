@@ -169,6 +169,15 @@ def tail_pool_bytes(max_num_seqs: int, num_kv_heads: int, head_dim: int, compres
     return max_num_seqs * block_tokens * num_kv_heads * head_dim * 2 * 2 * compressed_layers
 
 
+def default_max_num_seqs(default: int, per_row_bytes: int, gpu_total_bytes: int, percent: int) -> int:
+    """vLLM's default --max-num-seqs lowered so that the exact-tail pool (per_row_bytes per request row) takes at
+    most ``percent`` % of the GPU: vLLM 0.26 defaults to 1024 rows on H100/H200, 72 GiB of tails for a
+    Qwen3-8B-like model, which check_tail_pool refuses. Never below 1."""
+    if per_row_bytes <= 0:
+        return default
+    return max(1, min(default, int(percent / 100 * gpu_total_bytes // per_row_bytes)))
+
+
 def check_tail_pool(max_num_seqs: int, num_kv_heads: int, head_dim: int, compressed_layers: int,
                     gpu_total_bytes: int, max_fraction: float = 0.25) -> int:
     """The exact tails are sized by --max-num-seqs; refuse a pool that would eat the KV budget."""
@@ -177,6 +186,8 @@ def check_tail_pool(max_num_seqs: int, num_kv_heads: int, head_dim: int, compres
         per_seq = need / max_num_seqs
         fit = int(max_fraction * gpu_total_bytes // per_seq)
         raise ValueError(f"Kakeya backend: the exact-tail pool for --max-num-seqs {max_num_seqs} would take "
-                         f"{need / 2**30:.1f} GiB ({100 * need / gpu_total_bytes:.0f} % of the GPU); use "
-                         f"--max-num-seqs {max(fit, 1)} or less")
+                         f"{need / 2**30:.1f} GiB ({100 * need / gpu_total_bytes:.0f} % of the GPU; "
+                         f"{per_seq / 2**20:.0f} MiB per request row, taken from the KV cache); use "
+                         f"--max-num-seqs {max(fit, 1)} or less (fewer rows leave more KV capacity), or leave it "
+                         "unset: the backend then sizes it to KAKEYA_TAIL_POOL_PERCENT of the GPU")
     return need

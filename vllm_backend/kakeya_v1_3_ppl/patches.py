@@ -10,18 +10,71 @@ layers whose impl is Kakeya's.
 3. ``DefaultModelState.prepare_attn``: stash the step's request ids / persistent rows for the
    builder (tail slots are keyed by them).
 4. ``InputBatch.make_dummy``: mark warm-up batches so they never touch request state.
+5. ``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args``: with the KAKEYA backend and no explicit
+   --max-num-seqs, vLLM's default (1024 rows on H100/H200) is lowered so the exact-tail pool fits
+   KAKEYA_TAIL_POOL_PERCENT of the GPU (:func:`cap_default_max_num_seqs`), instead of a start-up refusal.
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 _APPLIED = False
+
+
+def _is_kakeya(args) -> bool:
+    """--attention-backend KAKEYA (an alias of CUSTOM, which this plugin registers) or CUSTOM itself."""
+    for b in (getattr(args, "attention_backend", None), getattr(getattr(args, "attention_config", None), "backend", None)):
+        name = getattr(b, "name", b)
+        if isinstance(name, str) and name.upper() in ("KAKEYA", "CUSTOM"):
+            return True
+    return False
+
+
+def cap_default_max_num_seqs(args, model_config, parallel_config, gpu_total_bytes: int, log) -> None:
+    """Engine args after vLLM set its defaults: lower max_num_seqs to what the exact-tail pool may take
+    (checks.default_max_num_seqs), with one log line; formats without tails (exact) keep vLLM's default."""
+    from .checks import default_max_num_seqs, settings, tail_pool_bytes
+    L = model_config.get_num_layers(parallel_config)
+    cfg = settings(L)
+    if cfg.format == "exact":
+        return
+    tp = max(1, getattr(parallel_config, "tensor_parallel_size", 1))
+    hkv = max(1, model_config.get_total_num_kv_heads() // tp)
+    per_row = tail_pool_bytes(1, hkv, model_config.get_head_size(), L - len(cfg.boundary_skip_layers))
+    cap = default_max_num_seqs(args.max_num_seqs, per_row, gpu_total_bytes, cfg.tail_pool_percent)
+    if cap < args.max_num_seqs:
+        log.warning("Kakeya KV: --max-num-seqs not set: lowering vLLM's default %d to %d so the exact-tail pool "
+                    "(%.0f MiB per request row) takes <= %d %% of GPU memory (set --max-num-seqs or "
+                    "KAKEYA_TAIL_POOL_PERCENT to change it)", args.max_num_seqs, cap, per_row / 2**20,
+                    cfg.tail_pool_percent)
+        args.max_num_seqs = cap
+
+
+def apply_engine_defaults(engine_args_cls, total_memory, log) -> None:
+    """Patch 5 (idempotent): ``total_memory()`` = the device's bytes (vLLM's current_platform, no CUDA init)."""
+    orig = engine_args_cls._set_default_max_num_seqs_and_batched_tokens_args
+    if getattr(orig, "_kakeya", False):
+        return
+
+    @functools.wraps(orig)
+    def set_defaults(self, usage_context, model_config, parallel_config):
+        user_set = self.max_num_seqs is not None
+        orig(self, usage_context, model_config, parallel_config)
+        if not user_set and _is_kakeya(self):
+            cap_default_max_num_seqs(self, model_config, parallel_config, total_memory(), log)
+
+    set_defaults._kakeya = True
+    engine_args_cls._set_default_max_num_seqs_and_batched_tokens_args = set_defaults
 
 
 def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    apply_engine_defaults(EngineArgs, current_platform.get_device_total_memory, logging.getLogger("kakeya_kv.vllm"))
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.worker.gpu.input_batch import InputBatch
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
