@@ -126,13 +126,7 @@ FORMATS = ("kakeya", "v13", "exact")
 EXACT = "exact"   # what KakeyaConfig.layer_bits gives for a layer stored as bf16
 
 
-def _v13_scratch_mib(env, fmt: str) -> int:
-    """KAKEYA_V13_SCRATCH_MIB: MiB of bf16 pages the v13 attention may decode per phase (1..1048576)."""
-    name, raw = "KAKEYA_V13_SCRATCH_MIB", env.get("KAKEYA_V13_SCRATCH_MIB")
-    if raw is None or raw.strip() == "":
-        return 1024
-    if fmt != "v13":
-        raise ConfigError(f"{name}={raw!r} only applies to KAKEYA_FORMAT=v13 (format is {fmt}); unset it")
+def _mib(name: str, raw: str) -> int:
     try:
         v = int(raw)
     except ValueError:
@@ -140,6 +134,26 @@ def _v13_scratch_mib(env, fmt: str) -> int:
     if not 1 <= v <= 1 << 20:
         raise ConfigError(f"{name}={raw!r}: must be 1..1048576 MiB")
     return v
+
+
+def _scratch_mib(env, fmt: str) -> int:
+    """KAKEYA_SCRATCH_MIB: MiB of bf16 pages a decode-then-attend launch may decode per phase (kakeya_kernels.scratch:
+    KAKEYA_PREFILL_VARIANT=candidate:scratch, v13's KAKEYA_V13_ATTENTION=scratch), 1..1048576, default 1024.
+    KAKEYA_V13_SCRATCH_MIB, its earlier name, stays accepted with KAKEYA_FORMAT=v13; both set must agree."""
+    raw = (env.get("KAKEYA_SCRATCH_MIB") or "").strip()
+    old = (env.get("KAKEYA_V13_SCRATCH_MIB") or "").strip()
+    if old and fmt != "v13":
+        raise ConfigError(f"KAKEYA_V13_SCRATCH_MIB={old!r} only applies to KAKEYA_FORMAT=v13 (format is {fmt}); use "
+                          "KAKEYA_SCRATCH_MIB or unset it")
+    if raw and fmt == "exact":
+        raise ConfigError(f"KAKEYA_SCRATCH_MIB={raw!r} has no effect with KAKEYA_FORMAT=exact (nothing is decoded); "
+                          "unset it")
+    v = _mib("KAKEYA_SCRATCH_MIB", raw) if raw else None
+    w = _mib("KAKEYA_V13_SCRATCH_MIB", old) if old else None
+    if v is not None and w is not None and v != w:
+        raise ConfigError(f"KAKEYA_SCRATCH_MIB={raw!r} and KAKEYA_V13_SCRATCH_MIB={old!r} (its old name) disagree; "
+                          "unset KAKEYA_V13_SCRATCH_MIB")
+    return v or w or 1024
 
 
 def _v13_attention(env, fmt: str) -> str:
@@ -236,7 +250,7 @@ class KakeyaConfig:
     skip_layers: tuple[int, ...] = ()
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
-    v13_scratch_mib: int = 1024   # v13 attention: cap of the bf16 decode scratch (blocks one phase attends)
+    scratch_mib: int = 1024       # cap of the bf16 decode scratch (kakeya_kernels.scratch: blocks one launch reads)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
     prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)
@@ -275,7 +289,7 @@ class KakeyaConfig:
             skip_layers=parse_layer_list("KAKEYA_SKIP_LAYERS", env.get("KAKEYA_SKIP_LAYERS"), num_layers),
             calibration=env.get("KAKEYA_CALIBRATION") or None,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
-            v13_scratch_mib=_v13_scratch_mib(env, fmt),
+            scratch_mib=_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
             decode_variant=_decode_variant_env(env),
             prefill_variant=_prefill_variant_env(env, fmt),

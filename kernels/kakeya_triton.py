@@ -33,6 +33,8 @@ from kakeya_kv import lloyd_max
 from kakeya_kv.format import BLOCK_TOKENS, ROTATION_SEED, exact_layout, kakeya_layout
 from kakeya_kv.hadamard import sylvester, signs
 
+from kakeya_kernels import scratch as _scratch_mod
+
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -150,26 +152,55 @@ def _hada3(x, hd, BF16DOT: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, rot_ptr, table_ptr,
+def _bf16_rtne(x):
+    """fp32 -> bf16, round to nearest even, by bit arithmetic: the interpreter's cast truncates (twice the error of
+    the GPU's rounding, and biased), so explicit rounding gives the same bytes on both (finite inputs)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, rot_ptr, table_ptr, page_ptr, dst_ptr,
+                   hada_ptr, sgn_ptr,
                    STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                    OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                   G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr):
+                   G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr,
+                   INDIRECT: tl.constexpr = 0, PRECISE: tl.constexpr = 1, BF16DOT: tl.constexpr = 1):
+    """One program: one stream of one sealed block of one KV head -> bf16 rows [N, D]. INDIRECT (the scratch
+    prefill path, kakeya_kernels.scratch): item i reads page page_ptr[i] and writes output block dst_ptr[i].
+    PRECISE 0: the rotation as the attention kernel does it (_hada: bf16 hi/lo MMAs on the exact +-1 H_{D/2}, ~16
+    mantissa bits, ample for a bf16 output) instead of an fp32 D x D product (the debug decode)."""
     item = tl.program_id(0)
     head = tl.program_id(1)
-    slot = cache_ptr + item * c_item + head * c_head + STREAM_OFF
+    if INDIRECT:
+        src = tl.load(page_ptr + item).to(tl.int64)
+        dst = tl.load(dst_ptr + item).to(tl.int64)
+    else:
+        src = item
+        dst = item
+    slot = cache_ptr + src * c_item + head * c_head + STREAM_OFF
     d = tl.arange(0, D)
     mean = tl.load((slot + OFF_MEAN).to(tl.pointer_type(tl.float32)) + d)
     lam = tl.load((slot + OFF_SCALE).to(tl.pointer_type(tl.float16)) + d).to(tl.float32)
-    rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+    if PRECISE:
+        rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])
+    else:
+        dh = tl.arange(0, D // 2)
+        hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
+        rsl = tl.load(sgn_ptr + d) / lam                      # s / (sqrt(D) lambda)
     for t0 in range(0, N, TT):
         t = t0 + tl.arange(0, TT)
         g = tl.load((slot + OFF_GAIN).to(tl.pointer_type(tl.float16)) + t)
         unc = (g.to(tl.int16, bitcast=True) < 0)
         idx = _unpack_codes(slot + OFF_CODES, t, t < N, D * BITS // 8, D, BITS, G, NB, TT)
         y = tl.load(table_ptr + idx) * tl.abs(g.to(tl.float32))[:, None]
-        x = tl.dot(y, rot, input_precision="ieee") / lam[None, :]
+        if PRECISE:
+            x = tl.dot(y, rot, input_precision="ieee") / lam[None, :]
+        else:
+            x = _hada(y, hd, TT, D, 0, BF16DOT) * rsl[None, :]
         x = x + tl.where(unc[:, None], 0.0, mean[None, :])
-        tl.store(out_ptr + item * o_item + head * o_head + t[:, None] * o_tok + d[None, :], x.to(tl.bfloat16))
+        tl.store(out_ptr + dst * o_item + head * o_head + t[:, None] * o_tok + d[None, :], _bf16_rtne(x))
 
 
 @triton.jit
@@ -843,6 +874,11 @@ def _seal_prec(prec: str | None) -> str:
     return "ieee" if _INTERPRET else (prec or "tf32x3")
 
 
+def scratch_decode_warps(head_dim: int) -> int:
+    """Warps of decode_into: at D=128 4 warps spill (sm_90 compile, 255 registers), 8 do not."""
+    return 4 if head_dim <= 64 else 8
+
+
 def _regs(maxnreg: int | None) -> dict:
     """Launch option capping registers per thread (more programs per SM); the interpreter has no registers."""
     if maxnreg is not None and not 24 <= maxnreg <= 255:
@@ -862,6 +898,8 @@ def _check_variant(lut, fused) -> None:
     if lut not in LUTS:
         raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table, 3/4 register "
                          f"byte-plane table for codes of <= 3/4 bits, 5-7 linear: uniform-grid tables), got {lut!r}")
+    if fused not in (True, False, 0, 1):   # (was unreachable, after linear_steps' return, until session 10)
+        raise ValueError(f"fused must be a bool, got {fused!r}")
 
 
 def uniform_step(table: torch.Tensor, rel_tol: float = 1e-5) -> float | None:
@@ -890,8 +928,6 @@ def linear_steps(tables: dict, bits: dict) -> tuple[float, float]:
                              f"lloyd_max.uniform_table({bits[name]})), got {tables[name].tolist()}")
         out.append(delta / 2)
     return out[0], out[1]
-    if fused not in (True, False, 0, 1):
-        raise ValueError(f"fused must be a bool, got {fused!r}")
 
 
 class KakeyaKernels:
@@ -899,10 +935,11 @@ class KakeyaKernels:
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, device, k_table: torch.Tensor | None = None,
                  v_table: torch.Tensor | None = None, lut: int = 0, fused: bool = False, tt: int = 64,
-                 num_warps: int = 8, maxnreg: int | None = None):
+                 num_warps: int = 8, maxnreg: int | None = None, scratch_mib: int = 1024):
         """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1)).
         lut, fused, tt, num_warps, maxnreg: the default decode-attention variant (see LUTS and :meth:`_launch`);
-        the defaults are the path measured in sessions 2-3."""
+        the defaults are the path measured in sessions 2-3. scratch_mib: cap of the decode scratch of
+        ``attention(..., scratch=True)`` (KAKEYA_SCRATCH_MIB; allocated on first use only)."""
         _check_variant(lut, fused)
         _regs(maxnreg)
         if tt not in (16, 32, 64, 128, 256) or num_warps not in (1, 2, 4, 8, 16):
@@ -911,6 +948,7 @@ class KakeyaKernels:
         self.lay = kakeya_layout(head_dim, k_bits, v_bits)
         self.D, self.device = head_dim, device
         self._no_tail = None
+        self.scratch = _scratch_mod.ScratchPages(head_dim, scratch_mib)
         h = sylvester(head_dim) * signs(head_dim, ROTATION_SEED)[None, :] / head_dim ** 0.5
         self.rot = h.to(torch.float32).contiguous().to(device)
         # +-1 Sylvester matrices: R = H diag(s) / sqrt(D); the seal's bf16x3 rotation uses H_D, attention H_{D/2}
@@ -989,9 +1027,25 @@ class KakeyaKernels:
         for name, st, off in (("k", self.lay.k, 0), ("v", self.lay.v, self.lay.k.size)):
             o = torch.empty(I, H, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=slots.device)
             _decode_kernel[(I, H)](slots, slots.stride(0), slots.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
-                                   self.rot, self.tables[name], TT=32, num_warps=4, **self._consts(st, off))
+                                   self.rot, self.tables[name], self.rot, self.rot, self.rot, self.rot, TT=32,
+                                   num_warps=4, **self._consts(st, off))
             outs.append(o)
         return outs[0], outs[1]
+
+    def decode_into(self, cache: torch.Tensor, pages: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
+                    precise: bool = False) -> None:
+        """The scratch path's block decoder: sealed slots cache[pages[i]] (uint8 [P, H, slot_bytes]) -> bf16 exact
+        pages dst[dst_idx[i]] (dst [*, H, 2, 512, D]: per head K rows then V rows, the exact layout). pages, dst_idx:
+        int32 [I] on the device. Fast mode rotates with bf16 hi/lo MMAs (_hada), precise with the fp32 product."""
+        I, H = int(pages.shape[0]), cache.shape[1]
+        if I == 0:
+            return
+        for kv, (name, st, off) in enumerate((("k", self.lay.k, 0), ("v", self.lay.v, self.lay.k.size))):
+            o = dst[:, :, kv]
+            _decode_kernel[(I, H)](cache, cache.stride(0), cache.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
+                                   self.rot, self.tables[name], pages, dst_idx, self.hada[False], self.sgn, TT=32,
+                                   num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)), BF16DOT=int(not _INTERPRET),
+                                   **self._consts(st, off))
 
     def plan(self, q_pos, q_req, num_reqs: int, gqa: int, bm: int = 16) -> dict:
         """Row/tile bookkeeping for a batch (what a metadata builder does once per step).
@@ -1009,7 +1063,7 @@ class KakeyaKernels:
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
-                  prefill: bool = False) -> torch.Tensor:
+                  prefill: bool = False, scratch: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
@@ -1017,8 +1071,22 @@ class KakeyaKernels:
         acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16.
         pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop.
         prefill (opt-in, for tiles of many tokens, kakeya_kernels.variants.PREFILL_CANDIDATES): query rows re-read per
-        block instead of held in registers, tail loop bounded by the tile's last query position."""
+        block instead of held in registers, tail loop bounded by the tile's last query position.
+        scratch (opt-in, for prefill chunks: PREFILL_CANDIDATES["scratch"]): decode the sealed blocks the launch
+        reads ONCE into bf16 exact pages (kakeya_kernels.scratch, sized from plan["n_sealed_host"]; without it
+        n_sealed is read back, a host sync), then the exact-page kernel over them and each request's exact tail with
+        this call's tiles (bm / plan), tt, num_warps, maxnreg, fused (lut, swap, pf, prefill: sealed-block knobs,
+        not used there)."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
+        if scratch not in (True, False, 0, 1):
+            raise ValueError(f"scratch must be a bool, got {scratch!r}")
+        if scratch:
+            return _scratch_mod.attend(
+                self.scratch, lambda *a: self.decode_into(*a, precise=precise), self.attention_exact, "kakeya", q,
+                q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, plan=plan,
+                scale=scale, splits=splits, bm=bm, precise=precise, tt=pick(tt, self.tt),
+                num_warps=pick(num_warps, self.num_warps), fused=pick(fused, self.fused), out_dtype=out_dtype,
+                out=out, maxnreg=pick(maxnreg, self.maxnreg))
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
@@ -1114,7 +1182,8 @@ class KakeyaKernels:
 
     def attention_exact(self, q, q_pos, q_req, cache, block_table, seq_lens, scale: float, splits: int = 8,
                         bm: int = 16, precise: bool = False, plan: dict | None = None, tt: int = 64,
-                        num_warps: int = 4, fused: bool | None = None) -> torch.Tensor:
+                        num_warps: int = 4, fused: bool | None = None, out_dtype: torch.dtype | None = None,
+                        out: torch.Tensor | None = None, maxnreg: int | None = None) -> torch.Tensor:
         """Causal attention over exact bf16 pages (layout ``exact``: per head K rows then V rows), the
         partial last page included. Same query packing as :meth:`attention`."""
         n_blocks = ((seq_lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS).to(torch.int32)
@@ -1122,5 +1191,6 @@ class KakeyaKernels:
             self._no_tail = torch.zeros(1, 1, 1, self.D, dtype=torch.bfloat16, device=q.device)
         # EXACT skips the tail loop: the tail tensors are placeholders, seq_lens serves as the slot array.
         return self._launch(q, q_pos, q_req, cache, block_table, n_blocks, seq_lens, self._no_tail, self._no_tail,
-                            seq_lens, scale, splits, bm, precise, None, plan, tt, num_warps, 0, 0, 1,
-                            self.fused if fused is None else fused, None, exact_kv_off=exact_layout(self.D).k.size)
+                            seq_lens, scale, splits, bm, precise, out_dtype, plan, tt, num_warps, 0, 0, 1,
+                            self.fused if fused is None else fused, out, maxnreg,
+                            exact_kv_off=exact_layout(self.D).k.size)

@@ -9,32 +9,24 @@
   D dims once per block; then the exact bf16 tail. Same call shape and split merge as KakeyaKernels.attention.
 * ``attn="scratch"`` (KAKEYA_V13_ATTENTION=scratch, the first version kept as a fallback): the blocks a phase
   attends are decoded into a bf16 scratch of exact pages (one per attended sealed block plus one per request's
-  tail; one buffer per kernel object, reused every call, capped by KAKEYA_V13_SCRATCH_MIB), then the existing
-  exact-page attention kernel runs over it.
+  tail; one buffer per kernel object, reused every call, capped by KAKEYA_SCRATCH_MIB), then the existing
+  exact-page attention kernel runs over it (kakeya_kernels.scratch, shared with the default format's prefill).
 * ``decode``: v13 slots -> bf16 rows (tools, tests, the scratch path).
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from kakeya_kv import hadamard, lloyd_max
-from kakeya_kv.format import BLOCK_TOKENS, V13_SEED, exact_layout, v13_layout
+from kakeya_kv.format import BLOCK_TOKENS, V13_SEED, v13_layout
 
+from . import scratch
+from .kakeya_triton import _bf16_rtne
 from .v13_seal import encode_blocks, geometry
-
-
-@triton.jit
-def _bf16_rtne(x):
-    """fp32 -> bf16, round to nearest even, by bit arithmetic: the interpreter's cast truncates, the GPU's
-    rounds; doing it explicitly gives the same bytes on both (finite inputs)."""
-    b = x.to(tl.int32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -288,15 +280,14 @@ class V13Kernels:
         if L < 16:
             raise ValueError(f"v13 decode needs a WHT length >= 16 (tl.dot), got {L} for head_dim {head_dim}")
         self.D, self.device, self.seed, self.thr, self.tt = head_dim, device, seed, k_outlier_threshold, tt
-        self.scratch_bytes_max = scratch_mib << 20
+        # KAKEYA_SCRATCH_MIB; v13 configs may still name it KAKEYA_V13_SCRATCH_MIB (kakeya_kv.config)
+        self.scratch = scratch.ScratchPages(head_dim, scratch_mib, knob="KAKEYA_SCRATCH_MIB (KAKEYA_V13_SCRATCH_MIB)")
         self.had = hadamard.sylvester(L).float().contiguous().to(device)
         self.sgn = (hadamard.signs(L, seed).float() / L).contiguous().to(device)
         self.tables = {"k": lloyd_max.gaussian_table(k_bits).to(device),
                        "v": lloyd_max.gaussian_table(v_bits).to(device)}
         from .kakeya_triton import KakeyaKernels
         self.exact = KakeyaKernels(head_dim, 4, 3, device)   # only its exact-page attention is used
-        self.page_bytes_per_head = exact_layout(head_dim).slot_bytes
-        self._scratch: torch.Tensor | None = None
 
     # --- seal -------------------------------------------------------------------------------------------------
     def seal(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_weight: torch.Tensor | None = None,
@@ -341,19 +332,6 @@ class V13Kernels:
         return out[:, :, 0], out[:, :, 1]
 
     # --- attention --------------------------------------------------------------------------------------------
-    def _scratch_pages(self, pages: int, H: int, device) -> torch.Tensor:
-        need = pages * H * self.page_bytes_per_head
-        if need > self.scratch_bytes_max:
-            raise RuntimeError(f"kakeya v13: one attention phase needs a {need / 2**20:.0f} MiB decode scratch "
-                               f"({pages} pages), over KAKEYA_V13_SCRATCH_MIB={self.scratch_bytes_max >> 20}; raise it "
-                               "or lower --max-num-seqs / --max-num-batched-tokens")
-        s = self._scratch
-        if s is None or s.shape[0] < pages or s.shape[1] != H or s.device != torch.device(device):
-            # Grow with headroom so a slowly growing context does not reallocate every step.
-            cap = min(max(pages, int(pages * 1.25) + 1), self.scratch_bytes_max // (H * self.page_bytes_per_head))
-            self._scratch = s = torch.empty(cap, H, 2, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=device)
-        return s
-
     def attention(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                   scale: float, plan: dict | None = None, precise: bool = False, splits: int = 8, bm: int = 16,
                   **launch) -> torch.Tensor:
@@ -398,31 +376,10 @@ class V13Kernels:
     def attention_scratch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot,
                           scale: float, plan: dict | None = None, precise: bool = False, n_sealed_host=None,
                           splits: int = 8, bm: int = 16) -> torch.Tensor:
-        """Decode-then-attend: the attended blocks -> bf16 scratch pages, then the exact-page kernel (baseline
-        launch). The sealed-block counts size the scratch on the host: ``n_sealed_host`` or
+        """Decode-then-attend (kakeya_kernels.scratch): the attended blocks -> bf16 scratch pages, then the exact-page
+        kernel (baseline launch). The sealed-block counts size the scratch on the host: ``n_sealed_host`` or
         ``plan["n_sealed_host"]`` (the backend's planner has them); without either, n_sealed is read back (one
         host sync)."""
-        R, H, dev = int(n_sealed.shape[0]), cache.shape[1], q.device
-        host = n_sealed_host if n_sealed_host is not None else (plan or {}).get("n_sealed_host")
-        ns = np.asarray(n_sealed.cpu() if host is None else host, dtype=np.int64).reshape(R)
-        per = ns + 1                                           # sealed pages + one tail page per request
-        base = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64)
-        P = int(per.sum())
-        r_idx = np.repeat(np.arange(R), ns)
-        b_idx = np.arange(int(ns.sum())) - np.repeat(np.cumsum(ns) - ns, ns)   # block index within its request
-        width = int(ns.max(initial=0)) + 1
-        sbt = base[:, None] + np.minimum(np.arange(width)[None, :], ns[:, None])   # column ns[r] = tail page
-        def to(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=torch.int32, non_blocking=True)
-        scratch = self._scratch_pages(P, H, dev)
-        if len(r_idx):
-            src = block_table[to(r_idx).long(), to(b_idx).long()].to(torch.int32)
-            self._launch_decode(cache, src, scratch, to(base[r_idx] + b_idx))
-        tail_pages = to(base + ns).long()
-        slots = tail_slot.long()
-        n_t = tail_k.shape[2]
-        scratch[tail_pages, :, 0, :n_t] = tail_k[slots].to(torch.bfloat16)
-        scratch[tail_pages, :, 1, :n_t] = tail_v[slots].to(torch.bfloat16)
-        pages_u8 = scratch.view(torch.uint8).view(scratch.shape[0], H, -1)
-        return self.exact.attention_exact(q, q_pos, q_req, pages_u8, to(sbt), seq_lens, scale, splits=splits, bm=bm,
-                                          precise=precise, plan=plan)
+        return scratch.attend(self.scratch, self._launch_decode, self.exact.attention_exact, "v13", q, q_pos, q_req,
+                              cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, plan=plan,
+                              n_sealed_host=n_sealed_host, scale=scale, splits=splits, bm=bm, precise=precise)

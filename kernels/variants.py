@@ -99,8 +99,8 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill")   # swap, pf: not in BASELINE
-# (swap: no candidate since session 9, the kernel keeps it); prefill: only in PREFILL_CANDIDATES
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch")   # swap, pf: not
+# in BASELINE (swap: no candidate since session 9, the kernel keeps it); prefill, scratch: only in PREFILL_CANDIDATES
 
 
 CANDIDATE_PREFIX = "candidate:"    # KAKEYA_DECODE_VARIANT=candidate:NAME serves an opt-in candidate (experiments)
@@ -160,6 +160,14 @@ PREFILL_CANDIDATES = {
     "q64": {64: dict(_PF, tt=32, num_warps=4, bm=64, waves=2), 128: dict(_PF, tt=64, num_warps=8, bm=64, waves=1)},
     # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
     "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},
+    # NOT yet timed. Decode once, then attend (kakeya_kernels.scratch): the sealed blocks a launch reads are decoded
+    # into bf16 exact pages once per launch (q128 decodes each block once per 32-token tile: 16 times for a 512-token
+    # chunk), then the exact-page kernel runs over them + the exact tail in 32-token x GQA 4 tiles. Costs a bf16
+    # scratch of (sealed blocks + 1) x Hkv x 2 x 512 x D per launch (KAKEYA_SCRATCH_MIB caps it). lut / prefill are
+    # not read on this path (exact pages). sm_90 compile of the exact-page launch with Triton 3.6 (3.9): D=64 120
+    # (125) registers, 2 programs/SM; D=128 160 (166), 1/SM; no spills; the decode kernel is compile_check's.
+    "scratch": {64: dict(lut=0, fused=True, tt=64, num_warps=8, maxnreg=None, bm=128, waves=2, scratch=True),
+                128: dict(lut=0, fused=True, tt=32, num_warps=8, maxnreg=None, bm=128, waves=1, scratch=True)},
 }
 # Session 9 (H200, benchmarks/results/vllm_s9/late/kernels.json "prefill", k4v3, µs per 512-token chunk of one request
 # against a 16k context): D=128 baseline 6525, q16 3425, q64 2125, q128 1277, FA3 bf16 220; D=64 baseline 4648, q16

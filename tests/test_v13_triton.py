@@ -132,10 +132,10 @@ def test_scratch_is_bounded_and_reused():
     args = (q, sc["seq_lens"].sub(1), torch.arange(2, dtype=torch.int32, device=DEV), sc["cache"], sc["block_table"],
             sc["n_sealed"], sc["seq_lens"], sc["tail_k"], sc["tail_v"], sc["tail_slot"], 0.125)
     kk.attention(*args, n_sealed_host=ns, splits=1)
-    first = kk._scratch
+    first = kk.scratch.buf
     assert first.shape[0] < 2 * (int(ns.sum()) + 2)    # 1 sealed + 2 tail pages (+ growth headroom)
     kk.attention(*args, n_sealed_host=ns, splits=1)
-    assert kk._scratch is first
+    assert kk.scratch.buf is first
     small = V13Kernels(64, 3, 2, DEV, scratch_mib=0, attn="scratch")
     with pytest.raises(RuntimeError, match="KAKEYA_V13_SCRATCH_MIB"):
         small.attention(*args, n_sealed_host=ns, splits=1)

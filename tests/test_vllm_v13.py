@@ -29,7 +29,7 @@ def test_v13_pages_follow_the_v13_layout_and_the_harness_ratio():
 
 
 def test_v13_knobs_validated():
-    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "64"}).v13_scratch_mib == 64
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "64"}).scratch_mib == 64
     from kakeya_kv.config import ConfigError
     for env, msg in (({"KAKEYA_V13_SCRATCH_MIB": "64"}, "only applies to KAKEYA_FORMAT=v13"),
                      ({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "lots"}, "not an integer"),

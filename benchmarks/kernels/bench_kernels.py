@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
@@ -274,11 +275,12 @@ class OursPrefill:
             self.phases.append(dict(
                 q=torch.randn(requests * n, hkv * GQA, d, dtype=torch.bfloat16, device=device), pos=pos, req=req,
                 nsl=torch.full((requests,), n0 + j, dtype=torch.int32, device=device),
-                sl=torch.full((requests,), start + n, dtype=torch.int32, device=device), plans={}))
+                sl=torch.full((requests,), start + n, dtype=torch.int32, device=device), plans={}, ns=n0 + j))
 
     def plan(self, ph: dict, bm: int) -> dict:
-        if bm not in ph["plans"]:
-            ph["plans"][bm] = self.kk.plan(ph["pos"], ph["req"], self.requests, GQA, bm=bm)
+        if bm not in ph["plans"]:   # host sealed-block counts as the backend's plans carry them (scratch candidate)
+            ph["plans"][bm] = dict(self.kk.plan(ph["pos"], ph["req"], self.requests, GQA, bm=bm),
+                                   n_sealed_host=np.full(self.requests, ph["ns"]))
         return ph["plans"][bm]
 
     def fn(self, v: dict):

@@ -61,6 +61,18 @@ def seal(d, bits, prec, num_stages, maxnreg):
     return _compile(K._seal_kernel, const, types, 4 if d <= 64 else 8, maxnreg)
 
 
+def scratch_decode(d, bits, precise):
+    """The scratch path's block decoder (KakeyaKernels.decode_into: indirect pages, _hada rotation when fast)."""
+    st = kakeya_layout(d, bits, bits).k
+    g, nb = K._group(bits)
+    const = dict(STREAM_OFF=0, OFF_MEAN=st["mean"].offset, OFF_SCALE=st["scale"].offset, OFF_GAIN=st["gain"].offset,
+                 OFF_CODES=st["codes"].offset, D=d, BITS=bits, G=g, NB=nb, N=BLOCK_TOKENS, TT=32, INDIRECT=1,
+                 PRECISE=int(precise), BF16DOT=1)
+    types = {"cache_ptr": "*u8", "out_ptr": "*bf16", "rot_ptr": "*fp32", "table_ptr": "*fp32", "hada_ptr": "*bf16",
+             "sgn_ptr": "*fp32"}
+    return _compile(K._decode_kernel, const, types, K.scratch_decode_warps(d))
+
+
 def combine(d, splits, gqa):
     const = dict(SP=triton.next_power_of_2(splits), D=d, RB=16, GQA=gqa)
     return _compile(K._combine_kernel, const, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16"}, 4)
@@ -103,14 +115,19 @@ def jobs(quick: bool):
         # Prefill launches (variants.PREFILL_CANDIDATES: bench --prefill and KAKEYA_PREFILL_VARIANT) at the widths and
         # GQA of the GPU parity tests (tests/test_prefill_variants.py) and k5v4 (the pair table inside lut 4); the
         # quick set's sm_90 check is that test file's (spills, occupancy).
+        # The scratch candidate's attention is the exact-page launch (pages decoded by scratch_decode below).
         for name, c in ({} if quick else PREFILL_CANDIDATES).items():
             for kb, vb, gqa, precise in PREFILL_CASES:
                 out.append((f"prefill {name} D={d} k{kb}v{vb} gqa={gqa} precise={precise}",
                             lambda *a: _fits(S.compile_attn(a[0], a[2], a[3], a[1]["lut"], a[1]["tt"],
                                                             a[1]["num_warps"], bm=a[1]["bm"], maxnreg=a[1]["maxnreg"],
                                                             fused=a[1]["fused"], gqa=a[4], precise=a[5],
-                                                            prefill=True)),
+                                                            prefill=not a[1].get("scratch"),
+                                                            exact=bool(a[1].get("scratch")))),
                             (d, c[d], kb, vb, gqa, precise)))
+        for bits in (() if quick else (2, 3, 4, 5)):
+            for precise in (False, True):
+                out.append((f"scratch decode D={d} bits={bits} precise={precise}", scratch_decode, (d, bits, precise)))
         for sv in (SEAL_VARIANTS[1:2] if quick else SEAL_VARIANTS):
             for bits in (4, 3):
                 out.append((f"seal D={d} bits={bits} {sv}", seal,

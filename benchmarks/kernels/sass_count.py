@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+from kakeya_kv.format import BLOCK_TOKENS, exact_layout, kakeya_layout
 
 _PTR_TYPES = {"q_ptr": "*bf16", "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "cache_ptr": "*u8",
               "hada_ptr": "*bf16", "sgn_ptr": "*fp32", "rot_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "ktab_ptr": "*fp16", "vtab_ptr": "*fp16"}
@@ -35,13 +35,14 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
-                 swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False):
+                 swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False, exact: bool = False):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
-    pipeline stages of the block loops (KakeyaKernels.attention's num_stages)."""
+    pipeline stages of the block loops (KakeyaKernels.attention's num_stages). exact: the exact-page launch
+    (attention_exact: boundary layers, the scratch prefill path)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
     (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
-    const = dict(KV_OFF=kl.size, EXACT=0, BF16DOT=1, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset,
+    const = dict(KV_OFF=exact_layout(d).k.size if exact else kl.size, EXACT=int(exact), BF16DOT=1, K_MEAN=kl["mean"].offset, K_SCALE=kl["scale"].offset,
                  K_GAIN=kl["gain"].offset, K_CODES=kl["codes"].offset, V_MEAN=vl["mean"].offset,
                  V_SCALE=vl["scale"].offset, V_GAIN=vl["gain"].offset, V_CODES=vl["codes"].offset, KBITS=kb, KG=kg,
                  KNB=knb, VBITS=vb, VG=vg, VNB=vnb, D=d, BM=bm, N=BLOCK_TOKENS, TT=tt, PRECISE=int(precise),

@@ -43,12 +43,14 @@ _KERNELS: dict = {}
 
 
 def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
-    """One kernel set per (head_dim, widths, device, bundle): layers of equal widths share it."""
+    """One kernel set per (head_dim, widths, device, bundle): layers of equal widths share it (and its decode
+    scratch, KAKEYA_SCRATCH_MIB: the layers run one after the other)."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source)
     if key not in _KERNELS:
         kt, vt = (None, None) if cal is None else cal.tables(k_bits, v_bits)
-        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt)
+        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt,
+                                      scratch_mib=settings().scratch_mib)
     return _KERNELS[key]
 
 
@@ -227,9 +229,6 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
             if not decode:
                 meta.phases = [self.launches.phase(ph, self.device, self.gqa, max_blocks,
                                                    decode_step=cam.max_query_len == 1) for ph in phases]
-            for d, ph in zip(meta.phases, phases):   # v13's scratch path sizes its scratch from these (no sync)
-                for a in d.get("attn", (d,)):
-                    a["plan"]["n_sealed_host"] = ph.n_sealed
         elif not decode:
             (ph,) = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], None)
             meta.exact = to_device(ph, self.device, self.gqa, self.bm)
@@ -330,7 +329,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.v13_scratch_mib, self.cfg.v13_attention)
+        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
                    if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal))
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)

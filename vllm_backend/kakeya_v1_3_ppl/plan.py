@@ -188,9 +188,12 @@ def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     q_pos, q_req = ph.q_pos[sel], ph.q_req[sel]
     pl = gqa_plan(q_pos, q_req, len(ph.rows), gqa, bm)
+    # Host sealed-block counts of the requests this launch attends (-1: none of its tokens here): what a
+    # decode-then-attend launch (kakeya_kernels.scratch) sizes its scratch from, without a host sync.
+    ns_host = np.where(np.isin(np.arange(len(ph.rows)), q_req), ph.n_sealed, -1)
     return dict(tok=t(ph.tok[sel], torch.int64), q_pos=t(q_pos), q_req=t(q_req), n_tok=len(sel),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
-                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
+                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"], n_sealed_host=ns_host))
 
 
 class DecodeBuffers:

@@ -1,0 +1,92 @@
+"""Decode-then-attend, shared by the formats: the sealed blocks one attention launch reads are decoded ONCE into a
+bf16 scratch of exact pages (one page per attended sealed block + one per request for its exact tail), then the
+exact-page attention kernel runs over the scratch. Each format supplies its block decoder; this module does the
+host-side sizing (from the planner's sealed-block counts: no host sync), the bounded reusable buffer and the tail
+copy.
+
+Worth it where attention is compute-bound and every sealed block is read by many query tiles (prefill chunks:
+``KAKEYA_PREFILL_VARIANT=candidate:scratch`` of the default format); for decode it only adds a write and a read of
+bf16 pages per step (v13's ``KAKEYA_V13_ATTENTION=scratch`` fallback uses it there too).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kakeya_kv.format import BLOCK_TOKENS, exact_layout
+
+SCRATCH_KNOB = "KAKEYA_SCRATCH_MIB"
+
+
+class ScratchPages:
+    """One bf16 buffer [pages, H, 2, 512, D] (per head K rows then V rows: the exact page layout), grown on demand
+    with headroom, reused by every call (a kernel object serves its layers one after the other), capped."""
+
+    def __init__(self, head_dim: int, cap_mib: int, knob: str = SCRATCH_KNOB):
+        self.D, self.cap_bytes, self.knob = head_dim, cap_mib << 20, knob
+        self.page_bytes_per_head = exact_layout(head_dim).slot_bytes
+        self.buf: torch.Tensor | None = None
+
+    def get(self, pages: int, H: int, device, what: str) -> torch.Tensor:
+        need = pages * H * self.page_bytes_per_head
+        if need > self.cap_bytes:
+            raise RuntimeError(f"kakeya {what}: one attention phase needs a {need / 2**20:.0f} MiB decode scratch "
+                               f"({pages} pages), over {self.knob} = {self.cap_bytes >> 20} MiB; raise it or lower "
+                               "--max-num-seqs / --max-num-batched-tokens")
+        s = self.buf
+        if s is None or s.shape[0] < pages or s.shape[1] != H or s.device != torch.device(device):
+            # Headroom, so a slowly growing context does not reallocate every step.
+            cap = min(max(pages, int(pages * 1.25) + 1), self.cap_bytes // (H * self.page_bytes_per_head))
+            self.buf = s = torch.empty(cap, H, 2, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=device)
+        return s
+
+
+def layout(n_sealed: torch.Tensor, plan: dict | None, n_sealed_host, device) -> dict:
+    """Where each request's pages go in the scratch. Host counts: ``n_sealed_host`` or ``plan["n_sealed_host"]``
+    (the backend's planner sets them per launch; -1 = a request of the phase this launch does not attend: no pages),
+    else n_sealed is read back (one host sync). Derived from plan["n_sealed_host"], the result is cached in the plan
+    (one plan serves every layer of a step, so the index copies happen once per step; a CUDA-graph capture after a
+    warm-up call copies nothing)."""
+    keep = n_sealed_host is None and plan is not None and plan.get("n_sealed_host") is not None
+    if keep and "scratch_layout" in plan:
+        return plan["scratch_layout"]
+    host = plan["n_sealed_host"] if keep else n_sealed_host
+    R = int(n_sealed.shape[0])
+    ns = np.asarray(n_sealed.cpu() if host is None else host, dtype=np.int64).reshape(R)
+    used = ns >= 0
+    ns = np.maximum(ns, 0)
+    per = np.where(used, ns + 1, 0)                       # sealed pages + one tail page per attended request
+    base = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64)
+    r_idx = np.repeat(np.arange(R), ns)
+    b_idx = np.arange(int(ns.sum())) - np.repeat(np.cumsum(ns) - ns, ns)   # block index within its request
+    width = int(ns.max(initial=0)) + 1
+    sbt = base[:, None] + np.minimum(np.arange(width)[None, :], ns[:, None])   # column ns[r] = the tail page
+    att = np.nonzero(used)[0]
+
+    def to(a, dt=torch.int32):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt, non_blocking=True)
+    out = dict(pages=int(per.sum()), n_blocks=len(r_idx), r=to(r_idx, torch.int64), b=to(b_idx, torch.int64),
+               dst=to(base[r_idx] + b_idx), tail_req=to(att, torch.int64), tail_page=to(base[att] + ns[att],
+                                                                                         torch.int64),
+               block_table=to(sbt))
+    if keep:
+        plan["scratch_layout"] = out
+    return out
+
+
+def attend(pages: ScratchPages, decode, exact_attention, what: str, q, q_pos, q_req, cache, block_table, n_sealed,
+           seq_lens, tail_k, tail_v, tail_slot, plan: dict | None = None, n_sealed_host=None, **kw):
+    """decode(cache, src_pages, scratch, dst_idx): the format's block decoder (int32 device indices).
+    exact_attention(q, q_pos, q_req, pages_u8, block_table, seq_lens, plan=..., **kw): exact-page attention."""
+    H, dev = cache.shape[1], q.device
+    lay = layout(n_sealed, plan, n_sealed_host, dev)
+    buf = pages.get(lay["pages"], H, dev, what)
+    if lay["n_blocks"]:
+        decode(cache, block_table[lay["r"], lay["b"]].to(torch.int32), buf, lay["dst"])
+    if len(lay["tail_req"]):
+        slots = tail_slot.long()[lay["tail_req"]]
+        n_t = min(tail_k.shape[2], BLOCK_TOKENS)
+        buf[lay["tail_page"], :, 0, :n_t] = tail_k[slots, :, :n_t].to(torch.bfloat16)
+        buf[lay["tail_page"], :, 1, :n_t] = tail_v[slots, :, :n_t].to(torch.bfloat16)
+    pages_u8 = buf.view(torch.uint8).view(buf.shape[0], H, -1)
+    return exact_attention(q, q_pos, q_req, pages_u8, lay["block_table"], seq_lens, plan=plan, **kw)
