@@ -7,7 +7,8 @@
   Scores are computed in the format's rotated domain: per block the query is
   turned once into q' = R (q / lambda), values are accumulated as rotated code
   vectors and un-rotated once per block, so no token is ever decoded to D-dim.
-* ``decode_blocks``: sealed blocks -> bf16 (tests and tools).
+* ``decode``: sealed blocks -> bf16 (tests and tools); ``decode_into``: the same kernel, indirect, for the
+  decode-once-then-attend prefill launch (``attention(..., scratch=True)``, kakeya_kernels.scratch).
 
 Attention variants (``KakeyaKernels(..., lut, fused, tt, num_warps, maxnreg)`` or per call; defaults = the path
 measured in sessions 2-3): ``lut=2`` looks centroids up two codes at a time in a pair table (a 4-bit byte is its
