@@ -43,7 +43,7 @@ def main():
         xml = os.path.join(td, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels.py",
                "tests/test_decode_variants.py", "tests/test_decode_candidates.py", "tests/test_prefill_variants.py",
-               f"--junitxml={xml}"]
+               "tests/test_scratch_prefill.py", f"--junitxml={xml}"]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             rc, text = p.returncode, p.stdout
