@@ -66,9 +66,8 @@ def layout(n_sealed: torch.Tensor, plan: dict | None, n_sealed_host, device) -> 
     def to(a, dt=torch.int32):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt, non_blocking=True)
     out = dict(pages=int(per.sum()), n_blocks=len(r_idx), r=to(r_idx, torch.int64), b=to(b_idx, torch.int64),
-               dst=to(base[r_idx] + b_idx), tail_req=to(att, torch.int64), tail_page=to(base[att] + ns[att],
-                                                                                         torch.int64),
-               block_table=to(sbt))
+               dst=to(base[r_idx] + b_idx), tail_req=to(att, torch.int64),
+               tail_page=to(base[att] + ns[att], torch.int64), block_table=to(sbt))
     if keep:
         plan["scratch_layout"] = out
     return out
