@@ -899,7 +899,7 @@ def _check_variant(lut, fused) -> None:
     if lut not in LUTS:
         raise ValueError(f"lut must be one of {LUTS} (0 global gather, 1 register gather, 2 pair table, 3/4 register "
                          f"byte-plane table for codes of <= 3/4 bits, 5-7 linear: uniform-grid tables), got {lut!r}")
-    if fused not in (True, False, 0, 1):   # (was unreachable, after linear_steps' return, until session 10)
+    if fused not in (True, False, 0, 1):
         raise ValueError(f"fused must be a bool, got {fused!r}")
 
 
@@ -1045,8 +1045,8 @@ class KakeyaKernels:
             o = dst[:, :, kv]
             _decode_kernel[(I, H)](cache, cache.stride(0), cache.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
                                    self.rot, self.tables[name], pages, dst_idx, self.hada[False], self.sgn, TT=32,
-                                   num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)), BF16DOT=int(not _INTERPRET),
-                                   **self._consts(st, off))
+                                   num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)),
+                                   BF16DOT=int(not _INTERPRET), **self._consts(st, off))
 
     def plan(self, q_pos, q_req, num_reqs: int, gqa: int, bm: int = 16) -> dict:
         """Row/tile bookkeeping for a batch (what a metadata builder does once per step).
