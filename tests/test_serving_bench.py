@@ -753,8 +753,8 @@ def test_run_end_to_end_with_a_stand_in_vllm(tmp_path):
 
 
 def test_graphs_rows_are_judged_against_graphs_bf16():
-    """A CUDA-graph Kakeya row's ratios come from flash_bf16_graphs, not from the eager bf16 row (session 9:
-    eager bf16 decoded 2.4x slower than graphs bf16 at b16 32k, which would have flattered the graphs row)."""
+    """A CUDA-graph Kakeya row's ratios come from flash_bf16_graphs, not from the eager bf16 row (H200, b16
+    32k: eager bf16 430 tok/s in session 8, graphs bf16 1039 in session 9; the eager row flattered graphs rows)."""
     rows = [_row("flash_bf16", decode_tok_s_b16_32k=400.0), _row("flash_bf16_graphs", decode_tok_s_b16_32k=1000.0),
             _row("kakeya_graphs", decode_tok_s_b16_32k=500.0), _row("kakeya", decode_tok_s_b16_32k=500.0)]
     out = {r["config"]: r for r in report.add_ratios(rows)}

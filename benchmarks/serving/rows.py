@@ -35,8 +35,8 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
 }
 BASELINE = "flash_bf16"
 # The bf16 reference of a row is the bf16 row run in the same execution mode: CUDA-graph rows against
-# flash_bf16_graphs (session 9: eager bf16 decodes 2.4x slower than graphs bf16 at b16 32k, so an eager reference
-# would flatter a graphs row).
+# flash_bf16_graphs (H200, Qwen3-8B-like, b16 32k: eager bf16 430 tok/s in session 8's call, graphs bf16 1039 in
+# session 9's, serving.json; an eager reference would flatter a graphs row).
 REFERENCE = {"kakeya_graphs": "flash_bf16_graphs"}
 BASELINES = (BASELINE, *sorted(set(REFERENCE.values())))
 
