@@ -1,1 +1,0 @@
-"""Triton kernels for the Kakeya block formats (layouts from kakeya_kv.format)."""
