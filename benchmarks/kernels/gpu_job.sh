@@ -34,6 +34,18 @@ timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$
     --sweep "${KERNEL_SWEEP:-short}" --grid "${KERNEL_GRID:-full}" \
     --grid-variant "${KERNEL_GRID_VARIANT:-tuned}" $PREFILL_ARGS 2>&1 | grep -v Warning
 python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && tail -3 "$OUT/KERNELS.md"
+# KERNEL_NCU=1 (default) and ncu present: stall reasons / issue rate of one TUNED decode launch per head_dim (<= 120 s).
+if [ "${KERNEL_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
+  for d in 128 64; do
+    timeout 60 ncu --kernel-name regex:_attn_kernel --launch-skip 3 --launch-count 1 --csv --page details \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 benchmarks/kernels/profile_decode.py --d $d > "$OUT/ncu_decode_d$d.csv" 2> "$OUT/ncu_decode_d$d.err"
+    echo "ncu d=$d rc=$? $(wc -l < "$OUT/ncu_decode_d$d.csv") lines"
+    grep -E '"(Issue Slots Busy|Issued Warp Per Scheduler|No Eligible|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued Instruction)"|issue_stalled' "$OUT/ncu_decode_d$d.csv" | head -40 | awk -F'","' '{print $(NF-2), $NF}'
+  done
+fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"
 [ "${KERNEL_PARITY:-1}" = 1 ] && [ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" 2>&1 | tail -25
