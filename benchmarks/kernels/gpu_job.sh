@@ -10,7 +10,9 @@
 # what is left of 450 s (its last GPU run took 27 s of test time plus compiles).
 set -u
 T0=$(date +%s)
-source .gpukit/setup.sh || exit 3
+# KERNEL_NO_KIT=1: no gpu-kit (nothing staged; the device's own torch + Triton): the baselines are torch SDPA, not FA3
+# (kernels.json rows name theirs), the rest (candidates vs each other, parity, ncu) is unchanged.
+if [ "${KERNEL_NO_KIT:-0}" = 1 ]; then echo "no gpu-kit: SDPA baselines"; else source .gpukit/setup.sh || exit 3; fi
 source scripts/triton_cache.sh restore
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
 mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/kakeya_kernels && ln -sfn "$PWD/kakeya_kv" /tmp/pp/kakeya_kv
