@@ -160,7 +160,7 @@ PREFILL_CANDIDATES = {
     "q64": {64: dict(_PF, tt=32, num_warps=4, bm=64, waves=2), 128: dict(_PF, tt=64, num_warps=8, bm=64, waves=1)},
     # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
     "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},
-    # NOT yet timed. Decode once, then attend (kakeya_kernels.scratch): the sealed blocks a launch reads are decoded
+    # Timed in session 10 (below); not yet run in vLLM. Decode once, then attend (kakeya_kernels.scratch): the sealed blocks a launch reads are decoded
     # into bf16 exact pages once per launch (q128 decodes each block once per 32-token tile: 16 times for a 512-token
     # chunk), then the exact-page kernel runs over them + the exact tail in 32-token x GQA 4 tiles. Costs a bf16
     # scratch of (sealed blocks + 1) x Hkv x 2 x 512 x D per launch (KAKEYA_SCRATCH_MIB caps it). lut / prefill are
@@ -175,6 +175,13 @@ PREFILL_CANDIDATES = {
 # (chunk 512 / 2048 x 1 / 4 requests x 16k / 32k). q128 was the fastest at D=128 in all 8 rows; at D=64 q64 took at
 # most q128's time in 7 of 8 (the exception: 649 vs 646 above) and needs half the tile's rows. Kernel timings only:
 # no prefill candidate has run inside vLLM on a GPU yet.
+# Session 10 (H100 80GB HBM3, benchmarks/results/vllm_s10/kernels/kernels.json "prefill", no vLLM kit: the bf16
+# baseline is torch SDPA, not FA3), µs: "scratch" was the fastest launch in all 9 rows timed — D=128 16k / 1 request /
+# chunk 512: scratch 874, q128 1268, q64 2115, baseline 6383, SDPA 445; D=128 32k / 4 requests / chunk 2048: scratch
+# 26394 vs q128 39772, SDPA 14069 (0.47-0.53x SDPA over the 8 D=128 rows); D=64 16k / 1 / 512: scratch 405, q128 644,
+# SDPA 291. Every candidate agreed with the baseline launch (scratch within 4.8e-3: bf16 pages, as FA's cache). It is
+# not the default yet: it has not run inside vLLM, its scratch is allocated after vLLM's memory profiling, and a phase
+# whose sealed blocks exceed KAKEYA_SCRATCH_MIB is an error instead of falling back to q128.
 PREFILL_TUNED = {64: PREFILL_CANDIDATES["q64"][64], 128: PREFILL_CANDIDATES["q128"][128]}
 PREFILL_NAMES = ("tuned", "baseline")
 

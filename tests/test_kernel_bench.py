@@ -162,3 +162,14 @@ def test_sweep_best_picks_the_fastest_agreeing_lloyd_max_variant():
     best = B.sweep_best(tuning)
     assert best == {128: fill, 64: TUNED[64]}
     assert [r["context"] for r in B.grid_rows("goal16k", (64, 128))] == [16384] * 4
+
+
+def test_report_names_an_sdpa_baseline():
+    """gpu_job.sh KERNEL_NO_KIT=1 times torch SDPA, not FA3: the report must say so above the FA3-labelled columns."""
+    import report
+    row = dict(format="f", head_dim=64, batch=16, context=16384, us=2.0, fa3_bf16_us=1.0, gbps=1.0, floor_us=1.0,
+               lut=4, fused=True, tt=64, num_warps=4, bm=4)
+    res = dict(gpu="g", copy_gbps=1.0, format="f", decode=[row], seal=[], tuning=[], not_measured=[])
+    assert "SDPA" not in report.render(res)   # no baseline field: FA3 as before
+    row["baseline"] = "sdpa"
+    assert "Baseline in this run: sdpa" in report.render(res)

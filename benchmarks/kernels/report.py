@@ -43,6 +43,10 @@ def render(res: dict) -> str:
     out = [f"# Kernel benchmarks — {res['gpu']} (copy bandwidth {res['copy_gbps']:.0f} GB/s), format {res['format']}",
            "", "Decode attention, 8 KV heads, GQA 4, one query token per request; FA3 = vLLM's FlashAttention-3 on a "
            f"bf16 paged cache (page 256). Timings: {timing}; same card, same run.", ""]
+    bases = {r.get("baseline") for r in res.get("decode", []) + res.get("prefill", [])} - {None}
+    if "sdpa" in bases:   # gpu_job.sh KERNEL_NO_KIT=1: no vLLM kit, so no FA3 (bench_kernels falls back to SDPA)
+        out += [f"**Baseline in this run: {', '.join(sorted(bases))} — torch SDPA on bf16 (the vLLM kit was not "
+                "staged), not FlashAttention-3. Every column below labelled FA3 holds that baseline's time.**", ""]
     if res.get("tuning"):
         out += ["Variant sweep (batch 16, context 16k; `lut` 0 = global gather, 2 = pair table, 3/4 = table in "
                 "registers for codes of <= 3/4 bits; `fused` = in-kernel query gather + combine kernel; `swap` = codes "
