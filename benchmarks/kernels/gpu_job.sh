@@ -17,7 +17,7 @@ source scripts/triton_cache.sh restore
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .gpuwheels/*.whl >/dev/null 2>&1
 mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/kakeya_kernels && ln -sfn "$PWD/kakeya_kv" /tmp/pp/kakeya_kv
 ln -sfn "$PWD/vllm_backend/kakeya_v1_3_ppl" /tmp/pp/kakeya_v1_3_ppl   # planner/runtime in test_decode_variants
-export PYTHONPATH=/tmp/pp:/tmp/pyt:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/pp:/tmp/pyt:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Profilers for the next step of issue 3 (stall reasons / occupancy), if the image has them.
 for t in ncu nsys; do command -v $t >/dev/null && echo "profiler available: $(command -v $t)"; done
