@@ -160,9 +160,10 @@ PREFILL_CANDIDATES = {
     "q64": {64: dict(_PF, tt=32, num_warps=4, bm=64, waves=2), 128: dict(_PF, tt=64, num_warps=8, bm=64, waves=1)},
     # 32 tokens x GQA 4 per tile (8 warps, tt 32: no spill in the loop at either head_dim)
     "q128": {64: dict(_PF, tt=32, num_warps=8, bm=128, waves=1), 128: dict(_PF, tt=32, num_warps=8, bm=128, waves=1)},
-    # Timed in session 10 (below); not yet run in vLLM. Decode once, then attend (kakeya_kernels.scratch): the sealed blocks a launch reads are decoded
-    # into bf16 exact pages once per launch (q128 decodes each block once per 32-token tile: 16 times for a 512-token
-    # chunk), then the exact-page kernel runs over them + the exact tail in 32-token x GQA 4 tiles. Costs a bf16
+    # Timed in session 10 (below); not yet run in vLLM. Decode once, then attend (kakeya_kernels.scratch): the sealed
+    # blocks a launch reads are decoded into bf16 exact pages once per launch (q128 decodes each block once per
+    # 32-token tile: 16 times for a 512-token chunk), then the exact-page kernel runs over them + the exact tail in
+    # 32-token x GQA 4 tiles. Costs a bf16
     # scratch of (sealed blocks + 1) x Hkv x 2 x 512 x D per launch (KAKEYA_SCRATCH_MIB caps it). lut / prefill are
     # not read on this path (exact pages). sm_90 compile of the exact-page launch with Triton 3.6 (3.9): D=64 120
     # (125) registers, 2 programs/SM; D=128 160 (166), 1/SM; no spills; the decode kernel is compile_check's.

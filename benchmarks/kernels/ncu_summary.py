@@ -8,6 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import GQA, HKV  # noqa: E402
+from profile_decode import BATCH, CONTEXT, K_BITS, V_BITS  # noqa: E402  (gpu_job.sh profiles its defaults)
+
 PICK = ["Duration", "SM Frequency", "Issued Warp Per Scheduler", "No Eligible", "Active Warps Per Scheduler",
         "Eligible Warps Per Scheduler", "Warp Cycles Per Issued Instruction", "Achieved Occupancy",
         "Theoretical Occupancy", "Registers Per Thread", "Block Limit Registers", "Block Limit Shared Mem",
@@ -31,13 +35,14 @@ def main():
     dst, paths = sys.argv[1], sys.argv[2:]
     prof = {int(re.search(r"d(\d+)", Path(p).name).group(1)): read(p) for p in paths}
     ds = sorted(prof, reverse=True)
-    lines = ["# Nsight Compute: one TUNED decode launch (k4v3, batch 16, context 16k, 8 KV heads, GQA 4)", "",
+    lines = [f"# Nsight Compute: one TUNED decode launch (k{K_BITS}v{V_BITS}, batch {BATCH}, context {CONTEXT}, "
+             f"{HKV} KV heads, GQA {GQA})", "",
              "ncu fixes the SM clock (see SM Frequency), so Duration is longer than the bench's time.", "",
              "| metric | " + " | ".join(f"D={d}" for d in ds) + " |", "|---" * (1 + len(ds)) + "|"]
     for k in PICK:
         lines.append(f"| {k} | " + " | ".join(" ".join(prof[d].get(k, ("-", ""))).strip() for d in ds) + " |")
     # Thread instructions per code element: warp instructions x 32 / (batch x context x Hkv x D x 2 streams)
-    per = {d: float(prof[d]["Executed Instructions"][0].replace(",", "")) * 32 / (16 * 16384 * 8 * d * 2)
+    per = {d: float(prof[d]["Executed Instructions"][0].replace(",", "")) * 32 / (BATCH * CONTEXT * HKV * d * 2)
            for d in ds if "Executed Instructions" in prof[d]}
     lines.append("| thread instructions per K/V code element | " + " | ".join(f"{per.get(d, 0):.2f}" for d in ds)
                  + " |")
