@@ -138,7 +138,9 @@ def _mib(name: str, raw: str) -> int:
 
 def _scratch_mib(env, fmt: str) -> int:
     """KAKEYA_SCRATCH_MIB: MiB of bf16 pages a decode-then-attend launch may decode per phase (kakeya_kernels.scratch:
-    KAKEYA_PREFILL_VARIANT=candidate:scratch, v13's KAKEYA_V13_ATTENTION=scratch), 1..1048576, default 1024.
+    KAKEYA_PREFILL_VARIANT=candidate:scratch, v13's KAKEYA_V13_ATTENTION=scratch), 1..1048576, default 512. The
+    prefill scratch is reserved whole at model load (vLLM counts it as non-KV memory) and a phase that would need
+    more runs the tuned prefill launch; v13's scratch grows on demand up to the cap and errors past it.
     KAKEYA_V13_SCRATCH_MIB, its earlier name, stays accepted with KAKEYA_FORMAT=v13; both set must agree."""
     raw = (env.get("KAKEYA_SCRATCH_MIB") or "").strip()
     old = (env.get("KAKEYA_V13_SCRATCH_MIB") or "").strip()
@@ -153,7 +155,7 @@ def _scratch_mib(env, fmt: str) -> int:
     if v is not None and w is not None and v != w:
         raise ConfigError(f"KAKEYA_SCRATCH_MIB={raw!r} and KAKEYA_V13_SCRATCH_MIB={old!r} (its old name) disagree; "
                           "unset KAKEYA_V13_SCRATCH_MIB")
-    return v or w or 1024
+    return v or w or 512
 
 
 def _v13_attention(env, fmt: str) -> str:
@@ -250,7 +252,7 @@ class KakeyaConfig:
     skip_layers: tuple[int, ...] = ()
     calibration: str | None = None
     cuda_graphs: bool = False     # experimental: full CUDA graphs for pure-decode steps
-    scratch_mib: int = 1024       # cap of the bf16 decode scratch (kakeya_kernels.scratch: blocks one launch reads)
+    scratch_mib: int = 512        # cap of the bf16 decode scratch (kakeya_kernels.scratch: blocks one launch reads)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
     prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)

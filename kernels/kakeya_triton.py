@@ -936,7 +936,7 @@ class KakeyaKernels:
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, device, k_table: torch.Tensor | None = None,
                  v_table: torch.Tensor | None = None, lut: int = 0, fused: bool = False, tt: int = 64,
-                 num_warps: int = 8, maxnreg: int | None = None, scratch_mib: int = 1024):
+                 num_warps: int = 8, maxnreg: int | None = None, scratch_mib: int = 512):
         """k_table / v_table: fitted centroids from a calibration bundle (default: Lloyd-Max for N(0,1)).
         lut, fused, tt, num_warps, maxnreg: the default decode-attention variant (see LUTS and :meth:`_launch`);
         the defaults are the path measured in sessions 2-3. scratch_mib: cap of the decode scratch of

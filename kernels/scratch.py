@@ -27,6 +27,15 @@ class ScratchPages:
         self.page_bytes_per_head = exact_layout(head_dim).slot_bytes
         self.buf: torch.Tensor | None = None
 
+    def capacity_pages(self, H: int) -> int:
+        """Pages of H heads the cap holds (the planner's bound for a decode-then-attend phase)."""
+        return self.cap_bytes // (H * self.page_bytes_per_head)
+
+    def reserve(self, H: int, device) -> torch.Tensor:
+        """Allocate the whole cap now. The vLLM backend calls this while loading weights, so vLLM's memory profiling
+        counts the scratch as non-KV memory instead of it being allocated out of the KV budget at the first prefill."""
+        return self.get(self.capacity_pages(H), H, device, "scratch reservation")
+
     def get(self, pages: int, H: int, device, what: str) -> torch.Tensor:
         need = pages * H * self.page_bytes_per_head
         if need > self.cap_bytes:

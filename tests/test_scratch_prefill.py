@@ -97,7 +97,7 @@ def test_scratch_cap_and_knob():
     with pytest.raises(RuntimeError, match=r"kakeya kakeya: .* 1 MiB decode scratch \(10 pages\), over "
                                            r"KAKEYA_SCRATCH_MIB = 1 MiB"):
         _run(small, sc, q, pos, req, 5, gqa, hkv, SCRATCH[d], n_sealed_host=ns)
-    assert KakeyaConfig.from_env({}).scratch_mib == 1024
+    assert KakeyaConfig.from_env({}).scratch_mib == 512
     assert KakeyaConfig.from_env({"KAKEYA_SCRATCH_MIB": "64"}).scratch_mib == 64
     assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "32"}).scratch_mib == 32
     assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_SCRATCH_MIB": "32",
@@ -141,3 +141,41 @@ def test_mixed_step_scratch_launch_decodes_only_its_requests():
     a, b = outs["candidate:scratch"][0], outs["baseline"][0]
     for i in range(len(pos)):
         assert rel_err(a[i], b[i].double()) < ACCEPT_REL, i
+
+
+def test_phase_over_the_cap_falls_back_to_the_tuned_prefill_launch():
+    """KAKEYA_PREFILL_VARIANT=candidate:scratch with a 1 MiB cap (8 pages of one KV head at D 64): a phase of three
+    20-token chunks over 2 sealed blocks each needs 3 x 3 = 9 pages, so Launches.phase plans the tuned prefill launch
+    instead (counted in ``fallbacks``) and the step still matches the baseline launch; at 2 MiB the same phase keeps
+    the scratch launch. The reservation allocates the whole cap once and later phases reuse it."""
+    from kakeya_kernels.variants import PREFILL_TUNED
+    from kakeya_v1_3_ppl.plan import Launches, Phase
+    from kakeya_v1_3_ppl.runtime import forward_compressed
+    lens, chunks, hkv, gqa, d = [1100] * 3, [20] * 3, 1, 4, 64
+    kk, sc, _, q, pos, req = _phase(lens, chunks, hkv, gqa, d, seed=7)
+    e = np.empty(0, dtype=np.int64)
+    ph = Phase(tok=np.arange(len(pos)), q_pos=pos.cpu().numpy().astype(np.int64), q_req=req.cpu().numpy().astype(
+        np.int64), rows=np.arange(3), n_sealed=np.array([2, 2, 2]), seq_end=np.array(lens), tail_slot=np.arange(3),
+        write_tok=e, write_slot=e, write_off=e, seal_row=e, seal_blk=e, seal_slot=e)
+    width = sc["block_table"].shape[1]
+    roomy = Launches("tuned", d, hkv, DEV, prefill="candidate:scratch", scratch_mib=2)
+    assert roomy.scratch_cap == 16 and roomy.phase(ph, DEV, gqa, width)["launch"]["scratch"] and roomy.fallbacks == 0
+    tight = Launches("tuned", d, hkv, DEV, prefill="candidate:scratch", scratch_mib=1)
+    p = tight.phase(ph, DEV, gqa, width)
+    assert tight.scratch_cap == 8 and tight.fallbacks == 1
+    assert not p["launch"].get("scratch") and p["plan"]["bm"] == PREFILL_TUNED[d]["bm"]
+    assert p["launch"] == dict(kernel_args(PREFILL_TUNED[d]), splits=p["launch"]["splits"])
+    outs = {}
+    for name, pp in (("fallback", p), ("baseline", Launches("tuned", d, hkv, DEV, prefill="baseline").phase(
+            ph, DEV, gqa, width))):
+        out = torch.zeros(len(pos), hkv * gqa, d, device=DEV)
+        forward_compressed(kk, q, None, None, sc["cache"], sc["tail_k"], sc["tail_v"], [pp], sc["block_table"],
+                           d ** -0.5, out)
+        outs[name] = out.cpu()
+    for i in range(len(pos)):
+        assert rel_err(outs["fallback"][i], outs["baseline"][i].double()) < ACCEPT_REL, i
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    small = KakeyaKernels(d, 4, 3, DEV, scratch_mib=1)
+    buf = small.scratch.reserve(hkv, DEV)
+    assert buf.shape[0] == small.scratch.capacity_pages(hkv) == 8
+    assert small.scratch.get(3, hkv, DEV, "test") is buf

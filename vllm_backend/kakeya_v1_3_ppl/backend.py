@@ -190,7 +190,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         # keep the baseline launch.
         self.launches = Launches(settings().decode_variant if self.compressed else "baseline",
                                  kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device,
-                                 prefill=settings().prefill_variant if self.compressed else "baseline")
+                                 prefill=settings().prefill_variant if self.compressed else "baseline",
+                                 scratch_mib=settings().scratch_mib)
         self.bm = self.launches.base["bm"]
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
@@ -331,6 +332,11 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
                    if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal))
+        if self.cfg.format == "kakeya":
+            from kakeya_kernels.variants import prefill_variant
+            if prefill_variant(self.cfg.prefill_variant, self.head_size).get("scratch"):
+                # Here, not at the first prefill: vLLM's profiling then counts it (one buffer per kernel set).
+                self.kk.scratch.reserve(self.num_kv_heads, dev)
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)
 

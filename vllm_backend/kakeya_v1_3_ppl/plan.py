@@ -276,12 +276,24 @@ class Launches:
     launch; ``attach`` adds a launch's kernel knobs and split count, which depend on host-known sizes only (tiles,
     block-table width)."""
 
-    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "tuned"):
+    def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "tuned",
+                 scratch_mib: int | None = None):
         from kakeya_kernels.variants import decode_variant, prefill_variant
         self.decode, self.base = decode_variant(name, head_dim), prefill_variant(prefill, head_dim)
         # "baseline" is the fallback to the previous path: one base launch per phase, decode rows included.
         self.split = prefill != "baseline" and self.decode != self.base
         self.hkv = num_kv_heads
+        # A decode-then-attend prefill launch (kakeya_kernels.scratch) needs one bf16 page per attended sealed block
+        # + one per request; a phase needing more than the KAKEYA_SCRATCH_MIB cap holds runs the tuned prefill launch
+        # instead (same result up to bf16 rounding), so the cap bounds memory and never fails a request.
+        self.scratch_cap = self.fallback = None
+        if self.base.get("scratch"):
+            from kakeya_kernels.scratch import ScratchPages
+            from kakeya_kv.config import KakeyaConfig
+            scratch_mib = KakeyaConfig.scratch_mib if scratch_mib is None else scratch_mib
+            self.scratch_cap = ScratchPages(head_dim, scratch_mib).capacity_pages(num_kv_heads)
+            self.fallback = prefill_variant("tuned", head_dim)
+        self.fallbacks = 0   # phases that took the fallback (diagnostics; tests read it)
         dev = torch.device(device)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
 
@@ -290,20 +302,36 @@ class Launches:
         ph["launch"] = dict(kernel_args(v), splits=num_splits(v, ph["plan"]["nt"], self.hkv, max_blocks, self.sms))
         return ph
 
+    def _base_for(self, ph: Phase, sel: np.ndarray | None = None) -> dict:
+        """The base launch for the phase's query tokens ``sel`` (None: all): the scratch launch unless its pages
+        (sealed blocks + 1 of each request those tokens attend) exceed the cap."""
+        if self.scratch_cap is None:
+            return self.base
+        reqs = np.unique(ph.q_req if sel is None else ph.q_req[sel])
+        if int((ph.n_sealed[reqs] + 1).sum()) <= self.scratch_cap:
+            return self.base
+        self.fallbacks += 1
+        return self.fallback
+
     def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
         """One phase of a host-planned step (decode_step: every request has one new token). In a mixed step the
         requests with one query token in the phase (decode rows) get the decode launch over their own tiles and the
         others (prefill chunks) the base launch: a 1-token row in a prefill tile (bm up to 128 rows) would waste most
         of it. Such a phase carries ``attn`` = [decode launch, base launch], each {tok, q_pos, q_req, n_tok, plan,
         launch} over disjoint tokens; a phase of one kind keeps one launch (plan / launch at the phase level)."""
-        v = self.decode if decode_step else self.base
-        if self.split and not decode_step and len(ph.tok):
+        if decode_step or not len(ph.tok):
+            v = self.decode if decode_step else self.base
+            return self.attach(to_device(ph, device, gqa, v["bm"]), v, max_blocks)
+        v = None
+        if self.split:
             one = (np.bincount(ph.q_req, minlength=len(ph.rows)) == 1)[ph.q_req]
             if one.all():
                 v = self.decode
             elif one.any():
                 d = _phase_fields(ph, device)
-                d["attn"] = [self.attach(_tokens(ph, np.nonzero(m)[0], device, gqa, w["bm"]), w, max_blocks)
-                             for w, m in ((self.decode, one), (self.base, ~one))]
+                d["attn"] = [self.attach(_tokens(ph, sel, device, gqa, w["bm"]), w, max_blocks)
+                             for w, sel in ((self.decode, np.nonzero(one)[0]),
+                                            (self._base_for(ph, np.nonzero(~one)[0]), np.nonzero(~one)[0]))]
                 return d
+        v = v or self._base_for(ph)
         return self.attach(to_device(ph, device, gqa, v["bm"]), v, max_blocks)
