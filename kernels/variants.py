@@ -32,7 +32,7 @@ REG4 = {d: dict(v, lut=4) for d, v in PAIR_TABLE.items()}   # session 7's winner
 # baseline's. (Sweep b16 16k, same call: D=64 t128_fill4 180.7, pf 181.9, pf_r128_fill4 181.9, fill 188.2, t128
 # 202.8, w8_r80 210.3; D=128 pf_r128_fill4 362.5, fill 363.8, t128_fill4 371.0, w8_r80 386.7, t128 395.4, pf 413.8.)
 # Contexts 64k / 128k were not timed with them; the split rule (num_splits) gives one wave at any batch.
-# Session 8's defaults stay available as candidate:pf (D=64) and candidate:t128_reg4 (D=128).
+# Session 8's D=128 default stays available as candidate:t128_reg4 (its D=64 one, "pf", left the sweep in session 11).
 TUNED = {64: dict(REG4[64], tt=128, maxnreg=128, waves=None, fill=4),
          128: dict(REG4[128], pf=True, maxnreg=128, waves=None, fill=4)}
 NAMES = ("tuned", "baseline")
@@ -61,11 +61,12 @@ NAMES = ("tuned", "baseline")
 # element): TUNED D=64 (163, 0, 3, 12, 8.39), D=128 (128, 20, 4, 16, 6.76; its waves-2 grid uses 2.9 of the 4 slots).
 # k3v2 and k5v4 keep the same occupancy (no loop spill at D=64).
 CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              # Register prefetch: the next tile's packed codes and gains are loaded before this tile is decoded
-              # (the kernel waits more than it computes; num_stages 2, the pipeliner's shared-memory version, was
-              # 2-3x slower in session 7). D=128 uncapped: at a cap of 96 the prefetch spills 73 instructions per
-              # loop iteration (sass_count.py); uncapped it takes 246 registers (255 with 3.6), 2 programs per SM.
-              "pf": {d: dict(v, pf=True, maxnreg=None) for d, v in REG4.items()},
+              # Not yet timed (session 11; replaces session 8's D=64 default "pf", uncapped prefetch, which lost at
+              # both head_dims in sessions 9-10): TUNED's D=128 launch spills (ncu, session 10: 3.8 M local-memory
+              # requests at b16 16k; sm_90 / Triton 3.6: 17 spill instructions in the loop, 208 in all). Without the
+              # prefetch at a cap of 168: no spill anywhere, 6.66 loop SASS per code element (TUNED 7.70), 3
+              # programs (12 warps)/SM in one wave instead of 4 (16). D=64 keeps TUNED (no loop spill there).
+              "r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3), 64: dict(TUNED[64])},
               # One full wave of 4-warp programs at a cap of 96 registers: 5 programs (20 warps)/SM. D=128: the
               # session-9 best (363.5 µs; 3.6: 13 loop spills, 7.28 SASS/element); D=64 (changed after that run, was the
               # uncapped REG4 with fill 4, see above): no loop spill, 8.31 SASS/element, 7 blocks per program at b16 16k

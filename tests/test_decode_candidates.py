@@ -231,7 +231,7 @@ def _run_launch(c: dict, v: dict, d: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d", (64, 128) if DEV == "cuda" else (64,))
-@pytest.mark.parametrize("name", sorted(set(CANDIDATES) - {"linear", "pf", "t128_reg4"}))
+@pytest.mark.parametrize("name", sorted(set(CANDIDATES) - {"linear", "t128_reg4"}))
 def test_sweep_candidate_launch(name, d):
     """The grid-changing sweep candidates as served (kernel knobs + fill split rule, 2-3 splits over 3 tiles x 2 heads
     on 4 SMs): within ACCEPT_REL of the baseline launch and 5e-3 of float64 attention on the reference decode,

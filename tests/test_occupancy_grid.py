@@ -31,7 +31,7 @@ def test_grid_covers_the_candidates_and_marks_them():
                  programs_per_sm=5, warps_per_sm=20, per_element=8.0, **G.one_wave(5))
             for c in G.configs((64,), False) if c["tt"] == 64 and c["num_warps"] == 4]
     md = G.markdown(fake)
-    assert "CPU PROXY" in md and "| pf (waves 2: 3 splits) x | 64 |" in md
+    assert "CPU PROXY" in md and "| fill (fill 5: 5 splits) x | 64 |" in md
     assert "| TUNED (" not in md                      # session 9's TUNED at D=64 has tt 128: not among the fake rows
     assert "| fill (fill 5: 5 splits) x | 64 |" in md
     assert "| w8_r80 (" not in md                     # 8 warps, tt 128: not among the fake rows

@@ -29,7 +29,7 @@ KEYS = ("head_dim", "k_bits", "v_bits", "lut", "pf", "tt", "num_warps", "maxnreg
 def configs(dims, quick: bool):
     """Every (d, lut, pf, tt, num_warps, maxnreg) of the grid. lut 7 (uniform caches only) and quick mode: tt 64/128
     at 4 warps only."""
-    caps = (None, 64, 72, 80, 96, 128)
+    caps = (None, 64, 72, 80, 96, 128, 168)
     for d in dims:
         for lut, pf, tt, w, r in itertools.product((4, 7), (False, True), (32, 64, 128), (2, 4, 8), caps):
             if (lut == 7 or quick) and not (w == 4 and tt in (64, 128)):
