@@ -22,6 +22,9 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "flash_bf16": ("bf16", {"attention_backend": "FLASH_ATTN"}, {}),
     "flash_bf16_graphs": ("bf16", {"attention_backend": "FLASH_ATTN", "enforce_eager": False}, {}),
     "kakeya": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default"}),
+    # The decode-then-attend prefill launch (kakeya_kernels.variants.PREFILL_CANDIDATES["scratch"]; not yet default).
+    "kakeya_scratch": ("kakeya", {"attention_backend": "KAKEYA"},
+                       {"KAKEYA_FORMAT": "default", "KAKEYA_PREFILL_VARIANT": "candidate:scratch"}),
     "kakeya_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                       {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}),
     "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
@@ -66,7 +69,7 @@ MODELS = {
 # TurboQuant goes last: on a fresh machine vLLM's model warm-up took 119 s of its 148 s start-up and the row then
 # hit session 8's 205 s limit in our warm-up, measuring nothing but capacity (serving_main.json) — in that call's
 # order (5th of 14) it took the time of the 9 rows after it.
-_QWEN = [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "fp8", "int4_per_token_head")]
+_QWEN = [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "kakeya_scratch", "fp8", "int4_per_token_head")]
 _TQ = [("qwen3-8b-like", c) for c in ("turboquant_4bit_nc", "turboquant_3bit_nc")]
 _V13 = [("qwen3-8b-like", "kakeya_v13")]
 _MORE = ([("qwen3-8b-like", "kakeya_k3v2")]
@@ -78,7 +81,7 @@ PLANS = {
     "more": _QWEN[2:] + _MORE + _V13 + _TQ,   # all but main's two decisive rows (--rows to skip measured ones)
     # After session 8's main call (bf16, kakeya, fp8, int4 measured; TurboQuant 4bit_nc capacity only): the rows it
     # had no time for, TurboQuant excepted (its own call, `tq`, so that its start-up cannot starve these).
-    "rest": _MORE + _V13,
+    "rest": [("qwen3-8b-like", "kakeya_scratch")] + _MORE + _V13,   # + the scratch row added in session 11
     "tq": _TQ,
     "tp2": [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya")],
     "smoke": [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")],

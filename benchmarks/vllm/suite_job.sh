@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device job: the vLLM GPU test suite (issues 4 and 7), most essential part first, within one device call.
-#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle flash soak tp perlayer graphs v13 (default: core lifecycle)
+#   bash benchmarks/vllm/suite_job.sh [PART ...]   PART: core lifecycle flash soak tp perlayer graphs scratch v13 (default: core lifecycle)
 #   core       tests/test_vllm_gpu.py: alias + 512-token pages, 200 random aborts -> KV usage 0, prefix hits,
 #              `vllm serve --attention-backend KAKEYA` answers an OpenAI chat request
 #   lifecycle  tests/test_vllm_lifecycle.py: exact vs FLASH_ATTN, aborts at every phase, preemption, prefix hits,
@@ -12,6 +12,8 @@
 #              SUITE_BUDGET_S=540, it uses all that is left; soak.json is written even when the cap cuts it)
 #   tp         tests/test_vllm_tp.py (needs the 2-GPU kind)
 #   perlayer   tests/test_vllm_perlayer_gpu.py (KAKEYA_LAYER_BITS in vLLM)
+#   scratch    tests/test_vllm_scratch_gpu.py (KAKEYA_PREFILL_VARIANT=candidate:scratch: tokens vs tuned, fallbacks
+#              past KAKEYA_SCRATCH_MIB, the reservation counted by vLLM's profiling; not yet run)
 #   graphs     tests/test_vllm_graphs_gpu.py (KAKEYA_CUDA_GRAPHS=1: full decode graphs vs the eager path; not yet run)
 #   v13        tests/test_v13_triton.py on the GPU (seal/decode/fused attention parity, GPU seal vs CPU encoding)
 #              + tests/test_vllm_v13_gpu.py (KAKEYA_FORMAT=v13 PPL vs FLASH_ATTN; carry .gpudata)
@@ -69,12 +71,13 @@ for part in "${@:-core lifecycle}"; do
       flash)     run_part flash 240 $PYTEST tests/test_vllm_lifecycle.py -k "exact_flash or k4v3_b_flash" ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
       perlayer)  run_part perlayer 200 $PYTEST tests/test_vllm_perlayer_gpu.py ;;
+      scratch)   run_part scratch 180 $PYTEST tests/test_vllm_scratch_gpu.py ;;   # 3 engines (not yet run)
       graphs)    run_part graphs 320 $PYTEST tests/test_vllm_graphs_gpu.py ;;   # 6 engines: > 208 s (session 9)
       v13)       run_part v13 300 ${PYTEST/ -m gpu/} tests/test_v13_triton.py tests/test_vllm_v13_gpu.py ;;
       soak)      left=$(( DEADLINE - $(date +%s) ))
                  run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
                  [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'planned', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed', 'mode', 'cut_short')})")" ;;
-      *)         echo "unknown part $p (core lifecycle flash soak tp perlayer graphs v13)"; exit 2 ;;
+      *)         echo "unknown part $p (core lifecycle flash soak tp perlayer graphs scratch v13)"; exit 2 ;;
     esac
   done
 done

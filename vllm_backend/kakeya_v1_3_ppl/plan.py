@@ -269,6 +269,10 @@ class DecodeBuffers:
                               bm=self.bm, gqa=self.gqa, T=B))
 
 
+# Process-wide diagnostics (read by the GPU tests of an in-process engine, whose builders they cannot reach).
+STATS = {"scratch_fallbacks": 0}
+
+
 class Launches:
     """The attention launches of a metadata builder's host-planned steps (kakeya_kernels.variants): ``decode`` for
     requests with one query token (KAKEYA_DECODE_VARIANT), ``base`` for requests with several (prefill chunks;
@@ -311,6 +315,7 @@ class Launches:
         if int((ph.n_sealed[reqs] + 1).sum()) <= self.scratch_cap:
             return self.base
         self.fallbacks += 1
+        STATS["scratch_fallbacks"] += 1
         return self.fallback
 
     def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
