@@ -1064,7 +1064,7 @@ class KakeyaKernels:
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
-                  prefill: bool = False, scratch: bool = False) -> torch.Tensor:
+                  prefill: bool = False, scratch: bool | str = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
@@ -1077,14 +1077,16 @@ class KakeyaKernels:
         reads ONCE into bf16 exact pages (kakeya_kernels.scratch, sized from plan["n_sealed_host"]; without it
         n_sealed is read back, a host sync), then the exact-page kernel over them and each request's exact tail with
         this call's tiles (bm / plan), tt, num_warps, maxnreg, fused (lut, swap, pf, prefill: sealed-block knobs,
-        not used there)."""
+        not used there). scratch="flash": vLLM's FlashAttention varlen over those pages instead of the exact-page
+        kernel (PREFILL_CANDIDATES["scratch_fa"]; needs vLLM's FlashAttention)."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
-        if scratch not in (True, False, 0, 1):
-            raise ValueError(f"scratch must be a bool, got {scratch!r}")
+        if scratch not in (True, False, 0, 1, "flash"):
+            raise ValueError(f"scratch must be a bool or 'flash', got {scratch!r}")
         if scratch:
             return _scratch_mod.attend(
                 self.scratch, lambda *a: self.decode_into(*a, precise=precise), self.attention_exact, "kakeya", q,
                 q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, plan=plan,
+                flash=scratch == "flash",
                 scale=scale, splits=splits, bm=bm, precise=precise, tt=pick(tt, self.tt),
                 num_warps=pick(num_warps, self.num_warps), fused=pick(fused, self.fused), out_dtype=out_dtype,
                 out=out, maxnreg=pick(maxnreg, self.maxnreg))

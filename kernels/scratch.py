@@ -82,10 +82,53 @@ def layout(n_sealed: torch.Tensor, plan: dict | None, n_sealed_host, device) -> 
     return out
 
 
+def flash_varlen(head_dim: int):
+    """(vLLM's FlashAttention varlen function, its version for head_dim) for the ``flash`` scratch attention; a
+    RuntimeError naming the fix where vLLM's FlashAttention is not importable (no vLLM, or a CPU)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError(f"scratch attention 'flash' needs vLLM's FlashAttention ({e}); use the candidate "
+                           "'scratch' (our exact-page kernel) instead") from None
+    version = get_flash_attn_version(head_size=head_dim)
+    if version is None:
+        raise RuntimeError("scratch attention 'flash': vLLM reports no FlashAttention version for this GPU / "
+                           f"head_dim {head_dim}; use the candidate 'scratch' instead")
+    return flash_attn_varlen_func, version
+
+
+def flash_meta(lay: dict, plan: dict | None, q_req, seq_lens, device) -> dict:
+    """Varlen metadata of one launch for FlashAttention over the scratch: its requests in token order (the planner
+    groups a request's tokens, ascending request index), their query counts and causal key ends. From the plan's
+    host arrays (``q_count_host``, ``seq_end_host``: the backend's planner; cached in the plan with the layout)
+    or, without them, read back (a host sync: benches and tests). A phase's queries of a request are its last ones
+    before seq_end (plan_step), i.e. FlashAttention's bottom-right causal alignment."""
+    if plan is not None and "flash_meta" in plan:
+        return plan["flash_meta"]
+    host = plan is not None and plan.get("q_count_host") is not None
+    cnt = np.asarray(plan["q_count_host"] if host else np.bincount(q_req.cpu().numpy(), minlength=len(seq_lens)))
+    end = np.asarray(plan["seq_end_host"] if host else seq_lens.cpu().numpy()).astype(np.int64)
+    reqs = np.nonzero(cnt > 0)[0]
+    cu = np.concatenate([[0], np.cumsum(cnt[reqs])]).astype(np.int32)
+
+    def to(a, dt=torch.int32):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt, non_blocking=True)
+    r = to(reqs, torch.int64)
+    out = dict(cu_q=to(cu), seq_used=to(end[reqs]), block_table=lay["block_table"][r].contiguous(),
+               max_q=int(cnt[reqs].max(initial=1)), max_k=int(end[reqs].max(initial=1)))
+    if plan is not None:
+        plan["flash_meta"] = out
+    return out
+
+
 def attend(pages: ScratchPages, decode, exact_attention, what: str, q, q_pos, q_req, cache, block_table, n_sealed,
-           seq_lens, tail_k, tail_v, tail_slot, plan: dict | None = None, n_sealed_host=None, **kw):
+           seq_lens, tail_k, tail_v, tail_slot, plan: dict | None = None, n_sealed_host=None, flash: bool = False,
+           **kw):
     """decode(cache, src_pages, scratch, dst_idx): the format's block decoder (int32 device indices).
-    exact_attention(q, q_pos, q_req, pages_u8, block_table, seq_lens, plan=..., **kw): exact-page attention."""
+    exact_attention(q, q_pos, q_req, pages_u8, block_table, seq_lens, plan=..., **kw): exact-page attention.
+    flash: vLLM's FlashAttention varlen over the scratch pages instead (paged K / V views of the same buffer;
+    kw's scale, out, out_dtype used, the exact kernel's knobs ignored)."""
     H, dev = cache.shape[1], q.device
     lay = layout(n_sealed, plan, n_sealed_host, dev)
     buf = pages.get(lay["pages"], H, dev, what)
@@ -97,5 +140,19 @@ def attend(pages: ScratchPages, decode, exact_attention, what: str, q, q_pos, q_
         # index_copy_ into the strided view: no host sync (the bench times this under CUDA-graph capture)
         buf[:, :, 0, :n_t].index_copy_(0, lay["tail_page"], tail_k[slots, :, :n_t].to(torch.bfloat16))
         buf[:, :, 1, :n_t].index_copy_(0, lay["tail_page"], tail_v[slots, :, :n_t].to(torch.bfloat16))
+    if flash:
+        fn, version = flash_varlen(q.shape[-1])
+        m = flash_meta(lay, plan, q_req, seq_lens, dev)
+        # [pages, 512, H, D] views: the page layout keeps a head's 512 K rows then its 512 V rows (strides as
+        # vLLM's HND cache layout, head stride 2 x 512 x D); FlashAttention takes strided paged caches.
+        k, v = buf[:, :, 0].transpose(1, 2), buf[:, :, 1].transpose(1, 2)
+        o = fn(q.to(torch.bfloat16), k, v, max_seqlen_q=m["max_q"], cu_seqlens_q=m["cu_q"], max_seqlen_k=m["max_k"],
+               seqused_k=m["seq_used"], block_table=m["block_table"], softmax_scale=kw["scale"],
+               causal=True, fa_version=version)
+        out = kw.get("out")
+        if out is not None:
+            out.copy_(o)
+            return out
+        return o.to(kw.get("out_dtype") or q.dtype)
     pages_u8 = buf.view(torch.uint8).view(buf.shape[0], H, -1)
     return exact_attention(q, q_pos, q_req, pages_u8, lay["block_table"], seq_lens, plan=plan, **kw)

@@ -170,6 +170,11 @@ PREFILL_CANDIDATES = {
     # (125) registers, 2 programs/SM; D=128 160 (166), 1/SM; no spills; the decode kernel is compile_check's.
     "scratch": {64: dict(lut=0, fused=True, tt=64, num_warps=8, maxnreg=None, bm=128, waves=2, scratch=True),
                 128: dict(lut=0, fused=True, tt=32, num_warps=8, maxnreg=None, bm=128, waves=1, scratch=True)},
+    # Not yet timed (session 11): the same decode into the scratch, then vLLM's FlashAttention varlen (FA3 on sm_90)
+    # over its pages instead of our exact-page kernel (session 10: that kernel ran at 0.47-0.53x SDPA at D=128).
+    # Needs vLLM's FlashAttention (the kit); the bench records an error row without it.
+    "scratch_fa": {d: dict(lut=0, fused=True, tt=64, num_warps=8, maxnreg=None, bm=128, waves=1, scratch="flash")
+                   for d in (64, 128)},
 }
 # Session 9 (H200, benchmarks/results/vllm_s9/late/kernels.json "prefill", k4v3, µs per 512-token chunk of one request
 # against a 16k context): D=128 baseline 6525, q16 3425, q64 2125, q128 1277, FA3 bf16 220; D=64 baseline 4648, q16

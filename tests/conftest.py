@@ -22,6 +22,33 @@ else:
 def pytest_configure(config):
     config.addinivalue_line("markers", "timeout_s(seconds): fail the test if its call runs longer (SIGALRM; the "
                                        "device has no pytest-timeout)")
+    config.addinivalue_line("markers", "real_flash: keep kakeya_kernels.scratch.flash_varlen unpatched")
+
+
+def _vllm_flash_available() -> bool:
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+        return HAS_CUDA
+    except ImportError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _reference_flash(request, monkeypatch):
+    """Without vLLM's FlashAttention (CPU CI), the ``scratch_fa`` prefill launch calls a torch implementation of
+    FlashAttention's paged varlen semantics (tests/kernel_cases.ref_flash_varlen), so its metadata and page views
+    are tested here; the GPU suite runs the real one. ``@pytest.mark.real_flash`` opts out."""
+    if request.node.get_closest_marker("real_flash") or _vllm_flash_available():
+        yield
+        return
+    try:
+        from kakeya_kernels import scratch
+    except ImportError:      # a test environment without the package: nothing to patch
+        yield
+        return
+    from tests.kernel_cases import ref_flash_varlen
+    monkeypatch.setattr(scratch, "flash_varlen", lambda head_dim: (ref_flash_varlen, 3))
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -80,3 +80,30 @@ def ref_attention(q, pos, kv, gqa):
 
 def rel_err(out, ref):
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def ref_flash_varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k=None, block_table=None,
+                     softmax_scale=None, causal=False, fa_version=3, **_):
+    """FlashAttention's paged varlen call, in torch (float32), for machines without vLLM's FlashAttention: batch
+    entry b = query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] against its first seqused_k[b] keys in pages
+    block_table[b] of k / v [pages, page, Hkv, D] (strided views allowed), causal aligned bottom-right (its queries
+    are the last ones), query head h reading KV head h // (Hq / Hkv). Checks the bounds FA assumes."""
+    assert causal and k.stride(-1) == 1 and v.stride(-1) == 1 and q.dtype == k.dtype == torch.bfloat16
+    assert cu_seqlens_q.dtype == seqused_k.dtype == block_table.dtype == torch.int32
+    out = torch.empty_like(q)
+    page, hkv, d = k.shape[1:]
+    g = q.shape[1] // hkv
+    cu, used = cu_seqlens_q.tolist(), seqused_k.tolist()
+    assert cu[-1] == q.shape[0] and len(used) == block_table.shape[0] == len(cu) - 1
+    for b, L in enumerate(used):
+        qs = q[cu[b]:cu[b + 1]].float()
+        n = qs.shape[0]
+        assert 0 < n <= min(L, max_seqlen_q) and L <= max_seqlen_k
+        pages = block_table[b, :-(-L // page)].long()
+        kk = k[pages].reshape(-1, hkv, d)[:L].float().repeat_interleave(g, dim=1)
+        vv = v[pages].reshape(-1, hkv, d)[:L].float().repeat_interleave(g, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qs, kk) * softmax_scale
+        qpos = L - n + torch.arange(n, device=q.device)
+        s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > qpos[None, :, None], float("-inf"))
+        out[cu[b]:cu[b + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vv).to(q.dtype)
+    return out

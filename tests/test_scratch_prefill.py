@@ -127,7 +127,7 @@ def test_mixed_step_scratch_launch_decodes_only_its_requests():
         np.int64), rows=np.arange(2), n_sealed=np.array([2, 1]), seq_end=np.array(lens), tail_slot=np.arange(2),
         write_tok=e, write_slot=e, write_off=e, seal_row=e, seal_blk=e, seal_slot=e)
     outs = {}
-    for pv in ("baseline", "candidate:scratch"):
+    for pv in ("baseline", "candidate:scratch", "candidate:scratch_fa"):
         la = Launches("tuned", d, hkv, DEV, prefill=pv)
         p = la.phase(ph, DEV, gqa, sc["block_table"].shape[1])
         out = torch.zeros(len(pos), hkv * gqa, d, device=DEV)
@@ -138,9 +138,11 @@ def test_mixed_step_scratch_launch_decodes_only_its_requests():
     assert pre["launch"]["scratch"] and not dec["launch"].get("scratch")
     assert pre["plan"]["n_sealed_host"].tolist() == [-1, 1] and dec["plan"]["n_sealed_host"].tolist() == [2, -1]
     assert pre["plan"]["scratch_layout"]["pages"] == 2
-    a, b = outs["candidate:scratch"][0], outs["baseline"][0]
+    a, b, c = outs["candidate:scratch"][0], outs["baseline"][0], outs["candidate:scratch_fa"][0]
+    assert outs["candidate:scratch_fa"][1]["attn"][1]["plan"]["flash_meta"]["cu_q"].tolist() == [0, 30]
     for i in range(len(pos)):
         assert rel_err(a[i], b[i].double()) < ACCEPT_REL, i
+        assert rel_err(c[i], b[i].double()) < ACCEPT_REL, i
 
 
 def test_phase_over_the_cap_falls_back_to_the_tuned_prefill_launch():
@@ -179,3 +181,43 @@ def test_phase_over_the_cap_falls_back_to_the_tuned_prefill_launch():
     buf = small.scratch.reserve(hkv, DEV)
     assert buf.shape[0] == small.scratch.capacity_pages(hkv) == 8
     assert small.scratch.get(3, hkv, DEV, "test") is buf
+
+
+def test_flash_scratch_matches_the_exact_page_kernel():
+    """candidate:scratch_fa: FlashAttention's paged varlen over the scratch's K / V views (here its torch stand-in,
+    tests/kernel_cases.ref_flash_varlen, unless vLLM's FA is present) == the exact-page kernel on the same pages, for
+    the ragged phase of test_scratch_matches_baseline_and_reference's shape incl. a request not in the launch
+    (n_sealed_host -1: its rows are left out of the varlen batch) and host metadata from the planner's arrays."""
+    lens, chunks, hkv, gqa, d = [1, 600, 1100, 530, 700], [1, 40, 17, 3, 0], 2, 4, 64
+    kk, sc, refs, q, pos, req = _phase(lens, chunks, hkv, gqa, d, seed=9)
+    ns = np.array([0, 1, 2, 1, -1])
+    a, _ = _run(kk, sc, q, pos, req, 5, gqa, hkv, SCRATCH[d], n_sealed_host=ns)
+    b, plan = _run(kk, sc, q, pos, req, 5, gqa, hkv, PREFILL_CANDIDATES["scratch_fa"][d], n_sealed_host=ns)
+    assert rel_err(b, a.double().cpu()) < 5e-3
+    assert plan["flash_meta"]["cu_q"].tolist() == [0, 1, 41, 58, 61] and plan["scratch_layout"]["pages"] == 8
+    # Host arrays as the planner attaches them: the same result, and the metadata cached for the next layer.
+    plan2 = kk.plan(pos, req, 5, gqa, bm=128)
+    plan2.update(n_sealed_host=ns, q_count_host=np.bincount(req.cpu().numpy(), minlength=5),
+                 seq_end_host=np.array(lens))
+    c = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan2, out_dtype=torch.float32,
+                     **kernel_args(PREFILL_CANDIDATES["scratch_fa"][d]), **sc)
+    assert torch.equal(c, b) and plan2["flash_meta"]["max_q"] == 40 and plan2["flash_meta"]["max_k"] == 1100
+    kv = _pages_ref(refs, SCRATCH[d])
+    for i in range(len(pos)):
+        r = int(req[i])
+        assert rel_err(b[i], ref_attention(q[i], int(pos[i]), kv[r], gqa)) < 5e-3, i
+
+
+@pytest.mark.real_flash
+def test_flash_scratch_needs_vllm_flash_attention():
+    from kakeya_kernels import scratch
+    from kakeya_v1_3_ppl.plan import Launches
+    try:
+        import vllm.vllm_flash_attn  # noqa: F401
+        pytest.skip("vLLM's FlashAttention is importable here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="needs vLLM's FlashAttention .* use the candidate 'scratch'"):
+        scratch.flash_varlen(64)
+    with pytest.raises(RuntimeError, match="needs vLLM's FlashAttention"):
+        Launches("tuned", 64, 2, DEV, prefill="candidate:scratch_fa")

@@ -604,7 +604,7 @@ def test_plans_put_turboquant_last_and_rest_covers_what_session_8_did_not_measur
     assert main[:2] == [("qwen3-8b-like", "flash_bf16"), ("qwen3-8b-like", "kakeya")]
     assert [c for _, c in main[-2:]] == ["turboquant_4bit_nc", "turboquant_3bit_nc"]
     assert not any(c.startswith("turboquant") for _, c in main[:-2])
-    assert len(set(main)) == len(main) == 15
+    assert len(set(main)) == len(main) == 16
     measured = {("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "fp8", "int4_per_token_head")}
     rest, tq = R.PLANS["rest"], R.PLANS["tq"]
     assert not set(rest) & (measured | set(tq)) and set(rest) | set(tq) | measured == set(main)

@@ -2,7 +2,8 @@
 decode the sealed blocks they read once into a bf16 scratch, then run the exact-page kernel.
 
 Checks, SmolLM2-135M (head_dim 64), in-process engines, 256-token prefill chunks over prompts of 600-1700 tokens:
-1. greedy tokens of the scratch engine == the tuned prefill launch's (one near-tie allowed, as in the lifecycle part:
+1. greedy tokens of the scratch engines (our exact-page kernel; candidate:scratch_fa, vLLM's FlashAttention over the
+   scratch pages) == the tuned prefill launch's (one near-tie allowed, as in the lifecycle part:
    bf16 pages vs in-register decode round differently);
 2. with KAKEYA_SCRATCH_MIB=1 (2 pages of 3 KV heads at D 64) phases that read 2+ sealed blocks fall back to the tuned
    launch (counted in plan.STATS), the others keep the scratch, and the tokens still match;
@@ -46,6 +47,7 @@ def engines():
     return {name: _run(env) for name, env in (
         ("tuned", {"KAKEYA_PREFILL_VARIANT": "tuned"}),
         ("scratch", {"KAKEYA_PREFILL_VARIANT": "candidate:scratch"}),
+        ("scratch_fa", {"KAKEYA_PREFILL_VARIANT": "candidate:scratch_fa"}),
         ("scratch_1mib", {"KAKEYA_PREFILL_VARIANT": "candidate:scratch", "KAKEYA_SCRATCH_MIB": "1"}))}
 
 
@@ -55,6 +57,14 @@ def test_scratch_prefill_gives_the_tuned_tokens(engines):
            / (NEW * len(tuned)), fallbacks=engines["scratch"][2])
     assert engines["scratch"][2] == 0
     assert_same_tokens(scratch, tuned, "candidate:scratch vs tuned prefill")
+
+
+def test_flash_scratch_prefill_gives_the_tuned_tokens(engines):
+    """candidate:scratch_fa: vLLM's FlashAttention over the scratch pages (strided paged K / V views)."""
+    tuned, fa = engines["tuned"][0], engines["scratch_fa"][0]
+    record("scratch_fa_prefill_tokens", agree=sum(a == b for k in tuned for a, b in zip(fa[k], tuned[k]))
+           / (NEW * len(tuned)))
+    assert_same_tokens(fa, tuned, "candidate:scratch_fa vs tuned prefill")
 
 
 def test_over_the_cap_phases_fall_back(engines):

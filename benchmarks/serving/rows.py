@@ -25,6 +25,8 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # The decode-then-attend prefill launch (kakeya_kernels.variants.PREFILL_CANDIDATES["scratch"]; not yet default).
     "kakeya_scratch": ("kakeya", {"attention_backend": "KAKEYA"},
                        {"KAKEYA_FORMAT": "default", "KAKEYA_PREFILL_VARIANT": "candidate:scratch"}),
+    "kakeya_scratch_fa": ("kakeya", {"attention_backend": "KAKEYA"},
+                          {"KAKEYA_FORMAT": "default", "KAKEYA_PREFILL_VARIANT": "candidate:scratch_fa"}),
     "kakeya_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                       {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}),
     "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),
@@ -69,7 +71,8 @@ MODELS = {
 # TurboQuant goes last: on a fresh machine vLLM's model warm-up took 119 s of its 148 s start-up and the row then
 # hit session 8's 205 s limit in our warm-up, measuring nothing but capacity (serving_main.json) — in that call's
 # order (5th of 14) it took the time of the 9 rows after it.
-_QWEN = [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "kakeya_scratch", "fp8", "int4_per_token_head")]
+_QWEN = [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya", "kakeya_scratch_fa", "kakeya_scratch", "fp8",
+                                         "int4_per_token_head")]
 _TQ = [("qwen3-8b-like", c) for c in ("turboquant_4bit_nc", "turboquant_3bit_nc")]
 _V13 = [("qwen3-8b-like", "kakeya_v13")]
 _MORE = ([("qwen3-8b-like", "kakeya_k3v2")]
@@ -81,7 +84,7 @@ PLANS = {
     "more": _QWEN[2:] + _MORE + _V13 + _TQ,   # all but main's two decisive rows (--rows to skip measured ones)
     # After session 8's main call (bf16, kakeya, fp8, int4 measured; TurboQuant 4bit_nc capacity only): the rows it
     # had no time for, TurboQuant excepted (its own call, `tq`, so that its start-up cannot starve these).
-    "rest": [("qwen3-8b-like", "kakeya_scratch")] + _MORE + _V13,   # + the scratch row added in session 11
+    "rest": [("qwen3-8b-like", c) for c in ("kakeya_scratch_fa", "kakeya_scratch")] + _MORE + _V13,   # + session 11's
     "tq": _TQ,
     "tp2": [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya")],
     "smoke": [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")],

@@ -193,7 +193,9 @@ def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
     ns_host = np.where(np.isin(np.arange(len(ph.rows)), q_req), ph.n_sealed, -1)
     return dict(tok=t(ph.tok[sel], torch.int64), q_pos=t(q_pos), q_req=t(q_req), n_tok=len(sel),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
-                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"], n_sealed_host=ns_host))
+                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"], n_sealed_host=ns_host,
+                          # host varlen metadata for FlashAttention over a scratch (kakeya_kernels.scratch.flash_meta)
+                          q_count_host=np.bincount(q_req, minlength=len(ph.rows)), seq_end_host=ph.seq_end))
 
 
 class DecodeBuffers:
@@ -292,8 +294,10 @@ class Launches:
         # instead (same result up to bf16 rounding), so the cap bounds memory and never fails a request.
         self.scratch_cap = self.fallback = None
         if self.base.get("scratch"):
-            from kakeya_kernels.scratch import ScratchPages
+            from kakeya_kernels.scratch import ScratchPages, flash_varlen
             from kakeya_kv.config import KakeyaConfig
+            if self.base["scratch"] == "flash":
+                flash_varlen(head_dim)    # refuse at engine start, not at the first prefill
             scratch_mib = KakeyaConfig.scratch_mib if scratch_mib is None else scratch_mib
             self.scratch_cap = ScratchPages(head_dim, scratch_mib).capacity_pages(num_kv_heads)
             self.fallback = prefill_variant("tuned", head_dim)
