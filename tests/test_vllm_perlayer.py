@@ -246,3 +246,12 @@ def test_default_max_num_seqs_is_capped_for_the_tail_pool(glue, monkeypatch, cap
     monkeypatch.setenv("KAKEYA_TAIL_POOL_PERCENT", "40")
     with pytest.raises(Exception, match="KAKEYA_TAIL_POOL_PERCENT"):
         checks.settings(36)
+
+
+def test_kernel_sets_of_other_widths_share_one_decode_scratch(glue):
+    """KAKEYA_LAYER_BITS gives layers of several widths their own kernel set; the prefill decode scratch (bf16 pages
+    whatever the widths, reserved whole at model load for candidate:scratch) is one per head_dim and device."""
+    backend, _ = glue
+    a, b = backend.kernels(64, 4, 3, "cpu"), backend.kernels(64, 3, 2, "cpu")
+    assert a is not b and a.scratch is b.scratch
+    assert backend.kernels(128, 4, 3, "cpu").scratch is not a.scratch

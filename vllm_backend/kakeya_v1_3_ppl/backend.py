@@ -49,8 +49,11 @@ def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
     key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source)
     if key not in _KERNELS:
         kt, vt = (None, None) if cal is None else cal.tables(k_bits, v_bits)
-        _KERNELS[key] = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt,
-                                      scratch_mib=settings().scratch_mib)
+        kk = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt,
+                           scratch_mib=settings().scratch_mib)
+        # One decode scratch per (head_dim, device) for all widths (KAKEYA_LAYER_BITS): bf16 pages either way.
+        kk.scratch = _KERNELS.setdefault(("scratch", head_dim, str(device)), kk.scratch)
+        _KERNELS[key] = kk
     return _KERNELS[key]
 
 
