@@ -76,9 +76,14 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               # its 4 programs/SM (TUNED's waves 2 fills 2.9): same kernel, 8 blocks per program instead of 11;
               # D=64 the same launch: 4 programs/SM (uncapped t128_reg4: 3), 0 loop spills, 7.52 SASS/element.
               "t128_fill4": {d: dict(REG4[d], tt=128, maxnreg=128, waves=None, fill=4) for d in REG4},
-              # Not yet timed: 8-warp programs without session 9's wave loss: cap 80 -> 3 programs = 24 warps/SM,
-              # grid of 3 splits in one wave. D=64: 0 loop spills, 8.53 SASS/element; D=128: 16, 7.41.
-              "w8_r80": {d: dict(REG4[d], tt=128, num_warps=8, maxnreg=80, waves=None, fill=3) for d in REG4},
+              # Not yet timed (session 11; replaces "w8_r80", 8 warps at cap 80, which lost at both head_dims in
+              # session 9's sweep: 210.3 / 386.7 µs vs TUNED 180.7 / 362.5): r168_fill3 with the codes as the MMA's
+              # M operand (swap: half the HMMAs, a 4-row query tile pads to N = 8). sm_90 / Triton 3.6, D=128 k4v3:
+              # 167 registers, no spill, 6.26 loop SASS per code element (r168_fill3 6.66, TUNED 7.70), 3 programs/SM.
+              # Both still store one stream's decoded fp16 to shared memory 16 bits at a time (64 STS.U16 of ~850
+              # loop instructions per thread): the MMA operand wants token pairs, the codes give dimension pairs.
+              # D=64 keeps TUNED.
+              "swap_r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3, swap=True), 64: dict(TUNED[64])},
               # Not yet timed: the prefetch (D=64's TUNED) at a cap of 128: 4 programs/SM in one wave instead of 3
               # (D=64: 0 loop spills, 8.97 SASS/element vs 8.39) / 2 (D=128: 17 spills, 7.70 vs pf's 7.20 at 255
               # registers).

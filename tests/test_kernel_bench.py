@@ -84,7 +84,8 @@ def test_fill_candidate_matches_the_compiled_occupancy():
     import json
     code = ("import json, sass_count as S; from kakeya_kernels.variants import CANDIDATES as C; "
             "print(json.dumps({f'{n} D={d}': [S.occupancy(S.compile_attn(d, 4, 3, v['lut'], v['tt'], v['num_warps'], "
-            "bm=v['bm'], maxnreg=v['maxnreg'], fused=v['fused'], pf=v.get('pf', False)), v['num_warps'])"
+            "bm=v['bm'], maxnreg=v['maxnreg'], fused=v['fused'], pf=v.get('pf', False), swap=v.get('swap', False)), "
+            "v['num_warps'])"
             "['programs_per_sm'], v['fill']] for n, c in C.items() for d, v in c.items() if v.get('fill')}))")
     p = _sm90_run(["-c", code], "cuobjdump")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -34,4 +34,4 @@ def test_grid_covers_the_candidates_and_marks_them():
     assert "CPU PROXY" in md and "| fill (fill 5: 5 splits) x | 64 |" in md
     assert "| TUNED (" not in md                      # session 9's TUNED at D=64 has tt 128: not among the fake rows
     assert "| fill (fill 5: 5 splits) x | 64 |" in md
-    assert "| w8_r80 (" not in md                     # 8 warps, tt 128: not among the fake rows
+    assert "| t128_fill4 (" not in md                 # tt 128: not among the fake rows
