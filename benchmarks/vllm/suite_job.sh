@@ -71,7 +71,7 @@ for part in "${@:-core lifecycle}"; do
       flash)     run_part flash 240 $PYTEST tests/test_vllm_lifecycle.py -k "exact_flash or k4v3_b_flash" ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
       perlayer)  run_part perlayer 200 $PYTEST tests/test_vllm_perlayer_gpu.py ;;
-      scratch)   run_part scratch 180 $PYTEST tests/test_vllm_scratch_gpu.py ;;   # 3 engines (not yet run)
+      scratch)   run_part scratch 240 $PYTEST tests/test_vllm_scratch_gpu.py ;;   # 4 engines (not yet run)
       graphs)    run_part graphs 320 $PYTEST tests/test_vllm_graphs_gpu.py ;;   # 6 engines: > 208 s (session 9)
       v13)       run_part v13 300 ${PYTEST/ -m gpu/} tests/test_v13_triton.py tests/test_vllm_v13_gpu.py ;;
       soak)      left=$(( DEADLINE - $(date +%s) ))
