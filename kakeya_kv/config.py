@@ -138,7 +138,8 @@ def _mib(name: str, raw: str) -> int:
 
 def _scratch_mib(env, fmt: str) -> int:
     """KAKEYA_SCRATCH_MIB: MiB of bf16 pages a decode-then-attend launch may decode per phase (kakeya_kernels.scratch:
-    KAKEYA_PREFILL_VARIANT=candidate:scratch, v13's KAKEYA_V13_ATTENTION=scratch), 1..1048576, default 512. The
+    KAKEYA_PREFILL_VARIANT=candidate:scratch, v13's KAKEYA_V13_ATTENTION=scratch), 1..1048576, default 512 (v13:
+    1024, as before session 11: its decode-path scratch holds every sealed block of a batch). The
     prefill scratch is reserved whole at model load (vLLM counts it as non-KV memory) and a phase that would need
     more runs the tuned prefill launch; v13's scratch grows on demand up to the cap and errors past it.
     KAKEYA_V13_SCRATCH_MIB, its earlier name, stays accepted with KAKEYA_FORMAT=v13; both set must agree."""
@@ -155,7 +156,7 @@ def _scratch_mib(env, fmt: str) -> int:
     if v is not None and w is not None and v != w:
         raise ConfigError(f"KAKEYA_SCRATCH_MIB={raw!r} and KAKEYA_V13_SCRATCH_MIB={old!r} (its old name) disagree; "
                           "unset KAKEYA_V13_SCRATCH_MIB")
-    return v or w or 512
+    return v or w or (1024 if fmt == "v13" else 512)
 
 
 def _v13_attention(env, fmt: str) -> str:

@@ -10,6 +10,8 @@ bf16 pages per step (v13's ``KAKEYA_V13_ATTENTION=scratch`` fallback uses it the
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -82,9 +84,11 @@ def layout(n_sealed: torch.Tensor, plan: dict | None, n_sealed_host, device) -> 
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def flash_varlen(head_dim: int):
     """(vLLM's FlashAttention varlen function, its version for head_dim) for the ``flash`` scratch attention; a
-    RuntimeError naming the fix where vLLM's FlashAttention is not importable (no vLLM, or a CPU)."""
+    RuntimeError naming the fix where vLLM's FlashAttention is not importable (no vLLM, or a CPU). Resolved once
+    per process (the first call is the engine-start check in the vLLM backend)."""
     try:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -104,10 +108,14 @@ def flash_meta(lay: dict, plan: dict | None, q_req, seq_lens, device) -> dict:
     host arrays (``q_count_host``, ``seq_end_host``: the backend's planner; cached in the plan with the layout)
     or, without them, read back (a host sync: benches and tests). A phase's queries of a request are its last ones
     before seq_end (plan_step), i.e. FlashAttention's bottom-right causal alignment."""
-    if plan is not None and "flash_meta" in plan:
-        return plan["flash_meta"]
+    if "flash_meta" in lay:      # cached with the layout (in the plan only where the layout is)
+        return lay["flash_meta"]
     host = plan is not None and plan.get("q_count_host") is not None
-    cnt = np.asarray(plan["q_count_host"] if host else np.bincount(q_req.cpu().numpy(), minlength=len(seq_lens)))
+    if not host:
+        qr = q_req.cpu().numpy()
+        if len(qr) > 1 and (np.diff(qr) < 0).any():
+            raise ValueError("scratch flash attention: a request's query tokens must be contiguous, in request order")
+    cnt = np.asarray(plan["q_count_host"] if host else np.bincount(qr, minlength=len(seq_lens)))
     end = np.asarray(plan["seq_end_host"] if host else seq_lens.cpu().numpy()).astype(np.int64)
     reqs = np.nonzero(cnt > 0)[0]
     cu = np.concatenate([[0], np.cumsum(cnt[reqs])]).astype(np.int32)
@@ -117,8 +125,7 @@ def flash_meta(lay: dict, plan: dict | None, q_req, seq_lens, device) -> dict:
     r = to(reqs, torch.int64)
     out = dict(cu_q=to(cu), seq_used=to(end[reqs]), block_table=lay["block_table"][r].contiguous(),
                max_q=int(cnt[reqs].max(initial=1)), max_k=int(end[reqs].max(initial=1)))
-    if plan is not None:
-        plan["flash_meta"] = out
+    lay["flash_meta"] = out
     return out
 
 
@@ -146,12 +153,14 @@ def attend(pages: ScratchPages, decode, exact_attention, what: str, q, q_pos, q_
         # [pages, 512, H, D] views: the page layout keeps a head's 512 K rows then its 512 V rows (strides as
         # vLLM's HND cache layout, head stride 2 x 512 x D); FlashAttention takes strided paged caches.
         k, v = buf[:, :, 0].transpose(1, 2), buf[:, :, 1].transpose(1, 2)
+        out = kw.get("out")
+        direct = out is not None and out.dtype == torch.bfloat16 and out.is_contiguous()
         o = fn(q.to(torch.bfloat16), k, v, max_seqlen_q=m["max_q"], cu_seqlens_q=m["cu_q"], max_seqlen_k=m["max_k"],
                seqused_k=m["seq_used"], block_table=m["block_table"], softmax_scale=kw["scale"],
-               causal=True, fa_version=version)
-        out = kw.get("out")
+               causal=True, fa_version=version, out=out if direct else None)
         if out is not None:
-            out.copy_(o)
+            if not direct:
+                out.copy_(o)
             return out
         return o.to(kw.get("out_dtype") or q.dtype)
     pages_u8 = buf.view(torch.uint8).view(buf.shape[0], H, -1)

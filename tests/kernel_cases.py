@@ -83,14 +83,16 @@ def rel_err(out, ref):
 
 
 def ref_flash_varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k=None, block_table=None,
-                     softmax_scale=None, causal=False, fa_version=3, **_):
+                     softmax_scale=None, causal=False, fa_version=3, out=None, **_):
     """FlashAttention's paged varlen call, in torch (float32), for machines without vLLM's FlashAttention: batch
     entry b = query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] against its first seqused_k[b] keys in pages
     block_table[b] of k / v [pages, page, Hkv, D] (strided views allowed), causal aligned bottom-right (its queries
     are the last ones), query head h reading KV head h // (Hq / Hkv). Checks the bounds FA assumes."""
     assert causal and k.stride(-1) == 1 and v.stride(-1) == 1 and q.dtype == k.dtype == torch.bfloat16
     assert cu_seqlens_q.dtype == seqused_k.dtype == block_table.dtype == torch.int32
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     page, hkv, d = k.shape[1:]
     g = q.shape[1] // hkv
     cu, used = cu_seqlens_q.tolist(), seqused_k.tolist()

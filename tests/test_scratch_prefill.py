@@ -98,6 +98,7 @@ def test_scratch_cap_and_knob():
                                            r"KAKEYA_SCRATCH_MIB = 1 MiB"):
         _run(small, sc, q, pos, req, 5, gqa, hkv, SCRATCH[d], n_sealed_host=ns)
     assert KakeyaConfig.from_env({}).scratch_mib == 512
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13"}).scratch_mib == 1024
     assert KakeyaConfig.from_env({"KAKEYA_SCRATCH_MIB": "64"}).scratch_mib == 64
     assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_V13_SCRATCH_MIB": "32"}).scratch_mib == 32
     assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13", "KAKEYA_SCRATCH_MIB": "32",
@@ -139,7 +140,8 @@ def test_mixed_step_scratch_launch_decodes_only_its_requests():
     assert pre["plan"]["n_sealed_host"].tolist() == [-1, 1] and dec["plan"]["n_sealed_host"].tolist() == [2, -1]
     assert pre["plan"]["scratch_layout"]["pages"] == 2
     a, b, c = outs["candidate:scratch"][0], outs["baseline"][0], outs["candidate:scratch_fa"][0]
-    assert outs["candidate:scratch_fa"][1]["attn"][1]["plan"]["flash_meta"]["cu_q"].tolist() == [0, 30]
+    assert outs["candidate:scratch_fa"][1]["attn"][1]["plan"]["scratch_layout"]["flash_meta"]["cu_q"].tolist() == \
+        [0, 30]
     for i in range(len(pos)):
         assert rel_err(a[i], b[i].double()) < ACCEPT_REL, i
         assert rel_err(c[i], b[i].double()) < ACCEPT_REL, i
@@ -194,14 +196,21 @@ def test_flash_scratch_matches_the_exact_page_kernel():
     a, _ = _run(kk, sc, q, pos, req, 5, gqa, hkv, SCRATCH[d], n_sealed_host=ns)
     b, plan = _run(kk, sc, q, pos, req, 5, gqa, hkv, PREFILL_CANDIDATES["scratch_fa"][d], n_sealed_host=ns)
     assert rel_err(b, a.double().cpu()) < 5e-3
-    assert plan["flash_meta"]["cu_q"].tolist() == [0, 1, 41, 58, 61] and plan["scratch_layout"]["pages"] == 8
+    assert plan["scratch_layout"]["flash_meta"]["cu_q"].tolist() == [0, 1, 41, 58, 61]
+    assert plan["scratch_layout"]["pages"] == 8
     # Host arrays as the planner attaches them: the same result, and the metadata cached for the next layer.
     plan2 = kk.plan(pos, req, 5, gqa, bm=128)
     plan2.update(n_sealed_host=ns, q_count_host=np.bincount(req.cpu().numpy(), minlength=5),
                  seq_end_host=np.array(lens))
     c = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan2, out_dtype=torch.float32,
                      **kernel_args(PREFILL_CANDIDATES["scratch_fa"][d]), **sc)
-    assert torch.equal(c, b) and plan2["flash_meta"]["max_q"] == 40 and plan2["flash_meta"]["max_k"] == 1100
+    fm = plan2["scratch_layout"]["flash_meta"]
+    assert torch.equal(c, b) and fm["max_q"] == 40 and fm["max_k"] == 1100
+    # Into a bf16 destination: FlashAttention writes it directly.
+    dst = torch.zeros(len(pos), hkv * gqa, d, dtype=torch.bfloat16, device=DEV)
+    r = kk.attention(q, pos, req, scale=d ** -0.5, plan=plan2, out=dst,
+                     **kernel_args(PREFILL_CANDIDATES["scratch_fa"][d]), **sc)
+    assert r is dst and rel_err(dst.float(), b.double().cpu()) < 1e-2
     kv = _pages_ref(refs, SCRATCH[d])
     for i in range(len(pos)):
         r = int(req[i])

@@ -250,8 +250,16 @@ def test_default_max_num_seqs_is_capped_for_the_tail_pool(glue, monkeypatch, cap
 
 def test_kernel_sets_of_other_widths_share_one_decode_scratch(glue):
     """KAKEYA_LAYER_BITS gives layers of several widths their own kernel set; the prefill decode scratch (bf16 pages
-    whatever the widths, reserved whole at model load for candidate:scratch) is one per head_dim and device."""
+    whatever the widths, reserved whole at model load for candidate:scratch) is one per head_dim and device; both
+    are cached per engine."""
     backend, _ = glue
-    a, b = backend.kernels(64, 4, 3, "cpu"), backend.kernels(64, 3, 2, "cpu")
-    assert a is not b and a.scratch is b.scratch
-    assert backend.kernels(128, 4, 3, "cpu").scratch is not a.scratch
+
+    class Engine:      # stands in for a VllmConfig: the cache key of an engine's kernel sets
+        pass
+    e1, e2 = Engine(), Engine()
+    a, b = backend.kernels(64, 4, 3, "cpu", owner=e1), backend.kernels(64, 3, 2, "cpu", owner=e1)
+    assert a is not b and a.scratch is b.scratch and backend.kernels(64, 4, 3, "cpu", owner=e1) is a
+    assert backend.kernels(128, 4, 3, "cpu", owner=e1).scratch is not a.scratch
+    # A later in-process engine gets its own sets (the earlier engine's scratch reservation is dropped with them).
+    c = backend.kernels(64, 4, 3, "cpu", owner=e2)
+    assert c is not a and c.scratch is not a.scratch and len(backend._KERNELS) == 2

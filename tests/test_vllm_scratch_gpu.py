@@ -39,6 +39,12 @@ def _run(env: dict) -> tuple[dict, int, int]:
         kv = llm.collective_rpc(_kv_bytes)[0]
         out = Stepper(llm).generate(PROMPTS, NEW)
         del llm
+    # The backend caches kernel sets (and the scratch reservation) per engine until the next engine replaces them;
+    # drop them now so the next engine's memory profiling starts from a clean device.
+    import torch
+    from kakeya_v1_3_ppl import backend
+    backend._KERNELS.clear()
+    torch.cuda.empty_cache()
     return out, kv, plan.STATS["scratch_fallbacks"] - before
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,19 +41,33 @@ from .runtime import forward_compressed, forward_decode, forward_exact
 logger = logging.getLogger("kakeya_kv.vllm")
 
 _KERNELS: dict = {}
+_OWNER: list = [None]    # weak reference to the engine (VllmConfig) whose kernel sets _KERNELS holds
 
 
-def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None):
-    """One kernel set per (head_dim, widths, device, bundle): layers of equal widths share it (and its decode
-    scratch, KAKEYA_SCRATCH_MIB: the layers run one after the other)."""
+def _owned_by(owner) -> None:
+    """_KERNELS serves one engine at a time: a new engine in this process (in-process engines, one after the other)
+    drops the previous one's kernel sets, so their GPU buffers (the prefill scratch reservation) are freed and the
+    new engine's reservation is allocated, and counted, during its own memory profiling."""
+    if owner is None:
+        return
+    held = _OWNER[0]() if _OWNER[0] is not None else None
+    if held is not owner:
+        _KERNELS.clear()
+        _OWNER[0] = weakref.ref(owner)
+
+
+def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None, owner=None):
+    """One kernel set per (head_dim, widths, device, bundle) of the engine ``owner``: layers of equal widths share it;
+    layers of every width share one decode scratch per (head_dim, device) (bf16 pages either way; the layers run
+    one after the other), sized by KAKEYA_SCRATCH_MIB."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
-    key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source)
+    _owned_by(owner)
+    mib = settings().scratch_mib
+    key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source, mib)
     if key not in _KERNELS:
         kt, vt = (None, None) if cal is None else cal.tables(k_bits, v_bits)
-        kk = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt,
-                           scratch_mib=settings().scratch_mib)
-        # One decode scratch per (head_dim, device) for all widths (KAKEYA_LAYER_BITS): bf16 pages either way.
-        kk.scratch = _KERNELS.setdefault(("scratch", head_dim, str(device)), kk.scratch)
+        kk = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt, scratch_mib=mib)
+        kk.scratch = _KERNELS.setdefault(("scratch", head_dim, str(device), mib), kk.scratch)
         _KERNELS[key] = kk
     return _KERNELS[key]
 
@@ -293,6 +308,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         vc = get_current_vllm_config()
+        self.owner = vc      # the engine: kernel sets are cached per engine (see kernels())
         self.max_slots = vc.scheduler_config.max_num_seqs
         self.num_layers = vc.model_config.get_num_layers(vc.parallel_config)
         self.cfg = settings(self.num_layers)
@@ -306,6 +322,11 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.exact = self.cfg.format == "exact"
         self.bits = EXACT if self.exact else (self.cfg.k_bits, self.cfg.v_bits)   # until bind() knows the layer
         self.tail_k = self.tail_v = None
+        if self.cfg.format == "kakeya" and torch.cuda.is_available():
+            from kakeya_kernels.variants import prefill_variant
+            if prefill_variant(self.cfg.prefill_variant, head_size).get("scratch") == "flash":
+                from kakeya_kernels.scratch import flash_varlen
+                flash_varlen(head_size)   # candidate:scratch_fa: refuse before the weights are loaded
         if self.cfg.exact_attention == "flash" and torch.cuda.is_available():
             from .flash import flash_backend
             flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
@@ -334,7 +355,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
-                   if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal))
+                   if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
         if self.cfg.format == "kakeya":
             from kakeya_kernels.variants import prefill_variant
             if prefill_variant(self.cfg.prefill_variant, self.head_size).get("scratch"):
@@ -360,6 +381,6 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
 
     def _forward_exact(self, query, key, value, kv_cache, m, output):
         if not hasattr(self, "kk"):
-            self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device)
+            self.kk = kernels(self.head_size, self.cfg.k_bits, self.cfg.v_bits, query.device, owner=self.owner)
         return forward_exact(self.kk, query, key, value, kv_cache, m.decode if m.decode is not None else m.exact,
                              m.block_table, m.seq_lens, m.slot_mapping, m.num_actual_tokens, self.scale, output)
