@@ -70,7 +70,8 @@ def markdown(rows: list[dict]) -> str:
            "Made by `benchmarks/kernels/occupancy_grid.py` (per Triton version: the device runs 3.6). "
            "sass_count.occupancy: 64K registers, 228 KB shared, 64 warps per SM. `SASS/el` = sealed-loop SASS "
            "instructions per code element per thread; `fill splits` / `blocks/program` = the batch-16 ctx-16k grid "
-           "(16 x 8 tiles, 32 sealed blocks each) sized to one full wave at that occupancy.", "",
+           "(16 x 8 tiles, 32 sealed blocks each) sized to one full wave at that occupancy. Swap launches are not "
+           "in the grid (sass_count.count(..., swap=True) compiles them).", "",
            "## Backend default (TUNED) and variants.CANDIDATES", "", COLS.replace("| triton", "| variant, triton"),
            "|" + "---|" * 17]
     index = {tuple(r[k] for k in KEYS) + (r["triton"],): r for r in rows}
@@ -78,6 +79,8 @@ def markdown(rows: list[dict]) -> str:
     for tri in sorted({r["triton"] for r in rows}):
         for name, per_d in named:
             for d, v in sorted(per_d.items()):
+                if v.get("swap"):   # the grid compiles without swap: its row would be another launch's numbers
+                    continue
                 r = index.get((d, 4, 3, v["lut"], bool(v.get("pf")), v["tt"], v["num_warps"], v["maxnreg"], tri))
                 if r:   # the variant's own split rule at that shape, next to the name
                     rule = f"fill {v['fill']}" if v.get("fill") else f"waves {v['waves']}"
