@@ -45,7 +45,10 @@ class ScratchPages:
                                f"({pages} pages), over {self.knob} = {self.cap_bytes >> 20} MiB; raise it or lower "
                                "--max-num-seqs / --max-num-batched-tokens")
         s = self.buf
-        if s is None or s.shape[0] < pages or s.shape[1] != H or s.device != torch.device(device):
+        want = torch.device(device)
+        if want.type == "cuda" and want.index is None:    # "cuda" and "cuda:N" name the same buffer's device
+            want = torch.device("cuda", torch.cuda.current_device())
+        if s is None or s.shape[0] < pages or s.shape[1] != H or s.device != want:
             # Headroom, so a slowly growing context does not reallocate every step.
             cap = min(max(pages, int(pages * 1.25) + 1), self.cap_bytes // (H * self.page_bytes_per_head))
             self.buf = s = torch.empty(cap, H, 2, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=device)
