@@ -61,11 +61,13 @@ NAMES = ("tuned", "baseline")
 # element): TUNED D=64 (163, 0, 3, 12, 8.39), D=128 (128, 20, 4, 16, 6.76; its waves-2 grid uses 2.9 of the 4 slots).
 # k3v2 and k5v4 keep the same occupancy (no loop spill at D=64).
 CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              # Not yet timed (session 11; replaces session 8's D=64 default "pf", uncapped prefetch, which lost at
+              # Session 11 (replaces session 8's D=64 default "pf", uncapped prefetch, which lost at
               # both head_dims in sessions 9-10): TUNED's D=128 launch spills (ncu, session 10: 3.8 M local-memory
               # requests at b16 16k; sm_90 / Triton 3.6: 17 spill instructions in the loop, 208 in all). Without the
               # prefetch at a cap of 168: no spill anywhere, 6.66 loop SASS per code element (TUNED 7.70), 3
               # programs (12 warps)/SM in one wave instead of 4 (16). D=64 keeps TUNED (no loop spill there).
+              # Timed (H100, session 11, benchmarks/results/vllm_s11/kernels/, b16 16k): 361.2 µs vs TUNED 359.0 —
+              # removing the spills gained nothing: they are not what limits the kernel.
               "r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3), 64: dict(TUNED[64])},
               # One full wave of 4-warp programs at a cap of 96 registers: 5 programs (20 warps)/SM. D=128: the
               # session-9 best (363.5 µs; 3.6: 13 loop spills, 7.28 SASS/element); D=64 (changed after that run, was the
@@ -76,13 +78,13 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               # its 4 programs/SM (TUNED's waves 2 fills 2.9): same kernel, 8 blocks per program instead of 11;
               # D=64 the same launch: 4 programs/SM (uncapped t128_reg4: 3), 0 loop spills, 7.52 SASS/element.
               "t128_fill4": {d: dict(REG4[d], tt=128, maxnreg=128, waves=None, fill=4) for d in REG4},
-              # Not yet timed (session 11; replaces "w8_r80", 8 warps at cap 80, which lost at both head_dims in
+              # Session 11 (replaces "w8_r80", 8 warps at cap 80, which lost at both head_dims in
               # session 9's sweep: 210.3 / 386.7 µs vs TUNED 180.7 / 362.5): r168_fill3 with the codes as the MMA's
               # M operand (swap: half the HMMAs, a 4-row query tile pads to N = 8). sm_90 / Triton 3.6, D=128 k4v3:
               # 167 registers, no spill, 6.26 loop SASS per code element (r168_fill3 6.66, TUNED 7.70), 3 programs/SM.
               # Both still store one stream's decoded fp16 to shared memory 16 bits at a time (64 STS.U16 of ~850
               # loop instructions per thread): the MMA operand wants token pairs, the codes give dimension pairs.
-              # D=64 keeps TUNED.
+              # D=64 keeps TUNED. Timed (H100, session 11, same run): 374.6 µs vs TUNED 359.0 (slower).
               "swap_r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3, swap=True), 64: dict(TUNED[64])},
               # Not yet timed: the prefetch (D=64's TUNED) at a cap of 128: 4 programs/SM in one wave instead of 3
               # (D=64: 0 loop spills, 8.97 SASS/element vs 8.39) / 2 (D=128: 17 spills, 7.70 vs pf's 7.20 at 255
@@ -175,9 +177,15 @@ PREFILL_CANDIDATES = {
     # (125) registers, 2 programs/SM; D=128 160 (166), 1/SM; no spills; the decode kernel is compile_check's.
     "scratch": {64: dict(lut=0, fused=True, tt=64, num_warps=8, maxnreg=None, bm=128, waves=2, scratch=True),
                 128: dict(lut=0, fused=True, tt=32, num_warps=8, maxnreg=None, bm=128, waves=1, scratch=True)},
-    # Not yet timed (session 11): the same decode into the scratch, then vLLM's FlashAttention varlen (FA3 on sm_90)
-    # over its pages instead of our exact-page kernel (session 10: that kernel ran at 0.47-0.53x SDPA at D=128).
-    # Needs vLLM's FlashAttention (the kit); the bench records an error row without it.
+    # Session 11: the same decode into the scratch, then vLLM's FlashAttention varlen (FA3 on sm_90) over its pages
+    # instead of our exact-page kernel. Needs vLLM's FlashAttention (the kit); the bench records an error without it.
+    # H100 (benchmarks/results/vllm_s11/kernels/), µs, D=128 16k / 1 request / chunk 512: scratch_fa 640, scratch
+    # 870, q128 1251, FA3 bf16 217; the fastest launch in all 14 rows that fit the 512 MiB scratch (D=128: 0.30-0.35x
+    # FA3, 1.6-2.0x q128; D=64: 0.37-0.55x FA3, 1.6-2.8x q64). Most of its time is the block decode (the bytes it
+    # writes take ~30 µs at copy bandwidth; FA3 over them ~217): _decode_kernel is the next thing to speed up.
+    # In vLLM (Qwen3-8B-like, H100): prefill 15 674 tok/s vs the tuned launch's 14 926 (+5 %), bf16 36 771; it also
+    # costs its 512 MiB reservation (capacity -1.1 %) and changed greedy tokens on 1 of 5 prompts beyond the near-tie
+    # rule (tests/test_vllm_scratch_gpu.py). Not the default.
     "scratch_fa": {d: dict(lut=0, fused=True, tt=64, num_warps=8, maxnreg=None, bm=128, waves=1, scratch="flash")
                    for d in (64, 128)},
 }
