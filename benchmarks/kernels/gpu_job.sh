@@ -10,6 +10,8 @@
 # what is left of 450 s (its last GPU run took 27 s of test time plus compiles).
 set -u
 T0=$(date +%s)
+OUT=${OUT:?set OUT (the device sets it; a subfolder of it works)}
+mkdir -p "$OUT"     # session 11 lost a call to a missing subfolder
 # KERNEL_NO_KIT=1: no gpu-kit (nothing staged; the device's own torch + Triton): the baselines are torch SDPA, not FA3
 # (kernels.json rows name theirs), the rest (candidates vs each other, parity, ncu) is unchanged.
 if [ "${KERNEL_NO_KIT:-0}" = 1 ]; then echo "no gpu-kit: SDPA baselines"; else source .gpukit/setup.sh || exit 3; fi
