@@ -167,9 +167,11 @@ def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, ro
                    STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                    OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                    G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr,
-                   INDIRECT: tl.constexpr = 0, PRECISE: tl.constexpr = 1, BF16DOT: tl.constexpr = 1):
-    """One program: one stream of one sealed block of one KV head -> bf16 rows [N, D]. INDIRECT (the scratch
-    prefill path, kakeya_kernels.scratch): item i reads page page_ptr[i] and writes output block dst_ptr[i].
+                   INDIRECT: tl.constexpr = 0, PRECISE: tl.constexpr = 1, BF16DOT: tl.constexpr = 1,
+                   CHUNK: tl.constexpr = 512):
+    """One program: CHUNK tokens (program_id 2 picks which) of one stream of one sealed block of one KV head ->
+    bf16 rows. INDIRECT (the scratch prefill path, kakeya_kernels.scratch): item i reads page page_ptr[i] and writes
+    output block dst_ptr[i].
     PRECISE 0: the rotation as the attention kernel does it (_hada: bf16 hi/lo MMAs on the exact +-1 H_{D/2}, ~16
     mantissa bits, ample for a bf16 output) instead of an fp32 D x D product (the debug decode)."""
     item = tl.program_id(0)
@@ -190,7 +192,8 @@ def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, ro
         dh = tl.arange(0, D // 2)
         hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
         rsl = tl.load(sgn_ptr + d) / lam                      # s / (sqrt(D) lambda)
-    for t0 in range(0, N, TT):
+    c0 = tl.program_id(2) * CHUNK
+    for t0 in range(c0, c0 + CHUNK, TT):
         t = t0 + tl.arange(0, TT)
         g = tl.load((slot + OFF_GAIN).to(tl.pointer_type(tl.float16)) + t)
         unc = (g.to(tl.int16, bitcast=True) < 0)
@@ -875,6 +878,9 @@ def _seal_prec(prec: str | None) -> str:
     return "ieee" if _INTERPRET else (prec or "tf32x3")
 
 
+SCRATCH_CHUNK = 128    # tokens per program of the scratch path's block decode (decode_into)
+
+
 def scratch_decode_warps(head_dim: int) -> int:
     """Warps of decode_into: at D=128 4 warps spill (sm_90 compile, 255 registers), 8 do not."""
     return 4 if head_dim <= 64 else 8
@@ -1041,12 +1047,16 @@ class KakeyaKernels:
         I, H = int(pages.shape[0]), cache.shape[1]
         if I == 0:
             return
+        # SCRATCH_CHUNK tokens per program: 4 programs per block x head instead of one walking all 512 tokens (the
+        # loop is latency-bound; session 11's H100 bench left ~420 µs of scratch_fa's 640 to this decode at D=128,
+        # 16k context, by difference). Same arithmetic per token. Not yet timed.
         for kv, (name, st, off) in enumerate((("k", self.lay.k, 0), ("v", self.lay.v, self.lay.k.size))):
             o = dst[:, :, kv]
-            _decode_kernel[(I, H)](cache, cache.stride(0), cache.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
-                                   self.rot, self.tables[name], pages, dst_idx, self.hada[False], self.sgn, TT=32,
-                                   num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)),
-                                   BF16DOT=int(not _INTERPRET), **self._consts(st, off))
+            _decode_kernel[(I, H, BLOCK_TOKENS // SCRATCH_CHUNK)](
+                cache, cache.stride(0), cache.stride(1), o, o.stride(0), o.stride(1), o.stride(2), self.rot,
+                self.tables[name], pages, dst_idx, self.hada[False], self.sgn, TT=32,
+                num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)),
+                BF16DOT=int(not _INTERPRET), CHUNK=SCRATCH_CHUNK, **self._consts(st, off))
 
     def plan(self, q_pos, q_req, num_reqs: int, gqa: int, bm: int = 16) -> dict:
         """Row/tile bookkeeping for a batch (what a metadata builder does once per step).
