@@ -163,17 +163,19 @@ def _bf16_rtne(x):
 
 @triton.jit
 def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, rot_ptr, table_ptr, page_ptr, dst_ptr,
-                   hada_ptr, sgn_ptr,
+                   hada_ptr, sgn_ptr, ptab_ptr, rtab_ptr,
                    STREAM_OFF: tl.constexpr, OFF_MEAN: tl.constexpr, OFF_SCALE: tl.constexpr,
                    OFF_GAIN: tl.constexpr, OFF_CODES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                    G: tl.constexpr, NB: tl.constexpr, N: tl.constexpr, TT: tl.constexpr,
                    INDIRECT: tl.constexpr = 0, PRECISE: tl.constexpr = 1, BF16DOT: tl.constexpr = 1,
-                   CHUNK: tl.constexpr = 512):
+                   CHUNK: tl.constexpr = 512, LUT: tl.constexpr = 0, ASM: tl.constexpr = 0):
     """One program: CHUNK tokens (program_id 2 picks which) of one stream of one sealed block of one KV head ->
     bf16 rows. INDIRECT (the scratch prefill path, kakeya_kernels.scratch): item i reads page page_ptr[i] and writes
     output block dst_ptr[i].
     PRECISE 0: the rotation as the attention kernel does it (_hada: bf16 hi/lo MMAs on the exact +-1 H_{D/2}, ~16
-    mantissa bits, ample for a bf16 output) instead of an fp32 D x D product (the debug decode)."""
+    mantissa bits, ample for a bf16 output) instead of an fp32 D x D product (the debug decode). LUT >= 2 (fast
+    mode): the fp16 centroids through the attention kernel's decoder (_codes16: register table for codes of <= 4
+    bits, pair table above) instead of a gather from the fp32 table in global memory."""
     item = tl.program_id(0)
     head = tl.program_id(1)
     if INDIRECT:
@@ -192,13 +194,18 @@ def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, ro
         dh = tl.arange(0, D // 2)
         hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
         rsl = tl.load(sgn_ptr + d) / lam                      # s / (sqrt(D) lambda)
+    rt = _rtab(rtab_ptr, ASM)                                 # LUT 4 register table (unused otherwise)
     c0 = tl.program_id(2) * CHUNK
     for t0 in range(c0, c0 + CHUNK, TT):
         t = t0 + tl.arange(0, TT)
         g = tl.load((slot + OFF_GAIN).to(tl.pointer_type(tl.float16)) + t)
         unc = (g.to(tl.int16, bitcast=True) < 0)
-        idx = _unpack_codes(slot + OFF_CODES, t, t < N, D * BITS // 8, D, BITS, G, NB, TT)
-        y = tl.load(table_ptr + idx) * tl.abs(g.to(tl.float32))[:, None]
+        if LUT >= 2:
+            c = _codes16(slot + OFF_CODES, t, t < N, ptab_ptr, rt, D * BITS // 8, D, BITS, G, NB, TT, LUT, ASM)
+            y = c.to(tl.float32) * tl.abs(g.to(tl.float32))[:, None]
+        else:
+            idx = _unpack_codes(slot + OFF_CODES, t, t < N, D * BITS // 8, D, BITS, G, NB, TT)
+            y = tl.load(table_ptr + idx) * tl.abs(g.to(tl.float32))[:, None]
         if PRECISE:
             x = tl.dot(y, rot, input_precision="ieee") / lam[None, :]
         else:
@@ -1034,7 +1041,8 @@ class KakeyaKernels:
         for name, st, off in (("k", self.lay.k, 0), ("v", self.lay.v, self.lay.k.size)):
             o = torch.empty(I, H, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=slots.device)
             _decode_kernel[(I, H)](slots, slots.stride(0), slots.stride(1), o, o.stride(0), o.stride(1), o.stride(2),
-                                   self.rot, self.tables[name], self.rot, self.rot, self.rot, self.rot, TT=32,
+                                   self.rot, self.tables[name], self.rot, self.rot, self.rot, self.rot,
+                                   self.pair_tables[name], self.reg_tables[name], TT=32,
                                    num_warps=4, **self._consts(st, off))
             outs.append(o)
         return outs[0], outs[1]
@@ -1054,9 +1062,10 @@ class KakeyaKernels:
             o = dst[:, :, kv]
             _decode_kernel[(I, H, BLOCK_TOKENS // SCRATCH_CHUNK)](
                 cache, cache.stride(0), cache.stride(1), o, o.stride(0), o.stride(1), o.stride(2), self.rot,
-                self.tables[name], pages, dst_idx, self.hada[False], self.sgn, TT=32,
-                num_warps=scratch_decode_warps(self.D), INDIRECT=1, PRECISE=int(bool(precise)),
-                BF16DOT=int(not _INTERPRET), CHUNK=SCRATCH_CHUNK, **self._consts(st, off))
+                self.tables[name], pages, dst_idx, self.hada[False], self.sgn, self.pair_tables[name],
+                self.reg_tables[name], TT=32, num_warps=scratch_decode_warps(self.D), INDIRECT=1,
+                PRECISE=int(bool(precise)), BF16DOT=int(not _INTERPRET), CHUNK=SCRATCH_CHUNK,
+                LUT=0 if precise else 4, ASM=int(not _INTERPRET), **self._consts(st, off))
 
     def plan(self, q_pos, q_req, num_reqs: int, gqa: int, bm: int = 16) -> dict:
         """Row/tile bookkeeping for a batch (what a metadata builder does once per step).

@@ -61,10 +61,12 @@ def test_scratch_matches_baseline_and_reference():
 
 
 def test_decode_into_is_the_reference_decode_in_bf16():
-    """The scratch's block decoder (indirect pages, fast _hada rotation) writes the reference codec's decode rounded
-    to bf16 (round to nearest even): < 1 % of the elements one bf16 step off (the fast rotation carries ~16
-    mantissa bits, so values near a rounding midpoint may round the other way), none more (up to fp32 noise on
-    elements near 0); the debug decode (fp32 rotation) likewise."""
+    """The scratch's block decoder (indirect pages, fast mode: fp16 centroids through the attention kernel's
+    register-table decoder, _hada rotation) writes the reference codec's decode rounded to bf16: < 10 % of the
+    elements one bf16 step off (fp16 centroids carry 11 bits and the fast rotation ~16, so values near a bf16
+    rounding midpoint may round the other way: 4.2 % here; with fp32 centroids, before session 11, < 1 %), none more
+    (up to 2^-9 of the row's RMS on elements near 0: the fp16 centroids' rounding); the debug decode (fp32 centroids
+    and rotation) within one bf16 step up to fp32 noise."""
     lens, hkv, d = [1100], 2, 64
     kk, sc, refs = build(lens, hkv, 1, d, 4, 3, device=DEV, seed=4)
     pages = sc["block_table"][0, :2].to(torch.int32)
@@ -74,8 +76,10 @@ def test_decode_into_is_the_reference_decode_in_bf16():
     for kv in range(2):
         ref = refs[0][kv][:, :1024].reshape(hkv, 2, 512, d).transpose(0, 1)     # [block, head, 512, D]
         got = buf[[3, 1], :, kv].double().cpu()
-        assert (got != ref.bfloat16().double()).float().mean() < 1e-2
-        assert ((got - ref).abs() <= ref.abs() * 2.0 ** -7 + 1e-5 * ref.abs().max()).all()
+        assert (got != ref.bfloat16().double()).float().mean() < 1e-1
+        # fp16 centroids: an absolute error of ~2^-11 of the row's scale on top of bf16 rounding (elements near 0)
+        rms = ref.pow(2).mean(-1, keepdim=True).sqrt()
+        assert ((got - ref).abs() <= ref.abs() * 2.0 ** -7 + 2.0 ** -9 * rms).all()
         dbg = kk.decode(sc["cache"][pages.long()])[kv].double().cpu()
         assert ((dbg - ref).abs() <= ref.abs() * 2.0 ** -7 + 1e-5 * ref.abs().max()).all()
 

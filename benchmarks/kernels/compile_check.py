@@ -67,9 +67,9 @@ def scratch_decode(d, bits, precise):
     g, nb = K._group(bits)
     const = dict(STREAM_OFF=0, OFF_MEAN=st["mean"].offset, OFF_SCALE=st["scale"].offset, OFF_GAIN=st["gain"].offset,
                  OFF_CODES=st["codes"].offset, D=d, BITS=bits, G=g, NB=nb, N=BLOCK_TOKENS, TT=32, INDIRECT=1,
-                 PRECISE=int(precise), BF16DOT=1, CHUNK=K.SCRATCH_CHUNK)
+                 PRECISE=int(precise), BF16DOT=1, CHUNK=K.SCRATCH_CHUNK, LUT=0 if precise else 4, ASM=1)
     types = {"cache_ptr": "*u8", "out_ptr": "*bf16", "rot_ptr": "*fp32", "table_ptr": "*fp32", "hada_ptr": "*bf16",
-             "sgn_ptr": "*fp32"}
+             "sgn_ptr": "*fp32", "ptab_ptr": "*i32", "rtab_ptr": "*i32"}
     return _compile(K._decode_kernel, const, types, K.scratch_decode_warps(d))
 
 
