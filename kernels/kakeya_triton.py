@@ -194,7 +194,8 @@ def _decode_kernel(cache_ptr, c_item, c_head, out_ptr, o_item, o_head, o_tok, ro
         dh = tl.arange(0, D // 2)
         hd = tl.load(hada_ptr + dh[:, None] * (D // 2) + dh[None, :])
         rsl = tl.load(sgn_ptr + d) / lam                      # s / (sqrt(D) lambda)
-    rt = _rtab(rtab_ptr, ASM)                                 # LUT 4 register table (unused otherwise)
+    if LUT >= 2:
+        rt = _rtab(rtab_ptr, ASM)                             # the register table, loaded once per program
     c0 = tl.program_id(2) * CHUNK
     for t0 in range(c0, c0 + CHUNK, TT):
         t = t0 + tl.arange(0, TT)

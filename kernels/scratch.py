@@ -50,7 +50,7 @@ class ScratchPages:
             want = torch.device("cuda", torch.cuda.current_device())
         if s is None or s.shape[0] < pages or s.shape[1] != H or s.device != want:
             # Headroom, so a slowly growing context does not reallocate every step.
-            cap = min(max(pages, int(pages * 1.25) + 1), self.cap_bytes // (H * self.page_bytes_per_head))
+            cap = min(max(pages, int(pages * 1.25) + 1), self.capacity_pages(H))
             self.buf = s = torch.empty(cap, H, 2, BLOCK_TOKENS, self.D, dtype=torch.bfloat16, device=device)
         return s
 

@@ -1,3 +1,4 @@
+import functools
 import os
 import signal
 
@@ -25,6 +26,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real_flash: keep kakeya_kernels.scratch.flash_varlen unpatched")
 
 
+@functools.lru_cache(maxsize=None)
 def _vllm_flash_available() -> bool:
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401

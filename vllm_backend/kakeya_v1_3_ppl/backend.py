@@ -322,11 +322,14 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.exact = self.cfg.format == "exact"
         self.bits = EXACT if self.exact else (self.cfg.k_bits, self.cfg.v_bits)   # until bind() knows the layer
         self.tail_k = self.tail_v = None
-        if self.cfg.format == "kakeya" and torch.cuda.is_available():
+        # The prefill launch's decode scratch, if it has one: False, True (our exact-page kernel) or "flash".
+        self.scratch_kind = False
+        if self.cfg.format == "kakeya":
             from kakeya_kernels.variants import prefill_variant
-            if prefill_variant(self.cfg.prefill_variant, head_size).get("scratch") == "flash":
-                from kakeya_kernels.scratch import flash_varlen
-                flash_varlen(head_size)   # candidate:scratch_fa: refuse before the weights are loaded
+            self.scratch_kind = prefill_variant(self.cfg.prefill_variant, head_size).get("scratch", False)
+        if self.scratch_kind == "flash" and torch.cuda.is_available():
+            from kakeya_kernels.scratch import flash_varlen
+            flash_varlen(head_size)   # candidate:scratch_fa: refuse before the weights are loaded
         if self.cfg.exact_attention == "flash" and torch.cuda.is_available():
             from .flash import flash_backend
             flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
@@ -356,11 +359,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
                    if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
-        if self.cfg.format == "kakeya":
-            from kakeya_kernels.variants import prefill_variant
-            if prefill_variant(self.cfg.prefill_variant, self.head_size).get("scratch"):
-                # Here, not at the first prefill: vLLM's profiling then counts it (one buffer per kernel set).
-                self.kk.scratch.reserve(self.num_kv_heads, dev)
+        if self.scratch_kind:
+            # Here, not at the first prefill: vLLM's profiling then counts it (one buffer per head_dim and device).
+            self.kk.scratch.reserve(self.num_kv_heads, dev)
         w = self.cal.weight(self.layer_idx)
         self.k_weight = None if w is None else w.float().to(dev)
 
