@@ -182,7 +182,8 @@ PREFILL_CANDIDATES = {
     # H100 (benchmarks/results/vllm_s11/kernels/), µs, D=128 16k / 1 request / chunk 512: scratch_fa 640, scratch
     # 870, q128 1251, FA3 bf16 217; the fastest launch in all 14 rows that fit the 512 MiB scratch (D=128: 0.30-0.35x
     # FA3, 1.7-2.0x q128; D=64: 0.36-0.56x FA3, 1.6-2.8x q64). By difference (not profiled), most of its time is the
-    # block decode and tail copy (640 - 217 µs; the bf16 bytes the decode writes take ~30 µs at copy bandwidth):
+    # block decode and tail copy (640 - 217 µs; computed: the bf16 bytes the decode writes take ~30 µs at copy
+    # bandwidth):
     # _decode_kernel (one 8-warp program per block x head, global-table gather) is the next thing to speed up.
     # In vLLM (Qwen3-8B-like, H100): prefill 15 674 tok/s vs the tuned launch's 14 926 (+5 %), bf16 36 771; it also
     # costs its 512 MiB reservation (capacity -1.1 %) and changed greedy tokens on 1 of 5 prompts beyond the near-tie
