@@ -66,7 +66,8 @@ def quality(a) -> dict:
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    names = [n for p in a.pairs.split(",") for n in (p, p + "_uni")]
+    tw = "_" + a.twin
+    names = [n for p in a.pairs.split(",") for n in (p, p + tw)]
     fmts = formats.by_name(L, names)
     wins = _windows(tok, a.windows, a.window)
     state = {"last": None, "dur": 0.0}
@@ -90,10 +91,10 @@ def quality(a) -> dict:
                      "window_nll": list(r.nll), "window_kld": list(r.kld)})
     pairs = []
     for p in a.pairs.split(","):
-        lm, un = by[p], by[p + "_uni"]
+        lm, un = by[p], by[p + tw]
         d, ci = paired_delta_pct(un.nll, lm.nll)
         dk, dkci = mean_ci([x - y for x, y in zip(un.kld, lm.kld)])
-        pairs.append({"lloyd": p, "uniform": p + "_uni", "paired_ppl_diff_pct": d, "paired_ppl_diff_pct_ci95": ci,
+        pairs.append({"lloyd": p, "uniform": p + tw, "paired_ppl_diff_pct": d, "paired_ppl_diff_pct_ci95": ci,
                       "kld_diff": dk, "kld_diff_ci95": dkci,
                       "kld_ratio": (sum(un.kld) / sum(lm.kld)) if sum(lm.kld) else None})
     return {"windows": len(ref.nll), "windows_requested": len(wins), "window_tokens": a.window, "chunk": a.chunk,
@@ -111,7 +112,9 @@ def _ci(ci, f="{:+.3f}"):
 
 
 def markdown(doc: dict) -> str:
-    out = ["# Uniform centroid grid vs Lloyd-Max (default `kakeya` format)", "",
+    k_only = doc.get("twin") == "kuni"
+    out = ["# Uniform centroid grid vs Lloyd-Max (default `kakeya` format" + (", K stream only" if k_only else "")
+           + ")", "",
            f"Command: `{doc['command']}` — {doc['host']['cpus']} shared CPU cores, wall {doc['elapsed_s']:.0f} s.", "",
            "## Grid step (N(0,1); error after the per-token LS gain on Gaussian vectors, "
            f"{doc['grid_vectors']} vectors, seed {doc['grid_seed']})", "",
@@ -151,7 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--pairs", default=",".join(PAIRS), help="Lloyd-Max format names; each runs with its _uni twin")
+    p.add_argument("--pairs", default=",".join(PAIRS), help="Lloyd-Max format names; each runs with its twin")
+    p.add_argument("--twin", choices=("uni", "kuni"), default="uni",
+                   help="uni: both streams on the uniform grid; kuni: K only (the int8 K-score path's format)")
+    p.add_argument("--name", default="UNIFORM_GRID", help="output file stem under --out")
     p.add_argument("--deadline-s", type=float, default=0.0, help="stop between windows before this many seconds")
     p.add_argument("--grid-vectors", type=int, default=20000)
     p.add_argument("--grid-seed", type=int, default=0)
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     t0 = time.time()
     doc = {"command": "python benchmarks/uniform_grid.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "grid_vectors": a.grid_vectors, "grid_seed": a.grid_seed,
+           "grid_vectors": a.grid_vectors, "grid_seed": a.grid_seed, "twin": a.twin,
            "grid": grid_study(a.grid_vectors, a.grid_seed),
            "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}}
     if not a.no_quality:
@@ -169,8 +175,8 @@ def main(argv=None) -> int:
     doc["elapsed_s"] = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "UNIFORM_GRID.json").write_text(json.dumps(doc, indent=1))
-    (out / "UNIFORM_GRID.md").write_text(markdown(doc))
+    (out / f"{a.name}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{a.name}.md").write_text(markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -93,6 +93,24 @@ def _decode_variant_env(env) -> str:
     return _choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS)
 
 
+K_GRIDS = ("lloyd", "uniform")
+
+
+def _k_grid(env, fmt: str, k_bits: int, layer_bits, decode_variant: str) -> str:
+    """KAKEYA_K_GRID: the K stream's centroid table, lloyd (Lloyd-Max for N(0,1), the default) or uniform
+    (lloyd_max.uniform_table: what the int8 K-score decode launch, candidate:ki8, reads; 4-bit K only)."""
+    grid = _choice_env(env, "KAKEYA_K_GRID", "lloyd", K_GRIDS)
+    if grid != "lloyd" and fmt != "kakeya":
+        raise ConfigError(f"KAKEYA_K_GRID={grid!r} applies to KAKEYA_FORMAT=kakeya only (got {fmt!r}); unset it")
+    if decode_variant == "candidate:ki8":
+        widths = sorted({k_bits} | {kb for _, kb, _ in layer_bits})
+        if grid != "uniform" or widths != [4]:
+            raise ConfigError("KAKEYA_DECODE_VARIANT=candidate:ki8 computes K scores from 4-bit codes on the uniform "
+                              f"grid: it needs KAKEYA_K_GRID=uniform (got {grid!r}) and 4-bit K in every layer "
+                              f"(K widths here: {widths})")
+    return grid
+
+
 def _prefill_variant_env(env, fmt: str) -> str:
     """KAKEYA_PREFILL_VARIANT: the launch of prefill / mixed steps of the default format's kernel — tuned (default:
     kakeya_kernels.variants.PREFILL_TUNED), baseline (the previous launch) or candidate:NAME of PREFILL_CANDIDATES.
@@ -256,6 +274,7 @@ class KakeyaConfig:
     scratch_mib: int = 512        # cap of the bf16 decode scratch (kakeya_kernels.scratch: blocks one launch reads)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
+    k_grid: str = "lloyd"         # K centroid table: lloyd (Lloyd-Max N(0,1)) | uniform (needed by candidate:ki8)
     prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
@@ -283,9 +302,11 @@ class KakeyaConfig:
         if clash:
             raise ConfigError(f"KAKEYA_LAYER_BITS={raw_lb!r}: layer(s) {clash} are also in "
                               f"KAKEYA_BOUNDARY_SKIP_LAYERS (exact bf16); list each layer in one of them")
+        k_bits = _int_env(env, "KAKEYA_K_BITS", 4 if fmt == "kakeya" else 3, ALLOWED_BITS[fmt]["k"])
+        decode_variant = _decode_variant_env(env)
         return cls(
             format=fmt,
-            k_bits=_int_env(env, "KAKEYA_K_BITS", 4 if fmt == "kakeya" else 3, ALLOWED_BITS[fmt]["k"]),
+            k_bits=k_bits,
             v_bits=_int_env(env, "KAKEYA_V_BITS", 3 if fmt == "kakeya" else 2, ALLOWED_BITS[fmt]["v"]),
             boundary_skip_layers=boundary,
             layer_bits=layer_bits,
@@ -294,7 +315,8 @@ class KakeyaConfig:
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
             scratch_mib=_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
-            decode_variant=_decode_variant_env(env),
+            decode_variant=decode_variant,
+            k_grid=_k_grid(env, fmt, k_bits, layer_bits, decode_variant),
             prefill_variant=_prefill_variant_env(env, fmt),
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),

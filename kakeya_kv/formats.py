@@ -55,13 +55,13 @@ def from_recipe(path: str, num_layers: int) -> ModelFormat:
 
 def by_name(num_layers: int, names: list[str]) -> list[ModelFormat]:
     """Formats by name: the standard ones, any kakeya_k{b}v{b} the format allows (suffix _uni: uniform
-    centroid grid, same bytes), or recipe:PATH (an env file)."""
+    centroid grid, same bytes; _kuni: uniform for K only), or recipe:PATH (an env file)."""
     import re
     allf = {f.name: f for f in standard_formats(num_layers)}
     for n in names:   # any kakeya bit widths the format allows, e.g. kakeya_k5v4
-        m = re.fullmatch(r"kakeya_k(\d)v(\d)(_uni)?", n)
+        m = re.fullmatch(r"kakeya_k(\d)v(\d)(_uni|_kuni)?", n)
         if m and n not in allf:
-            c = KakeyaCodec(int(m[1]), int(m[2]), grid="uniform" if m[3] else "lloyd")
+            c = KakeyaCodec(int(m[1]), int(m[2]), grid={None: "lloyd", "_uni": "uniform", "_kuni": "k_uniform"}[m[3]])
             allf[n] = ModelFormat(c.name, "kakeya", c)
         elif n.startswith("recipe:"):
             allf[n] = from_recipe(n[len("recipe:"):], num_layers)

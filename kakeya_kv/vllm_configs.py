@@ -39,6 +39,9 @@ TABLE = {c.name: c for c in [
     # experimental: GPU-planned decode steps captured as full CUDA graphs
     VllmConfig("kakeya_k4v3_graphs", "kakeya", {**KAKEYA, "enforce_eager": False}, {"KAKEYA_CUDA_GRAPHS": "1"}),
     VllmConfig("kakeya_k4v3_cal", "kakeya", KAKEYA, {"KAKEYA_CALIBRATION": ".gpudata/bundle"}),
+    # K on the uniform grid, read by the int8 K-score decode launch (variants.CANDIDATES["ki8"])
+    VllmConfig("kakeya_k4v3_kuni_ki8", "kakeya", KAKEYA,
+               {"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8"}, hf_format="kakeya_k4v3_kuni"),
     # vLLM adds layers 0, 1, L-2, L-1 as bf16 for every TurboQuant preset (the HF twins do the same)
     *[VllmConfig(f"turboquant_{p}", "turboquant", {"kv_cache_dtype": f"turboquant_{p}"}, hf_format=f"turboquant_{p}")
       for p in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc")],

@@ -375,6 +375,40 @@ def _halves(w):
 
 
 @triton.jit
+def _nib8(x, ASM: tl.constexpr):
+    """4-bit codes, two per byte (uint8 [TT, D/2], LSB-first) -> int8 low / high nibbles [TT, D/2] (the codes of
+    dims 2j / 2j+1), the int8 MMA operands of the KI8 K scores. On the GPU one lop3 + one shift + one lop3 per 4
+    bytes (the bytes stay packed 4 to a register); Triton's own i8 ops would unpack every byte."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ and.b32 $0, $2, 0x0F0F0F0F; shr.u32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }", "=r,=r,r", [x],
+            dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        return (x & 15).to(tl.int8), (x >> 4).to(tl.int8)
+
+
+@triton.jit
+def _kbytes(row_ptr, t_off, t_mask, D: tl.constexpr):
+    """The 4-bit K code bytes of TT tokens: uint8 [TT, D/2] (KI8)."""
+    jb = tl.arange(0, D // 2)
+    return tl.load(row_ptr + t_off[:, None] * (D // 2) + jb[None, :], mask=t_mask[:, None], other=0)
+
+
+@triton.jit
+def _i8_scores(qeh, qoh, qel, qol, kb8, ASM: tl.constexpr):
+    """q'.j for uniform 4-bit K codes j (0..15): int8 MMAs of the query's hi / lo int8 parts (even / odd dims) with
+    the code nibbles, as fp32 in units of the query's int8 step (hi + lo / 254)."""
+    klo, khi = _nib8(kb8, ASM)
+    klo_t = tl.trans(klo)
+    khi_t = tl.trans(khi)
+    sh = tl.dot(qeh, klo_t, out_dtype=tl.int32)
+    sh = tl.dot(qoh, khi_t, sh, out_dtype=tl.int32)
+    sl = tl.dot(qel, klo_t, out_dtype=tl.int32)
+    sl = tl.dot(qol, khi_t, sl, out_dtype=tl.int32)
+    return sh.to(tl.float32) + sl.to(tl.float32) * (1.0 / 254.0)
+
+
+@triton.jit
 def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
            NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
     """The packed code words of TT tokens, as the LUT >= 2 decoders take them: [TT, D/8] int32 (8 codes per
@@ -558,14 +592,18 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
                  SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0,
-                 KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0):
+                 KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0, KI8: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
     loops (a [BM, D] fp32 q would cost 32 registers/thread at BM 64, D 128, 8 warps), and the tail loop stops at the
     tile's last query position (later tail keys are causally masked for every row of the tile).
     LUT 5-7 (linear, uniform-grid tables only): codes decode to 2 j - (2^b - 1) and KSTEP / VSTEP (Delta / 2 of
-    each stream, 1.0 for streams that keep a table) scale the per-token K / V gains."""
+    each stream, 1.0 for streams that keep a table) scale the per-token K / V gains.
+    KI8 (fast mode, 4-bit K on a uniform grid only; KSTEP = Delta / 2 of K): the K scores come from int8 MMAs of the
+    raw code nibbles (j = 0..15) with the rotated query split into int8 hi + lo parts per row (|q'| / 127 steps, the
+    lo part the residual x 254: ~15 bits, finer than the fp16 q' of the other paths): no per-code decode at all.
+    s = |g| KSTEP (2 q'.j - 15 sum(q')) + q.mean."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -642,6 +680,15 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 qb = q
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
             qr = _hada(qb * (rsg / klam)[None, :], hd, BM, D, PRECISE, BF16DOT)
+            if KI8 and not PRECISE:
+                qa = tl.maximum(tl.max(tl.abs(qr), 1), 1e-30)
+                qn = qr * (127.0 / qa)[:, None]
+                qhf = tl.floor(qn + 0.5)
+                qlf = tl.floor((qn - qhf) * 254.0 + 0.5)
+                qeh, qoh = tl.split(tl.reshape(qhf.to(tl.int8), (BM, D // 2, 2)))
+                qel, qol = tl.split(tl.reshape(qlf.to(tl.int8), (BM, D // 2, 2)))
+                kq = qa * (2.0 / 127.0)
+                koff = tl.sum(qr, 1) * ((1 << KBITS) - 1)
             if not PRECISE:
                 qr = qr.to(tl.float16)
             qmu = tl.sum(qb * kmean[None, :], 1)
@@ -659,7 +706,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 # decoded, so their latency hides behind this tile's work; the first tile's loads are issued here,
                 # ahead of the query rotation below.
                 t = tl.arange(0, TT)
-                k_nxt = _raw16(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
+                if KI8 and not PRECISE:
+                    k_nxt = _kbytes(slot + K_CODES, t, t < N, D)
+                else:
+                    k_nxt = _raw16(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
                 kg_nxt = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 v_nxt = _raw16(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT, LUT)
                 vg_nxt = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
@@ -669,7 +719,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                     k_raw, kg, v_raw, vg = k_nxt, kg_nxt, v_nxt, vg_nxt
                     tn = t + TT
                     nm = tn < N
-                    k_nxt = _raw16(slot + K_CODES, tn, nm, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
+                    if KI8 and not PRECISE:
+                        k_nxt = _kbytes(slot + K_CODES, tn, nm, D)
+                    else:
+                        k_nxt = _raw16(slot + K_CODES, tn, nm, D * KBITS // 8, D, KBITS, KG, KNB, TT, LUT)
                     kg_nxt = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + tn, mask=nm, other=0.0)
                     v_nxt = _raw16(slot + KV_OFF + V_CODES, tn, nm, D * VBITS // 8, D, VBITS, VG, VNB, TT, LUT)
                     vg_nxt = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + tn, mask=nm,
@@ -677,36 +730,44 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 else:
                     kg = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 kunc = kg.to(tl.int16, bitcast=True) < 0
-                if LUT >= 2:     # (PF implies LUT >= 2: the launcher refuses pf with lut < 2)
+                if KI8 and not PRECISE:
                     if PF:
-                        kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM, PREFILL)
+                        kb8 = k_raw
                     else:
-                        kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
-                                      TT, LUT, ASM, PREFILL)
-                    if PRECISE:
-                        kc = kc.to(tl.float32)
-                else:
-                    if DIAG == 2:   # diagnostics: no unpack (time the rest)
-                        kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
-                    else:
-                        kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
-                    if DIAG >= 1:   # diagnostics: no table lookup
-                        kc = kidx.to(tl.float32)
-                    else:
-                        kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
-                if PRECISE:
-                    s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
-                else:
-                    if SWAP:   # codes as the MMA's M operand: the query rows pad to 8 (N), not 16 (M)
-                        s = tl.trans(tl.dot(kc.to(tl.float16), tl.trans(qr)))
-                    else:
-                        s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
-                if LUT == 7 and KBITS <= 4 and KBITS >= 2:
-                    s = s - qoff[:, None]
-                if LUT >= 5:
+                        kb8 = _kbytes(slot + K_CODES, t, t < N, D)
+                    s = _i8_scores(qeh, qoh, qel, qol, kb8, ASM) * kq[:, None] - koff[:, None]
                     s = s * (tl.abs(kg.to(tl.float32)) * KSTEP)[None, :]
                 else:
-                    s = s * tl.abs(kg.to(tl.float32))[None, :]
+                    if LUT >= 2:     # (PF implies LUT >= 2: the launcher refuses pf with lut < 2)
+                        if PF:
+                            kc = _dec16(k_raw, kptab_ptr, krt, D, KBITS, KG, TT, LUT, ASM, PREFILL)
+                        else:
+                            kc = _codes16(slot + K_CODES, t, t < N, kptab_ptr, krt, D * KBITS // 8, D, KBITS, KG, KNB,
+                                          TT, LUT, ASM, PREFILL)
+                        if PRECISE:
+                            kc = kc.to(tl.float32)
+                    else:
+                        if DIAG == 2:   # diagnostics: no unpack (time the rest)
+                            kidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 16
+                        else:
+                            kidx = _unpack_codes(slot + K_CODES, t, t < N, D * KBITS // 8, D, KBITS, KG, KNB, TT)
+                        if DIAG >= 1:   # diagnostics: no table lookup
+                            kc = kidx.to(tl.float32)
+                        else:
+                            kc = _lookup(ktab_ptr, kidx, KBITS, D, LUT)   # fp16 table in fast mode: no convert
+                    if PRECISE:
+                        s = tl.dot(qr, tl.trans(kc), input_precision="ieee")
+                    else:
+                        if SWAP:   # codes as the MMA's M operand: the query rows pad to 8 (N), not 16 (M)
+                            s = tl.trans(tl.dot(kc.to(tl.float16), tl.trans(qr)))
+                        else:
+                            s = tl.dot(qr, tl.trans(kc.to(tl.float16)))
+                    if LUT == 7 and KBITS <= 4 and KBITS >= 2:
+                        s = s - qoff[:, None]
+                    if LUT >= 5:
+                        s = s * (tl.abs(kg.to(tl.float32)) * KSTEP)[None, :]
+                    else:
+                        s = s * tl.abs(kg.to(tl.float32))[None, :]
                 s = s + tl.where(kunc[None, :], 0.0, qmu[:, None])
                 s = tl.where((b * N + t)[None, :] <= qp[:, None], s, -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -992,6 +1053,9 @@ class KakeyaKernels:
             self._steps = str(e)
         if lut in LINEAR_LUTS and isinstance(self._steps, str):
             raise ValueError(self._steps)
+        # ki8 (int8 K scores): Delta / 2 of a uniform 4-bit K table, else None (found here: launches never sync).
+        k_delta = uniform_step(self.tables["k"]) if k_bits == 4 else None
+        self._ki8_step = None if k_delta is None else k_delta / 2
 
     def _consts(self, st, off):
         g, nb = _group(st.bits)
@@ -1084,13 +1148,15 @@ class KakeyaKernels:
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
-                  prefill: bool = False, scratch: bool | str = False) -> torch.Tensor:
+                  prefill: bool = False, scratch: bool | str = False, ki8: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
         swap (opt-in, fast mode only): sealed-block MMAs with the codes as the M operand (s^T = codes q'^T,
         acc^T += codes^T p^T), so a 4-row query tile pads to the MMA's N of 8 instead of its M of 16.
         pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop.
+        ki8 (opt-in, fast mode, 4-bit K on a uniform grid only): K scores by int8 MMAs of the raw code nibbles with
+        an int8 hi + lo split of the rotated query (see _attn_kernel's KI8); V as ``lut`` says.
         prefill (opt-in, for tiles of many tokens, kakeya_kernels.variants.PREFILL_CANDIDATES): query rows re-read per
         block instead of held in registers, tail loop bounded by the tile's last query position.
         scratch (opt-in, for prefill chunks: PREFILL_CANDIDATES["scratch"]): decode the sealed blocks the launch
@@ -1113,11 +1179,12 @@ class KakeyaKernels:
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill)
+                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
-                maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False):
+                maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False,
+                ki8: bool = False):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -1141,11 +1208,22 @@ class KakeyaKernels:
             raise ValueError(f"prefill must be a bool, got {prefill!r}")
         if pf and lut < 2:
             raise ValueError(f"pf (register prefetch of packed codes) needs lut >= 2, got lut={lut}")
+        if ki8 not in (True, False, 0, 1):
+            raise ValueError(f"ki8 must be a bool, got {ki8!r}")
+        if ki8 and swap:
+            raise ValueError("ki8 (int8 K scores) does not combine with swap")
         steps = {}
         if lut in LINEAR_LUTS:
             if isinstance(self._steps, str):
                 raise ValueError(self._steps)
             steps = dict(KSTEP=self._steps[0], VSTEP=self._steps[1])
+        ki8 = bool(ki8) and not precise and not exact_kv_off   # precise / exact pages: the ordinary path
+        if ki8:
+            if self._ki8_step is None:
+                raise ValueError(f"ki8 (int8 K scores) needs 4-bit K codes on a uniform grid "
+                                 f"(lloyd_max.uniform_table(4)); this geometry has {self.lay.k.bits}-bit K with "
+                                 f"table {self.tables['k'].tolist()}")
+            steps["KSTEP"] = self._ki8_step
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -1181,7 +1259,7 @@ class KakeyaKernels:
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
             SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
-            num_warps=num_warps, **steps,
+            KI8=int(ki8), num_warps=num_warps, **steps,
             **_regs(maxnreg))
         if fused:
             if out is None:

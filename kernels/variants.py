@@ -61,14 +61,6 @@ NAMES = ("tuned", "baseline")
 # element): TUNED D=64 (163, 0, 3, 12, 8.39), D=128 (128, 20, 4, 16, 6.76; its waves-2 grid uses 2.9 of the 4 slots).
 # k3v2 and k5v4 keep the same occupancy (no loop spill at D=64).
 CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None) for d, v in REG4.items()},
-              # Session 11 (replaces session 8's D=64 default "pf", uncapped prefetch, which lost at
-              # both head_dims in sessions 9-10): TUNED's D=128 launch spills (ncu, session 10: 3.8 M local-memory
-              # requests at b16 16k; sm_90 / Triton 3.6: 17 spill instructions in the loop, 208 in all). Without the
-              # prefetch at a cap of 168: no spill anywhere, 6.66 loop SASS per code element (TUNED 7.70), 3
-              # programs (12 warps)/SM in one wave instead of 4 (16). D=64 keeps TUNED (no loop spill there).
-              # Timed (H100, session 11, benchmarks/results/vllm_s11/kernels/, b16 16k): 361.2 µs vs TUNED 359.0 —
-              # removing the spills gained nothing: they are not what limits the kernel.
-              "r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3), 64: dict(TUNED[64])},
               # One full wave of 4-warp programs at a cap of 96 registers: 5 programs (20 warps)/SM. D=128: the
               # session-9 best (363.5 µs; 3.6: 13 loop spills, 7.28 SASS/element); D=64 (changed after that run, was the
               # uncapped REG4 with fill 4, see above): no loop spill, 8.31 SASS/element, 7 blocks per program at b16 16k
@@ -78,14 +70,6 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               # its 4 programs/SM (TUNED's waves 2 fills 2.9): same kernel, 8 blocks per program instead of 11;
               # D=64 the same launch: 4 programs/SM (uncapped t128_reg4: 3), 0 loop spills, 7.52 SASS/element.
               "t128_fill4": {d: dict(REG4[d], tt=128, maxnreg=128, waves=None, fill=4) for d in REG4},
-              # Session 11 (replaces "w8_r80", 8 warps at cap 80, which lost at both head_dims in
-              # session 9's sweep: 210.3 / 386.7 µs vs TUNED 180.7 / 362.5): r168_fill3 with the codes as the MMA's
-              # M operand (swap: half the HMMAs, a 4-row query tile pads to N = 8). sm_90 / Triton 3.6, D=128 k4v3:
-              # 167 registers, no spill, 6.26 loop SASS per code element (r168_fill3 6.66, TUNED 7.70), 3 programs/SM.
-              # Both still store one stream's decoded fp16 to shared memory 16 bits at a time (64 STS.U16 of ~850
-              # loop instructions per thread): the MMA operand wants token pairs, the codes give dimension pairs.
-              # D=64 keeps TUNED. Timed (H100, session 11, same run): 374.6 µs vs TUNED 359.0 (slower).
-              "swap_r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3, swap=True), 64: dict(TUNED[64])},
               # Not yet timed: the prefetch (D=64's TUNED) at a cap of 128: 4 programs/SM in one wave instead of 3
               # (D=64: 0 loop spills, 8.97 SASS/element vs 8.39) / 2 (D=128: 17 spills, 7.70 vs pf's 7.20 at 255
               # registers).
@@ -101,13 +85,29 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               # (D=64 k3v2: TUNED 134 -> 3 programs/SM, lut 7 128 -> 4), spill instructions in the loop D=128 k4v3 19 ->
               # 15, k3v2 4 -> 5. The prmt lookup it removes was ~1.9 of those instructions per element; the rest
               # (unpack, layout moves: IMAD/MOV) stays, so expect little unless the GPU disagrees.
-              "linear": {d: dict(v, lut=7) for d, v in TUNED.items()}}
+              "linear": {d: dict(v, lut=7) for d, v in TUNED.items()},
+              # Session 12 (not yet timed): TUNED with the K scores from int8 MMAs of the raw 4-bit code nibbles
+              # (kakeya_triton KI8: the rotated query split into int8 hi + lo parts per row; no per-code decode of K),
+              # V as TUNED (lut 4, any table). ONLY for 4-bit K sealed with the uniform grid (lloyd_max.uniform_table;
+              # KakeyaKernels refuses other K tables); the bench times it on the uniform-table cache next to the
+              # same launch without ki8. No register prefetch: with it, D=128 spills again (sm_90 / Triton 3.6
+              # compile, k4v3, loop SASS per code element: TUNED 7.70 (17 loop spills), ki8 with pf 7.54 (5), ki8
+              # without pf 5.67 (0), 4 programs/SM each; D=64 TUNED 7.52 -> ki8 6.48). The decoded-K path without pf
+              # (r168_fill3) was 6.66.
+              "ki8": {d: dict(v, ki8=True, pf=False) for d, v in TUNED.items()}}
 # Session 7's default (REG4, "reg4") left the sweep for "linear" (<= 8 variants per head_dim); TUNED vs REG4 is
 # measured in the session 8 numbers above.
+# Session 12: "r168_fill3" (D=128: no prefetch, cap 168, fill 3; spill-free) and "swap_r168_fill3" (the same with swap)
+# left the sweep for "ki8" after losing in session 11 (H100, b16 16k: 361.2 and 374.6 µs vs TUNED 359.0): removing
+# TUNED's spills gained nothing; swap was slower. Their definitions (for KAKEYA_DECODE_VARIANT experiments) are in
+# RETIRED below.
+RETIRED = {"r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3), 64: dict(TUNED[64])},
+           "swap_r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3, swap=True),
+                               64: dict(TUNED[64])}}
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch")   # swap, pf: not
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch", "ki8")   # swap, pf: not
 # in BASELINE (swap: no candidate since session 9, the kernel keeps it); prefill, scratch: only in PREFILL_CANDIDATES
 
 

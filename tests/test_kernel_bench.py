@@ -143,7 +143,7 @@ def test_short_sweep_times_the_backend_default():
         sw = B.short_sweep(d)
         assert sw[0] == B.BASELINE_VARIANT and TUNED[d] in sw and len(sw) == len({str(v) for v in sw})
         # swap, pf, fill: only the opt-in candidates (every variant has the launch's keys, nothing unknown)
-        assert all(set(v) - {"swap", "pf", "fill"} == set(B.BASELINE_VARIANT) for v in sw)
+        assert all(set(v) - {"swap", "pf", "fill", "ki8"} == set(B.BASELINE_VARIANT) for v in sw)
         assert len(sw) <= 8
 
 
@@ -157,8 +157,8 @@ def test_sweep_best_picks_the_fastest_agreeing_lloyd_max_variant():
               {"head_dim": 128, **fill, "us_b16_ctx16k": 363.5, "agrees": True, "rel_diff_vs_baseline": 3e-4},
               {"head_dim": 128, **CANDIDATES["linear"][128], "us_b16_ctx16k": 300.0, "agrees": True,
                "cache": "uniform-grid tables", "rel_diff_vs_lut4_same_cache": 0.0},
-              {"head_dim": 128, **CANDIDATES["r168_fill3"][128], "us_b16_ctx16k": 200.0, "agrees": False},
-              {"head_dim": 128, **CANDIDATES["r168_fill3"][128], "error": "out of resources"},
+              {"head_dim": 128, **CANDIDATES["t128_fill4"][128], "us_b16_ctx16k": 200.0, "agrees": False},
+              {"head_dim": 128, **CANDIDATES["t128_fill4"][128], "error": "out of resources"},
               {"head_dim": 64, **TUNED[64], "us_b16_ctx16k": 181.5, "agrees": True}]
     best = B.sweep_best(tuning)
     assert best == {128: fill, 64: TUNED[64]}

@@ -263,3 +263,22 @@ def test_kernel_sets_of_other_widths_share_one_decode_scratch(glue):
     # A later in-process engine gets its own sets (the earlier engine's scratch reservation is dropped with them).
     c = backend.kernels(64, 4, 3, "cpu", owner=e2)
     assert c is not a and c.scratch is not a.scratch and len(backend._KERNELS) == 2
+
+
+def test_k_grid_uniform_gives_the_kernels_the_uniform_k_table(glue, monkeypatch):
+    """KAKEYA_K_GRID=uniform: the kernel set seals and reads K with lloyd_max.uniform_table (what candidate:ki8
+    needs); V keeps Lloyd-Max. A calibration bundle with a fitted K table of that width conflicts: a clear error."""
+    backend, _ = glue
+    from kakeya_kv import lloyd_max
+    from kakeya_v1_3_ppl.calib import Calibration
+    monkeypatch.setenv("KAKEYA_K_GRID", "uniform")
+
+    class Engine:
+        pass
+    kk = backend.kernels(64, 4, 3, "cpu", owner=Engine())
+    assert torch.equal(kk.tables["k"].cpu(), lloyd_max.uniform_table(4).float())
+    assert torch.equal(kk.tables["v"].cpu(), lloyd_max.gaussian_table(3).float())
+    assert kk._ki8_step is not None
+    cal = Calibration(k_tables={4: lloyd_max.gaussian_table(4)}, source="/bundles/x")
+    with pytest.raises(ValueError, match="KAKEYA_K_GRID=uniform.*fitted 4-bit K table"):
+        backend.kernels(64, 4, 3, "cpu", cal=cal, owner=Engine())

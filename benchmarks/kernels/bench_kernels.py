@@ -224,7 +224,7 @@ def uniform_kernels(kk: KakeyaKernels) -> KakeyaKernels:
 class SweepScenarios:
     """The sweep's inputs at one head_dim (batch 16, context 16k on the GPU): the default-table cache, where every
     variant is compared with the baseline launch, and (built on first use) a cache sealed with uniform-grid tables
-    for the linear variants (lut 5-7 are valid only there), where the reference is the same variant with lut 4."""
+    for the linear variants and ki8 (valid only there), where the reference is the same variant with lut 4, no ki8."""
 
     def __init__(self, kk: KakeyaKernels, batch: int, ctx: int, d: int, sms: int, device="cuda", hkv=HKV):
         self.kk, self.args = kk, (batch, ctx, d, sms, device, hkv)
@@ -234,11 +234,11 @@ class SweepScenarios:
 
     def pick(self, v: dict) -> tuple[OursDecode, torch.Tensor, dict | None]:
         """(scenario, reference output, reference variant: None = the baseline launch already run)."""
-        if v["lut"] not in LINEAR_LUTS:
+        if v["lut"] not in LINEAR_LUTS and not v.get("ki8"):
             return self.default, self.base_out, None
         if self.uniform is None:
             self.uniform = OursDecode(uniform_kernels(self.kk), *self.args)
-        ref_v = dict(v, lut=4)
+        ref_v = dict(v, lut=4, ki8=False)   # the same launch decoding K (and V) through the register table
         return self.uniform, self.uniform.fn(ref_v)(), ref_v
 
 

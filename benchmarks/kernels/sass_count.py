@@ -35,7 +35,8 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
-                 swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False, exact: bool = False):
+                 swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False, exact: bool = False,
+                 ki8: bool = False):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
     pipeline stages of the block loops (KakeyaKernels.attention's num_stages). exact: the exact-page launch
     (attention_exact: boundary layers, the scratch prefill path)."""
@@ -49,11 +50,15 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  DIAG=0, LUT=lut, NS=ns, GATHER=int(fused), GQA=gqa if fused else 1, ASM=1, SWAP=int(swap), PF=int(pf),
                  PREFILL=int(prefill),
                  ROT_PREC="tf32", SPLITS=8,   # these two: older versions
-                 KSTEP=1.0, VSTEP=1.0)        # the kernel's defaults (a launch passes them only for lut 5-7)
+                 KSTEP=1.0, VSTEP=1.0,        # the kernel's defaults (a launch passes them only for lut 5-7)
+                 KI8=int(ki8))
     if lut in getattr(mod, "LINEAR_LUTS", ()):   # the steps of uniform-grid tables, as KakeyaKernels passes them
         from kakeya_kv import lloyd_max
         const["KSTEP"], const["VSTEP"] = mod.linear_steps(
             {"k": lloyd_max.uniform_table(kb), "v": lloyd_max.uniform_table(vb)}, {"k": kb, "v": vb})
+    if ki8:   # K's step as KakeyaKernels passes it (uniform 4-bit K table)
+        from kakeya_kv import lloyd_max
+        const["KSTEP"] = mod.uniform_step(lloyd_max.uniform_table(kb)) / 2
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
     sig = {}
@@ -124,9 +129,10 @@ def load_kernels(path: str):
 
 
 def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
-          bm: int = 16, mod=K, fused: bool = False, swap: bool = False, pf: bool = False, prefill: bool = False) -> dict:
+          bm: int = 16, mod=K, fused: bool = False, swap: bool = False, pf: bool = False, prefill: bool = False,
+          ki8: bool = False) -> dict:
     ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused, swap=swap, pf=pf,
-                      prefill=prefill)
+                      prefill=prefill, ki8=ki8)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -141,9 +147,9 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
     cat = collections.Counter()
     for o, c in best.items():
         cat["global_load" if o.startswith("LDG") else "shared" if o.startswith(("LDS", "STS", "LDSM", "STSM"))
-            else "mma" if o.startswith("HMMA") else "barrier" if o == "BAR" else "alu"] += c
+            else "mma" if o.startswith(("HMMA", "IMMA")) else "barrier" if o == "BAR" else "alu"] += c
     return {"head_dim": d, "k_bits": kb, "v_bits": vb, "lut": lut, "tt": tt, "num_warps": num_warps, "maxnreg": maxnreg, "bm": bm,
-            "swap": bool(swap),
+            "swap": bool(swap), "ki8": bool(ki8),
             "loop_instructions": n, "per_element": n / elems, "spill_instructions_in_loop": spill_loop,
             "spill_instructions": spill_all,
             "per_element_by_kind": {k: v / elems for k, v in sorted(cat.items())},
@@ -160,7 +166,7 @@ def candidates_table(path: str, dims, kb: int, vb: int) -> None:
     for d in dims:
         for name, v in [("tuned (default)", TUNED[d])] + [(n, c[d]) for n, c in CANDIDATES.items()]:
             r = count(d, kb, vb, v["lut"], v["tt"], v["num_warps"], v["maxnreg"], v["bm"], fused=v["fused"],
-                      swap=v.get("swap", False), pf=v.get("pf", False))
+                      swap=v.get("swap", False), pf=v.get("pf", False), ki8=v.get("ki8", False))
             out.append(f"| {name} | {d} | {v['lut']} | {'yes' if v.get('swap') else 'no'} | {v['tt']} | "
                        f"{v['num_warps']} | {v['maxnreg'] or '-'} | {r['per_element']:.2f} | "
                        f"{r['per_element_by_kind'].get('global_load', 0):.2f} | {r['regs']} | "

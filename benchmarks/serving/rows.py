@@ -27,6 +27,9 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                        {"KAKEYA_FORMAT": "default", "KAKEYA_PREFILL_VARIANT": "candidate:scratch"}),
     "kakeya_scratch_fa": ("kakeya", {"attention_backend": "KAKEYA"},
                           {"KAKEYA_FORMAT": "default", "KAKEYA_PREFILL_VARIANT": "candidate:scratch_fa"}),
+    # K on the uniform grid and the int8 K-score decode launch (variants.CANDIDATES["ki8"]; opt-in, session 12).
+    "kakeya_ki8": ("kakeya", {"attention_backend": "KAKEYA"},
+                   {"KAKEYA_FORMAT": "default", "KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8"}),
     "kakeya_graphs": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                       {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}),
     "kakeya_k3v2": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2"}),

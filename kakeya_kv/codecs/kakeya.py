@@ -25,7 +25,8 @@ from ..hadamard import rotation
 from .base import Codec
 
 _FP16_MAX = 65504.0
-GRIDS = ("lloyd", "uniform")   # centroid table: Lloyd-Max N(0,1) (the default) or lloyd_max.uniform_table
+GRIDS = ("lloyd", "uniform", "k_uniform")   # centroid tables: Lloyd-Max N(0,1) (the default), lloyd_max.uniform_table
+#                                            for both streams, or uniform for K only (what the int8 K-score path reads)
 
 
 def shaping(var: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -107,15 +108,16 @@ class KakeyaCodec(Codec):
         self.grid = grid
         # grid="uniform": the same bytes decoded with a uniform centroid grid (lloyd_max.uniform_table);
         # explicit tables (calibration) still win.
-        if grid == "uniform":
+        if grid in ("uniform", "k_uniform"):
             k_table = lloyd_max.uniform_table(k_bits) if k_table is None else k_table
+        if grid == "uniform":
             v_table = lloyd_max.uniform_table(v_bits) if v_table is None else v_table
         self.k_table, self.v_table = k_table, v_table
         self.shape, self.center, self.sink = shape, center, sink
         self.k_weights = k_weights or {}
         self.v_weights = v_weights or {}
         suffix = ("" if shape else "_noshape") + ("" if center else "_nocenter") + ("" if sink else "_nosink")
-        suffix += "_uni" if grid == "uniform" else ""
+        suffix += {"lloyd": "", "uniform": "_uni", "k_uniform": "_kuni"}[grid]
         self.name = name or f"kakeya_k{k_bits}v{v_bits}{suffix}"
 
     @classmethod

@@ -62,10 +62,16 @@ def kernels(head_dim: int, k_bits: int, v_bits: int, device, cal=None, owner=Non
     one after the other), sized by KAKEYA_SCRATCH_MIB."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     _owned_by(owner)
-    mib = settings().scratch_mib
-    key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source, mib)
+    mib, k_grid = settings().scratch_mib, settings().k_grid
+    key = (head_dim, k_bits, v_bits, str(device), None if cal is None else cal.source, mib, k_grid)
     if key not in _KERNELS:
         kt, vt = (None, None) if cal is None else cal.tables(k_bits, v_bits)
+        if k_grid == "uniform":
+            if kt is not None:
+                raise ValueError(f"KAKEYA_K_GRID=uniform, but the calibration bundle {cal.source} has a fitted "
+                                 f"{k_bits}-bit K table: use one or the other")
+            from kakeya_kv import lloyd_max
+            kt = lloyd_max.uniform_table(k_bits)
         kk = KakeyaKernels(head_dim, k_bits, v_bits, device, k_table=kt, v_table=vt, scratch_mib=mib)
         kk.scratch = _KERNELS.setdefault(("scratch", head_dim, str(device), mib), kk.scratch)
         _KERNELS[key] = kk
@@ -289,8 +295,8 @@ def _log_startup(vllm_config, spec) -> None:
     n_seq = vllm_config.scheduler_config.max_num_seqs
     pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
     logger.warning(
-        "Kakeya KV: format %s, layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
-        "(max_num_seqs %d), launches decode %s / prefill %s, KV capacity %s", cfg.format,
+        "Kakeya KV: format %s (K grid %s), layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
+        "(max_num_seqs %d), launches decode %s / prefill %s, KV capacity %s", cfg.format, cfg.k_grid,
         describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.exact_attention, cfg.calibration or "none (data-free)",
         pool / 2**20, n_seq, cfg.decode_variant, cfg.prefill_variant, cap)
 

@@ -1,0 +1,99 @@
+"""The int8 K-score path (kakeya_triton KI8, variants.CANDIDATES["ki8"]): for 4-bit K sealed with the uniform grid,
+the K scores come from int8 MMAs of the raw code nibbles with an int8 hi + lo split of the rotated query. It must
+compute the same attention as the same launch without it (lut 4 decode of K) on that cache, and as float64 attention
+on the reference decode; other K tables and widths are refused on the host."""
+import pytest
+import torch
+
+from kakeya_kernels import kakeya_triton as K
+from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, kernel_args, num_splits
+from kakeya_kv import lloyd_max
+from kakeya_kv.codecs.kakeya import KakeyaCodec
+from tests.kernel_cases import build_paged, ref_attention, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build(lens, hkv, d, vb, v_uniform, seed):
+    """K on the uniform grid (4 bits); V uniform or Lloyd-Max. References decoded by the CPU codec."""
+    kt = lloyd_max.uniform_table(4)
+    vt = lloyd_max.uniform_table(vb) if v_uniform else lloyd_max.gaussian_table(vb)
+    kk = K.KakeyaKernels(d, 4, vb, DEV, k_table=kt, v_table=vt)
+    codec = KakeyaCodec(4, vb, k_table=kt, v_table=vt)
+    sc, refs = build_paged(kk, lens, hkv, d, torch.Generator().manual_seed(seed),
+                           (lambda slots: codec.decode(slots.transpose(0, 1), d)), DEV)
+    return kk, sc, refs
+
+
+def _run(kk, sc, lens, hkv, gqa, d, v, q):
+    pos = torch.tensor([L - 1 for L in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+    splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
+    return kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,
+                        **kernel_args(v), **sc)
+
+
+@pytest.mark.parametrize("d,vb,gqa,v_uniform", [(64, 3, 4, False), (128, 3, 4, True), (64, 4, 1, True)])
+def test_ki8_matches_the_decoded_path_and_float64(d, vb, gqa, v_uniform):
+    """Ragged lengths (tails 53 / 1 / 88, one request inside its first block): ki8 (as served, with and without the
+    register prefetch) within ACCEPT_REL of the same launch without ki8 on the same cache, and within 5e-3 of float64
+    attention on the reference decode (the lut-4 path's own bound in test_linear_decode). With V uniform, also ki8
+    combined with the linear V decode (lut 7)."""
+    lens, hkv = [1077, 1, 600], 2
+    kk, sc, refs = _build(lens, hkv, d, vb, v_uniform, seed=d + vb)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(vb)).bfloat16().to(DEV)
+    base = CANDIDATES["ki8"][d]
+    assert base["ki8"] is True
+    ref4 = _run(kk, sc, lens, hkv, gqa, d, dict(base, ki8=False), q).double().cpu()
+    variants = [base, dict(base, pf=not base.get("pf", False))] + ([dict(base, lut=7)] if v_uniform else [])
+    for v in variants:
+        out = _run(kk, sc, lens, hkv, gqa, d, v, q)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref4) < ACCEPT_REL, v
+        for i in range(len(lens)):
+            assert rel_err(out[i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3, (v, i)
+
+
+def test_ki8_query_split_is_finer_than_fp16():
+    """The int8 hi + lo split of a query row, as the kernel rounds it, reconstructs the row to ~1e-5 of its largest
+    element (fp16 rounding of q' is ~2^-12 relative per element): the split is not where the error comes from."""
+    g = torch.Generator().manual_seed(3)
+    qr = torch.randn(64, 128, generator=g, dtype=torch.float64) * torch.rand(64, 1, generator=g, dtype=torch.float64)
+    qa = qr.abs().amax(1, keepdim=True)
+    qn = qr * (127.0 / qa)
+    hi = torch.floor(qn + 0.5)
+    lo = torch.floor((qn - hi) * 254.0 + 0.5)
+    assert hi.abs().max() <= 127 and lo.abs().max() <= 127
+    back = (hi + lo / 254.0) * qa / 127.0
+    assert ((back - qr).abs() / qa).max() < 0.5 / 254 / 127 + 1e-12
+
+
+def test_ki8_refuses_other_k_tables():
+    """Lloyd-Max K, or K of other widths, cannot take the int8 path: a clear error on the host, before any launch."""
+    lens, hkv, d = [600], 1, 64
+    for kb, kt in ((4, lloyd_max.gaussian_table(4)), (3, lloyd_max.uniform_table(3))):
+        kk = K.KakeyaKernels(d, kb, 3, DEV, k_table=kt)
+        sc, _ = build_paged(kk, lens, hkv, d, torch.Generator().manual_seed(0),
+                            lambda slots: (torch.zeros(hkv, 512, d),) * 2, DEV)
+        q = torch.randn(1, 4, d).bfloat16().to(DEV)
+        with pytest.raises(ValueError, match="ki8"):
+            _run(kk, sc, lens, hkv, 4, d, CANDIDATES["ki8"][d], q)
+
+
+def test_k_grid_knob_and_ki8_need_each_other():
+    """KAKEYA_K_GRID=uniform is validated with the format, and candidate:ki8 is refused at config time unless K is
+    4-bit on the uniform grid in every layer (a clear error instead of a failed launch at the first step)."""
+    from kakeya_kv.config import ConfigError, KakeyaConfig
+    assert KakeyaConfig.from_env({}).k_grid == "lloyd"
+    cfg = KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8"})
+    assert (cfg.k_grid, cfg.decode_variant) == ("uniform", "candidate:ki8")
+    with pytest.raises(ConfigError, match="KAKEYA_K_GRID"):
+        KakeyaConfig.from_env({"KAKEYA_K_GRID": "gauss"})
+    with pytest.raises(ConfigError, match="KAKEYA_K_GRID=uniform"):
+        KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:ki8"})
+    with pytest.raises(ConfigError, match="4-bit K in every layer"):
+        KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8",
+                               "KAKEYA_LAYER_BITS": "3:3/2"}, num_layers=8)
+    with pytest.raises(ConfigError, match="KAKEYA_FORMAT=kakeya only"):
+        KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_FORMAT": "v13"})
