@@ -147,6 +147,31 @@ def kakeya_layout(head_dim: int, k_bits: int = 4, v_bits: int = 3) -> BlockLayou
     return BlockLayout("kakeya", 1, head_dim, kakeya_stream(head_dim, k_bits), kakeya_stream(head_dim, v_bits))
 
 
+def v_codes_token_major(codes: torch.Tensor, head_dim: int, bits: int = 4) -> torch.Tensor:
+    """EXPERIMENTAL V-code order read by the int8 P.V path (kakeya_triton VI8; no sealed cache uses it yet):
+    codes uint8 [..., n, D*b/8] (the kakeya stream's per-token rows, LSB-first) -> uint8 [..., D, n*b/8], per dim
+    the block's tokens LSB-first (4 bits: token 2i in the low nibble of byte i). Same bytes, other order: the P.V
+    MMA contracts over tokens, so its operand wants consecutive tokens packed together. 4-bit codes only."""
+    if bits != 4:
+        raise ValueError(f"token-major V codes are defined for 4-bit codes only, got {bits}")
+    n = codes.shape[-2]
+    c = torch.stack((codes & 15, codes >> 4), -1).reshape(*codes.shape[:-2], n, head_dim)   # dims 2j, 2j+1
+    t = c.transpose(-1, -2).reshape(*codes.shape[:-2], head_dim, n // 2, 2)
+    return (t[..., 0] | (t[..., 1] << 4)).contiguous()
+
+
+def token_major_cache(slots: torch.Tensor, lay: BlockLayout) -> torch.Tensor:
+    """A copy of kakeya slots uint8 [..., slot_bytes] with the V codes in v_codes_token_major order (the rest
+    unchanged): the cache the experimental VI8 launch reads."""
+    f = lay.v["codes"]
+    out = slots.clone()
+    lo = lay.k.size + f.offset
+    codes = slots[..., lo:lo + f.nbytes].reshape(*slots.shape[:-1], *f.shape)
+    out[..., lo:lo + f.nbytes] = v_codes_token_major(codes, lay.head_dim, lay.v.bits).reshape(
+        *slots.shape[:-1], f.nbytes)
+    return out
+
+
 def exact_layout(head_dim: int) -> BlockLayout:
     _check_head_dim(head_dim)
     s = _Builder()

@@ -409,6 +409,30 @@ def _i8_scores(qeh, qoh, qel, qol, kb8, ASM: tl.constexpr):
 
 
 @triton.jit
+def _i8_pv(pg, vt_ptr, t0, D: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, TT: tl.constexpr,
+           ASM: tl.constexpr):
+    """sum_t pg[:, t] j[t, :] (fp32 [BM, D]) for TT tokens from t0 of TOKEN-MAJOR 4-bit V codes j (VI8; per dim,
+    the block's tokens two to a byte, even token in the low nibble: format.v_codes_token_major): pg (>= 0) split
+    into int8 hi + lo parts per row (like KI8's query), even / odd tokens against the low / high nibbles."""
+    a = tl.maximum(tl.max(pg, 1), 1e-30)
+    n = pg * (127.0 / a)[:, None]
+    h = tl.floor(n + 0.5)
+    lo = tl.floor((n - h) * 254.0 + 0.5)
+    he, ho = tl.split(tl.reshape(h.to(tl.int8), (BM, TT // 2, 2)))
+    le, lq = tl.split(tl.reshape(lo.to(tl.int8), (BM, TT // 2, 2)))
+    dd = tl.arange(0, D)
+    tb = t0 // 2 + tl.arange(0, TT // 2)
+    vlo, vhi = _nib8(tl.load(vt_ptr + dd[:, None] * (N // 2) + tb[None, :]), ASM)
+    vlo_t = tl.trans(vlo)
+    vhi_t = tl.trans(vhi)
+    ah = tl.dot(he, vlo_t, out_dtype=tl.int32)
+    ah = tl.dot(ho, vhi_t, ah, out_dtype=tl.int32)
+    al = tl.dot(le, vlo_t, out_dtype=tl.int32)
+    al = tl.dot(lq, vhi_t, al, out_dtype=tl.int32)
+    return (ah.to(tl.float32) + al.to(tl.float32) * (1.0 / 254.0)) * (a * (1.0 / 127.0))[:, None]
+
+
+@triton.jit
 def _raw16(row_ptr, t_off, t_mask, ROW_BYTES: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
            NB: tl.constexpr, TT: tl.constexpr, LUT: tl.constexpr):
     """The packed code words of TT tokens, as the LUT >= 2 decoders take them: [TT, D/8] int32 (8 codes per
@@ -592,7 +616,8 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  NS: tl.constexpr = 1, EXACT: tl.constexpr = 0, BF16DOT: tl.constexpr = 1,
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
                  SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0,
-                 KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0, KI8: tl.constexpr = 0):
+                 KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0, KI8: tl.constexpr = 0,
+                 VI8: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
@@ -603,7 +628,9 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     KI8 (fast mode, 4-bit K on a uniform grid only; KSTEP = Delta / 2 of K): the K scores come from int8 MMAs of the
     raw code nibbles (j = 0..15) with the rotated query split into int8 hi + lo parts per row (|q'| / 127 steps, the
     lo part the residual x 254: ~15 bits, finer than the fp16 q' of the other paths): no per-code decode at all.
-    s = |g| KSTEP (2 q'.j - 15 sum(q')) + q.mean."""
+    s = |g| KSTEP (2 q'.j - 15 sum(q')) + q.mean.
+    VI8 (experimental, fast mode, 4-bit V on a uniform grid, V codes TOKEN-MAJOR: format.v_codes_token_major; the
+    served caches are not): acc' += VSTEP (2 (p |g|).j - 15 sum(p |g|)) by int8 MMAs (_i8_pv), no V decode."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -777,44 +804,52 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 if not PF:
                     vg = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 vunc = vg.to(tl.int16, bitcast=True) < 0
-                if LUT >= 2:
-                    if PF:
-                        vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM, PREFILL)
-                    else:
-                        vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
-                                      VG, VNB, TT, LUT, ASM, PREFILL)
-                    if PRECISE:
-                        vc = vc.to(tl.float32)
-                else:
-                    if DIAG == 2:
-                        vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
-                    else:
-                        vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB,
-                                             TT)
-                    if DIAG >= 1:
-                        vc = vidx.to(tl.float32)
-                    else:
-                        vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
-                # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
-                if LUT >= 5:
-                    pg = p * (tl.abs(vg.to(tl.float32)) * VSTEP)[None, :]
-                else:
+                if VI8 and not PRECISE:
                     pg = p * tl.abs(vg.to(tl.float32))[None, :]
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if PRECISE:
-                    acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    pj = _i8_pv(pg, slot + KV_OFF + V_CODES, t0, D, N, BM, TT, ASM)
+                    acc_rot = acc_rot * alpha[:, None] + (2.0 * VSTEP) * pj - ((1 << VBITS) - 1) * VSTEP * \
+                        tl.sum(pg, 1)[:, None]
+                    cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
                 else:
-                    if SWAP:
-                        acc_rt = acc_rt * alpha[None, :] + tl.dot(tl.trans(vc.to(tl.float16)),
-                                                                  tl.trans(pg.to(tl.float16)))
+                    if LUT >= 2:
+                        if PF:
+                            vc = _dec16(v_raw, vptab_ptr, vrt, D, VBITS, VG, TT, LUT, ASM, PREFILL)
+                        else:
+                            vc = _codes16(slot + KV_OFF + V_CODES, t, t < N, vptab_ptr, vrt, D * VBITS // 8, D, VBITS,
+                                          VG, VNB, TT, LUT, ASM, PREFILL)
+                        if PRECISE:
+                            vc = vc.to(tl.float32)
                     else:
-                        acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
-                cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
-                if LUT == 7 and VBITS <= 4 and VBITS >= 2:
+                        if DIAG == 2:
+                            vidx = tl.zeros((TT, D), tl.int32) + t[:, None] % 8
+                        else:
+                            vidx = _unpack_codes(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB,
+                                                 TT)
+                        if DIAG >= 1:
+                            vc = vidx.to(tl.float32)
+                        else:
+                            vc = _lookup(vtab_ptr, vidx, VBITS, D, LUT)
+                    # The per-token V gain is folded into p ([BM, TT]) instead of the codes ([TT, D]).
+                    if LUT >= 5:
+                        pg = p * (tl.abs(vg.to(tl.float32)) * VSTEP)[None, :]
+                    else:
+                        pg = p * tl.abs(vg.to(tl.float32))[None, :]
+                    l_i = l_i * alpha + tl.sum(p, 1)
                     if PRECISE:
-                        psum = psum * alpha + tl.sum(pg, 1)
+                        acc_rot = acc_rot * alpha[:, None] + tl.dot(pg, vc, input_precision="ieee")
                     else:
-                        psum = psum * alpha + tl.sum(pg.to(tl.float16).to(tl.float32), 1)
+                        if SWAP:
+                            acc_rt = acc_rt * alpha[None, :] + tl.dot(tl.trans(vc.to(tl.float16)),
+                                                                      tl.trans(pg.to(tl.float16)))
+                        else:
+                            acc_rot = acc_rot * alpha[:, None] + tl.dot(pg.to(tl.float16), vc.to(tl.float16))
+                    cmass = cmass * alpha + tl.sum(tl.where(vunc[None, :], 0.0, p), 1)
+                    if LUT == 7 and VBITS <= 4 and VBITS >= 2:
+                        if PRECISE:
+                            psum = psum * alpha + tl.sum(pg, 1)
+                        else:
+                            psum = psum * alpha + tl.sum(pg.to(tl.float16).to(tl.float32), 1)
                 m_i = m_new
             # Undo the V transform once per block: o += (acc_rot R) / lambda + mass * mean
             vmean = tl.load((slot + KV_OFF + V_MEAN).to(tl.pointer_type(tl.float32)) + d)
@@ -1148,7 +1183,8 @@ class KakeyaKernels:
                   num_warps: int | None = None, diag: int = 0, lut: int | None = None, num_stages: int = 1,
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
-                  prefill: bool = False, scratch: bool | str = False, ki8: bool = False) -> torch.Tensor:
+                  prefill: bool = False, scratch: bool | str = False, ki8: bool = False,
+                  vi8: bool = False) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
@@ -1157,6 +1193,8 @@ class KakeyaKernels:
         pf (opt-in, lut >= 2): register prefetch of the next tile's code words and gains in the sealed-block loop.
         ki8 (opt-in, fast mode, 4-bit K on a uniform grid only): K scores by int8 MMAs of the raw code nibbles with
         an int8 hi + lo split of the rotated query (see _attn_kernel's KI8); V as ``lut`` says.
+        vi8 (EXPERIMENTAL, fast mode, 4-bit V on a uniform grid): the cache's V codes are token-major
+        (format.v_codes_token_major, e.g. via token_major_cache; sealed caches are not) and P.V runs as int8 MMAs.
         prefill (opt-in, for tiles of many tokens, kakeya_kernels.variants.PREFILL_CANDIDATES): query rows re-read per
         block instead of held in registers, tail loop bounded by the tile's last query position.
         scratch (opt-in, for prefill chunks: PREFILL_CANDIDATES["scratch"]): decode the sealed blocks the launch
@@ -1179,12 +1217,12 @@ class KakeyaKernels:
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8)
+                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8, vi8=vi8)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
                 maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False,
-                ki8: bool = False):
+                ki8: bool = False, vi8: bool = False):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -1224,6 +1262,17 @@ class KakeyaKernels:
                                  f"(lloyd_max.uniform_table(4)); this geometry has {self.lay.k.bits}-bit K with "
                                  f"table {self.tables['k'].tolist()}")
             steps["KSTEP"] = self._ki8_step
+        if vi8 not in (True, False, 0, 1):
+            raise ValueError(f"vi8 must be a bool, got {vi8!r}")
+        if vi8:
+            # The cache itself is token-major: no other path may read it, so refuse instead of falling back.
+            if precise or swap or pf or exact_kv_off:
+                raise ValueError("vi8 reads token-major V codes: it needs the fast mode without swap / pf")
+            v_delta = uniform_step(self.tables["v"]) if self.lay.v.bits == 4 else None
+            if v_delta is None:
+                raise ValueError(f"vi8 (int8 P.V) needs 4-bit V codes on a uniform grid; this geometry has "
+                                 f"{self.lay.v.bits}-bit V with table {self.tables['v'].tolist()}")
+            steps["VSTEP"] = v_delta / 2
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]
@@ -1259,7 +1308,7 @@ class KakeyaKernels:
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
             SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
-            KI8=int(ki8), num_warps=num_warps, **steps,
+            KI8=int(ki8), VI8=int(bool(vi8)), num_warps=num_warps, **steps,
             **_regs(maxnreg))
         if fused:
             if out is None:

@@ -107,7 +107,7 @@ RETIRED = {"r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3),
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch", "ki8")   # swap, pf: not
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch", "ki8", "vi8")   # swap, pf: not
 # in BASELINE (swap: no candidate since session 9, the kernel keeps it); prefill, scratch: only in PREFILL_CANDIDATES
 
 

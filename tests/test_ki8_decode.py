@@ -97,3 +97,51 @@ def test_k_grid_knob_and_ki8_need_each_other():
                                "KAKEYA_LAYER_BITS": "3:3/2"}, num_layers=8)
     with pytest.raises(ConfigError, match="KAKEYA_FORMAT=kakeya only"):
         KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_FORMAT": "v13"})
+
+
+def test_token_major_v_codes_are_a_transpose():
+    """format.v_codes_token_major: per dim, the block's tokens two to a byte (token 2i low nibble); every code lands
+    where the definition says, and token_major_cache changes the V codes region only."""
+    from kakeya_kv.format import kakeya_layout, token_major_cache, v_codes_token_major
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (3, 512, 64), generator=g)              # [blocks, token, dim]
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # the stream's per-token rows
+    tm = v_codes_token_major(packed, 64)
+    assert tm.shape == (3, 64, 256)
+    assert torch.equal((tm & 15).long(), codes[:, 0::2, :].transpose(1, 2))
+    assert torch.equal((tm >> 4).long(), codes[:, 1::2, :].transpose(1, 2))
+    with pytest.raises(ValueError, match="4-bit"):
+        v_codes_token_major(packed, 64, bits=3)
+    lay = kakeya_layout(64, 4, 4)
+    slots = torch.randint(0, 256, (2, 3, lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
+    out = token_major_cache(slots, lay)
+    lo = lay.k.size + lay.v["codes"].offset
+    hi = lo + lay.v["codes"].nbytes
+    assert torch.equal(out[..., :lo], slots[..., :lo]) and torch.equal(out[..., hi:], slots[..., hi:])
+    assert not torch.equal(out[..., lo:hi], slots[..., lo:hi])
+
+
+@pytest.mark.parametrize("d,gqa", [(64, 4), (128, 1)])
+def test_vi8_on_a_token_major_cache_matches_float64(d, gqa):
+    """The experimental int8 P.V launch (vi8, with and without ki8) on the token-major copy of a k4v4 uniform-grid
+    cache: within ACCEPT_REL of the lut-4 launch on the ordinary cache and within 5e-3 of float64 attention on the
+    reference decode; on the ordinary cache it is wrong (the layout is really read); refused with pf / precise or
+    a Lloyd-Max V table."""
+    from kakeya_kv.format import token_major_cache
+    lens, hkv = [1077, 1, 600], 2
+    kk, sc, refs = _build(lens, hkv, d, 4, True, seed=d)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEV)
+    base = dict(CANDIDATES["ki8"][d], pf=False)
+    ref4 = _run(kk, sc, lens, hkv, gqa, d, dict(base, ki8=False), q).double().cpu()
+    tsc = dict(sc, cache=token_major_cache(sc["cache"], kk.lay))
+    for v in (dict(base, vi8=True), dict(base, ki8=False, vi8=True)):
+        out = _run(kk, tsc, lens, hkv, gqa, d, v, q)
+        assert rel_err(out, ref4) < ACCEPT_REL, v
+        for i in range(len(lens)):
+            assert rel_err(out[i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3, (v, i)
+    assert rel_err(_run(kk, sc, lens, hkv, gqa, d, dict(base, vi8=True), q), ref4) > 0.05
+    with pytest.raises(ValueError, match="vi8"):
+        _run(kk, tsc, lens, hkv, gqa, d, dict(base, vi8=True, pf=True), q)
+    kl, scl, _ = _build([600], 1, d, 4, False, seed=1)
+    with pytest.raises(ValueError, match="vi8"):
+        _run(kl, scl, [600], 1, 4, d, dict(base, vi8=True), torch.randn(1, 4, d).bfloat16().to(DEV))

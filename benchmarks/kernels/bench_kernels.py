@@ -454,6 +454,64 @@ def v13_rows(res: dict, sms: int, t_end: float, save, k_bits: int = 3, v_bits: i
         save()
 
 
+# --int8 (gpu_job.sh KERNEL_INT8=1; session 12, not yet run): the int8 MMA paths vs the served decode on ONE k4v4
+# uniform-grid cache (the only format VI8 can read, its V codes copied into the token-major order of
+# format.v_codes_token_major), per row: TUNED's launch (lut 4 decode of K and V), ki8 (int8 K scores), ki8 + vi8
+# (int8 P.V too; tt 64 and 128), each checked against TUNED's output there; TUNED on the default k4v3 Lloyd-Max
+# cache (the served format) and FA3 bf16 for scale. The question it answers: does the SASS proxy's 3x fewer loop
+# instructions (benchmarks/kernels/proto/vi8_probe.py) turn into speed before the format is changed for it.
+INT8_ROWS = [dict(head_dim=d, batch=b, context=c) for d, b, c in
+             ((128, 16, 16384), (64, 16, 16384), (128, 64, 16384), (64, 64, 16384), (128, 16, 65536))]
+
+
+def int8_variants(d: int) -> dict[str, dict]:
+    k = dict(CANDIDATES["ki8"][d])
+    return {"tuned": TUNED[d], "ki8": k, "ki8_vi8": dict(k, vi8=True), "ki8_vi8_t128": dict(k, vi8=True, tt=128)}
+
+
+def int8_measure(sms: int, t_end: float, free: int, k4v3: dict):
+    from kakeya_kv.format import token_major_cache
+
+    def measure(row):
+        ctx, batch, d = row["context"], row["batch"], row["head_dim"]
+        if time.time() > t_end:
+            return {**row, "why": "deadline"}
+        if batch * ctx * HKV * d * 4 * 1.5 > free * 0.8:
+            return {**row, "why": "memory"}
+        kk = KakeyaKernels(d, 4, 4, "cuda", k_table=lloyd_max.uniform_table(4), v_table=lloyd_max.uniform_table(4))
+        sc = OursDecode(kk, batch, ctx, d, sms)
+        tm = token_major_cache(sc.cache, kk.lay)
+        ref = sc.fn(TUNED[d])().float().clone()
+        out = {**row, "format": "kakeya_k4v4 uniform grid", "bytes": sc.bytes, "us": {}, "rel_diff_vs_tuned": {}}
+        for name, v in int8_variants(d).items():
+            cache = sc.cache
+            if v.get("vi8"):
+                sc.cache = tm
+            try:
+                out["rel_diff_vs_tuned"][name] = rel_diff(sc.fn(v)(), ref)
+                out["us"][name] = graph_us(sc.fn(v))
+            except Exception as e:  # noqa: BLE001 - one variant failing (e.g. resources) keeps the others
+                if context_lost(e):
+                    raise
+                out.setdefault("errors", {})[name] = repr(e)[:300]
+            sc.cache = cache
+        del sc, tm
+        _free_cuda()
+        s3 = OursDecode(k4v3[d], batch, ctx, d, sms)
+        out["tuned_k4v3_lloyd_us"] = graph_us(s3.fn(TUNED[d]))
+        del s3
+        _free_cuda()
+        fa, _, fa_name = fa_decode_fn(batch, ctx, d)
+        out["fa3_bf16_us"], out["baseline"] = graph_us(fa), fa_name
+        del fa
+        _free_cuda()
+        print(f"int8 D={d} ctx={ctx} b={batch}: " + ", ".join(f"{k} {u:.1f}" for k, u in out["us"].items())
+              + f" us; k4v3 TUNED {out['tuned_k4v3_lloyd_us']:.1f}; {fa_name} {out['fa3_bf16_us']:.1f}; diffs "
+              + ", ".join(f"{k} {x:.1e}" for k, x in out["rel_diff_vs_tuned"].items()), flush=True)
+        return out
+    return measure
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -464,6 +522,8 @@ def main():
     ap.add_argument("--prefill", action="store_true",
                     help="prefill rows (PREFILL_ROWS: ours per prefill candidate vs FA3 varlen) first, into 'prefill'")
     ap.add_argument("--prefill-s", type=float, default=120.0, help="stop starting prefill rows after this")
+    ap.add_argument("--int8", action="store_true", help="INT8_ROWS first (int8 MMA decode paths, 'int8')")
+    ap.add_argument("--int8-s", type=float, default=150.0, help="stop starting int8 rows after this")
     ap.add_argument("--grid", choices=("full", "goal", "goal16k", "none"), default="full",
                     help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
                          ">= 16), those at 16k, or none (then no seal/v13 rows either: a quick sweep-only call)")
@@ -485,6 +545,11 @@ def main():
 
     free = torch.cuda.mem_get_info()[0]
     kks = {d: KakeyaKernels(d, a.kbits, a.vbits, "cuda") for d in (64, 128)}
+    if a.int8:
+        res["int8"] = []
+        if not run_rows(INT8_ROWS, int8_measure(sms, min(t_end, time.time() + a.int8_s), free, kks), res, save,
+                        key="int8"):
+            return
     if a.prefill:
         res["prefill"] = []
         res["prefill_timing"] = ("CUDA-graph replay; ours = one attention launch per 512-token block of the chunk "

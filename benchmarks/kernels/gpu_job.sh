@@ -34,6 +34,8 @@ BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 # decode sweep (a prefill-only call: KERNEL_PREFILL=1 KERNEL_SWEEP=none KERNEL_GRID=none KERNEL_PARITY=0).
 PREFILL_ARGS=""
 [ "${KERNEL_PREFILL:-0}" = 1 ] && PREFILL_ARGS="--prefill --prefill-s ${KERNEL_PREFILL_S:-120}"
+# KERNEL_INT8=1: the int8 MMA decode rows first (bench --int8, kernels.json "int8"), at most KERNEL_INT8_S (150) s.
+[ "${KERNEL_INT8:-0}" = 1 ] && PREFILL_ARGS="--int8 --int8-s ${KERNEL_INT8_S:-150} $PREFILL_ARGS"
 timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S \
     --sweep "${KERNEL_SWEEP:-short}" --grid "${KERNEL_GRID:-full}" \
     --grid-variant "${KERNEL_GRID_VARIANT:-tuned}" $PREFILL_ARGS 2>&1 | grep -v Warning
