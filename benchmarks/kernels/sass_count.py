@@ -36,7 +36,7 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
                  swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False, exact: bool = False,
-                 ki8: bool = False):
+                 ki8: bool = False, vi8: bool = False):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
     pipeline stages of the block loops (KakeyaKernels.attention's num_stages). exact: the exact-page launch
     (attention_exact: boundary layers, the scratch prefill path)."""
@@ -51,7 +51,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  PREFILL=int(prefill),
                  ROT_PREC="tf32", SPLITS=8,   # these two: older versions
                  KSTEP=1.0, VSTEP=1.0,        # the kernel's defaults (a launch passes them only for lut 5-7)
-                 KI8=int(ki8))
+                 KI8=int(ki8), VI8=int(vi8))
     if lut in getattr(mod, "LINEAR_LUTS", ()):   # the steps of uniform-grid tables, as KakeyaKernels passes them
         from kakeya_kv import lloyd_max
         const["KSTEP"], const["VSTEP"] = mod.linear_steps(
@@ -59,6 +59,9 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
     if ki8:   # K's step as KakeyaKernels passes it (uniform 4-bit K table)
         from kakeya_kv import lloyd_max
         const["KSTEP"] = mod.uniform_step(lloyd_max.uniform_table(kb)) / 2
+    if vi8:   # V's step (uniform 4-bit V table, token-major codes)
+        from kakeya_kv import lloyd_max
+        const["VSTEP"] = mod.uniform_step(lloyd_max.uniform_table(vb)) / 2
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
     sig = {}
@@ -130,9 +133,9 @@ def load_kernels(path: str):
 
 def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, maxnreg: int | None = None,
           bm: int = 16, mod=K, fused: bool = False, swap: bool = False, pf: bool = False, prefill: bool = False,
-          ki8: bool = False) -> dict:
+          ki8: bool = False, vi8: bool = False) -> dict:
     ck = compile_attn(d, kb, vb, lut, tt, num_warps, bm=bm, maxnreg=maxnreg, mod=mod, fused=fused, swap=swap, pf=pf,
-                      prefill=prefill, ki8=ki8)
+                      prefill=prefill, ki8=ki8, vi8=vi8)
     ins = sass(ck.asm["cubin"])
     best = None
     for lo, hi in innermost_loops(ins):
@@ -140,6 +143,11 @@ def count(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, 
         # The sealed-block loop is the one that loads code bytes (the tail loop reads bf16 rows).
         if any(o.startswith("LDG.E.U8") for o in ops) and (best is None or sum(ops.values()) > sum(best.values())):
             best = ops
+    if best is None:   # all code loads vectorised (4-bit streams, int8 paths): the longest loop that loads at all
+        for lo, hi in innermost_loops(ins):
+            ops = collections.Counter(opcode(t) for a, t in ins if lo <= a <= hi)
+            if any(o.startswith("LDG") for o in ops) and (best is None or sum(ops.values()) > sum(best.values())):
+                best = ops
     elems = tt * d * 2 / (32 * num_warps)          # K and V code elements per thread per iteration
     n = sum(best.values())
     spill_loop = best.get("LDL", 0) + best.get("STL", 0)
