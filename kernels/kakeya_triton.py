@@ -1091,6 +1091,7 @@ class KakeyaKernels:
         # ki8 (int8 K scores): Delta / 2 of a uniform 4-bit K table, else None (found here: launches never sync).
         k_delta = uniform_step(self.tables["k"]) if k_bits == 4 else None
         self._ki8_step = None if k_delta is None else k_delta / 2
+        self._vi8_delta = uniform_step(self.tables["v"]) if v_bits == 4 else None   # vi8: V's uniform step
 
     def _consts(self, st, off):
         g, nb = _group(st.bits)
@@ -1268,7 +1269,7 @@ class KakeyaKernels:
             # The cache itself is token-major: no other path may read it, so refuse instead of falling back.
             if precise or swap or pf or exact_kv_off:
                 raise ValueError("vi8 reads token-major V codes: it needs the fast mode without swap / pf")
-            v_delta = uniform_step(self.tables["v"]) if self.lay.v.bits == 4 else None
+            v_delta = self._vi8_delta
             if v_delta is None:
                 raise ValueError(f"vi8 (int8 P.V) needs 4-bit V codes on a uniform grid; this geometry has "
                                  f"{self.lay.v.bits}-bit V with table {self.tables['v'].tolist()}")
