@@ -163,6 +163,7 @@ def test_bench_times_linear_on_a_uniform_table_cache():
     ki8 = CANDIDATES["ki8"][64]          # the int8 K-score launch reads uniform-grid K only: same cache, no ki8 ref
     assert ki8 in B.short_sweep(64) and scs.pick(ki8)[2] == dict(ki8, lut=4, ki8=False)
     assert K.uniform_step(sc.kk.tables["k"]) is not None and K.uniform_step(sc.kk.tables["v"]) is not None
+    assert ref.data_ptr() != sc.out.data_ptr()    # the reference survives the variant's run into the shared buffer
     assert B.rel_diff(sc.fn(lin)(), ref) < ACCEPT_REL / 2
     with pytest.raises(ValueError, match="uniform-grid"):
         scs.default.fn(lin)()

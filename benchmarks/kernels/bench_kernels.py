@@ -239,7 +239,9 @@ class SweepScenarios:
         if self.uniform is None:
             self.uniform = OursDecode(uniform_kernels(self.kk), *self.args)
         ref_v = dict(v, lut=4, ki8=False)   # the same launch decoding K (and V) through the register table
-        return self.uniform, self.uniform.fn(ref_v)(), ref_v
+        # clone: a fused launch returns the scenario's shared output buffer, which the variant's own run then
+        # overwrites (sessions 9-12 compared that buffer with itself: their "0.0e+00" agreements were vacuous).
+        return self.uniform, self.uniform.fn(ref_v)().clone(), ref_v
 
 
 # Prefill rows (--prefill, gpu_job.sh KERNEL_PREFILL=1; NOT yet run on a GPU): one chunk of new query tokens per
