@@ -12,7 +12,9 @@ slot); only the instruction stream is meaningful:
 
 Session 12 result (Triton 3.6, sm_90, 4 warps, loop SASS per code element per thread): D=128 rows 4 (GQA 4): tt 64
 3.34, tt 128 2.61 (cap 128, 122 registers, 4 programs/SM), tt 256 2.25 (cap 168); D=64 tt 128 3.90. The served
-kernel: TUNED 7.70, ki8 5.67 (D=128); TUNED 7.52, ki8 6.48 (D=64).
+kernel: TUNED 7.70, ki8 5.67 (D=128); TUNED 7.52, ki8 6.48 (D=64). Timed on the H100 in the same session (the
+served kernel's VI8 path, benchmarks/results/vllm_s12/kernels_int8): on a k4v4 cache D=128 b16 16k TUNED 306.3 µs,
+ki8 251.0, ki8 + vi8 224.8 (tt 128): the SASS proxy overstates gains at this level (vi8: -22 % SASS, -10 % time).
 """
 import collections
 import inspect
