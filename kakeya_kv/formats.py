@@ -34,11 +34,13 @@ def from_config(cfg: KakeyaConfig, num_layers: int, name: str) -> ModelFormat:
     """The whole-model format a KAKEYA_* setting serves: per-layer widths, boundary layers exact."""
     if cfg.format == "exact":
         return ModelFormat(name, "bf16", BF16(), notes="KAKEYA_FORMAT=exact")
-    make = KakeyaCodec if cfg.format == "kakeya" else (lambda kb, vb: V13Codec(k_bits=kb, v_bits=vb))
+    grid = "k_uniform" if cfg.k_grid == "uniform" else "lloyd"    # KAKEYA_K_GRID: the served K table
+    make = ((lambda kb, vb: KakeyaCodec(kb, vb, grid=grid)) if cfg.format == "kakeya"
+            else (lambda kb, vb: V13Codec(k_bits=kb, v_bits=vb)))
     plan = cfg.layer_plan(num_layers)
     default = make(cfg.k_bits, cfg.v_bits)
     per_layer = {i: make(*b) for i, b in enumerate(plan) if b != EXACT and b != (cfg.k_bits, cfg.v_bits)}
-    notes = f"k{cfg.k_bits}v{cfg.v_bits}"
+    notes = f"k{cfg.k_bits}v{cfg.v_bits}" + ("; K grid uniform" if grid == "k_uniform" else "")
     if cfg.layer_bits:
         notes += f"; KAKEYA_LAYER_BITS={format_layer_bits(cfg.layer_bits)}"
     if cfg.boundary_skip_layers:

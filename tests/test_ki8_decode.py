@@ -146,3 +146,16 @@ def test_vi8_on_a_token_major_cache_matches_float64(d, gqa):
     kl, scl, _ = _build([600], 1, d, 4, False, seed=1)
     with pytest.raises(ValueError, match="vi8"):
         _run(kl, scl, [600], 1, 4, d, dict(base, vi8=True), torch.randn(1, 4, d).bfloat16().to(DEV))
+
+
+def test_fast_recipe_is_the_uniform_k_codec_in_the_hf_harness():
+    """The recipe serving ki8 (KAKEYA_K_GRID=uniform) maps to the HF harness's K-uniform codec (its quality twin),
+    not to the Lloyd-Max default."""
+    from pathlib import Path
+    from kakeya_kv.formats import from_recipe
+    root = Path(__file__).resolve().parents[1]
+    f = from_recipe(str(root / "deploy" / "recipes" / "smollm2-135m-instruct-fast.env"), 30)
+    assert torch.equal(f.codec.k_table, lloyd_max.uniform_table(4)) and f.codec.v_table is None
+    assert "K grid uniform" in f.notes
+    g = from_recipe(str(root / "deploy" / "recipes" / "smollm2-135m-instruct-quality.env"), 30)
+    assert g.codec.k_table is None
