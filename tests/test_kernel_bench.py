@@ -174,3 +174,17 @@ def test_report_names_an_sdpa_baseline():
     assert "SDPA" not in report.render(res)   # no baseline field: FA3 as before
     row["baseline"] = "sdpa"
     assert "Baseline in this run: sdpa" in report.render(res)
+
+
+def test_report_renders_the_int8_rows():
+    """bench --int8 rows get their own table (every launch's µs, the served default, the baseline's name), and a
+    launch that failed shows as an error, not as a missing column."""
+    import report
+    row = dict(head_dim=128, batch=16, context=16384, us={"tuned": 300.0, "ki8": 250.0, "ki8_vi8": 225.0},
+               rel_diff_vs_tuned={"ki8": 1.6e-3, "ki8_vi8": 1.7e-3}, tuned_k4v3_lloyd_us=360.0, fa3_bf16_us=330.0,
+               baseline="sdpa")
+    row2 = dict(row, us={"tuned": 310.0, "ki8": 260.0}, errors={"ki8_vi8": "x"})
+    md = report.render(dict(gpu="g", copy_gbps=1.0, format="f", decode=[], seal=[], tuning=[], not_measured=[],
+                            int8=[row, row2]))
+    assert "| 128 | 16 | 16384 | 300.0 | 250.0 | 225.0 | 360.0 | 330.0 | 1.47× (sdpa) | 1.7e-03 |" in md
+    assert "| 310.0 | 260.0 | error |" in md

@@ -38,6 +38,28 @@ def prefill_table(res: dict) -> list[str]:
     return out
 
 
+def int8_table(res: dict) -> list[str]:
+    """int8 rows (bench --int8): µs of each launch on one k4v4 uniform-grid cache, the served default on k4v3 and
+    the bf16 baseline, same row."""
+    names = list(dict.fromkeys(n for r in res["int8"] for n in r.get("us", {})))
+    out = ["", "Int8 MMA decode paths (bench --int8): one k4v4 uniform-grid cache per row (vi8 reads its token-major "
+           "copy); `tuned_k4v3` = the served default on the Lloyd-Max k4v3 cache; diff = max relative difference of "
+           "the int8 launches to TUNED on the same cache.", "",
+           "| head_dim | batch | context | " + " | ".join(f"{n} µs" for n in names)
+           + " | tuned_k4v3 µs | baseline µs | best int8 / baseline speed | diff |", "|---" * (7 + len(names)) + "|"]
+    for r in res["int8"]:
+        us = r.get("us", {})
+        best = min((us[n] for n in names if n != "tuned" and n in us), default=None)
+        base = r.get("fa3_bf16_us")
+        sp = f"{base / best:.2f}× ({r.get('baseline', 'fa3')})" if best and base else "-"
+        diff = max(r.get("rel_diff_vs_tuned", {}).values(), default=float("nan"))
+        out.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | "
+                   + " | ".join(f"{us[n]:.1f}" if n in us else "error" for n in names)
+                   + f" | {r.get('tuned_k4v3_lloyd_us', float('nan')):.1f} | "
+                   + (f"{base:.1f}" if base else "-") + f" | {sp} | {diff:.1e} |")
+    return out
+
+
 def render(res: dict) -> str:
     timing = res.get("timing", "triton.testing.do_bench medians")
     out = [f"# Kernel benchmarks — {res['gpu']} (copy bandwidth {res['copy_gbps']:.0f} GB/s), format {res['format']}",
@@ -89,6 +111,8 @@ def render(res: dict) -> str:
                    f"{100 * s['us_per_block_layer'] / s['prefill_us_per_block_layer']:.1f} % |")
     if res.get("prefill") is not None:
         out += prefill_table(res)
+    if res.get("int8"):
+        out += int8_table(res)
     if res.get("not_measured"):
         out += ["", f"Not measured ({len(res['not_measured'])}): " +
                 "; ".join(", ".join(f"{k} {v}" for k, v in n.items()) for n in res["not_measured"])]
