@@ -113,8 +113,10 @@ def test_candidates_are_servable_by_name(glue):  # noqa: F811 - pytest fixture
     assert decode_variant("candidate:fill", 256) == BASELINE             # a head_dim the candidate does not cover
     with pytest.raises(ValueError, match="no such candidate"):
         decode_variant("candidate:nope", 64)
-    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:ki8"}).decode_variant == \
-        "candidate:ki8"
+    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:t128_fill4"}).decode_variant == \
+        "candidate:t128_fill4"
+    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:ki8", "KAKEYA_K_GRID": "uniform"}
+                                 ).decode_variant == "candidate:ki8"   # ki8 needs the uniform K grid (test_ki8_decode)
     with pytest.raises(ConfigError, match="candidate:fill"):
         KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:nope"})
     # the planner's launch for it: its kernel knobs and its split rule (fill: one full wave)
