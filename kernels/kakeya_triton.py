@@ -395,17 +395,46 @@ def _kbytes(row_ptr, t_off, t_mask, D: tl.constexpr):
 
 
 @triton.jit
-def _i8_scores(qeh, qoh, qel, qol, kb8, ASM: tl.constexpr):
-    """q'.j for uniform 4-bit K codes j (0..15): int8 MMAs of the query's hi / lo int8 parts (even / odd dims) with
-    the code nibbles, as fp32 in units of the query's int8 step (hi + lo / 254)."""
-    klo, khi = _nib8(kb8, ASM)
-    klo_t = tl.trans(klo)
-    khi_t = tl.trans(khi)
-    sh = tl.dot(qeh, klo_t, out_dtype=tl.int32)
-    sh = tl.dot(qoh, khi_t, sh, out_dtype=tl.int32)
-    sl = tl.dot(qel, klo_t, out_dtype=tl.int32)
-    sl = tl.dot(qol, khi_t, sl, out_dtype=tl.int32)
+def _i8_hilo(x, amax):
+    """x [ROWS, W] fp32 with per-row max |x| = amax -> int8 hi, lo [ROWS, W] and a = max(amax, 1e-30): x ~ (a / 127)
+    (hi + lo / 254) (lo: the residual x 254, ~15 bits in all). The caller gives amax (max(x) when x >= 0) and applies
+    a / 127 where it fits its own scaling."""
+    a = tl.maximum(amax, 1e-30)
+    n = x * (127.0 / a)[:, None]
+    h = tl.floor(n + 0.5)
+    lo = tl.floor((n - h) * 254.0 + 0.5)
+    return h.to(tl.int8), lo.to(tl.int8), a
+
+
+@triton.jit
+def _i8_split(x, amax, ROWS: tl.constexpr, W: tl.constexpr):
+    """_i8_hilo's parts split into even and odd columns (the operands against the low / high code nibbles): the KI8
+    query and the VI8 p |g| operand."""
+    h, lo, a = _i8_hilo(x, amax)
+    eh, oh = tl.split(tl.reshape(h, (ROWS, W // 2, 2)))
+    el, ol = tl.split(tl.reshape(lo, (ROWS, W // 2, 2)))
+    return eh, oh, el, ol, a
+
+
+@triton.jit
+def _i8_dots(eh, oh, el, ol, lo, hi):
+    """sum over the shared dim of _i8_split's parts against int8 code nibbles (lo: the even-column codes, hi: the odd,
+    both [*, W/2]): int8 MMAs, as fp32 in units of the split's step (hi + lo / 254)."""
+    lo_t = tl.trans(lo)
+    hi_t = tl.trans(hi)
+    sh = tl.dot(eh, lo_t, out_dtype=tl.int32)
+    sh = tl.dot(oh, hi_t, sh, out_dtype=tl.int32)
+    sl = tl.dot(el, lo_t, out_dtype=tl.int32)
+    sl = tl.dot(ol, hi_t, sl, out_dtype=tl.int32)
     return sh.to(tl.float32) + sl.to(tl.float32) * (1.0 / 254.0)
+
+
+@triton.jit
+def _i8_scores(qeh, qoh, qel, qol, kb8, ASM: tl.constexpr):
+    """q'.j for uniform 4-bit K codes j (0..15) of kb8 (uint8 [TT, D/2], dims 2j / 2j+1 in the low / high nibble),
+    in units of the query's int8 step (_i8_split of q')."""
+    klo, khi = _nib8(kb8, ASM)
+    return _i8_dots(qeh, qoh, qel, qol, klo, khi)
 
 
 @triton.jit
@@ -413,23 +442,12 @@ def _i8_pv(pg, vt_ptr, t0, D: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, T
            ASM: tl.constexpr):
     """sum_t pg[:, t] j[t, :] (fp32 [BM, D]) for TT tokens from t0 of TOKEN-MAJOR 4-bit V codes j (VI8; per dim,
     the block's tokens two to a byte, even token in the low nibble: format.v_codes_token_major): pg (>= 0) split
-    into int8 hi + lo parts per row (like KI8's query), even / odd tokens against the low / high nibbles."""
-    a = tl.maximum(tl.max(pg, 1), 1e-30)
-    n = pg * (127.0 / a)[:, None]
-    h = tl.floor(n + 0.5)
-    lo = tl.floor((n - h) * 254.0 + 0.5)
-    he, ho = tl.split(tl.reshape(h.to(tl.int8), (BM, TT // 2, 2)))
-    le, lq = tl.split(tl.reshape(lo.to(tl.int8), (BM, TT // 2, 2)))
+    like KI8's query, even / odd tokens against the low / high nibbles."""
+    he, ho, le, lq, a = _i8_split(pg, tl.max(pg, 1), BM, TT)
     dd = tl.arange(0, D)
     tb = t0 // 2 + tl.arange(0, TT // 2)
     vlo, vhi = _nib8(tl.load(vt_ptr + dd[:, None] * (N // 2) + tb[None, :]), ASM)
-    vlo_t = tl.trans(vlo)
-    vhi_t = tl.trans(vhi)
-    ah = tl.dot(he, vlo_t, out_dtype=tl.int32)
-    ah = tl.dot(ho, vhi_t, ah, out_dtype=tl.int32)
-    al = tl.dot(le, vlo_t, out_dtype=tl.int32)
-    al = tl.dot(lq, vhi_t, al, out_dtype=tl.int32)
-    return (ah.to(tl.float32) + al.to(tl.float32) * (1.0 / 254.0)) * (a * (1.0 / 127.0))[:, None]
+    return _i8_dots(he, ho, le, lq, vlo, vhi) * (a * (1.0 / 127.0))[:, None]
 
 
 @triton.jit
@@ -708,12 +726,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
             # Rotate the query once per block: q.k = q.mean + |g| (R(q/lambda)).code
             qr = _hada(qb * (rsg / klam)[None, :], hd, BM, D, PRECISE, BF16DOT)
             if KI8 and not PRECISE:
-                qa = tl.maximum(tl.max(tl.abs(qr), 1), 1e-30)
-                qn = qr * (127.0 / qa)[:, None]
-                qhf = tl.floor(qn + 0.5)
-                qlf = tl.floor((qn - qhf) * 254.0 + 0.5)
-                qeh, qoh = tl.split(tl.reshape(qhf.to(tl.int8), (BM, D // 2, 2)))
-                qel, qol = tl.split(tl.reshape(qlf.to(tl.int8), (BM, D // 2, 2)))
+                qeh, qoh, qel, qol, qa = _i8_split(qr, tl.max(tl.abs(qr), 1), BM, D)
                 kq = qa * (2.0 / 127.0)
                 koff = tl.sum(qr, 1) * ((1 << KBITS) - 1)
             if not PRECISE:
@@ -1091,7 +1104,8 @@ class KakeyaKernels:
         # ki8 (int8 K scores): Delta / 2 of a uniform 4-bit K table, else None (found here: launches never sync).
         k_delta = uniform_step(self.tables["k"]) if k_bits == 4 else None
         self._ki8_step = None if k_delta is None else k_delta / 2
-        self._vi8_delta = uniform_step(self.tables["v"]) if v_bits == 4 else None   # vi8: V's uniform step
+        v_delta = uniform_step(self.tables["v"]) if v_bits == 4 else None
+        self._vi8_step = None if v_delta is None else v_delta / 2                 # vi8: the same for 4-bit V
 
     def _consts(self, st, off):
         g, nb = _group(st.bits)
@@ -1269,11 +1283,10 @@ class KakeyaKernels:
             # The cache itself is token-major: no other path may read it, so refuse instead of falling back.
             if precise or swap or pf or exact_kv_off:
                 raise ValueError("vi8 reads token-major V codes: it needs the fast mode without swap / pf")
-            v_delta = self._vi8_delta
-            if v_delta is None:
+            if self._vi8_step is None:
                 raise ValueError(f"vi8 (int8 P.V) needs 4-bit V codes on a uniform grid; this geometry has "
                                  f"{self.lay.v.bits}-bit V with table {self.tables['v'].tolist()}")
-            steps["VSTEP"] = v_delta / 2
+            steps["VSTEP"] = self._vi8_step
         gqa = Hq // Hkv
         pl = plan or self.plan(q_pos, q_req, int(n_sealed.shape[0]), gqa, bm)
         dev, nt, bm, dest = q.device, pl["nt"], pl["bm"], pl["dest"]

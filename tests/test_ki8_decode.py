@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES, kernel_args, num_splits
+from kakeya_kernels.variants import ACCEPT_REL, CANDIDATES
 from kakeya_kv import lloyd_max
 from kakeya_kv.codecs.kakeya import KakeyaCodec
 from tests.kernel_cases import build_paged, ref_attention, rel_err
+from tests.test_linear_decode import _run
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,15 +24,6 @@ def _build(lens, hkv, d, vb, v_uniform, seed):
     sc, refs = build_paged(kk, lens, hkv, d, torch.Generator().manual_seed(seed),
                            (lambda slots: codec.decode(slots.transpose(0, 1), d)), DEV)
     return kk, sc, refs
-
-
-def _run(kk, sc, lens, hkv, gqa, d, v, q):
-    pos = torch.tensor([L - 1 for L in lens], device=DEV)
-    req = torch.arange(len(lens), device=DEV)
-    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
-    splits = num_splits(v, plan["nt"], hkv, sc["block_table"].shape[1], sms=4)
-    return kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32, splits=splits,
-                        **kernel_args(v), **sc)
 
 
 @pytest.mark.parametrize("d,vb,gqa,v_uniform", [(64, 3, 4, False), (128, 3, 4, True), (64, 4, 1, True)])

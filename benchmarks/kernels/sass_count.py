@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kakeya_kernels import kakeya_triton as K
+from kakeya_kv import lloyd_max
 from kakeya_kv.format import BLOCK_TOKENS, exact_layout, kakeya_layout
 
 _PTR_TYPES = {"q_ptr": "*bf16", "tail_k_ptr": "*bf16", "tail_v_ptr": "*bf16", "cache_ptr": "*u8",
@@ -52,16 +53,15 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  ROT_PREC="tf32", SPLITS=8,   # these two: older versions
                  KSTEP=1.0, VSTEP=1.0,        # the kernel's defaults (a launch passes them only for lut 5-7)
                  KI8=int(ki8), VI8=int(vi8))
-    if lut in getattr(mod, "LINEAR_LUTS", ()):   # the steps of uniform-grid tables, as KakeyaKernels passes them
-        from kakeya_kv import lloyd_max
-        const["KSTEP"], const["VSTEP"] = mod.linear_steps(
-            {"k": lloyd_max.uniform_table(kb), "v": lloyd_max.uniform_table(vb)}, {"k": kb, "v": vb})
-    if ki8:   # K's step as KakeyaKernels passes it (uniform 4-bit K table)
-        from kakeya_kv import lloyd_max
-        const["KSTEP"] = mod.uniform_step(lloyd_max.uniform_table(kb)) / 2
-    if vi8:   # V's step (uniform 4-bit V table, token-major codes)
-        from kakeya_kv import lloyd_max
-        const["VSTEP"] = mod.uniform_step(lloyd_max.uniform_table(vb)) / 2
+    # The steps of uniform-grid tables, as KakeyaKernels passes them: both for lut 5-7, K's for ki8, V's for vi8.
+    linear = lut in getattr(mod, "LINEAR_LUTS", ())
+    if linear or ki8 or vi8:
+        ks, vs = mod.linear_steps({"k": lloyd_max.uniform_table(kb), "v": lloyd_max.uniform_table(vb)},
+                                  {"k": kb, "v": vb})
+        if linear or ki8:
+            const["KSTEP"] = ks
+        if linear or vi8:
+            const["VSTEP"] = vs
     params = list(inspect.signature(mod._attn_kernel.fn).parameters)
     const = {k: v for k, v in const.items() if k in params}
     sig = {}

@@ -13,15 +13,15 @@ cap 128: 3.60 (spills), 8 warps cap 128: 4.09; D=64 4 warps cap 128: 4.78. (4-bi
 proxy overstates gains at this level — ki8 cut loop SASS 26 % (19 % vs TUNED without pf) and time 18 %; vi8 on
 k4v4 cut SASS 22 % and time ~10 %.
 """
-import collections
-import inspect
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import triton
 import triton.language as tl
-from kakeya_kernels.kakeya_triton import _i8_scores, _kbytes  # noqa: E402
+from kakeya_kernels.kakeya_triton import _i8_hilo, _i8_scores, _i8_split, _kbytes  # noqa: E402
+from vi8_probe import loop_sass  # noqa: E402
 
 
 @triton.jit
@@ -61,12 +61,7 @@ def proto3(q_ptr, cache_ptr, out_ptr, nblk, D: tl.constexpr, BM: tl.constexpr, T
     d = tl.arange(0, D)
     r = tl.arange(0, BM)
     q = tl.load(q_ptr + r[:, None] * D + d[None, :]).to(tl.float32)
-    qa = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
-    qn = q * (127.0 / qa)[:, None]
-    qh = tl.floor(qn + 0.5)
-    ql = tl.floor((qn - qh) * 254.0 + 0.5)
-    qeh, qoh = tl.split(tl.reshape(qh.to(tl.int8), (BM, D // 2, 2)))
-    qel, qol = tl.split(tl.reshape(ql.to(tl.int8), (BM, D // 2, 2)))
+    qeh, qoh, qel, qol, qa = _i8_split(q, tl.max(tl.abs(q), 1), BM, D)
     kq = qa / 127.0
     m_i = tl.full((BM,), -float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
@@ -84,12 +79,7 @@ def proto3(q_ptr, cache_ptr, out_ptr, nblk, D: tl.constexpr, BM: tl.constexpr, T
             l_i = l_i * alpha + tl.sum(p, 1)
             vg = tl.load((slot + 61000).to(tl.pointer_type(tl.float16)) + t).to(tl.float32)
             pg = p * tl.abs(vg)[None, :]
-            a = tl.maximum(tl.max(pg, 1), 1e-30)
-            n = pg * (127.0 / a)[:, None]
-            h = tl.floor(n + 0.5)
-            lo = tl.floor((n - h) * 254.0 + 0.5)
-            h8 = h.to(tl.int8)
-            l8 = lo.to(tl.int8)
+            h8, l8, a = _i8_hilo(pg, tl.max(pg, 1))
             # plane A (low 2 bits): per dim, 4 tokens per byte; plane B (high bit): 8 tokens per byte
             ia = t0 // 4 + tl.arange(0, TT // 4)
             pa = tl.load(slot + 30000 + d[:, None] * 128 + ia[None, :])
@@ -122,27 +112,9 @@ def proto3(q_ptr, cache_ptr, out_ptr, nblk, D: tl.constexpr, BM: tl.constexpr, T
 
 
 def main():
-    import sass_count as S
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     for D, BM, TT, nw, reg in [(128, 4, 256, 4, 168), (128, 4, 256, 4, 128), (128, 4, 256, 8, 128), (64, 4, 256, 4, 128)]:
-        sig = {"q_ptr": "*bf16", "cache_ptr": "*u8", "out_ptr": "*fp32", "nblk": "i32", "D": "constexpr",
-               "BM": "constexpr", "TT": "constexpr", "ASM": "constexpr"}
-        const = {"D": D, "BM": BM, "TT": TT, "ASM": 1}
-        params = list(inspect.signature(proto3.fn).parameters)
-        src = ASTSource(proto3, sig, constexprs={(params.index(k),): v for k, v in const.items()},
-                        attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
-        opts = dict(num_warps=nw) if reg is None else dict(num_warps=nw, maxnreg=reg)
-        try:
-            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        except Exception as e:
-            print("compile failed", D, TT, nw, reg, repr(e)[:300]); continue
-        ins = S.sass(ck.asm["cubin"])
-        best = max((collections.Counter(S.opcode(t) for a, t in ins if lo <= a <= hi)
-                    for lo, hi in S.innermost_loops(ins)), key=lambda c: sum(c.values()))
-        elems = TT * D * 2 / (32 * nw)
-        print(f"D={D} rows={BM} tt={TT} warps={nw} cap={reg}: {sum(best.values()) / elems:.2f} loop SASS/elem; "
-              f"{S.occupancy(ck, nw)}; {best.most_common(12)}", flush=True)
+        per, occ, top = loop_sass(proto3, D, BM, TT, nw, reg)
+        print(f"D={D} rows={BM} tt={TT} warps={nw} cap={reg}: {per:.2f} loop SASS/elem; {occ}; {top}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kakeya_kernels.kakeya_triton import _i8_scores, _kbytes, _nib8  # noqa: E402
-
-
-@triton.jit
-def _split_i8(x, BM: tl.constexpr, W: tl.constexpr):
-    """x [BM, W] fp32 -> int8 hi/lo parts per row, even/odd columns, and the row scale."""
-    a = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
-    n = x * (127.0 / a)[:, None]
-    h = tl.floor(n + 0.5)
-    lo = tl.floor((n - h) * 254.0 + 0.5)
-    he, ho = tl.split(tl.reshape(h.to(tl.int8), (BM, W // 2, 2)))
-    le, lo_ = tl.split(tl.reshape(lo.to(tl.int8), (BM, W // 2, 2)))
-    return he, ho, le, lo_, a / 127.0
+from kakeya_kernels.kakeya_triton import _i8_dots, _i8_scores, _i8_split, _kbytes, _nib8  # noqa: E402
 
 
 @triton.jit
@@ -46,7 +34,8 @@ def proto(q_ptr, cache_ptr, out_ptr, nblk, D: tl.constexpr, BM: tl.constexpr, TT
     d = tl.arange(0, D)
     r = tl.arange(0, BM)
     q = tl.load(q_ptr + r[:, None] * D + d[None, :]).to(tl.float32)
-    qeh, qoh, qel, qol, kq = _split_i8(q, BM, D)
+    qeh, qoh, qel, qol, qa = _i8_split(q, tl.max(tl.abs(q), 1), BM, D)
+    kq = qa / 127.0
     m_i = tl.full((BM,), -float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
@@ -64,41 +53,40 @@ def proto(q_ptr, cache_ptr, out_ptr, nblk, D: tl.constexpr, BM: tl.constexpr, TT
             l_i = l_i * alpha + tl.sum(p, 1)
             vg = tl.load((slot + 61000).to(tl.pointer_type(tl.float16)) + t).to(tl.float32)
             pg = p * tl.abs(vg)[None, :]
-            peh, poh, pel, pol, ps = _split_i8(pg, BM, TT)
+            peh, poh, pel, pol, pa = _i8_split(pg, tl.max(pg, 1), BM, TT)
             # V^T codes: [D, TT/2] bytes, row d = tokens t0.. of dim d, two per byte (even token low nibble)
             tb = t0 // 2 + tl.arange(0, TT // 2)
-            vb = tl.load(slot + 30000 + d[:, None] * 256 + tb[None, :])
-            vlo, vhi = _nib8(vb, ASM)
-            vlo_t = tl.trans(vlo)
-            vhi_t = tl.trans(vhi)
-            ah = tl.dot(peh, vlo_t, out_dtype=tl.int32)
-            ah = tl.dot(poh, vhi_t, ah, out_dtype=tl.int32)
-            al = tl.dot(pel, vlo_t, out_dtype=tl.int32)
-            al = tl.dot(pol, vhi_t, al, out_dtype=tl.int32)
-            acc = acc * alpha[:, None] + (ah.to(tl.float32) + al.to(tl.float32) * (1.0 / 254.0)) * ps[:, None]
+            vlo, vhi = _nib8(tl.load(slot + 30000 + d[:, None] * 256 + tb[None, :]), ASM)
+            acc = acc * alpha[:, None] + _i8_dots(peh, poh, pel, pol, vlo, vhi) * (pa / 127.0)[:, None]
             m_i = m_new
     tl.store(out_ptr + pid * BM * D + r[:, None] * D + d[None, :], acc / l_i[:, None])
 
 
-def main():
+def loop_sass(kernel, D: int, BM: int, TT: int, num_warps: int, maxnreg: int | None):
+    """sm_90 compile of a probe kernel (signature of `proto`): (loop SASS per code element per thread, occupancy,
+    the loop's most common opcodes)."""
     import sass_count as S
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    sig = {"q_ptr": "*bf16", "cache_ptr": "*u8", "out_ptr": "*fp32", "nblk": "i32", "D": "constexpr",
+           "BM": "constexpr", "TT": "constexpr", "ASM": "constexpr"}
+    const = {"D": D, "BM": BM, "TT": TT, "ASM": 1}
+    params = list(inspect.signature(kernel.fn).parameters)
+    src = ASTSource(kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
+    opts = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    ins = S.sass(ck.asm["cubin"])
+    best = max((collections.Counter(S.opcode(t) for a, t in ins if lo <= a <= hi)
+                for lo, hi in S.innermost_loops(ins)), key=lambda c: sum(c.values()))
+    return sum(best.values()) / (TT * D * 2 / (32 * num_warps)), S.occupancy(ck, num_warps), best.most_common(12)
+
+
+def main():
     for D, BM, TT, nw, reg in [(128, 4, 64, 4, 128), (128, 4, 128, 4, 128), (64, 4, 128, 4, 128), (128, 4, 256, 4, 168)]:
-        sig = {"q_ptr": "*bf16", "cache_ptr": "*u8", "out_ptr": "*fp32", "nblk": "i32", "D": "constexpr",
-               "BM": "constexpr", "TT": "constexpr", "ASM": "constexpr"}
-        const = {"D": D, "BM": BM, "TT": TT, "ASM": 1}
-        params = list(inspect.signature(proto.fn).parameters)
-        src = ASTSource(proto, sig, constexprs={(params.index(k),): v for k, v in const.items()},
-                        attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
-        opts = dict(num_warps=nw) if reg is None else dict(num_warps=nw, maxnreg=reg)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        ins = S.sass(ck.asm["cubin"])
-        best = max((collections.Counter(S.opcode(t) for a, t in ins if lo <= a <= hi)
-                    for lo, hi in S.innermost_loops(ins)), key=lambda c: sum(c.values()))
-        elems = TT * D * 2 / (32 * nw)
-        print(f"D={D} rows={BM} tt={TT} warps={nw} cap={reg}: {sum(best.values()) / elems:.2f} loop SASS per code "
-              f"element; {S.occupancy(ck, nw)}; {best.most_common(10)}", flush=True)
+        per, occ, top = loop_sass(proto, D, BM, TT, nw, reg)
+        print(f"D={D} rows={BM} tt={TT} warps={nw} cap={reg}: {per:.2f} loop SASS per code element; {occ}; {top[:10]}",
+              flush=True)
 
 
 if __name__ == "__main__":
