@@ -529,14 +529,19 @@ def main():
     ap.add_argument("--grid", choices=("full", "goal", "goal16k", "none"), default="full",
                     help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
                          ">= 16), those at 16k, or none (then no seal/v13 rows either: a quick sweep-only call)")
-    ap.add_argument("--grid-variant", choices=("tuned", "best"), default="tuned",
-                    help="the grid's launch: the backend default (TUNED), or the sweep's fastest agreeing variant per "
-                         "head_dim, timed next to TUNED in every row (the evidence a promotion needs)")
+    ap.add_argument("--grid-variant", choices=("tuned", "best", "ki8"), default="tuned",
+                    help="the grid's launch: the backend default (TUNED), the sweep's fastest agreeing variant per "
+                         "head_dim, or the int8 K-score launch (CANDIDATES['ki8'], needs --k-grid uniform); the last "
+                         "two timed next to TUNED in every row (the evidence a promotion needs)")
+    ap.add_argument("--k-grid", choices=("lloyd", "uniform"), default="lloyd",
+                    help="the K centroid table of every cache (KAKEYA_K_GRID): uniform is what ki8 reads")
     a = ap.parse_args()
+    if a.grid_variant == "ki8" and not (a.k_grid == "uniform" and a.kbits == 4):
+        ap.error("--grid-variant ki8 reads 4-bit K on the uniform grid: add --k-grid uniform (and --kbits 4)")
     t_end = time.time() + a.deadline_s
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
-    res = {"gpu": props.name, "copy_gbps": copy_bandwidth(), "format": f"kakeya_k{a.kbits}v{a.vbits}",
+    res = {"gpu": props.name, "copy_gbps": copy_bandwidth(), "format": f"kakeya_k{a.kbits}v{a.vbits}" + ("_kuni" if a.k_grid == "uniform" else ""),
            "timing": "CUDA-graph replay (do_bench_cudagraph), ours and baseline; us_eager = do_bench of ours",
            "grid_variant": "backend default (kakeya_kernels.variants.TUNED), agreement-checked per row",
            "decode": [], "seal": [], "tuning": [], "not_measured": []}
@@ -546,7 +551,8 @@ def main():
             json.dump(res, f, indent=1)
 
     free = torch.cuda.mem_get_info()[0]
-    kks = {d: KakeyaKernels(d, a.kbits, a.vbits, "cuda") for d in (64, 128)}
+    kt = lloyd_max.uniform_table(a.kbits) if a.k_grid == "uniform" else None
+    kks = {d: KakeyaKernels(d, a.kbits, a.vbits, "cuda", k_table=kt) for d in (64, 128)}
     if a.int8:
         res["int8"] = []
         if not run_rows(INT8_ROWS, int8_measure(sms, min(t_end, time.time() + a.int8_s), free, kks), res, save,
@@ -598,6 +604,10 @@ def main():
         grid_v.update(sweep_best(res["tuning"]))
         res["grid_variant"] = ("the sweep's fastest agreeing variant per head_dim (tuned_us: the backend default "
                                "TUNED in the same row), agreement-checked per row")
+    elif a.grid_variant == "ki8":
+        grid_v.update({d: CANDIDATES["ki8"][d] for d in kks})
+        res["grid_variant"] = ("the int8 K-score launch CANDIDATES['ki8'] on K uniform-grid caches (tuned_us: TUNED in "
+                               "the same row, same cache), agreement-checked per row")
 
     def measure(row):
         ctx, batch, d = row["context"], row["batch"], row["head_dim"]

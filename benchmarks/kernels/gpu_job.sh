@@ -27,8 +27,9 @@ python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('SMs', 
 BUDGET=${KERNEL_BUDGET_S:-450}      # the whole job; the bench gets half of it (at most 230 s of new work)
 BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 [ "${KERNEL_PARITY:-1}" = 0 ] && BENCH_S=$(( BUDGET - 60 ))     # no parity after it: the bench gets the call
-# KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best (the grid's launch: TUNED, or the
-# sweep's winner per head_dim timed next to TUNED in each row), KERNEL_PARITY=0 skips the parity suite.
+# KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best|ki8 (the grid's launch: TUNED, the
+# sweep's winner per head_dim or the int8 K-score launch, the last two timed next to TUNED in each row),
+# KERNEL_K_GRID=lloyd|uniform (every cache's K table; ki8 needs uniform), KERNEL_PARITY=0 skips the parity suite.
 # KERNEL_PREFILL=1: the prefill rows first (bench --prefill: each of variants.PREFILL_CANDIDATES vs the baseline launch
 # and FA3 varlen, kernels.json "prefill"), for at most KERNEL_PREFILL_S (default 120) s; KERNEL_SWEEP=none skips the
 # decode sweep (a prefill-only call: KERNEL_PREFILL=1 KERNEL_SWEEP=none KERNEL_GRID=none KERNEL_PARITY=0).
@@ -38,7 +39,7 @@ PREFILL_ARGS=""
 [ "${KERNEL_INT8:-0}" = 1 ] && PREFILL_ARGS="--int8 --int8-s ${KERNEL_INT8_S:-150} $PREFILL_ARGS"
 timeout $(( BENCH_S + 70 )) python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --deadline-s $BENCH_S \
     --sweep "${KERNEL_SWEEP:-short}" --grid "${KERNEL_GRID:-full}" \
-    --grid-variant "${KERNEL_GRID_VARIANT:-tuned}" $PREFILL_ARGS 2>&1 | grep -v Warning
+    --grid-variant "${KERNEL_GRID_VARIANT:-tuned}" --k-grid "${KERNEL_K_GRID:-lloyd}" $PREFILL_ARGS 2>&1 | grep -v Warning
 python3 benchmarks/kernels/report.py "$OUT/kernels.json" "$OUT/KERNELS.md" && tail -3 "$OUT/KERNELS.md"
 # KERNEL_NCU=1 (default) and ncu present: stall reasons / issue rate of one TUNED decode launch per head_dim (<= 120 s).
 if [ "${KERNEL_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
