@@ -93,21 +93,24 @@ def _decode_variant_env(env) -> str:
     return _choice_env(env, "KAKEYA_DECODE_VARIANT", "tuned", DECODE_VARIANTS)
 
 
-K_GRIDS = ("lloyd", "uniform")
+K_GRIDS = ("auto", "lloyd", "uniform")
 
 
-def _k_grid(env, fmt: str, k_bits: int, layer_bits, decode_variant: str) -> str:
-    """KAKEYA_K_GRID: the K stream's centroid table, lloyd (Lloyd-Max for N(0,1), the default) or uniform
-    (lloyd_max.uniform_table: what the int8 K-score decode launch, candidate:ki8, reads; 4-bit K only)."""
-    grid = _choice_env(env, "KAKEYA_K_GRID", "lloyd", K_GRIDS)
-    if grid != "lloyd" and fmt != "kakeya":
+def _k_grid(env, fmt: str, k_bits: int, layer_bits, decode_variant: str, calibration: str | None) -> str:
+    """KAKEYA_K_GRID: the K stream's centroid table, resolved here to lloyd (Lloyd-Max for N(0,1)) or uniform
+    (lloyd_max.uniform_table: what the int8 K-score decode launch reads; 4-bit K only). auto (the default): uniform
+    when the format is kakeya, every compressed layer has 4-bit K and no calibration bundle is named (a bundle may
+    bring fitted K tables), else lloyd."""
+    grid = _choice_env(env, "KAKEYA_K_GRID", "auto", K_GRIDS)
+    widths = sorted({k_bits} | {kb for _, kb, _ in layer_bits})
+    if grid == "auto":
+        grid = "uniform" if fmt == "kakeya" and widths == [4] and not calibration else "lloyd"
+    elif grid != "lloyd" and fmt != "kakeya":
         raise ConfigError(f"KAKEYA_K_GRID={grid!r} applies to KAKEYA_FORMAT=kakeya only (got {fmt!r}); unset it")
-    if decode_variant == "candidate:ki8":
-        widths = sorted({k_bits} | {kb for _, kb, _ in layer_bits})
-        if grid != "uniform" or widths != [4]:
-            raise ConfigError("KAKEYA_DECODE_VARIANT=candidate:ki8 computes K scores from 4-bit codes on the uniform "
-                              f"grid: it needs KAKEYA_K_GRID=uniform (got {grid!r}) and 4-bit K in every layer "
-                              f"(K widths here: {widths})")
+    if decode_variant == "candidate:ki8" and (grid != "uniform" or widths != [4]):
+        raise ConfigError("KAKEYA_DECODE_VARIANT=candidate:ki8 computes K scores from 4-bit codes on the uniform "
+                          f"grid: it needs KAKEYA_K_GRID=uniform or auto (resolved here: {grid!r}) and 4-bit K in "
+                          f"every layer (K widths here: {widths})")
     return grid
 
 
@@ -274,7 +277,7 @@ class KakeyaConfig:
     scratch_mib: int = 512        # cap of the bf16 decode scratch (kakeya_kernels.scratch: blocks one launch reads)
     v13_attention: str = "fused"  # v13 attention: fused (reads slots) | scratch (decode blocks, then exact pages)
     decode_variant: str = "tuned"  # decode-attention launch (kakeya_kernels.variants): tuned | baseline
-    k_grid: str = "lloyd"         # K centroid table: lloyd (Lloyd-Max N(0,1)) | uniform (needed by candidate:ki8)
+    k_grid: str = "lloyd"         # K centroid table as resolved (KAKEYA_K_GRID=auto picks): lloyd | uniform
     prefill_variant: str = "tuned"  # prefill/mixed-step launch: tuned | baseline | candidate:NAME (PREFILL_CANDIDATES)
     exact_attention: str = "triton"  # exact layers in vLLM: triton (ours) | flash (vLLM's FlashAttention backend)
     memory_log: str | None = None  # JSON lines of the engine worker's torch CUDA memory (the soak's leak check)
@@ -304,6 +307,7 @@ class KakeyaConfig:
                               f"KAKEYA_BOUNDARY_SKIP_LAYERS (exact bf16); list each layer in one of them")
         k_bits = _int_env(env, "KAKEYA_K_BITS", 4 if fmt == "kakeya" else 3, ALLOWED_BITS[fmt]["k"])
         decode_variant = _decode_variant_env(env)
+        calibration = env.get("KAKEYA_CALIBRATION") or None
         return cls(
             format=fmt,
             k_bits=k_bits,
@@ -311,17 +315,24 @@ class KakeyaConfig:
             boundary_skip_layers=boundary,
             layer_bits=layer_bits,
             skip_layers=parse_layer_list("KAKEYA_SKIP_LAYERS", env.get("KAKEYA_SKIP_LAYERS"), num_layers),
-            calibration=env.get("KAKEYA_CALIBRATION") or None,
+            calibration=calibration,
             cuda_graphs=bool(_int_env(env, "KAKEYA_CUDA_GRAPHS", 0, (0, 1))),
             scratch_mib=_scratch_mib(env, fmt),
             v13_attention=_v13_attention(env, fmt),
             decode_variant=decode_variant,
-            k_grid=_k_grid(env, fmt, k_bits, layer_bits, decode_variant),
+            k_grid=_k_grid(env, fmt, k_bits, layer_bits, decode_variant, calibration),
             prefill_variant=_prefill_variant_env(env, fmt),
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),
             tail_pool_percent=_int_env(env, "KAKEYA_TAIL_POOL_PERCENT", 5, tuple(range(1, 26))),
         )
+
+    @property
+    def int8_k_scores(self) -> bool:
+        """The tuned decode launch computes K scores by int8 MMAs (kakeya_kernels.variants.TUNED_KI8): K on the
+        uniform grid and 4 bits wide in every compressed layer."""
+        widths = {self.k_bits} | {kb for _, kb, _ in self.layer_bits}
+        return self.format == "kakeya" and self.k_grid == "uniform" and widths == {4}
 
     def bits_for(self, layer: int) -> tuple[int, int] | str:
         """(k_bits, v_bits) the layer is stored with, or EXACT (bf16: boundary layer or exact format)."""

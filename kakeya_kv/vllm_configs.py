@@ -32,7 +32,7 @@ TABLE = {c.name: c for c in [
                {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "int4_per_token_head"},
                hf_format="int4_per_token_head"),
     VllmConfig("kakeya_exact", "kakeya", KAKEYA, {"KAKEYA_FORMAT": "exact"}),
-    VllmConfig("kakeya_custom", "kakeya", {"attention_backend": "CUSTOM"}, hf_format="kakeya_k4v3"),
+    VllmConfig("kakeya_custom", "kakeya", {"attention_backend": "CUSTOM"}, hf_format="kakeya_k4v3_kuni"),
     # boundary layers exact (mixed page sizes in one KV group)
     VllmConfig("kakeya_k3v2_b0-29", "kakeya", KAKEYA,
                {"KAKEYA_K_BITS": "3", "KAKEYA_V_BITS": "2", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,29"}),
@@ -52,11 +52,14 @@ def resolve(name: str) -> VllmConfig:
     """The config a name stands for; ConfigError (one line) for an unknown name or a bad recipe."""
     if name in TABLE:
         return TABLE[name]
-    m = re.fullmatch(r"kakeya_k(\d)v(\d)", name)
+    m = re.fullmatch(r"kakeya_k(\d)v(\d)(_lloyd)?", name)
     if m:
-        env = {"KAKEYA_FORMAT": "kakeya", "KAKEYA_K_BITS": m[1], "KAKEYA_V_BITS": m[2]}
-        KakeyaConfig.from_env(env)      # refuses widths the format does not allow
-        return VllmConfig(name, "kakeya", KAKEYA, env, hf_format=name)
+        # KAKEYA_K_GRID=auto puts 4-bit K on the uniform grid; _lloyd pins Lloyd-Max (the pre-session-13 default)
+        env = {"KAKEYA_FORMAT": "kakeya", "KAKEYA_K_BITS": m[1], "KAKEYA_V_BITS": m[2],
+               **({"KAKEYA_K_GRID": "lloyd"} if m[3] else {})}
+        cfg = KakeyaConfig.from_env(env)      # refuses widths the format does not allow
+        twin = f"kakeya_k{m[1]}v{m[2]}" + ("_kuni" if cfg.k_grid == "uniform" else "")
+        return VllmConfig(name, "kakeya", KAKEYA, env, hf_format=twin)
     if name.startswith("recipe:"):
         path = Path(name[len("recipe:"):])
         if not path.is_file():
@@ -64,7 +67,7 @@ def resolve(name: str) -> VllmConfig:
         env = read_env_file(path)
         KakeyaConfig.from_env(env)
         return VllmConfig(f"recipe:{path.stem}", "kakeya", KAKEYA, env, hf_format=f"recipe:{path}")
-    raise ConfigError(f"unknown vLLM config {name!r}: known {sorted(TABLE)}, kakeya_k<K>v<V> or recipe:PATH")
+    raise ConfigError(f"unknown vLLM config {name!r}: known {sorted(TABLE)}, kakeya_k<K>v<V>[_lloyd] or recipe:PATH")
 
 
 def setting_key(c: VllmConfig):

@@ -114,9 +114,15 @@ KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "pref
 CANDIDATE_PREFIX = "candidate:"    # KAKEYA_DECODE_VARIANT=candidate:NAME serves an opt-in candidate (experiments)
 
 
-def decode_variant(name: str, head_dim: int) -> dict:
-    """The variant `name` (tuned, baseline or candidate:NAME) at this head_dim. head_dims a variant does not cover
-    (256) keep the baseline."""
+# The tuned launch where the kernel set's K is 4-bit on the uniform grid (KakeyaConfig.int8_k_scores; KAKEYA_K_GRID=
+# auto gives that grid to 4-bit K without a calibration bundle): TUNED with int8 K scores (H100, session 12: b16 16k
+# -17 % at D=128, -12 % at D=64, same cache).
+TUNED_KI8 = CANDIDATES["ki8"]
+
+
+def decode_variant(name: str, head_dim: int, int8_k: bool = False) -> dict:
+    """The variant `name` (tuned, baseline or candidate:NAME) at this head_dim; int8_k: K is 4-bit on the uniform
+    grid, so "tuned" takes TUNED_KI8. head_dims a variant does not cover (256) keep the baseline."""
     if name.startswith(CANDIDATE_PREFIX):
         c = CANDIDATES.get(name[len(CANDIDATE_PREFIX):])
         if c is None:
@@ -124,7 +130,9 @@ def decode_variant(name: str, head_dim: int) -> dict:
         return dict(c.get(head_dim, BASELINE))
     if name not in NAMES:
         raise ValueError(f"decode variant must be one of {NAMES} or {CANDIDATE_PREFIX}NAME, got {name!r}")
-    return dict(TUNED[head_dim]) if name == "tuned" and head_dim in TUNED else dict(BASELINE)
+    if name == "tuned" and head_dim in TUNED:
+        return dict((TUNED_KI8 if int8_k else TUNED)[head_dim])
+    return dict(BASELINE)
 
 
 def kernel_args(v: dict) -> dict:

@@ -75,16 +75,29 @@ def test_ki8_refuses_other_k_tables():
 
 
 def test_k_grid_knob_and_ki8_need_each_other():
-    """KAKEYA_K_GRID=uniform is validated with the format, and candidate:ki8 is refused at config time unless K is
-    4-bit on the uniform grid in every layer (a clear error instead of a failed launch at the first step)."""
+    """KAKEYA_K_GRID: auto (the default) resolves to uniform for 4-bit K without a calibration bundle, where the tuned
+    decode launch then takes the int8 K scores; lloyd elsewhere. candidate:ki8 is refused at config time unless K
+    is 4-bit on the uniform grid in every layer (a clear error instead of a failed launch at the first step)."""
+    from kakeya_kernels.variants import TUNED, TUNED_KI8, decode_variant
     from kakeya_kv.config import ConfigError, KakeyaConfig
-    assert KakeyaConfig.from_env({}).k_grid == "lloyd"
+    cfg = KakeyaConfig.from_env({})
+    assert (cfg.k_grid, cfg.int8_k_scores) == ("uniform", True)
+    assert decode_variant(cfg.decode_variant, 128, cfg.int8_k_scores) == TUNED_KI8[128] != TUNED[128]
+    assert TUNED_KI8[128]["ki8"] and decode_variant("tuned", 64) == TUNED[64]
+    assert decode_variant("baseline", 64, True)["lut"] == 0          # only the tuned launch changes
+    for env in ({"KAKEYA_K_GRID": "lloyd"}, {"KAKEYA_K_BITS": "3"}, {"KAKEYA_CALIBRATION": "/some/bundle"},
+                {"KAKEYA_FORMAT": "v13"}, {"KAKEYA_FORMAT": "exact"}):
+        c = KakeyaConfig.from_env(env)
+        assert (c.k_grid, c.int8_k_scores) == ("lloyd", False), env
+    # per-layer widths: one 3-bit K layer keeps every layer on Lloyd-Max (one K grid per engine)
+    assert KakeyaConfig.from_env({"KAKEYA_LAYER_BITS": "3:3/2"}, num_layers=8).k_grid == "lloyd"
     cfg = KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8"})
     assert (cfg.k_grid, cfg.decode_variant) == ("uniform", "candidate:ki8")
+    assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:ki8"}).k_grid == "uniform"   # auto
     with pytest.raises(ConfigError, match="KAKEYA_K_GRID"):
         KakeyaConfig.from_env({"KAKEYA_K_GRID": "gauss"})
-    with pytest.raises(ConfigError, match="KAKEYA_K_GRID=uniform"):
-        KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": "candidate:ki8"})
+    with pytest.raises(ConfigError, match="KAKEYA_K_GRID=uniform or auto"):
+        KakeyaConfig.from_env({"KAKEYA_K_GRID": "lloyd", "KAKEYA_DECODE_VARIANT": "candidate:ki8"})
     with pytest.raises(ConfigError, match="4-bit K in every layer"):
         KakeyaConfig.from_env({"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8",
                                "KAKEYA_LAYER_BITS": "3:3/2"}, num_layers=8)

@@ -215,7 +215,8 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.launches = Launches(settings().decode_variant if self.compressed else "baseline",
                                  kv_cache_spec.head_size, kv_cache_spec.num_kv_heads, device,
                                  prefill=settings().prefill_variant if self.compressed else "baseline",
-                                 scratch_mib=settings().scratch_mib)
+                                 scratch_mib=settings().scratch_mib,
+                                 int8_k=self.compressed and settings().int8_k_scores)
         self.bm = self.launches.base["bm"]
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
@@ -298,7 +299,8 @@ def _log_startup(vllm_config, spec) -> None:
         "Kakeya KV: format %s (K grid %s), layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
         "(max_num_seqs %d), launches decode %s / prefill %s, KV capacity %s", cfg.format, cfg.k_grid,
         describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.exact_attention, cfg.calibration or "none (data-free)",
-        pool / 2**20, n_seq, cfg.decode_variant, cfg.prefill_variant, cap)
+        pool / 2**20, n_seq, cfg.decode_variant + (" (int8 K scores)" if cfg.int8_k_scores and cfg.decode_variant == "tuned"
+                                                   else ""), cfg.prefill_variant, cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):

@@ -283,9 +283,9 @@ class Launches:
     block-table width)."""
 
     def __init__(self, name: str, head_dim: int, num_kv_heads: int, device, prefill: str = "tuned",
-                 scratch_mib: int | None = None):
+                 scratch_mib: int | None = None, int8_k: bool = False):
         from kakeya_kernels.variants import decode_variant, prefill_variant
-        self.decode, self.base = decode_variant(name, head_dim), prefill_variant(prefill, head_dim)
+        self.decode, self.base = decode_variant(name, head_dim, int8_k), prefill_variant(prefill, head_dim)
         # "baseline" is the fallback to the previous path: one base launch per phase, decode rows included.
         self.split = prefill != "baseline" and self.decode != self.base
         self.hkv = num_kv_heads
