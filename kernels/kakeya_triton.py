@@ -1013,7 +1013,8 @@ def _regs(maxnreg: int | None) -> dict:
 # Centroid lookup: 0 global gather, 1 register gather (tl.gather), 2 pair table (2 codes/lookup), 3 = 2 + codes of
 # <= 3 bits from byte planes in registers (prmt, no memory access), 4 = 3 for codes of <= 4 bits too; 5 / 6 =
 # "linear": no table for codes of 2-4 bits (value = (j - mid) * Delta, Delta folded into the gains; 5 fp16 bit trick,
-# 6 integer convert, 7 = 5 with the fp16 offset taken off once per block), only for uniform-grid tables (lloyd_max.uniform_table); 5-bit codes keep the pair table.
+# 6 integer convert, 7 = 5 with the fp16 offset taken off once per block: interpreter / precise only, biased on the
+# tensor cores), only for uniform-grid tables (lloyd_max.uniform_table); 5-bit codes keep the pair table.
 LUTS = (0, 1, 2, 3, 4, 5, 6, 7)
 LINEAR_LUTS = (5, 6, 7)
 
@@ -1266,6 +1267,10 @@ class KakeyaKernels:
         if ki8 and swap:
             raise ValueError("ki8 (int8 K scores) does not combine with swap")
         steps = {}
+        if lut == 7 and not _INTERPRET and not precise:
+            raise ValueError("lut 7 (linear codes, offset taken off after the MMA) is biased on the GPU: the tensor "
+                             "cores' truncating fp32 accumulation of the offset products misses the float64 bound "
+                             "(session 13, H100); use lut 5 (same decode, exact subtract first)")
         if lut in LINEAR_LUTS:
             if isinstance(self._steps, str):
                 raise ValueError(self._steps)

@@ -31,8 +31,8 @@ def test_ki8_matches_the_decoded_path_and_float64(d, vb, gqa, v_uniform):
     """Ragged lengths (tails 53 / 1 / 88, one request inside its first block): ki8 (as served, with and without the
     register prefetch) within ACCEPT_REL of the same launch without ki8 on the same cache, and within 5e-3 of float64
     attention on the reference decode (the lut-4 path's own bound in test_linear_decode). (Not combined with the
-    linear V decode, lut 5-7: that path misses test_linear_decode's float64 bound on the GPU on its own, session 12,
-    H100 — an open problem of its own, ki8 or not.)"""
+    linear V decode: its lut 7 is biased on the tensor cores and refused on the GPU, session 13; lut 5 is tested in
+    test_linear_decode.)"""
     lens, hkv = [1077, 1, 600], 2
     kk, sc, refs = _build(lens, hkv, d, vb, v_uniform, seed=d + vb)
     q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(vb)).bfloat16().to(DEV)

@@ -59,7 +59,8 @@ def _run(kk, sc, lens, hkv, gqa, d, v, q, precise=False):
                                          (64, 5, 4, 4), (64, 2, 4, 2)])
 def test_linear_decode_matches_lut4_and_float64(d, kb, vb, gqa):
     """On one uniform-table cache, ragged lengths (tails 53 / 1 / 88): the linear launch (the candidate as served:
-    TUNED + lut 7, and with swap at k4; the exact-subtract lut 5 and the integer-convert lut 6) within ACCEPT_REL of the lut-4 launch and within 5e-3 of float64
+    TUNED + lut 5 (the exact-subtract fp16 trick), and with swap at k4; the integer-convert lut 6; lut 7 in the
+    interpreter) within ACCEPT_REL of the lut-4 launch and within 5e-3 of float64
     attention on the reference decode. Not bit for bit: lut 4 multiplies fp16-rounded centroids (j - mid) * Delta
     (~2^-11 relative each) where the linear path multiplies the exact 2 (j - mid) and applies Delta / 2 in fp32 with
     the gain. k5 (K keeps the pair table inside lut 5: its step stays in the table) and k2v4 cover the width paths."""
@@ -67,10 +68,16 @@ def test_linear_decode_matches_lut4_and_float64(d, kb, vb, gqa):
     kk, sc, refs = build_uniform(lens, hkv, d, kb, vb, seed=d + 10 * kb + vb)
     q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(kb)).bfloat16().to(DEV)
     lin = CANDIDATES["linear"][d]
-    assert lin["lut"] == 7
+    assert lin["lut"] == 5
     out4 = _run(kk, sc, lens, hkv, gqa, d, dict(lin, lut=4), q)
+    # lut 7 (offset taken off after the MMA) is exact in the interpreter's IEEE fp32 only: on the GPU the tensor cores'
+    # truncating accumulation leaves a bias (session 13, H100: 1e-2 vs float64), and the kernel refuses it there.
+    lut7 = (dict(lin, lut=7),) if DEV == "cpu" else ()
+    if DEV == "cuda":
+        with pytest.raises(ValueError, match="lut 7"):
+            _run(kk, sc, lens, hkv, gqa, d, dict(lin, lut=7), q)
     bad = []   # every launch is checked before failing: which of them miss tells the cause apart
-    for v in (lin, dict(lin, lut=5), dict(lin, lut=6)) + ((dict(lin, swap=True),) if kb == 4 else ()):
+    for v in (lin, dict(lin, lut=6)) + lut7 + ((dict(lin, swap=True),) if kb == 4 else ()):
         out = _run(kk, sc, lens, hkv, gqa, d, v, q)
         errs = [rel_err(out, out4.double().cpu())] + [rel_err(out[i], ref_attention(q[i], lens[i] - 1, refs[i], gqa))
                                                       for i in range(len(lens))]
@@ -84,7 +91,7 @@ def test_linear_decode_matches_lut4_and_float64(d, kb, vb, gqa):
         p0 = _run(kk, sc, lens, hkv, gqa, d, dict(lin, lut=0, pf=False), q, precise=True)
         assert rel_err(_run(kk, sc, lens, hkv, gqa, d, dict(lin, lut=5), q, precise=True), p0.double().cpu()) < 1e-5
         # lut 7 in fp32: the offset 1024 + 2^b rides through the fp32 sums (cancellation, not a code error)
-        assert rel_err(_run(kk, sc, lens, hkv, gqa, d, lin, q, precise=True), p0.double().cpu()) < 1e-4
+        assert rel_err(_run(kk, sc, lens, hkv, gqa, d, dict(lin, lut=7), q, precise=True), p0.double().cpu()) < 1e-4
 
 
 def test_linear_codes_are_exact_and_in_order():
@@ -144,7 +151,7 @@ def test_uniform_step_and_refusals():
 def test_linear_candidate_is_opt_in():
     assert all(v["lut"] == 4 for v in TUNED.values())
     for d, v in CANDIDATES["linear"].items():
-        assert v == dict(TUNED[d], lut=7)
+        assert v == dict(TUNED[d], lut=5)
 
 
 def test_bench_times_linear_on_a_uniform_table_cache():

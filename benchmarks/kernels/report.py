@@ -11,7 +11,8 @@ def variant(r: dict) -> str:
     return (f"lut{r['lut']} {'fused' if r.get('fused') else 'torch'} tt{r.get('tt')} w{r.get('num_warps')}{reg} "
             f"bm{r.get('bm', 16)}{' fill' + str(r['fill']) if r.get('fill') else ''}"
             f"{' waves' + str(r['waves']) if r.get('waves', 2) not in (2, None) else ''}"
-            f"{' swap' if r.get('swap') else ''}{' pf' if r.get('pf') else ''}")
+            f"{' swap' if r.get('swap') else ''}{' pf' if r.get('pf') else ''}{' ki8' if r.get('ki8') else ''}"
+            f"{' vi8' if r.get('vi8') else ''}")
 
 
 def prefill_table(res: dict) -> list[str]:
