@@ -14,11 +14,17 @@ from .model_format import ModelFormat, vllm_tq_boundary
 KAKEYA_SETTINGS = ((4, 4), (4, 3), (3, 3), (3, 2))
 
 
+def served_grid(k_bits: int) -> str:
+    """The centroid grid the server gives these widths without a bundle (KAKEYA_K_GRID=auto): 4-bit K on the
+    uniform grid (the int8 K-score decode reads it), other widths Lloyd-Max."""
+    return "k_uniform" if k_bits == 4 else "lloyd"
+
+
 def standard_formats(num_layers: int) -> list[ModelFormat]:
     tq_skip = vllm_tq_boundary(num_layers)
     out = [ModelFormat("bf16", "bf16", BF16())]
-    for kb, vb in KAKEYA_SETTINGS:
-        c = KakeyaCodec(kb, vb)
+    for kb, vb in KAKEYA_SETTINGS:     # as served: kakeya_k4v3_kuni is the default's exact twin
+        c = KakeyaCodec(kb, vb, grid=served_grid(kb))
         out.append(ModelFormat(c.name, "kakeya", c))
     out.append(ModelFormat("v13", "v13", V13Codec(), notes="seed defaults: d_eff=D/2, k=16, K b3 + 8% outliers T=2, V b2"))
     for c in competitor_codecs():
