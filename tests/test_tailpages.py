@@ -1,0 +1,69 @@
+"""Exact tails in the request's own pages (vllm_backend tailpages; not yet wired into the backend): geometry per
+layout, and bit-exact copies between a layer's pages and the shared tail scratch."""
+import pytest
+import torch
+
+from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+from kakeya_v1_3_ppl.tailpages import TailGeometry, gather, group_pages, request_cost_tokens, scatter, tail_view
+
+
+@pytest.mark.parametrize("d,kb,vb", [(128, 4, 3), (64, 4, 3), (128, 3, 2), (64, 3, 2), (128, 4, 4)])
+def test_geometry_fits_a_full_block_per_head_slot(d, kb, vb):
+    lay = kakeya_layout(d, kb, vb)
+    g = TailGeometry.of(lay)
+    assert g.tokens_per_page * 4 * d <= lay.slot_bytes < (g.tokens_per_page + 1) * 4 * d
+    assert (g.pages - 1) * g.tokens_per_page < BLOCK_TOKENS <= g.pages * g.tokens_per_page
+    assert g.pages == round(lay.ratio_vs_bf16 + 0.5)   # a sealed page is ratio x smaller than bf16: ~ratio pages
+
+
+def test_group_takes_the_widest_need_and_prices_it():
+    lays = [kakeya_layout(128, 4, 3), kakeya_layout(128, 3, 2)]
+    assert group_pages(lays) == max(TailGeometry.of(x).pages for x in lays) == 6
+    assert request_cost_tokens(lays) == 6 * BLOCK_TOKENS
+    assert group_pages([]) == 0
+    with pytest.raises(ValueError, match="cannot hold"):
+        _ = TailGeometry(100, 64).pages
+
+
+def _pages(nblocks, hkv, lay, seed):
+    return torch.randint(0, 256, (nblocks, hkv, lay.slot_bytes), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.int32).to(torch.uint8)
+
+
+@pytest.mark.parametrize("d,kb,vb", [(64, 4, 3), (128, 3, 2)])
+def test_scatter_then_gather_is_bit_exact_and_stays_in_the_tail_rows(d, kb, vb):
+    lay, hkv = kakeya_layout(d, kb, vb), 2
+    g = TailGeometry.of(lay)
+    kv = _pages(40, hkv, lay, 0)
+    before = kv.clone()
+    view = tail_view(kv, g)
+    slots, rows = 5, torch.tensor([3, 0, 4])
+    gen = torch.Generator().manual_seed(1)
+    tail_k = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
+    tail_v = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
+    page_ids = torch.randperm(40, generator=gen)[:3 * g.pages].view(3, g.pages)   # distinct pages per request
+    scatter(view, page_ids, tail_k, tail_v, rows)
+    out_k, out_v = torch.zeros_like(tail_k), torch.zeros_like(tail_v)
+    gather(view, page_ids, out_k, out_v, rows)
+    assert torch.equal(out_k[rows].view(torch.int16), tail_k[rows].view(torch.int16))
+    assert torch.equal(out_v[rows].view(torch.int16), tail_v[rows].view(torch.int16))
+    assert not out_k[1].any() and not out_k[2].any()                    # other scratch rows untouched
+    # token t of request r, head h: page t // tpp, row t % tpp, K half then V half of the head's slot
+    t = BLOCK_TOKENS - 1
+    p, i = page_ids[0, t // g.tokens_per_page], t % g.tokens_per_page
+    assert torch.equal(view[p, 1, 1, i], tail_v[3, 1, t])
+    # pages not named are unchanged, and named pages only in their tail rows (slot bytes past them keep the seal's)
+    named = torch.zeros(40, dtype=torch.bool)
+    named[page_ids.flatten()] = True
+    assert torch.equal(kv[~named], before[~named])
+    n = g.tokens_per_page * 4 * d
+    assert torch.equal(kv[named][..., n:], before[named][..., n:])
+
+
+def test_view_refuses_other_shapes():
+    lay = kakeya_layout(64, 4, 3)
+    g = TailGeometry.of(lay)
+    with pytest.raises(ValueError, match="uint8 pages"):
+        tail_view(torch.zeros(2, 1, lay.slot_bytes + 2, dtype=torch.uint8), g)
+    with pytest.raises(ValueError, match="uint8 pages"):
+        tail_view(torch.zeros(2, 1, lay.slot_bytes, dtype=torch.int8), g)

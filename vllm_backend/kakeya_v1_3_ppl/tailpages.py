@@ -1,0 +1,98 @@
+"""Exact tails kept in the request's own pages (issue 6's capacity goal; NOTES open problem 2) — geometry and copies.
+
+Not wired into the backend yet (the next step: a FullAttentionManager subclass allocating ``num_tokens // 512 +
+pages`` pages per request, the runner's block-table width + pages, the planner gathering each layer's tails into one
+shared scratch before attention and scattering them back after the seal). Today every compressed layer owns a bf16
+tail pool of max_num_seqs rows allocated outside vLLM's KV budget (12.7 % of the capacity, session 13, H100).
+
+The design: a request with ``nb`` sealed blocks owns the pages at block-table positions ``nb .. nb + pages - 1``
+beyond its sealed ones; they hold its unsealed tokens in bf16. Within each page, KV head ``h`` uses its own slot
+region (``slot_bytes`` of the layer's sealed layout) as ``bf16 [2 (K, V), tokens_per_page, head_dim]``: tail token
+``t`` sits in page ``t // tokens_per_page``, row ``t % tokens_per_page``. When block ``nb`` fills, position ``nb`` is
+where the seal writes it (block index = position, as now) and the new tail starts at ``nb + 1``: the shift is safe
+because a layer's tails are gathered into the scratch before its seal and scattered to the new positions after it.
+No vLLM import: unit-tested on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kakeya_kv.format import BLOCK_TOKENS, BlockLayout
+
+
+@dataclass(frozen=True)
+class TailGeometry:
+    """How a layer's sealed slot (one KV head's share of a page) holds exact tail tokens."""
+    slot_bytes: int
+    head_dim: int
+
+    @property
+    def token_bytes(self) -> int:
+        return 2 * 2 * self.head_dim            # K and V, bf16
+
+    @property
+    def tokens_per_page(self) -> int:
+        return self.slot_bytes // self.token_bytes
+
+    @property
+    def pages(self) -> int:
+        """Pages one request's tail needs (an unsealed block has at most BLOCK_TOKENS - 1 tokens, but a phase writes
+        the token that fills the block before its seal reads the tail: room for all BLOCK_TOKENS)."""
+        if self.tokens_per_page < 1:
+            raise ValueError(f"a {self.slot_bytes}-byte slot cannot hold one bf16 K+V token of head_dim {self.head_dim}")
+        return -(-BLOCK_TOKENS // self.tokens_per_page)
+
+    @classmethod
+    def of(cls, layout: BlockLayout) -> "TailGeometry":
+        return cls(layout.slot_bytes, layout.head_dim)
+
+
+def group_pages(layouts: list[BlockLayout]) -> int:
+    """Tail pages per request for a KV-cache group: block ids are shared by all its layers, so the layer needing the
+    most pages decides (exact bf16 layers keep their unsealed tokens in place and need none)."""
+    return max((TailGeometry.of(lay).pages for lay in layouts), default=0)
+
+
+def tail_view(kv_layer: torch.Tensor, geom: TailGeometry) -> torch.Tensor:
+    """The tail rows of a layer's pages: uint8 [num_blocks, Hkv, slot_bytes] -> bf16 view
+    [num_blocks, Hkv, 2, tokens_per_page, head_dim] over each slot's first bytes (no copy)."""
+    nb, hkv, sb = kv_layer.shape
+    if sb != geom.slot_bytes or kv_layer.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pages [.., .., {geom.slot_bytes}], got {kv_layer.dtype} {tuple(kv_layer.shape)}")
+    if sb % 2 or kv_layer.stride(-1) != 1:
+        raise ValueError("tail rows are bf16: slot_bytes must be even and the slot contiguous")
+    n = geom.tokens_per_page * geom.token_bytes
+    return kv_layer[..., :n].view(torch.bfloat16).view(nb, hkv, 2, geom.tokens_per_page, geom.head_dim)
+
+
+def gather(view: torch.Tensor, page_ids: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+           rows: torch.Tensor) -> None:
+    """tail_k / tail_v [slots, Hkv, BLOCK_TOKENS, D] rows ``rows`` <- the tails in pages ``page_ids`` [R, pages]
+    (one row of tail page ids per request; fixed shapes, so a captured graph can replay it)."""
+    r, p = page_ids.shape
+    g = view[page_ids]                                          # [R, pages, Hkv, 2, tpp, D]
+    hkv, tpp, d = g.shape[2], g.shape[4], g.shape[5]
+    g = g.permute(0, 2, 3, 1, 4, 5).reshape(r, hkv, 2, p * tpp, d)[:, :, :, :BLOCK_TOKENS]
+    tail_k[rows] = g[:, :, 0]
+    tail_v[rows] = g[:, :, 1]
+
+
+def scatter(view: torch.Tensor, page_ids: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+            rows: torch.Tensor) -> None:
+    """The inverse of gather: the tails of ``rows`` into their pages (rows past BLOCK_TOKENS in the last page keep
+    what they held)."""
+    r, p = page_ids.shape
+    tpp = view.shape[3]
+    kv = torch.stack((tail_k[rows], tail_v[rows]), 2)           # [R, Hkv, 2, 512, D]
+    n = min(p * tpp, BLOCK_TOKENS)
+    full = view[page_ids].permute(0, 2, 3, 1, 4, 5).reshape(r, kv.shape[1], 2, p * tpp, kv.shape[-1])
+    full[:, :, :, :n] = kv[:, :, :, :n]
+    view[page_ids] = full.reshape(r, kv.shape[1], 2, p, tpp, kv.shape[-1]).permute(0, 3, 1, 2, 4, 5)
+
+
+def request_cost_tokens(layouts: list[BlockLayout]) -> int:
+    """Capacity a running request's tail costs, in tokens of sealed pages (issue 6's 5 % tolerance compares it
+    with the request's length): its tail pages hold BLOCK_TOKENS tokens each once sealed."""
+    return group_pages(layouts) * BLOCK_TOKENS
