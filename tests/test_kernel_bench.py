@@ -188,3 +188,24 @@ def test_report_renders_the_int8_rows():
                             int8=[row, row2]))
     assert "| 128 | 16 | 16384 | 300.0 | 250.0 | 225.0 | 360.0 | 330.0 | 1.47× (sdpa) | 1.7e-03 |" in md
     assert "| 310.0 | 260.0 | error |" in md
+
+
+def test_report_goals_say_met_or_by_how_much():
+    """kernels.json "goals": issue 3's verdicts from the goal rows only (context >= 16k, batch >= 16, not v13),
+    the floor miss with the bandwidth reached; the markdown line says the same."""
+    import report
+
+    def row(ctx, b, us, fa, fmt="kakeya_k4v3_kuni"):
+        return dict(format=fmt, head_dim=128, batch=b, context=ctx, us=us, fa3_bf16_us=fa, floor_us=us / 3.5,
+                    gbps=870.0, bytes=1, baseline="fa3")
+    res = dict(gpu="g", copy_gbps=3040.0, format="f", tuning=[], not_measured=[],
+               decode=[row(16384, 16, 100.0, 118.0), row(65536, 64, 200.0, 230.0), row(4096, 1, 50.0, 10.0),
+                       row(16384, 16, 3000.0, 118.0, fmt="v13_k3v2")],
+               seal=[dict(format="f", head_dim=128, us_per_block_layer=13.0, prefill_us_per_block_layer=300.0)])
+    g = report.goals(res)
+    assert g["fa3_speed"]["rows"] == 2 and g["fa3_speed"]["met"] and g["fa3_speed"]["min"] == 1.15
+    assert not g["byte_floor"]["met"] and "870-870 GB/s of the 3040" in g["byte_floor"]["why"]
+    assert g["seal"]["met"] and abs(g["seal"]["max_pct"] - 13 / 3) < 1e-9
+    res["decode"][1]["fa3_bf16_us"] = 190.0
+    assert not report.goals(res)["fa3_speed"]["met"]
+    assert "≥ 1.0× FA3 — **missed: 0.95–1.18×**" in report.render(res)

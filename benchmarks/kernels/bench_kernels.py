@@ -547,6 +547,8 @@ def main():
            "decode": [], "seal": [], "tuning": [], "not_measured": []}
 
     def save():
+        import report      # same folder: the goals verdict travels with the numbers (kernels.json "goals")
+        res["goals"] = report.goals(res)
         with open(f"{a.out}/kernels.json", "w") as f:
             json.dump(res, f, indent=1)
 

@@ -117,16 +117,42 @@ def render(res: dict) -> str:
     if res.get("not_measured"):
         out += ["", f"Not measured ({len(res['not_measured'])}): " +
                 "; ".join(", ".join(f"{k} {v}" for k, v in n.items()) for n in res["not_measured"])]
-    big = [r for r in main if r["context"] >= 16384 and r["batch"] >= 16]
+    g = goals(res)
+    if "fa3_speed" in g:
+        sp, fl = g["fa3_speed"], g["byte_floor"]
+        out += ["", f"Goals (issue 3) on {sp['rows']} rows with context ≥ 16k and batch ≥ 16: ≥ 1.0× FA3 — "
+                f"**{'met' if sp['met'] else 'missed'}: {sp['min']:.2f}–{sp['max']:.2f}×**; within 1.5× of the byte "
+                f"floor — **{'met' if fl['met'] else 'missed'} ({fl['min']:.1f}–{fl['max']:.1f}× the floor)**; "
+                "seal < 5 % of prefill — see the seal table."]
+    return "\n".join(out) + "\n"
+
+
+def goals(res: dict) -> dict:
+    """Issue 3's goals from a kernels.json's rows (kernels.json "goals"): decode ≥ 1.0× FA3 and ≤ 1.5× the byte
+    floor on the rows with context ≥ 16k and batch ≥ 16 (the default format's, not v13's), seal < 5 % of prefill.
+    A miss says by how much, and the floor miss the bandwidth the kernel reached."""
+    big = [r for r in res.get("decode", []) if r.get("context", 0) >= 16384 and r.get("batch", 0) >= 16
+           and not str(r.get("format", "")).startswith("v13") and "us" in r]
+    out: dict = {}
     if big:
         sp = [r["fa3_bf16_us"] / r["us"] for r in big]
         fl = [r["us"] / r["floor_us"] for r in big]
-        met = "met" if min(sp) >= 1.0 else "missed"
-        out += ["", f"Goals (issue 3) on {len(big)} rows with context ≥ 16k and batch ≥ 16: ≥ 1.0× FA3 — **{met}: "
-                f"{min(sp):.2f}–{max(sp):.2f}×**; within 1.5× of the byte floor — "
-                f"**{'met' if max(fl) <= 1.5 else 'missed'} ({min(fl):.1f}–{max(fl):.1f}× the floor)**; "
-                "seal < 5 % of prefill — see the seal table."]
-    return "\n".join(out) + "\n"
+        bw = [r["gbps"] for r in big]
+        out["fa3_speed"] = {"goal": ">= 1.0x FA3 bf16", "rows": len(big), "min": min(sp), "max": max(sp),
+                            "met": min(sp) >= 1.0, "baseline": sorted({r.get("baseline", "fa3") for r in big})}
+        out["byte_floor"] = {"goal": "<= 1.5x the byte floor (bytes / measured copy bandwidth)", "rows": len(big),
+                             "min": min(fl), "max": max(fl), "met": max(fl) <= 1.5}
+        if max(fl) > 1.5:
+            out["byte_floor"]["why"] = (
+                f"the kernel moves {min(bw):.0f}-{max(bw):.0f} GB/s of the {res['copy_gbps']:.0f} GB/s copy "
+                "bandwidth: it is bound by instructions per code element (unpack, layout moves, the V decode), not "
+                "by memory (NOTES: sass_count / ncu)")
+    seal = [s for s in res.get("seal", []) if not str(s.get("format", "")).startswith("v13")]
+    if seal:
+        pct = [100 * s["us_per_block_layer"] / s["prefill_us_per_block_layer"] for s in seal]
+        out["seal"] = {"goal": "< 5 % of the prefill time of the same tokens", "max_pct": max(pct),
+                       "met": max(pct) < 5}
+    return out
 
 
 if __name__ == "__main__":
