@@ -221,3 +221,45 @@ def test_gpu_planned_decode_prefix_hit_on_a_block_sealed_now_or_before():
     oa, ob, host, gpu = step([5, 2], ["a", "d"], [N + 1, N], [[3, 1], [3, 4]], [N, N - 1], qd)
     assert torch.equal(oa, ob) and torch.equal(host[0], gpu[0])
     assert torch.equal(host[1][5], gpu[1][5]) and torch.equal(gpu[1][2], tail_k[2])
+
+
+def test_tails_kept_in_pages_give_the_pool_path_bit_for_bit():
+    """tailpages (not yet served): the same steps as above, once with tails in per-slot rows (the served pool) and
+    once with each request's tail in its own pages after its sealed ones (positions n_sealed .. n_sealed + 4, a
+    scratch shared by the layers): equal outputs and equal sealed pages. The pages start as random bytes (stale
+    sealed data: NaN / inf bit patterns included), so a read past a tail's filled rows would show."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.tailpages import TailGeometry
+    g = torch.Generator().manual_seed(3)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    geom = TailGeometry.of(kk.lay)
+    assert geom.pages == 5
+    width, pages = 8, 16
+    bt = torch.randperm(pages, generator=g).view(2, width).to(torch.int32).to(DEV)
+    noise = torch.randint(0, 256, (pages, HKV, kk.lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
+    caches = {"pool": torch.zeros(pages, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV), "pages": noise.to(DEV)}
+    tails = {m: (torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV),
+                 torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV)) for m in caches}
+    states, done = {m: TailState() for m in caches}, [0, 0]
+    for step in STEPS:
+        rows = [r for r, _ in step]
+        qsl = np.concatenate([[0], np.cumsum([n for _, n in step])])
+        seq = np.array([done[r] + n for r, n in step])
+        q = torch.randn(int(qsl[-1]), HKV * GQA, D, generator=g).bfloat16().to(DEV)
+        k = (torch.randn(int(qsl[-1]), HKV, D, generator=g) + 2).bfloat16().to(DEV)
+        v = torch.randn(int(qsl[-1]), HKV, D, generator=g).bfloat16().to(DEV)
+        btab = bt[torch.tensor(rows, device=DEV)]
+        outs = {}
+        for m, cache in caches.items():
+            phases = [to_device(ph, DEV, GQA, 16) for ph in
+                      plan_step(qsl, seq, np.array([r + 1 for r in rows]), [f"r{r}" for r in rows], states[m])]
+            outs[m] = torch.zeros(q.shape, dtype=torch.bfloat16, device=DEV)
+            forward_compressed(kk, q, k, v, cache, *tails[m], phases, btab, D ** -0.5, outs[m], precise=True,
+                               tail_pages=geom if m == "pages" else None)
+        assert torch.equal(outs["pool"], outs["pages"]) and not outs["pages"].isnan().any(), step
+        for r, n in step:
+            done[r] += n
+    assert [d // N for d in done] == [2, 1]
+    for r in range(2):
+        sealed = bt[r, :done[r] // N].long()
+        assert torch.equal(caches["pool"][sealed], caches["pages"][sealed])

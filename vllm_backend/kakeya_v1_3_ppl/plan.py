@@ -52,6 +52,8 @@ class Phase:
     seal_row: np.ndarray     # [S] batch rows whose block fills in this phase
     seal_blk: np.ndarray     # [S] logical block index to seal
     seal_slot: np.ndarray    # [S] tail slot holding it
+    # [W] index into this phase's request arrays of each written token (tails kept in pages: whose pages)
+    write_req: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
@@ -99,7 +101,7 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
         lo = np.maximum(start[act], blk * N)
         hi = np.minimum(seq_lens[act].astype(np.int64), (blk + 1) * N)
         ro = read_only_first[act] & (j == shift[act])
-        toks, poss, reqs, w_tok, w_slot, w_off = [], [], [], [], [], []
+        toks, poss, reqs, w_tok, w_slot, w_off, w_req = [], [], [], [], [], [], []
         for i, r in enumerate(act):
             t0 = qsl[r] + (lo[i] - start[r])
             n = hi[i] - lo[i]
@@ -111,13 +113,14 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                 w_tok.append(tk)
                 w_slot.append(np.full(n, req_idx[r], dtype=np.int64))
                 w_off.append(np.arange(lo[i], hi[i], dtype=np.int64) - blk[i] * N)
+                w_req.append(np.full(n, i, dtype=np.int64))
         full = (hi == (blk + 1) * N) & ~ro
         cat = lambda xs: np.concatenate(xs) if xs else np.empty(0, dtype=np.int64)
         phases.append(Phase(
             tok=cat(toks), q_pos=cat(poss), q_req=cat(reqs), rows=act.astype(np.int64),
             n_sealed=np.where(ro, blk + 1, blk), seq_end=np.where(ro, (blk + 1) * N, hi),
             tail_slot=req_idx[act].astype(np.int64),
-            write_tok=cat(w_tok), write_slot=cat(w_slot), write_off=cat(w_off),
+            write_tok=cat(w_tok), write_slot=cat(w_slot), write_off=cat(w_off), write_req=cat(w_req),
             seal_row=act[full].astype(np.int64), seal_blk=blk[full], seal_slot=req_idx[act][full].astype(np.int64)))
         for i, r in enumerate(act):
             if ro[i]:
@@ -177,7 +180,7 @@ def _phase_fields(ph: Phase, device) -> dict:
     return dict(
         rows=t(ph.rows, torch.int64), n_sealed=t(ph.n_sealed), seq_end=t(ph.seq_end), tail_slot=t(ph.tail_slot),
         write_tok=t(ph.write_tok, torch.int64), write_slot=t(ph.write_slot, torch.int64),
-        write_off=t(ph.write_off, torch.int64), n_write=len(ph.write_tok),
+        write_off=t(ph.write_off, torch.int64), write_req=t(ph.write_req, torch.int64), n_write=len(ph.write_tok),
         seal_row=t(ph.seal_row, torch.int64), seal_blk=t(ph.seal_blk, torch.int64),
         seal_slot=t(ph.seal_slot, torch.int64), n_seal=len(ph.seal_row), n_tok=len(ph.tok))
 

@@ -15,9 +15,22 @@ from kakeya_kv.format import BLOCK_TOKENS
 
 
 def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
-                       output, k_weight=None, precise: bool = False):
+                       output, k_weight=None, precise: bool = False, tail_pages=None):
+    """``tail_pages`` (tailpages.TailGeometry; not yet served): the exact tails live in each request's pages after its
+    sealed ones, and tail_k / tail_v is a scratch shared by the layers: a phase writes its tokens into the pages,
+    then copies its requests' tails into the scratch before attending and sealing from it."""
     for ph in phases:
-        if ph["n_write"]:
+        if tail_pages is not None:
+            view, ids = _tail_pages(kv_cache, block_table, ph, tail_pages)
+            if ph["n_write"]:
+                page = ids[ph["write_req"], ph["write_off"] // tail_pages.tokens_per_page]
+                row = ph["write_off"] % tail_pages.tokens_per_page
+                view[page, :, 0, row] = key[ph["write_tok"]].to(view.dtype)
+                view[page, :, 1, row] = value[ph["write_tok"]].to(view.dtype)
+            if ph["n_tok"] or ph["n_seal"]:
+                from .tailpages import gather
+                gather(view, ids, tail_k, tail_v, ph["tail_slot"].long())
+        elif ph["n_write"]:
             tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
             tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
         if ph["n_tok"]:
@@ -34,6 +47,16 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
             kk.seal(tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], sealed, k_weight=k_weight)
             kv_cache[pages] = sealed
     return output
+
+
+def _tail_pages(kv_cache, block_table, ph, geom):
+    """The layer's tail view and the phase requests' tail page ids [R, pages]: block-table positions n_sealed ..
+    n_sealed + pages - 1 (a read-only phase's positions may lie past its allocation: it writes nothing there and
+    reads no tail token, so the clamp only keeps the index in the table)."""
+    from .tailpages import tail_view
+    bt = block_table[ph["rows"]].long()
+    pos = ph["n_sealed"].long()[:, None] + torch.arange(geom.pages, device=bt.device)[None, :]
+    return tail_view(kv_cache, geom), bt.gather(1, pos.clamp_max(bt.shape[1] - 1))
 
 
 def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, slot_mapping, num_tokens: int,
