@@ -263,3 +263,58 @@ def test_tails_kept_in_pages_give_the_pool_path_bit_for_bit():
     for r in range(2):
         sealed = bt[r, :done[r] // N].long()
         assert torch.equal(caches["pool"][sealed], caches["pages"][sealed])
+
+
+def test_gpu_planned_decode_with_tails_in_pages_equals_the_general_path():
+    """forward_decode with tails in pages (fixed shapes, the graph path) gives the same outputs and pages as the
+    host-planned phases with tails in pages, and the same outputs as the served pool, across a block seal, with a
+    padding row in the batch (it must write nothing into the pages)."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.plan import DecodeBuffers
+    from kakeya_v1_3_ppl.runtime import forward_decode
+    from kakeya_v1_3_ppl.tailpages import TailGeometry
+    g = torch.Generator().manual_seed(4)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    geom = TailGeometry.of(kk.lay)
+    L0, steps, width, npages = [509, 300], 5, 7, 16
+    K = [(torch.randn(L + steps, HKV, D, generator=g) + torch.randn(D, generator=g) * 3).bfloat16() for L in L0]
+    V = [torch.randn(L + steps, HKV, D, generator=g).bfloat16() for L in L0]
+    bt = torch.randperm(npages - 1, generator=g)[:2 * width].add(1).view(2, width).to(torch.int32).to(DEV)
+    bt3 = torch.cat([bt, torch.zeros(1, width, dtype=torch.int32, device=DEV)])   # row 2: padding (page 0)
+    rows_slot = np.array([5, 1])
+    noise = torch.randint(0, 256, (npages, HKV, kk.lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
+    mk = lambda: torch.zeros(7, HKV, N, D, dtype=torch.bfloat16, device=DEV)   # noqa: E731
+    pool = [torch.zeros_like(noise).to(DEV), mk(), mk()]
+    gen = [noise.clone().to(DEV), mk(), mk()]
+    dec = [noise.clone().to(DEV), mk(), mk()]
+    states = [TailState(), TailState()]
+    ids = ["a", "b"]
+    qsl = np.array([0, L0[0], L0[0] + L0[1]])
+    q = torch.randn(sum(L0), HKV * GQA, D, generator=g).bfloat16().to(DEV)
+    k0, v0 = torch.cat([K[0][:L0[0]], K[1][:L0[1]]]).to(DEV), torch.cat([V[0][:L0[0]], V[1][:L0[1]]]).to(DEV)
+    for st, (c, tk, tv), tp in ((states[0], pool, None), (states[1], gen, geom)):
+        phases = [to_device(p, DEV, GQA, 16) for p in plan_step(qsl, np.array(L0), rows_slot, ids, st)]
+        forward_compressed(kk, q, k0, v0, c, tk, tv, phases, bt, D ** -0.5, torch.zeros_like(q), precise=True,
+                           tail_pages=tp)
+    dec[0].copy_(gen[0])
+    buf = DecodeBuffers(8, GQA, 16, DEV, scratch_slot=6)
+    for s in range(steps):
+        seq = np.array([L0[0] + s + 1, L0[1] + s + 1])
+        qd = torch.randn(3, HKV * GQA, D, generator=g).bfloat16().to(DEV)
+        kd = torch.stack([K[0][L0[0] + s], K[1][L0[1] + s], K[0][0]]).to(DEV)
+        vd = torch.stack([V[0][L0[0] + s], V[1][L0[1] + s], V[0][0]]).to(DEV)
+        outs = []
+        for st, (c, tk, tv), tp in ((states[0], pool, None), (states[1], gen, geom)):
+            ph = [to_device(p, DEV, GQA, 16) for p in plan_step(np.array([0, 1, 2]), seq, rows_slot, ids, st)]
+            outs.append(torch.zeros(2, HKV * GQA, D, dtype=torch.bfloat16, device=DEV))
+            forward_compressed(kk, qd[:2], kd[:2], vd[:2], c, tk, tv, ph, bt, D ** -0.5, outs[-1], precise=True,
+                               tail_pages=tp)
+        before0 = dec[0][0].clone()
+        d = buf.fill(3, torch.tensor([*seq, 0], dtype=torch.int32, device=DEV), bt3, torch.tensor(rows_slot, device=DEV))
+        od = torch.zeros_like(qd)
+        forward_decode(kk, qd, kd, vd, dec[0], dec[1], dec[2], d, bt3, D ** -0.5, od, precise=True, tail_pages=geom)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], od[:2]), f"step {s}"
+        assert torch.equal(dec[0][0], before0)                      # the padding row wrote nothing (page 0)
+    assert torch.equal(gen[0], dec[0])
+    sealed = bt[0, :1].long()                                       # request a sealed block 0 during the steps
+    assert torch.equal(pool[0][sealed], dec[0][sealed]) and dec[0][sealed].any()

@@ -269,6 +269,7 @@ class DecodeBuffers:
         return dict(B=B, q_pos=self.q_pos[:B], q_req=self.req[:B], n_sealed=self.n_sealed[:B],
                     seq_end=self.seq_end[:B], tail_slot=self.tail_slot[:B], slot64=self.slot64[:B],
                     off64=self.off64[:B], seal_flag=self.seal_flag[:B], seal_page=self.seal_page[:B],
+                    scratch_slot=self.scratch,
                     plan=dict(dest=self.dest[:B * self.gqa], qpos=self.qpos[:B * rows_per_req],
                               tile_req=self.tile_req[:B * self.tpr], src=self.src[:B * rows_per_req], nt=B * self.tpr,
                               bm=self.bm, gqa=self.gqa, T=B))

@@ -80,12 +80,26 @@ def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, sl
 
 
 def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, block_table, scale: float, output,
-                   k_weight=None, precise: bool = False):
+                   k_weight=None, precise: bool = False, tail_pages=None):
     """One new token per request, metadata from DecodeBuffers: write, attend, seal where a block filled —
-    fixed launches, no host sync."""
+    fixed launches, no host sync. ``tail_pages``: as in forward_compressed, with fixed shapes (a captured graph
+    replays it): rows that write nothing (padding, read-only) write their page's old value back."""
     B = d["B"]
-    tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
-    tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
+    if tail_pages is not None:
+        from .tailpages import gather, tail_view
+        view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
+        bt = block_table[:B].long()
+        pos = (d["q_pos"].long() // BLOCK_TOKENS)[:, None] + torch.arange(tail_pages.pages, device=bt.device)
+        ids = bt.gather(1, pos.clamp_max(bt.shape[1] - 1))
+        page = ids.gather(1, (d["off64"] // tpp)[:, None]).squeeze(1)
+        row = d["off64"] % tpp
+        keep = (d["slot64"] == d["scratch_slot"])[:, None, None]
+        for half, x in ((0, key), (1, value)):
+            view[page, :, half, row] = torch.where(keep, view[page, :, half, row], x[:B].to(view.dtype))
+        gather(view, ids, tail_k, tail_v, d["slot64"])
+    else:
+        tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
+        tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
     out = kk.attention(query[:B], d["q_pos"], d["q_req"], kv_cache, block_table, d["n_sealed"], d["seq_end"],
                        tail_k, tail_v, d["tail_slot"], scale, plan=d["plan"], precise=precise, **d.get("launch", {}))
     output[:B] = out.to(output.dtype)
