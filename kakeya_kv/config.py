@@ -197,6 +197,21 @@ def _exact_attention(env, fmt: str, boundary: tuple[int, ...]) -> str:
     return v
 
 
+TAIL_STORAGES = ("pool", "pages")
+
+
+def _tail_storage(env, fmt: str) -> str:
+    """KAKEYA_TAIL_STORAGE: where a request's unsealed (exact bf16) tokens live. pool (default): one row per
+    --max-num-seqs slot in every compressed layer, allocated outside vLLM's KV budget. pages (experimental, not yet
+    run on a GPU): in the request's own pages after its sealed ones, allocated by vLLM's scheduler
+    (kakeya_v1_3_ppl.tailpages), so the reported capacity keeps the format's whole ratio."""
+    v = _choice_env(env, "KAKEYA_TAIL_STORAGE", "pool", TAIL_STORAGES)
+    if v == "pages" and fmt != "kakeya":
+        raise ConfigError(f"KAKEYA_TAIL_STORAGE=pages applies to KAKEYA_FORMAT=kakeya (got {fmt!r}): the exact "
+                          "format has no tails and v13 keeps its own; unset it")
+    return v
+
+
 def _memory_log(env) -> str | None:
     """KAKEYA_MEMORY_LOG: a file the engine worker appends its torch CUDA memory to (JSON lines, at most one per
     second); its directory must exist. Unset = no log."""
@@ -284,6 +299,7 @@ class KakeyaConfig:
     # vLLM's default --max-num-seqs (1024 on H100/H200) is lowered until the exact-tail pool takes at most this
     # percentage of GPU memory (an explicit --max-num-seqs is kept, up to checks.check_tail_pool's 25 % refusal).
     tail_pool_percent: int = 5
+    tail_storage: str = "pool"    # exact tails: pool (per-slot rows, outside vLLM's budget) | pages (request's pages)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -325,6 +341,7 @@ class KakeyaConfig:
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),
             tail_pool_percent=_int_env(env, "KAKEYA_TAIL_POOL_PERCENT", 5, tuple(range(1, 26))),
+            tail_storage=_tail_storage(env, fmt),
         )
 
     @property

@@ -42,6 +42,9 @@ TABLE = {c.name: c for c in [
     # K on the uniform grid, read by the int8 K-score decode launch (variants.CANDIDATES["ki8"])
     VllmConfig("kakeya_k4v3_kuni_ki8", "kakeya", KAKEYA,
                {"KAKEYA_K_GRID": "uniform", "KAKEYA_DECODE_VARIANT": "candidate:ki8"}, hf_format="kakeya_k4v3_kuni"),
+    # the default with exact tails in the requests' own pages (KAKEYA_TAIL_STORAGE=pages): same numbers expected,
+    # the data path equals the pool's bit for bit (tests/test_vllm_runtime.py); larger capacity
+    VllmConfig("kakeya_k4v3_tailpages", "kakeya", KAKEYA, {"KAKEYA_TAIL_STORAGE": "pages"}, hf_format="kakeya_k4v3_kuni"),
     # vLLM adds layers 0, 1, L-2, L-1 as bf16 for every TurboQuant preset (the HF twins do the same)
     *[VllmConfig(f"turboquant_{p}", "turboquant", {"kv_cache_dtype": f"turboquant_{p}"}, hf_format=f"turboquant_{p}")
       for p in ("k8v4", "4bit_nc", "k3v4_nc", "3bit_nc")],

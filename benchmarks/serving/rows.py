@@ -35,6 +35,11 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                       {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1"}),
     # Session 13: the default (KAKEYA_K_GRID=auto) is the int8 K-score launch above; these keep the Lloyd-Max K grid
     # and the decoded-K launch (the default of sessions 9-12) for side-by-side rows.
+    # Exact tails in the requests' own pages (KAKEYA_TAIL_STORAGE=pages, experimental): capacity without the pool.
+    "kakeya_tailpages": ("kakeya", {"attention_backend": "KAKEYA"},
+                         {"KAKEYA_FORMAT": "default", "KAKEYA_TAIL_STORAGE": "pages"}),
+    "kakeya_graphs_tailpages": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
+                                {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_TAIL_STORAGE": "pages"}),
     "kakeya_lloyd": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default", "KAKEYA_K_GRID": "lloyd"}),
     "kakeya_graphs_lloyd": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                             {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_K_GRID": "lloyd"}),
@@ -51,7 +56,8 @@ BASELINE = "flash_bf16"
 # The bf16 reference of a row is the bf16 row run in the same execution mode: CUDA-graph rows against
 # flash_bf16_graphs (H200, Qwen3-8B-like, b16 32k: eager bf16 430 tok/s in session 8's call, graphs bf16 1039 in
 # session 9's, serving.json; an eager reference would flatter a graphs row).
-REFERENCE = {"kakeya_graphs": "flash_bf16_graphs", "kakeya_graphs_lloyd": "flash_bf16_graphs"}
+REFERENCE = {"kakeya_graphs": "flash_bf16_graphs", "kakeya_graphs_lloyd": "flash_bf16_graphs",
+             "kakeya_graphs_tailpages": "flash_bf16_graphs"}
 BASELINES = (BASELINE, *sorted(set(REFERENCE.values())))
 
 

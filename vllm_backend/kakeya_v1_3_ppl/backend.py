@@ -294,12 +294,13 @@ def _log_startup(vllm_config, spec) -> None:
     blocks = vllm_config.cache_config.num_gpu_blocks
     cap = f"{blocks * vllm_config.cache_config.block_size} tokens" if blocks else "unknown"
     n_seq = vllm_config.scheduler_config.max_num_seqs
-    pool = tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers))
+    pool = (0 if cfg.tail_storage == "pages" else
+            tail_pool_bytes(n_seq, spec.num_kv_heads, spec.head_size, L - len(cfg.boundary_skip_layers)))
     logger.warning(
         "Kakeya KV: format %s (K grid %s), layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
-        "(max_num_seqs %d), launches decode %s / prefill %s, KV capacity %s", cfg.format, cfg.k_grid,
+        "(max_num_seqs %d; tails in %s), launches decode %s / prefill %s, KV capacity %s", cfg.format, cfg.k_grid,
         describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.exact_attention, cfg.calibration or "none (data-free)",
-        pool / 2**20, n_seq, cfg.decode_variant + (" (int8 K scores)" if cfg.int8_k_scores and cfg.decode_variant == "tuned"
+        pool / 2**20, n_seq, cfg.tail_storage, cfg.decode_variant + (" (int8 K scores)" if cfg.int8_k_scores and cfg.decode_variant == "tuned"
                                                    else ""), cfg.prefill_variant, cap)
 
 
@@ -341,7 +342,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         if self.cfg.exact_attention == "flash" and torch.cuda.is_available():
             from .flash import flash_backend
             flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
-        if self.cfg.format != "exact" and torch.cuda.is_available():
+        self.tail_geom = None     # KAKEYA_TAIL_STORAGE=pages: the layer's tails.TailGeometry (set at allocation)
+        if self.cfg.format != "exact" and self.cfg.tail_storage == "pool" and torch.cuda.is_available():
             n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
             self.tail_pool_bytes = check_tail_pool(self.max_slots, self.num_kv_heads, head_size, n_comp,
                                                    torch.cuda.get_device_properties(0).total_memory)
@@ -363,8 +365,19 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         dev = torch.device("cuda", torch.cuda.current_device())
         # One extra slot: padding rows of a captured decode batch write there (DecodeBuffers.scratch).
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
-        self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+        if self.cfg.tail_storage == "pages":
+            # Tails live in the requests' pages; the layers share one scratch they are copied into per phase.
+            from .pages import layer_layout
+            from .tailpages import TailGeometry
+            self.tail_geom = TailGeometry.of(layer_layout(self.bits, self.head_size, self.cfg.format))
+            key = ("tail_scratch", shape, str(dev))
+            if key not in _KERNELS:
+                _KERNELS[key] = (torch.zeros(shape, dtype=torch.bfloat16, device=dev),
+                                 torch.zeros(shape, dtype=torch.bfloat16, device=dev))
+            self.tail_k, self.tail_v = _KERNELS[key]
+        else:
+            self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+            self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
         self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
                    if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
         if self.scratch_kind:
@@ -384,9 +397,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
             return self._forward_exact(query, key, value, kv_cache, m, output)
         if m.decode is not None:
             return forward_decode(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.decode,
-                                  m.block_table, self.scale, output, self.k_weight)
+                                  m.block_table, self.scale, output, self.k_weight, tail_pages=self.tail_geom)
         return forward_compressed(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.phases,
-                                  m.block_table, self.scale, output, self.k_weight)
+                                  m.block_table, self.scale, output, self.k_weight, tail_pages=self.tail_geom)
 
     def _forward_exact(self, query, key, value, kv_cache, m, output):
         if not hasattr(self, "kk"):

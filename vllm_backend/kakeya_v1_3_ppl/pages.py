@@ -70,3 +70,15 @@ def _ranges(layers: list[int]) -> str:
             out.append(str(start) if start == x else f"{start}-{x}")
             start = None
     return ",".join(out)
+
+
+def tail_pages(cfg: KakeyaConfig, head_dim: int) -> int:
+    """Pages per running request that KAKEYA_TAIL_STORAGE=pages adds after its sealed ones (0 with the pool): the
+    widest need of the compressed widths the config serves (tailpages.group_pages; exact layers need none). From
+    the config and head_dim only, so the scheduler, which sees no layer plan, computes the same number."""
+    if cfg.tail_storage != "pages" or cfg.format != "kakeya":
+        return 0
+    from .tailpages import group_pages
+    widths = {(cfg.k_bits, cfg.v_bits)} | {(kb, vb) for _, kb, vb in cfg.layer_bits}
+    return group_pages([layer_layout(b, head_dim, cfg.format) for b in sorted(widths)])
+

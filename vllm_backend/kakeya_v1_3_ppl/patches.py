@@ -13,6 +13,10 @@ layers whose impl is Kakeya's.
 5. ``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args``: with the KAKEYA backend and no explicit
    --max-num-seqs, vLLM's default (1024 rows on H100/H200) is lowered so the exact-tail pool fits
    KAKEYA_TAIL_POOL_PERCENT of the GPU (:func:`cap_default_max_num_seqs`), instead of a start-up refusal.
+6. KAKEYA_TAIL_STORAGE=pages only (experimental, not yet run on a GPU): the scheduler's managers of 512-token
+   full-attention groups allocate ``tail_pages`` pages per request beyond ``num_tokens // 512``
+   (:func:`tail_manager`; the scheduler sees one layer's spec of a mixed group, so the env, not the spec, decides),
+   and the V2 runner's block tables are that much wider (:func:`widen_block_tables`).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def cap_default_max_num_seqs(args, model_config, parallel_config, gpu_total_byte
     from .checks import default_max_num_seqs, settings, tail_pool_bytes
     L = model_config.get_num_layers(parallel_config)
     cfg = settings(L)
-    if cfg.format == "exact":
+    if cfg.format == "exact" or cfg.tail_storage == "pages":     # no pool: tails take the requests' own pages
         return
     tp = max(1, getattr(parallel_config, "tensor_parallel_size", 1))
     hkv = max(1, model_config.get_total_num_kv_heads() // tp)
@@ -66,6 +70,67 @@ def apply_engine_defaults(engine_args_cls, total_memory, log) -> None:
 
     set_defaults._kakeya = True
     engine_args_cls._set_default_max_num_seqs_and_batched_tokens_args = set_defaults
+
+
+def tail_tokens(num_tokens: int, pages: int, block_size: int) -> int:
+    """The token count whose cdiv gives a request's pages with ``pages`` tail pages after its sealed blocks."""
+    return (num_tokens // block_size + pages) * block_size
+
+
+def tail_manager(full_manager_cls, pages: int):
+    """A FullAttentionManager subclass giving each request ``pages`` pages after its full blocks (its exact tail;
+    pages = kakeya_v1_3_ppl.pages.tail_pages). Only the two allocation counts change: hashing, prefix hits and
+    freeing see ordinary blocks (tail pages are never full, so never cached)."""
+
+    class KakeyaTailManager(full_manager_cls):
+        kakeya_tail_pages = pages
+
+        def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
+            return super().get_num_blocks_to_allocate(
+                request_id, tail_tokens(num_tokens, pages, self.block_size), *args, **kwargs)
+
+        def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+            return super().allocate_new_blocks(request_id, tail_tokens(num_tokens, pages, self.block_size),
+                                               tail_tokens(num_tokens_main_model, pages, self.block_size))
+
+    return KakeyaTailManager
+
+
+def apply_tail_pages(coordinator_module, full_spec_cls, full_manager_cls, block_tokens: int, pages_for) -> None:
+    """Patch 6a (idempotent): ``pages_for(spec)`` = tail pages of a group spec (0 = leave it to vLLM)."""
+    orig = coordinator_module.get_manager_for_kv_cache_spec
+    if getattr(orig, "_kakeya", False):
+        return
+
+    @functools.wraps(orig)
+    def get_manager(kv_cache_spec, *args, **kwargs):
+        n = pages_for(kv_cache_spec) if (isinstance(kv_cache_spec, full_spec_cls)
+                                         and kv_cache_spec.block_size == block_tokens) else 0
+        if not n:
+            return orig(kv_cache_spec, *args, **kwargs)
+        kwargs.pop("max_admission_blocks_per_request", None)
+        for k in ("max_in_flight_tokens", "max_model_len"):   # the factory's own arguments, not the manager's
+            kwargs.pop(k, None)
+        return tail_manager(full_manager_cls, n)(kv_cache_spec, **kwargs)
+
+    get_manager._kakeya = True
+    coordinator_module.get_manager_for_kv_cache_spec = get_manager
+
+
+def widen_block_tables(runner_module, block_tokens: int, pages: int) -> None:
+    """Patch 6b (idempotent): the V2 runner's BlockTables get ``pages`` more columns for 512-token groups."""
+    orig = runner_module.BlockTables
+    if getattr(orig, "_kakeya", False) or not pages:
+        return
+
+    class WideBlockTables(orig):
+        _kakeya = True
+
+        def __init__(self, *args, block_sizes, max_num_blocks_per_group, **kwargs):
+            wide = [m + pages if b == block_tokens else m for b, m in zip(block_sizes, max_num_blocks_per_group)]
+            super().__init__(*args, block_sizes=block_sizes, max_num_blocks_per_group=wide, **kwargs)
+
+    runner_module.BlockTables = WideBlockTables
 
 
 def apply() -> None:
@@ -133,6 +198,24 @@ def apply() -> None:
         batch = orig_dummy(cls, *args, **kwargs)
         batch._kakeya_dummy = True
         return batch
+
+    import os
+    # The env itself, not settings(): a bad KAKEYA_* value must not fail the plugin's registration in engines
+    # that do not use this backend (the backend validates every knob when it is built).
+    if os.environ.get("KAKEYA_TAIL_STORAGE", "").strip().lower() == "pages":
+        from kakeya_kv.format import SUPPORTED_HEAD_DIMS
+
+        from .checks import settings
+        import vllm.v1.core.kv_cache_coordinator as coordinator
+        import vllm.v1.worker.gpu.model_runner as runner
+        from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from .pages import tail_pages
+        apply_tail_pages(coordinator, FullAttentionSpec, FullAttentionManager, BLOCK_TOKENS,
+                         lambda spec: tail_pages(settings(), spec.head_size))
+        # The runner's groups are known only inside initialize_kv_cache; every 512-token group is ours here.
+        widen_block_tables(runner, BLOCK_TOKENS, max(tail_pages(settings(), d) for d in SUPPORTED_HEAD_DIMS))
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention.process_weights_after_loading = process_weights_after_loading

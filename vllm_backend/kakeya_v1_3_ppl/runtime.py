@@ -16,7 +16,7 @@ from kakeya_kv.format import BLOCK_TOKENS
 
 def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
                        output, k_weight=None, precise: bool = False, tail_pages=None):
-    """``tail_pages`` (tailpages.TailGeometry; not yet served): the exact tails live in each request's pages after its
+    """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages, experimental): the exact tails live in each request's pages after its
     sealed ones, and tail_k / tail_v is a scratch shared by the layers: a phase writes its tokens into the pages,
     then copies its requests' tails into the scratch before attending and sealing from it."""
     for ph in phases:

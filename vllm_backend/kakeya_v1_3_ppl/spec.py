@@ -26,6 +26,12 @@ class KakeyaAttentionSpec(FullAttentionSpec):
             raise ValueError(f"Kakeya pages hold whole {BLOCK_TOKENS}-token blocks; block_size={self.block_size}")
         return (self.block_size // BLOCK_TOKENS) * self.num_kv_heads * self.kakeya_slot_bytes
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # KAKEYA_TAIL_STORAGE=pages: a request of max_model_len also holds its tail pages (vLLM's fit check)
+        from .checks import settings
+        from .pages import tail_pages
+        return super().max_memory_usage_bytes(vllm_config) + tail_pages(settings(), self.head_size) * self.page_size_bytes
+
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         # FullAttentionSpec.merge rebuilds from the base fields only: re-attach ours.

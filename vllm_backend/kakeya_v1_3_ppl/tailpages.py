@@ -1,9 +1,10 @@
 """Exact tails kept in the request's own pages (issue 6's capacity goal; NOTES open problem 2) — geometry and copies.
 
-Not wired into the backend yet (the next step: a FullAttentionManager subclass allocating ``num_tokens // 512 +
-pages`` pages per request, the runner's block-table width + pages, the planner gathering each layer's tails into one
-shared scratch before attention and scattering them back after the seal). Today every compressed layer owns a bf16
-tail pool of max_num_seqs rows allocated outside vLLM's KV budget (12.7 % of the capacity, session 13, H100).
+Served with KAKEYA_TAIL_STORAGE=pages (experimental, not yet run on a GPU): vLLM's scheduler allocates
+``num_tokens // 512 + pages`` pages per request (patches.tail_manager), the runner's block tables are ``pages``
+wider (patches.widen_block_tables), and each phase copies its requests' tails into one scratch shared by the
+layers (runtime.forward_compressed / forward_decode). The default (pool) gives every compressed layer a bf16 tail
+row per --max-num-seqs slot outside vLLM's KV budget (12.7 % of the capacity, session 13, H100).
 
 The design: a request with ``nb`` sealed blocks owns the pages at block-table positions ``nb .. nb + pages - 1``
 beyond its sealed ones; they hold its unsealed tokens in bf16. Within each page, KV head ``h`` uses its own slot
