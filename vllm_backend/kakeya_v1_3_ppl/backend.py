@@ -300,8 +300,9 @@ def _log_startup(vllm_config, spec) -> None:
         "Kakeya KV: format %s (K grid %s), layers %s, exact attention %s, calibration %s, exact-tail pool %.0f MiB "
         "(max_num_seqs %d; tails in %s), launches decode %s / prefill %s, KV capacity %s", cfg.format, cfg.k_grid,
         describe(cfg, L, spec.num_kv_heads, spec.head_size), cfg.exact_attention, cfg.calibration or "none (data-free)",
-        pool / 2**20, n_seq, cfg.tail_storage, cfg.decode_variant + (" (int8 K scores)" if cfg.int8_k_scores and cfg.decode_variant == "tuned"
-                                                   else ""), cfg.prefill_variant, cap)
+        pool / 2**20, n_seq, cfg.tail_storage,
+        cfg.decode_variant + (" (int8 K scores)" if cfg.int8_k_scores and cfg.decode_variant == "tuned" else ""),
+        cfg.prefill_variant, cap)
 
 
 class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
@@ -342,7 +343,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         if self.cfg.exact_attention == "flash" and torch.cuda.is_available():
             from .flash import flash_backend
             flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
-        self.tail_geom = None     # KAKEYA_TAIL_STORAGE=pages: the layer's tails.TailGeometry (set at allocation)
+        self.tail_geom = None     # KAKEYA_TAIL_STORAGE=pages: the layer's tailpages.TailGeometry (set at allocation)
         if self.cfg.format != "exact" and self.cfg.tail_storage == "pool" and torch.cuda.is_available():
             n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
             self.tail_pool_bytes = check_tail_pool(self.max_slots, self.num_kv_heads, head_size, n_comp,
@@ -365,6 +366,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         dev = torch.device("cuda", torch.cuda.current_device())
         # One extra slot: padding rows of a captured decode batch write there (DecodeBuffers.scratch).
         shape = (self.max_slots + 1, self.num_kv_heads, BLOCK_TOKENS, self.head_size)
+        # kernels() first: it drops a previous engine's entries of _KERNELS, where the shared tail scratch lives too
+        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
+                   if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
         if self.cfg.tail_storage == "pages":
             # Tails live in the requests' pages; the layers share one scratch they are copied into per phase.
             from .pages import layer_layout
@@ -378,8 +382,6 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         else:
             self.tail_k = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
             self.tail_v = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
-        self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
-                   if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
         if self.scratch_kind:
             # Here, not at the first prefill: vLLM's profiling then counts it (one buffer per head_dim and device).
             self.kk.scratch.reserve(self.num_kv_heads, dev)
