@@ -18,7 +18,7 @@ def test_one_wave_columns():
 
 
 def test_grid_covers_the_candidates_and_marks_them():
-    """Every lut-4/7 launch of TUNED and the candidates is a grid row (so the summary table can show it); the
+    """Every lut-4/5 launch of TUNED and the candidates is a grid row (so the summary table can show it); the
     markdown lists them first, by name, per Triton version, and says it is a proxy."""
     keys = {(c["head_dim"], c["lut"], c["pf"], c["tt"], c["num_warps"], c["maxnreg"]) for c in G.configs((64, 128),
                                                                                                        False)}

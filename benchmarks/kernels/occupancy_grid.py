@@ -27,12 +27,12 @@ KEYS = ("head_dim", "k_bits", "v_bits", "lut", "pf", "tt", "num_warps", "maxnreg
 
 
 def configs(dims, quick: bool):
-    """Every (d, lut, pf, tt, num_warps, maxnreg) of the grid. lut 7 (uniform caches only) and quick mode: tt 64/128
-    at 4 warps only."""
+    """Every (d, lut, pf, tt, num_warps, maxnreg) of the grid. lut 5 (the linear candidate, uniform caches only; lut 7
+    before session 13) and quick mode: tt 64/128 at 4 warps only."""
     caps = (None, 64, 72, 80, 96, 128, 168)
     for d in dims:
-        for lut, pf, tt, w, r in itertools.product((4, 7), (False, True), (32, 64, 128), (2, 4, 8), caps):
-            if (lut == 7 or quick) and not (w == 4 and tt in (64, 128)):
+        for lut, pf, tt, w, r in itertools.product((4, 5), (False, True), (32, 64, 128), (2, 4, 8), caps):
+            if (lut == 5 or quick) and not (w == 4 and tt in (64, 128)):
                 continue
             yield dict(head_dim=d, lut=lut, pf=pf, tt=tt, num_warps=w, maxnreg=r)
 
