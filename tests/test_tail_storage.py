@@ -90,3 +90,14 @@ def test_runner_block_tables_get_the_tail_columns():
     patches.widen_block_tables(mod, 512, 5)                                     # idempotent
     t = mod.BlockTables(block_sizes=[512, 16], max_num_reqs=4, max_num_blocks_per_group=[64, 2048], device="cpu")
     assert t.widths == [69, 2048]
+
+
+def test_pages_without_the_registration_patches_is_refused(monkeypatch):
+    """Set only through --additional-config, the knob reaches the layers but not the scheduler's patched allocation
+    (installed at plugin registration from the environment): the layers refuse to start."""
+    monkeypatch.setattr(patches, "_TAIL_PAGES_PATCHED", False)
+    patches.require_tail_patches("pool")
+    with pytest.raises(ConfigError, match="must be set in the environment"):
+        patches.require_tail_patches("pages")
+    monkeypatch.setattr(patches, "_TAIL_PAGES_PATCHED", True)
+    patches.require_tail_patches("pages")

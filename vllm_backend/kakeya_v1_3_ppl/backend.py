@@ -344,6 +344,9 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
             from .flash import flash_backend
             flash_backend(head_size)   # refuse at model construction, not after the weights are loaded
         self.tail_geom = None     # KAKEYA_TAIL_STORAGE=pages: the layer's tailpages.TailGeometry (set at allocation)
+        if self.cfg.format == "kakeya":
+            from .patches import require_tail_patches
+            require_tail_patches(self.cfg.tail_storage)
         if self.cfg.format != "exact" and self.cfg.tail_storage == "pool" and torch.cuda.is_available():
             n_comp = self.num_layers - len(self.cfg.boundary_skip_layers)
             self.tail_pool_bytes = check_tail_pool(self.max_slots, self.num_kv_heads, head_size, n_comp,

@@ -24,6 +24,7 @@ import functools
 import logging
 
 _APPLIED = False
+_TAIL_PAGES_PATCHED = False    # patches 6a / 6b installed in this process (KAKEYA_TAIL_STORAGE=pages in the env)
 
 
 def _is_kakeya(args) -> bool:
@@ -133,8 +134,19 @@ def widen_block_tables(runner_module, block_tokens: int, pages: int) -> None:
     runner_module.BlockTables = WideBlockTables
 
 
+def require_tail_patches(tail_storage: str) -> None:
+    """KAKEYA_TAIL_STORAGE=pages needs patches 6a / 6b, installed at plugin registration from the environment: a
+    value given only through --additional-config arrives after that, and the scheduler would then allocate no tail
+    pages while the layers address them. Refuse instead."""
+    from kakeya_kv.config import ConfigError
+    if tail_storage == "pages" and not _TAIL_PAGES_PATCHED:
+        raise ConfigError("KAKEYA_TAIL_STORAGE=pages must be set in the environment of every vLLM process (the "
+                          "scheduler's page allocation is patched when the plugin registers, before "
+                          "--additional-config is read); export it instead of passing it in --additional-config")
+
+
 def apply() -> None:
-    global _APPLIED
+    global _APPLIED, _TAIL_PAGES_PATCHED
     if _APPLIED:
         return
     from vllm.engine.arg_utils import EngineArgs
@@ -216,6 +228,7 @@ def apply() -> None:
                          lambda spec: tail_pages(settings(), spec.head_size))
         # The runner's groups are known only inside initialize_kv_cache; every 512-token group is ours here.
         widen_block_tables(runner, BLOCK_TOKENS, max(tail_pages(settings(), d) for d in SUPPORTED_HEAD_DIMS))
+        _TAIL_PAGES_PATCHED = True
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention.process_weights_after_loading = process_weights_after_loading
