@@ -14,17 +14,17 @@ from .model_format import ModelFormat, vllm_tq_boundary
 KAKEYA_SETTINGS = ((4, 4), (4, 3), (3, 3), (3, 2))
 
 
-def served_grid(k_bits: int) -> str:
-    """The centroid grid the server gives these widths without a bundle (KAKEYA_K_GRID=auto): 4-bit K on the
-    uniform grid (the int8 K-score decode reads it), other widths Lloyd-Max."""
-    return "k_uniform" if k_bits == 4 else "lloyd"
+def codec_grid(cfg: KakeyaConfig) -> str:
+    """The HF codec's grid for the K table a KAKEYA_* setting serves (KAKEYA_K_GRID as KakeyaConfig resolved it)."""
+    return "k_uniform" if cfg.k_grid == "uniform" else "lloyd"
 
 
 def standard_formats(num_layers: int) -> list[ModelFormat]:
     tq_skip = vllm_tq_boundary(num_layers)
     out = [ModelFormat("bf16", "bf16", BF16())]
-    for kb, vb in KAKEYA_SETTINGS:     # as served: kakeya_k4v3_kuni is the default's exact twin
-        c = KakeyaCodec(kb, vb, grid=served_grid(kb))
+    for kb, vb in KAKEYA_SETTINGS:     # as served (no bundle): kakeya_k4v3_kuni is the default's exact twin
+        served = KakeyaConfig.from_env({"KAKEYA_K_BITS": str(kb), "KAKEYA_V_BITS": str(vb)})
+        c = KakeyaCodec(kb, vb, grid=codec_grid(served))
         out.append(ModelFormat(c.name, "kakeya", c))
     out.append(ModelFormat("v13", "v13", V13Codec(), notes="seed defaults: d_eff=D/2, k=16, K b3 + 8% outliers T=2, V b2"))
     for c in competitor_codecs():
@@ -40,7 +40,7 @@ def from_config(cfg: KakeyaConfig, num_layers: int, name: str) -> ModelFormat:
     """The whole-model format a KAKEYA_* setting serves: per-layer widths, boundary layers exact."""
     if cfg.format == "exact":
         return ModelFormat(name, "bf16", BF16(), notes="KAKEYA_FORMAT=exact")
-    grid = "k_uniform" if cfg.k_grid == "uniform" else "lloyd"    # KAKEYA_K_GRID: the served K table
+    grid = codec_grid(cfg)
     make = ((lambda kb, vb: KakeyaCodec(kb, vb, grid=grid)) if cfg.format == "kakeya"
             else (lambda kb, vb: V13Codec(k_bits=kb, v_bits=vb)))
     plan = cfg.layer_plan(num_layers)

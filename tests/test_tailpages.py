@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
-from kakeya_v1_3_ppl.tailpages import TailGeometry, gather, group_pages, request_cost_tokens, scatter, tail_view
+from kakeya_v1_3_ppl.tailpages import TailGeometry, gather, group_pages, tail_view
 
 
 @pytest.mark.parametrize("d,kb,vb", [(128, 4, 3), (64, 4, 3), (128, 3, 2), (64, 3, 2), (128, 4, 4)])
@@ -19,7 +19,6 @@ def test_geometry_fits_a_full_block_per_head_slot(d, kb, vb):
 def test_group_takes_the_widest_need_and_prices_it():
     lays = [kakeya_layout(128, 4, 3), kakeya_layout(128, 3, 2)]
     assert group_pages(lays) == max(TailGeometry.of(x).pages for x in lays) == 6
-    assert request_cost_tokens(lays) == 6 * BLOCK_TOKENS
     assert group_pages([]) == 0
     with pytest.raises(ValueError, match="cannot hold"):
         _ = TailGeometry(100, 64).pages
@@ -31,7 +30,9 @@ def _pages(nblocks, hkv, lay, seed):
 
 
 @pytest.mark.parametrize("d,kb,vb", [(64, 4, 3), (128, 3, 2)])
-def test_scatter_then_gather_is_bit_exact_and_stays_in_the_tail_rows(d, kb, vb):
+def test_tokens_written_by_the_layout_gather_bit_exact_and_stay_in_the_tail_rows(d, kb, vb):
+    """Tokens written the way the data path writes them (token t of a request: its tail page t // tpp, row t % tpp,
+    through tail_view) come back bit for bit from gather, in order; only the tail rows of the named pages change."""
     lay, hkv = kakeya_layout(d, kb, vb), 2
     g = TailGeometry.of(lay)
     kv = _pages(40, hkv, lay, 0)
@@ -42,7 +43,10 @@ def test_scatter_then_gather_is_bit_exact_and_stays_in_the_tail_rows(d, kb, vb):
     tail_k = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
     tail_v = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
     page_ids = torch.randperm(40, generator=gen)[:3 * g.pages].view(3, g.pages)   # distinct pages per request
-    scatter(view, page_ids, tail_k, tail_v, rows)
+    t = torch.arange(BLOCK_TOKENS)
+    page, row = page_ids[:, t // g.tokens_per_page], t % g.tokens_per_page           # [3, 512], [512]
+    view[page, :, 0, row] = tail_k[rows].transpose(1, 2)                             # [3, 512, Hkv, D]
+    view[page, :, 1, row] = tail_v[rows].transpose(1, 2)
     out_k, out_v = torch.zeros_like(tail_k), torch.zeros_like(tail_v)
     gather(view, page_ids, out_k, out_v, rows)
     assert torch.equal(out_k[rows].view(torch.int16), tail_k[rows].view(torch.int16))

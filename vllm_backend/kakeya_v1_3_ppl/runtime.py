@@ -13,22 +13,24 @@ import torch
 
 from kakeya_kv.format import BLOCK_TOKENS
 
+from .tailpages import gather, tail_view
+
 
 def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
                        output, k_weight=None, precise: bool = False, tail_pages=None):
-    """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages, experimental): the exact tails live in each request's pages after its
-    sealed ones, and tail_k / tail_v is a scratch shared by the layers: a phase writes its tokens into the pages,
-    then copies its requests' tails into the scratch before attending and sealing from it."""
+    """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages, experimental): the exact tails live in each
+    request's pages after its sealed ones, and tail_k / tail_v is a scratch shared by the layers: a phase writes its
+    tokens into the pages, then copies its requests' tails into the scratch before attending and sealing from it."""
+    view = None if tail_pages is None else tail_view(kv_cache, tail_pages)
     for ph in phases:
         if tail_pages is not None:
-            view, ids = _tail_pages(kv_cache, block_table, ph, tail_pages)
+            ids = _tail_ids(block_table[ph["rows"]], ph["n_sealed"], tail_pages)
             if ph["n_write"]:
                 page = ids[ph["write_req"], ph["write_off"] // tail_pages.tokens_per_page]
                 row = ph["write_off"] % tail_pages.tokens_per_page
                 view[page, :, 0, row] = key[ph["write_tok"]].to(view.dtype)
                 view[page, :, 1, row] = value[ph["write_tok"]].to(view.dtype)
             if ph["n_tok"] or ph["n_seal"]:
-                from .tailpages import gather
                 gather(view, ids, tail_k, tail_v, ph["tail_slot"].long())
         elif ph["n_write"]:
             tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
@@ -49,14 +51,11 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
     return output
 
 
-def _tail_pages(kv_cache, block_table, ph, geom):
-    """The layer's tail view and the phase requests' tail page ids [R, pages]: block-table positions n_sealed ..
-    n_sealed + pages - 1 (a read-only phase's positions may lie past its allocation: it writes nothing there and
-    reads no tail token, so the clamp only keeps the index in the table)."""
-    from .tailpages import tail_view
-    bt = block_table[ph["rows"]].long()
-    pos = ph["n_sealed"].long()[:, None] + torch.arange(geom.pages, device=bt.device)[None, :]
-    return tail_view(kv_cache, geom), bt.gather(1, pos.clamp_max(bt.shape[1] - 1))
+def _tail_ids(bt, first_block, geom):
+    """Tail page ids [R, pages] of block-table rows bt [R, width]: positions first_block .. first_block + pages - 1
+    (clamped into the table: a row that reads and writes no tail may point past its allocation)."""
+    pos = first_block.long()[:, None] + torch.arange(geom.pages, device=bt.device)[None, :]
+    return bt.long().gather(1, pos.clamp_max(bt.shape[1] - 1))
 
 
 def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, slot_mapping, num_tokens: int,
@@ -86,11 +85,8 @@ def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, blo
     replays it): rows that write nothing (padding, read-only) write their page's old value back."""
     B = d["B"]
     if tail_pages is not None:
-        from .tailpages import gather, tail_view
         view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
-        bt = block_table[:B].long()
-        pos = (d["q_pos"].long() // BLOCK_TOKENS)[:, None] + torch.arange(tail_pages.pages, device=bt.device)
-        ids = bt.gather(1, pos.clamp_max(bt.shape[1] - 1))
+        ids = _tail_ids(block_table[:B], d["q_pos"].long() // BLOCK_TOKENS, tail_pages)
         page = ids.gather(1, (d["off64"] // tpp)[:, None]).squeeze(1)
         row = d["off64"] % tpp
         keep = (d["slot64"] == d["scratch_slot"])[:, None, None]

@@ -11,7 +11,8 @@ beyond its sealed ones; they hold its unsealed tokens in bf16. Within each page,
 region (``slot_bytes`` of the layer's sealed layout) as ``bf16 [2 (K, V), tokens_per_page, head_dim]``: tail token
 ``t`` sits in page ``t // tokens_per_page``, row ``t % tokens_per_page``. When block ``nb`` fills, position ``nb`` is
 where the seal writes it (block index = position, as now) and the new tail starts at ``nb + 1``: the shift is safe
-because a layer's tails are gathered into the scratch before its seal and scattered to the new positions after it.
+because a phase writes its new tokens straight into the pages and gathers its tails into the scratch before it
+attends and seals from the scratch.
 No vLLM import: unit-tested on CPU.
 """
 from __future__ import annotations
@@ -78,22 +79,3 @@ def gather(view: torch.Tensor, page_ids: torch.Tensor, tail_k: torch.Tensor, tai
     g = g.permute(0, 2, 3, 1, 4, 5).reshape(r, hkv, 2, p * tpp, d)[:, :, :, :BLOCK_TOKENS]
     tail_k[rows] = g[:, :, 0]
     tail_v[rows] = g[:, :, 1]
-
-
-def scatter(view: torch.Tensor, page_ids: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
-            rows: torch.Tensor) -> None:
-    """The inverse of gather: the tails of ``rows`` into their pages (rows past BLOCK_TOKENS in the last page keep
-    what they held)."""
-    r, p = page_ids.shape
-    tpp = view.shape[3]
-    kv = torch.stack((tail_k[rows], tail_v[rows]), 2)           # [R, Hkv, 2, 512, D]
-    n = min(p * tpp, BLOCK_TOKENS)
-    full = view[page_ids].permute(0, 2, 3, 1, 4, 5).reshape(r, kv.shape[1], 2, p * tpp, kv.shape[-1])
-    full[:, :, :, :n] = kv[:, :, :, :n]
-    view[page_ids] = full.reshape(r, kv.shape[1], 2, p, tpp, kv.shape[-1]).permute(0, 3, 1, 2, 4, 5)
-
-
-def request_cost_tokens(layouts: list[BlockLayout]) -> int:
-    """Capacity a running request's tail costs, in tokens of sealed pages (issue 6's 5 % tolerance compares it
-    with the request's length): its tail pages hold BLOCK_TOKENS tokens each once sealed."""
-    return group_pages(layouts) * BLOCK_TOKENS
