@@ -37,6 +37,9 @@ def test_max_batch_and_contexts():
     assert workload.max_batch(700_000, 32768, 96) == 21
     assert workload.max_batch(10_000_000, 32768, 96) == 96
     assert workload.max_batch(20_000, 32768, 96) == 0
+    # KAKEYA_TAIL_STORAGE=pages: each running request also holds its tail pages (5 x 512 tokens at k4v3, D=128)
+    assert workload.max_batch(1_700_000, 32768, 96) == 51
+    assert workload.max_batch(1_700_000, 32768, 96, extra_tokens=2560) == 48
     assert workload.usable_contexts([32768, 8192], 8192) == ([8192], [32768])
 
 
@@ -455,8 +458,8 @@ def _fake_vllm(monkeypatch, **engine_kw):
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp_mod)
 
 
-def _child_row(capsys, *extra):
-    assert bench_main(["one", "--model", "qwen3-8b-like", "--config", "flash_bf16", "--gen", "12",
+def _child_row(capsys, *extra, config="flash_bf16"):
+    assert bench_main(["one", "--model", "qwen3-8b-like", "--config", config, "--gen", "12",
                        "--prefill-reps", "2", *extra]) == 0     # a later --gen wins
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
     return json.loads(lines[-1][7:])
@@ -475,6 +478,22 @@ def test_child_measures_through_a_fake_engine(monkeypatch, capsys):
     assert 0 < r["decode_tok_s_max_batch_32k"] <= 21 / 0.002 * 1.01
     assert r["prefill_tok_s"] > 0 and r["details"]["prefill"]["prompt_tokens"] == 8192
     assert not r["not_measured"]
+
+
+def test_tail_page_rows_count_each_requests_tail_pages(monkeypatch, capsys):
+    """KAKEYA_TAIL_STORAGE=pages: each running request holds T tail pages beyond its context (k4v3, head_dim 128:
+    5 x 512 tokens), so the largest batch is what really fits, not capacity // context."""
+    for k in ("KAKEYA_FORMAT", "KAKEYA_TAIL_STORAGE", "KAKEYA_CUDA_GRAPHS"):
+        monkeypatch.setenv(k, "")        # the in-process child replaces KAKEYA_* with the row's; restored afterwards
+    for k in [k for k in os.environ if k.startswith("KAKEYA_")]:
+        monkeypatch.setenv(k, os.environ[k])
+    _fake_vllm(monkeypatch, capacity_tokens=1_700_000, block_size=512, step_s=0.002)
+    r = _child_row(capsys, "--contexts", "32768", config="kakeya_tailpages")
+    assert r["tail_page_tokens_per_request"] == 2560
+    assert r["max_batch_32k"] == 1_700_000 // (32768 + 2560) == 48
+    monkeypatch.setenv("KAKEYA_TAIL_STORAGE", "pages")      # exported in the job's shell: must not leak into a row
+    r = _child_row(capsys, "--contexts", "32768", config="kakeya")
+    assert r["tail_page_tokens_per_request"] == 0 and r["max_batch_32k"] == 51
 
 
 def test_child_falls_back_and_refuses_a_prefix_miss(monkeypatch, capsys):

@@ -6,6 +6,7 @@ both build the engine and decode over a long context the same way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -39,6 +40,17 @@ def make_llm(model: str, config: str, *, max_model_len: int, gpu_util: float, ma
                enable_prefix_caching=True, gpu_memory_utilization=gpu_util, max_model_len=max_model_len,
                max_num_seqs=max_seqs, max_num_batched_tokens=batched_tokens, tensor_parallel_size=tp, seed=0,
                **{"enforce_eager": True, **kw, **override})
+
+
+def tail_page_tokens(head_dim: int) -> int:
+    """Tokens of capacity each running request holds beyond its context: KAKEYA_TAIL_STORAGE=pages gives it
+    tail pages after its sealed ones (0 otherwise). The config's KAKEYA_* env must already be set."""
+    if os.environ.get("KAKEYA_TAIL_STORAGE", "").strip().lower() != "pages":
+        return 0
+    from kakeya_v1_3_ppl.checks import settings
+    from kakeya_v1_3_ppl.pages import tail_pages
+    from kakeya_kv.format import BLOCK_TOKENS
+    return tail_pages(settings(), head_dim) * BLOCK_TOKENS
 
 
 def capacity_tokens(llm) -> tuple[int, int]:

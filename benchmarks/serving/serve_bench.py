@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import rows as R
-from .engine import capacity_tokens, make_llm, measure_decode, model_info, prefix_probe, timed_generate
+from .engine import capacity_tokens, make_llm, tail_page_tokens, measure_decode, model_info, prefix_probe, timed_generate
 from .runner import (Deadline, emit, gpu_memory_used_mb, gpu_name, kill_group, parse_vllm_log, run_child,
                      wait_gpu_released, write_json)
 from .stats import median, summarize_rate
@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def one(a) -> int:
     """One row in this process (GPU): prints PARTIAL lines after each measurement and a RESULT line."""
     _, kw, env = R.CONFIGS[a.config]
+    for k in [k for k in os.environ if k.startswith("KAKEYA_")]:
+        del os.environ[k]        # a row is its config: nothing exported in the job's shell leaks into it
     os.environ.update(env)
     info = model_info(R.MODELS[a.model]["path"])
     stop_at = a.stop_at or float("inf")
@@ -62,7 +64,8 @@ def one(a) -> int:
     llm = make_llm(a.model, a.config, max_model_len=max(ctxs), gpu_util=a.gpu_util, max_seqs=a.max_seqs,
                    batched_tokens=a.batched_tokens, tp=a.tp)
     cap, block = capacity_tokens(llm)
-    row.update(init_s=time.time() - t0, block_size=block, capacity_tokens=cap, max_model_len=max(ctxs))
+    row.update(init_s=time.time() - t0, block_size=block, capacity_tokens=cap, max_model_len=max(ctxs),
+               tail_page_tokens_per_request=tail_page_tokens(info["head_dim"]))
     vocab, seed = info["vocab"], 1234
 
     def measure(name: str, fields: list[str], fn) -> None:
@@ -87,7 +90,7 @@ def one(a) -> int:
 
     def decode_at(C: int):
         shape = decode_shape(C, a.gen)
-        B_max = max_batch(row["capacity_tokens"], C, a.max_seqs)
+        B_max = max_batch(row["capacity_tokens"], C, a.max_seqs, row["tail_page_tokens_per_request"])
         row[R.field_name("max_batch", C)] = B_max
         prefix, det = prefix_probe(llm, shape, vocab, seed + C)
         det["max_batch_from_capacity"] = B_max

@@ -39,9 +39,11 @@ def decode_shape(context: int, gen: int, unique: int = 64) -> DecodeShape:
     return DecodeShape(context=context, prefix=context - PREFIX_ALIGN, unique=unique, gen=gen)
 
 
-def max_batch(capacity_tokens: int, context: int, max_num_seqs: int) -> int:
-    """Requests that may each grow to `context` tokens at once: KV capacity, then the scheduler's row limit."""
-    return max(0, min(capacity_tokens // context, max_num_seqs))
+def max_batch(capacity_tokens: int, context: int, max_num_seqs: int, extra_tokens: int = 0) -> int:
+    """Requests that may each grow to `context` tokens at once: KV capacity, then the scheduler's row limit.
+    ``extra_tokens``: capacity each running request holds beyond its context (KAKEYA_TAIL_STORAGE=pages: its tail
+    pages), so the batch is what really fits, not what the reported capacity alone suggests."""
+    return max(0, min(capacity_tokens // (context + extra_tokens), max_num_seqs))
 
 
 def usable_contexts(requested: list[int], max_position: int) -> tuple[list[int], list[int]]:
