@@ -635,7 +635,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
                  SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0,
                  KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0, KI8: tl.constexpr = 0,
-                 VI8: tl.constexpr = 0):
+                 VI8: tl.constexpr = 0, TPP: tl.constexpr = 0):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
@@ -648,7 +648,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     lo part the residual x 254: ~15 bits, finer than the fp16 q' of the other paths): no per-code decode at all.
     s = |g| KSTEP (2 q'.j - 15 sum(q')) + q.mean.
     VI8 (experimental, fast mode, 4-bit V on a uniform grid, V codes TOKEN-MAJOR: format.v_codes_token_major; the
-    served caches are not): acc' += VSTEP (2 (p |g|).j - 15 sum(p |g|)) by int8 MMAs (_i8_pv), no V decode."""
+    served caches are not): acc' += VSTEP (2 (p |g|).j - 15 sum(p |g|)) by int8 MMAs (_i8_pv), no V decode.
+    TPP > 0 (KAKEYA_TAIL_STORAGE=pages): the exact tail lives in the request's own pages after its sealed ones,
+    TPP tokens per page (kakeya_v1_3_ppl.tailpages): tail token t is row t % TPP of the page at block-table position
+    n_sealed + t // TPP; tail_k / tail_v are bf16 views of those rows [pages, Hkv, TPP, D] and tslot is unused."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -893,7 +896,11 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
         for t0 in tl.range(0, tail_end, TT, num_stages=1):
             t = t0 + tl.arange(0, TT)
             tm = t < tail_len
-            base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
+            if TPP > 0:
+                tpg = tl.load(bt_ptr + req * bt_req + n_sealed + t // TPP, mask=tm, other=0).to(tl.int64)
+                base = tpg[:, None] * t_slot + kvh * t_head + (t % TPP)[:, None] * t_tok + d[None, :]
+            else:
+                base = tslot * t_slot + kvh * t_head + t[:, None] * t_tok + d[None, :]
             k = tl.load(tail_k_ptr + base, mask=tm[:, None], other=0.0)
             # precise: fp32 "ieee"; fast: bf16 x bf16 with fp32 accumulation, like FlashAttention.
             if PRECISE:
@@ -916,6 +923,48 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     tl.store(o, acc / tl.maximum(l_i, 1e-30)[:, None], mask=row_ok[:, None])
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), -float("inf"))
     tl.store(lse_ptr + r * l_row + kvh * l_head + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _tail_gather_kernel(src_k, src_v, s_page, s_head, s_tok, ids_ptr, ids_row, flag_ptr, dst_k, dst_v, d_item,
+                        d_head, d_tok, didx_ptr, TPP: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                        TT: tl.constexpr):
+    """For flagged items: a whole block's tail (N tokens) from its tail pages (ids [items, pages]; token t = row
+    t % TPP of page ids[t // TPP]) into the scratch row didx[item]. Fixed grid (CUDA-graph friendly)."""
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    if tl.load(flag_ptr + item) == 0:
+        return
+    d = tl.arange(0, D)
+    drow = tl.load(didx_ptr + item).to(tl.int64) * d_item + head * d_head
+    for t0 in range(0, N, TT):
+        t = t0 + tl.arange(0, TT)
+        pg = tl.load(ids_ptr + item * ids_row + t // TPP).to(tl.int64)
+        src = pg[:, None] * s_page + head * s_head + (t % TPP)[:, None] * s_tok + d[None, :]
+        dst = drow + t[:, None] * d_tok + d[None, :]
+        tl.store(dst_k + dst, tl.load(src_k + src))
+        tl.store(dst_v + dst, tl.load(src_v + src))
+
+
+def gather_tail_blocks(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, ids: torch.Tensor,
+                       flag: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """KAKEYA_TAIL_STORAGE=pages, before a seal: dst_k / dst_v [slots, Hkv, 512, D] rows dst_idx[i] <- the 512 tail
+    tokens in pages ids[i] (tail_*_pages: bf16 [pages, Hkv, tokens_per_page, D] views, tailpages.tail_view) for
+    every i with flag[i] != 0. One launch over all items, no host sync; the seal then reads the copy, because it
+    writes the block into the first of those pages."""
+    items, hkv, tpp, d = int(ids.shape[0]), tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
+    if items == 0:
+        return
+    if tail_k_pages.stride() != tail_v_pages.stride() or dst_k.stride() != dst_v.stride():
+        raise ValueError("the K and V views (and the K and V scratch) must share strides")
+    if ids.stride(1) != 1 or tail_k_pages.stride(3) != 1 or dst_k.stride(3) != 1:
+        raise ValueError("ids rows, tail rows and scratch rows must be contiguous in their last dim")
+    if ids.shape[1] * tpp < BLOCK_TOKENS:
+        raise ValueError(f"{ids.shape[1]} pages of {tpp} tokens cannot hold a {BLOCK_TOKENS}-token block")
+    _tail_gather_kernel[(items, hkv)](
+        tail_k_pages, tail_v_pages, tail_k_pages.stride(0), tail_k_pages.stride(1), tail_k_pages.stride(2), ids,
+        ids.stride(0), flag, dst_k, dst_v, dst_k.stride(0), dst_k.stride(1), dst_k.stride(2), dst_idx, TPP=tpp, D=d,
+        N=BLOCK_TOKENS, TT=64, num_warps=4)
 
 
 @triton.jit
@@ -1200,7 +1249,7 @@ class KakeyaKernels:
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
                   prefill: bool = False, scratch: bool | str = False, ki8: bool = False,
-                  vi8: bool = False) -> torch.Tensor:
+                  vi8: bool = False, tail_tpp: int = 0) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
@@ -1218,10 +1267,16 @@ class KakeyaKernels:
         n_sealed is read back, a host sync), then the exact-page kernel over them and each request's exact tail with
         this call's tiles (bm / plan), tt, num_warps, maxnreg, fused (lut, swap, pf, prefill: sealed-block knobs,
         not used there). scratch="flash": vLLM's FlashAttention varlen over those pages instead of the exact-page
-        kernel (PREFILL_CANDIDATES["scratch_fa"]; needs vLLM's FlashAttention)."""
+        kernel (PREFILL_CANDIDATES["scratch_fa"]; needs vLLM's FlashAttention).
+        tail_tpp > 0 (KAKEYA_TAIL_STORAGE=pages): tail_k / tail_v are bf16 views [pages, Hkv, tail_tpp, D] of the
+        tail rows of ``cache`` (tailpages.tail_view), the tails sit in each request's pages at block-table positions
+        n_sealed .. and tail_slot is not read (see _attn_kernel's TPP)."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
         if scratch not in (True, False, 0, 1, "flash"):
             raise ValueError(f"scratch must be a bool or 'flash', got {scratch!r}")
+        if scratch and tail_tpp:
+            raise ValueError("the scratch prefill launches read tails from per-request rows, not from pages "
+                             "(tail_tpp); use the tuned launches with KAKEYA_TAIL_STORAGE=pages")
         if scratch:
             return _scratch_mod.attend(
                 self.scratch, lambda *a: self.decode_into(*a, precise=precise), self.attention_exact, "kakeya", q,
@@ -1233,12 +1288,13 @@ class KakeyaKernels:
         return self._launch(q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
-                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8, vi8=vi8)
+                            pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8, vi8=vi8,
+                            tail_tpp=tail_tpp)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
                 maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False,
-                ki8: bool = False, vi8: bool = False):
+                ki8: bool = False, vi8: bool = False, tail_tpp: int = 0):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -1275,6 +1331,9 @@ class KakeyaKernels:
             if isinstance(self._steps, str):
                 raise ValueError(self._steps)
             steps = dict(KSTEP=self._steps[0], VSTEP=self._steps[1])
+        if tail_tpp and (tail_k.dim() != 4 or tail_k.shape[2] != tail_tpp or tail_k.stride() != tail_v.stride()):
+            raise ValueError(f"tail_tpp={tail_tpp}: tail_k / tail_v must be page views [pages, Hkv, {tail_tpp}, D] "
+                             f"with equal strides, got {tuple(tail_k.shape)}")
         ki8 = bool(ki8) and not precise and not exact_kv_off   # precise / exact pages: the ordinary path
         if ki8:
             if self._ki8_step is None:
@@ -1327,7 +1386,7 @@ class KakeyaKernels:
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
             SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
-            KI8=int(ki8), VI8=int(bool(vi8)), num_warps=num_warps, **steps,
+            KI8=int(ki8), VI8=int(bool(vi8)), TPP=int(tail_tpp), num_warps=num_warps, **steps,
             **_regs(maxnreg))
         if fused:
             if out is None:

@@ -209,13 +209,14 @@ def test_decode_variant_knob():
     assert "KAKEYA_DECODE_VARIANT" in known_env_names()
 
 
-def _builder(backend, spec_mod, monkeypatch, **env):
+def _builder(backend, spec_mod, monkeypatch, enforce_eager=True, **env):
     from types import SimpleNamespace
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(backend, "_LOGGED", True)      # skip the start-up log (needs more of vLLM's config)
     vcfg = SimpleNamespace(
-        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: 9, max_model_len=2048),
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: 9, max_model_len=2048,
+                                     enforce_eager=enforce_eager),
         parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=4),
         cache_config=SimpleNamespace(num_gpu_blocks=None, block_size=512))
     spec = spec_mod.layer_spec((3, 2), 512, 3, 64, 64)
@@ -259,3 +260,36 @@ def test_metadata_builder_attaches_the_decode_launch(glue, monkeypatch, name):  
     cap = g.build_for_cudagraph_capture(_cam([0, 1, 2], [1, 1])).decode
     for d in (gd, cap):
         assert d["launch"] == ph["launch"] and d["plan"]["bm"] == v["bm"] and d["plan"]["src"].numel() == d["plan"]["nt"] * v["bm"]
+
+
+@pytest.mark.parametrize("env,eager,gpu", [("", True, False), ("", False, True), ("auto", False, True),
+                                           ("0", False, False), ("1", True, True)])
+def test_decode_graphs_follow_the_knob_and_auto_follows_enforce_eager(glue, monkeypatch, env, eager, gpu):  # noqa: F811
+    """KAKEYA_CUDA_GRAPHS auto (the default): pure-decode steps are GPU-planned and vLLM may capture them as full
+    graphs exactly when it does not run eager; 0 / 1 force it off / on (1 also in eager engines)."""
+    import threading
+
+    from kakeya_v1_3_ppl import context
+    monkeypatch.setattr(context, "_local", threading.local())
+    backend, spec_mod = glue
+    if env:
+        monkeypatch.setenv("KAKEYA_CUDA_GRAPHS", env)
+    else:
+        monkeypatch.delenv("KAKEYA_CUDA_GRAPHS", raising=False)
+    b = _builder(backend, spec_mod, monkeypatch, enforce_eager=eager)
+    context.set_current(["a", "b"], [2, 0], False, req_idx_gpu=torch.tensor([2, 0]))
+    assert b.build(0, _cam([0, 5, 8], [5, 3])).decode is None           # prefill: host-planned either way
+    assert (b.build(0, _cam([0, 1, 2], [6, 4])).decode is not None) is gpu
+    want = "UNIFORM_SINGLE_TOKEN_DECODE" if gpu else "NEVER"
+    from types import SimpleNamespace
+    vcfg = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=eager))
+    assert backend.KakeyaMetadataBuilder.get_cudagraph_support(vcfg, None).name == want
+
+
+def test_v13_keeps_host_planned_decode_unless_asked():
+    from kakeya_kv.config import ConfigError, KakeyaConfig, cuda_graphs_for
+    assert cuda_graphs_for(KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13"}), enforce_eager=False) is False
+    assert cuda_graphs_for(KakeyaConfig.from_env({"KAKEYA_FORMAT": "exact"}), enforce_eager=False) is False
+    assert cuda_graphs_for(KakeyaConfig.from_env({}), enforce_eager=False) is True
+    with pytest.raises(ConfigError, match="KAKEYA_CUDA_GRAPHS='2'"):
+        KakeyaConfig.from_env({"KAKEYA_CUDA_GRAPHS": "2"})

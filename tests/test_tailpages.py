@@ -1,10 +1,12 @@
-"""Exact tails in the request's own pages (vllm_backend tailpages; not yet wired into the backend): geometry per
-layout, and bit-exact copies between a layer's pages and the shared tail scratch."""
+"""Exact tails in the request's own pages (vllm_backend tailpages, KAKEYA_TAIL_STORAGE=pages): geometry per
+layout, and the bit-exact copy of a full block's tail from its pages into the shared scratch before a seal
+(kakeya_triton.gather_tail_blocks, Triton interpreter on CPU)."""
 import pytest
 import torch
 
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
-from kakeya_v1_3_ppl.tailpages import TailGeometry, gather, group_pages, tail_view
+from kakeya_kernels.kakeya_triton import gather_tail_blocks
+from kakeya_v1_3_ppl.tailpages import TailGeometry, group_pages, tail_view
 
 
 @pytest.mark.parametrize("d,kb,vb", [(128, 4, 3), (64, 4, 3), (128, 3, 2), (64, 3, 2), (128, 4, 4)])
@@ -30,38 +32,50 @@ def _pages(nblocks, hkv, lay, seed):
 
 
 @pytest.mark.parametrize("d,kb,vb", [(64, 4, 3), (128, 3, 2)])
-def test_tokens_written_by_the_layout_gather_bit_exact_and_stay_in_the_tail_rows(d, kb, vb):
+def test_tokens_written_by_the_layout_copy_bit_exact_for_flagged_items_only(d, kb, vb):
     """Tokens written the way the data path writes them (token t of a request: its tail page t // tpp, row t % tpp,
-    through tail_view) come back bit for bit from gather, in order; only the tail rows of the named pages change."""
+    through tail_view) come back bit for bit from gather_tail_blocks into the scratch rows named, in order, for the
+    flagged items only; the pages are not changed."""
     lay, hkv = kakeya_layout(d, kb, vb), 2
     g = TailGeometry.of(lay)
     kv = _pages(40, hkv, lay, 0)
-    before = kv.clone()
     view = tail_view(kv, g)
     slots, rows = 5, torch.tensor([3, 0, 4])
     gen = torch.Generator().manual_seed(1)
     tail_k = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
     tail_v = torch.randn(slots, hkv, BLOCK_TOKENS, d, generator=gen).bfloat16()
-    page_ids = torch.randperm(40, generator=gen)[:3 * g.pages].view(3, g.pages)   # distinct pages per request
+    page_ids = torch.randperm(40, generator=gen)[:3 * g.pages].view(3, g.pages).to(torch.int32)  # distinct pages
     t = torch.arange(BLOCK_TOKENS)
-    page, row = page_ids[:, t // g.tokens_per_page], t % g.tokens_per_page           # [3, 512], [512]
+    page, row = page_ids[:, t // g.tokens_per_page].long(), t % g.tokens_per_page   # [3, 512], [512]
     view[page, :, 0, row] = tail_k[rows].transpose(1, 2)                             # [3, 512, Hkv, D]
     view[page, :, 1, row] = tail_v[rows].transpose(1, 2)
+    before = kv.clone()
     out_k, out_v = torch.zeros_like(tail_k), torch.zeros_like(tail_v)
-    gather(view, page_ids, out_k, out_v, rows)
-    assert torch.equal(out_k[rows].view(torch.int16), tail_k[rows].view(torch.int16))
-    assert torch.equal(out_v[rows].view(torch.int16), tail_v[rows].view(torch.int16))
-    assert not out_k[1].any() and not out_k[2].any()                    # other scratch rows untouched
+    flag = torch.tensor([1, 0, 1], dtype=torch.int32)
+    gather_tail_blocks(view[:, :, 0], view[:, :, 1], page_ids, flag, out_k, out_v, rows.to(torch.int32))
+    for i in (0, 2):
+        assert torch.equal(out_k[rows[i]].view(torch.int16), tail_k[rows[i]].view(torch.int16))
+        assert torch.equal(out_v[rows[i]].view(torch.int16), tail_v[rows[i]].view(torch.int16))
+    assert not out_k[0].any() and not out_v[0].any()          # item 1 (row 0) not flagged: untouched
+    assert not out_k[1].any() and not out_k[2].any()          # rows not named: untouched
+    assert torch.equal(kv, before)                            # a copy out of the pages, never into them
     # token t of request r, head h: page t // tpp, row t % tpp, K half then V half of the head's slot
     t = BLOCK_TOKENS - 1
     p, i = page_ids[0, t // g.tokens_per_page], t % g.tokens_per_page
     assert torch.equal(view[p, 1, 1, i], tail_v[3, 1, t])
-    # pages not named are unchanged, and named pages only in their tail rows (slot bytes past them keep the seal's)
-    named = torch.zeros(40, dtype=torch.bool)
-    named[page_ids.flatten()] = True
-    assert torch.equal(kv[~named], before[~named])
-    n = g.tokens_per_page * 4 * d
-    assert torch.equal(kv[named][..., n:], before[named][..., n:])
+    n = g.tokens_per_page * 4 * d                             # the tail rows end before the slot does
+    assert n <= lay.slot_bytes
+
+
+def test_block_copy_refuses_pages_that_cannot_hold_a_block():
+    lay = kakeya_layout(64, 4, 3)
+    g = TailGeometry.of(lay)
+    view = tail_view(_pages(8, 1, lay, 0), g)
+    scratch = torch.zeros(2, 1, BLOCK_TOKENS, 64, dtype=torch.bfloat16)
+    ids = torch.zeros(1, g.pages - 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cannot hold"):
+        gather_tail_blocks(view[:, :, 0], view[:, :, 1], ids, torch.ones(1, dtype=torch.int32), scratch,
+                           scratch.clone(), torch.zeros(1, dtype=torch.int32))
 
 
 def test_view_refuses_other_shapes():

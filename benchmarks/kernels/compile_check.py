@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 import sass_count as S
 from bench_kernels import SEAL_VARIANTS, SWEEP, short_sweep
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kernels.variants import PREFILL_CANDIDATES
+from kakeya_kernels.variants import PREFILL_CANDIDATES, decode_variant, prefill_variant
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 
 SMEM_LIMIT = 227 * 1024
@@ -76,6 +76,20 @@ def scratch_decode(d, bits, precise):
 def combine(d, splits, gqa):
     const = dict(SP=triton.next_power_of_2(splits), D=d, RB=16, GQA=gqa)
     return _compile(K._combine_kernel, const, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16"}, 4)
+
+
+def tail_gather(d, tpp):
+    """gather_tail_blocks' kernel (KAKEYA_TAIL_STORAGE=pages: a full block's tail copied out before its seal)."""
+    const = dict(TPP=tpp, D=d, N=BLOCK_TOKENS, TT=64)
+    types = {"src_k": "*bf16", "src_v": "*bf16", "dst_k": "*bf16", "dst_v": "*bf16"}
+    return _compile(K._tail_gather_kernel, const, types, 4)
+
+
+def _served(d, v, tpp, gqa=4):
+    """A served launch (variants.decode_variant / prefill_variant dict) with tails in pages of tpp tokens."""
+    return _fits(S.compile_attn(d, 4, 3, v["lut"], v["tt"], v["num_warps"], bm=v["bm"], maxnreg=v["maxnreg"],
+                                fused=v["fused"], gqa=gqa, pf=v.get("pf", False), prefill=v.get("prefill", False),
+                                ki8=v.get("ki8", False), tpp=tpp))
 
 
 def jobs(quick: bool):
@@ -132,6 +146,12 @@ def jobs(quick: bool):
             for bits in (4, 3):
                 out.append((f"seal D={d} bits={bits} {sv}", seal,
                             (d, bits, sv.get("prec") or "tf32x3", sv.get("num_stages"), sv.get("maxnreg"))))
+        # KAKEYA_TAIL_STORAGE=pages: the served launches reading tails from pages (k4v3: 119 / 123 tokens per page)
+        tpp = kakeya_layout(d, 4, 3).slot_bytes // (4 * d)
+        for what, v in (("decode", decode_variant("tuned", d, True)), ("decode lloyd", decode_variant("tuned", d)),
+                        ("prefill", prefill_variant("tuned", d))):
+            out.append((f"tail pages {what} D={d} tpp={tpp}", _served, (d, v, tpp)))
+        out.append((f"tail gather D={d} tpp={tpp}", tail_gather, (d, tpp)))
         for splits, gqa in (((3, 4),) if quick else ((1, 4), (3, 4), (33, 4), (8, 3), (8, 1))):
             out.append((f"combine D={d} splits={splits} gqa={gqa}", combine, (d, splits, gqa)))
     return out

@@ -28,7 +28,7 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-from kakeya_kv.config import EXACT
+from kakeya_kv.config import EXACT, cuda_graphs_for
 from kakeya_kv.format import ALLOWED_BITS, BLOCK_TOKENS, SUPPORTED_HEAD_DIMS
 
 from . import context
@@ -192,15 +192,20 @@ class KakeyaMetadata:
     dummy: bool = False
 
 
+def _gpu_decode(vllm_config) -> bool:
+    """Pure-decode steps planned on the GPU (capturable as full graphs): KAKEYA_CUDA_GRAPHS, auto = not eager."""
+    return cuda_graphs_for(settings(), bool(vllm_config.model_config.enforce_eager))
+
+
 class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
     # Prefill/mixed steps are planned on the host (attention eager between piecewise graphs); pure-decode
-    # steps are planned on the GPU into persistent buffers, so with KAKEYA_CUDA_GRAPHS=1 (experimental,
-    # not yet validated on a GPU) they may be captured as full graphs.
+    # steps are planned on the GPU into persistent buffers (KAKEYA_CUDA_GRAPHS, default auto: whenever vLLM does
+    # not run eager), so vLLM captures them as full graphs.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return (AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if settings().cuda_graphs
+        return (AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if _gpu_decode(vllm_config)
                 else AttentionCGSupport.NEVER)
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -221,7 +226,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
                                  device)
-        self.gpu_decode = settings().cuda_graphs
+        self.gpu_decode = _gpu_decode(vllm_config)
         self.memlog = memory_log(settings().memory_log)
         cc = vllm_config.cache_config
         check_capacity(cc.num_gpu_blocks, cc.block_size, mc.max_model_len)
@@ -337,6 +342,10 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         if self.cfg.format == "kakeya":
             from kakeya_kernels.variants import prefill_variant
             self.scratch_kind = prefill_variant(self.cfg.prefill_variant, head_size).get("scratch", False)
+            if self.scratch_kind and self.cfg.tail_storage == "pages":
+                raise ValueError(f"KAKEYA_PREFILL_VARIANT={self.cfg.prefill_variant} reads the exact tails from "
+                                 "per-request rows; with KAKEYA_TAIL_STORAGE=pages they live in the requests' pages, "
+                                 "which only the tuned launches read: drop one of the two")
         if self.scratch_kind == "flash" and torch.cuda.is_available():
             from kakeya_kernels.scratch import flash_varlen
             flash_varlen(head_size)   # candidate:scratch_fa: refuse before the weights are loaded
@@ -373,7 +382,7 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
         self.kk = (v13_kernels(self.head_size, *self.bits, dev, self.cfg.scratch_mib, self.cfg.v13_attention)
                    if self.cfg.format == "v13" else kernels(self.head_size, *self.bits, dev, self.cal, self.owner))
         if self.cfg.tail_storage == "pages":
-            # Tails live in the requests' pages; the layers share one scratch they are copied into per phase.
+            # Tails live in the requests' pages; the layers share one scratch a full block is copied into to seal.
             from .pages import layer_layout
             from .tailpages import TailGeometry
             self.tail_geom = TailGeometry.of(layer_layout(self.bits, self.head_size, self.cfg.format))

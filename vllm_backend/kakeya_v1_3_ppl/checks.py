@@ -112,7 +112,7 @@ def settings(num_layers: int | None = None, env=None) -> KakeyaConfig:
 def check_v13(cfg: KakeyaConfig) -> None:
     """v13 serves through host-planned phases only (no in-graph seal: its encoder runs batched torch linear
     algebra) and has no calibration bundle format."""
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs:          # an explicit 1 (auto stays off for v13)
         raise ConfigError("KAKEYA_CUDA_GRAPHS=1 is not available with KAKEYA_FORMAT=v13 (no GPU-planned decode step: "
                           "its seal is batched torch linear algebra, not a graph-capturable kernel); unset "
                           "KAKEYA_CUDA_GRAPHS")

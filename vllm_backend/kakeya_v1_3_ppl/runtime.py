@@ -11,38 +11,46 @@ from __future__ import annotations
 
 import torch
 
+from kakeya_kernels.kakeya_triton import gather_tail_blocks
 from kakeya_kv.format import BLOCK_TOKENS
 
-from .tailpages import gather, tail_view
+from .tailpages import tail_view
 
 
 def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
                        output, k_weight=None, precise: bool = False, tail_pages=None):
-    """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages, experimental): the exact tails live in each
-    request's pages after its sealed ones, and tail_k / tail_v is a scratch shared by the layers: a phase writes its
-    tokens into the pages, then copies its requests' tails into the scratch before attending and sealing from it."""
-    view = None if tail_pages is None else tail_view(kv_cache, tail_pages)
+    """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages): the exact tails live in each request's
+    pages after its sealed ones. A phase writes its tokens into those pages and the attention kernel reads the tails
+    there (tail_tpp); tail_k / tail_v is then a scratch shared by the layers that only a seal uses: the block's
+    tail is copied into it first, because the seal writes the block into the first of its tail pages."""
+    paged = {}
+    if tail_pages is not None:
+        view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
+        pk, pv, paged = view[:, :, 0], view[:, :, 1], {"tail_tpp": tpp}
     for ph in phases:
         if tail_pages is not None:
-            ids = _tail_ids(block_table[ph["rows"]], ph["n_sealed"], tail_pages)
             if ph["n_write"]:
-                page = ids[ph["write_req"], ph["write_off"] // tail_pages.tokens_per_page]
-                row = ph["write_off"] % tail_pages.tokens_per_page
+                ids = _tail_ids(block_table[ph["rows"]], ph["n_sealed"], tail_pages)
+                page = ids[ph["write_req"], ph["write_off"] // tpp]
+                row = ph["write_off"] % tpp
                 view[page, :, 0, row] = key[ph["write_tok"]].to(view.dtype)
                 view[page, :, 1, row] = value[ph["write_tok"]].to(view.dtype)
-            if ph["n_tok"] or ph["n_seal"]:
-                gather(view, ids, tail_k, tail_v, ph["tail_slot"].long())
         elif ph["n_write"]:
             tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
             tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
         if ph["n_tok"]:
             bt = block_table[ph["rows"]]
+            tails = (tail_k, tail_v) if tail_pages is None else (pk, pv)
             for a in ph.get("attn", (ph,)):    # a mixed step's phase: decode rows and prefill chunks, own launches
                 out = kk.attention(query[a["tok"]], a["q_pos"], a["q_req"], kv_cache, bt, ph["n_sealed"],
-                                   ph["seq_end"], tail_k, tail_v, ph["tail_slot"], scale, plan=a["plan"],
-                                   precise=precise, **a.get("launch", {}))
+                                   ph["seq_end"], *tails, ph["tail_slot"], scale, plan=a["plan"], precise=precise,
+                                   **paged, **a.get("launch", {}))
                 output[a["tok"]] = out.to(output.dtype)
         if ph["n_seal"]:
+            if tail_pages is not None:
+                ids = _tail_ids(block_table[ph["seal_row"]], ph["seal_blk"], tail_pages)
+                flag = torch.ones(ph["n_seal"], dtype=torch.int32, device=kv_cache.device)
+                gather_tail_blocks(pk, pv, ids, flag, tail_k, tail_v, ph["seal_slot"])
             pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
             sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
                                  device=kv_cache.device)
@@ -52,10 +60,11 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
 
 
 def _tail_ids(bt, first_block, geom):
-    """Tail page ids [R, pages] of block-table rows bt [R, width]: positions first_block .. first_block + pages - 1
-    (clamped into the table: a row that reads and writes no tail may point past its allocation)."""
+    """Tail page ids [R, pages] (int32, contiguous) of block-table rows bt [R, width]: positions first_block ..
+    first_block + pages - 1 (clamped into the table: a row that reads and writes no tail may point past its
+    allocation)."""
     pos = first_block.long()[:, None] + torch.arange(geom.pages, device=bt.device)[None, :]
-    return bt.long().gather(1, pos.clamp_max(bt.shape[1] - 1))
+    return bt.gather(1, pos.clamp_max(bt.shape[1] - 1)).to(torch.int32).contiguous()
 
 
 def forward_exact(kk, query, key, value, kv_cache, ex, block_table, seq_lens, slot_mapping, num_tokens: int,
@@ -84,20 +93,23 @@ def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, blo
     fixed launches, no host sync. ``tail_pages``: as in forward_compressed, with fixed shapes (a captured graph
     replays it): rows that write nothing (padding, read-only) write their page's old value back."""
     B = d["B"]
+    tails, paged = (tail_k, tail_v), {}
     if tail_pages is not None:
         view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
         ids = _tail_ids(block_table[:B], d["q_pos"].long() // BLOCK_TOKENS, tail_pages)
-        page = ids.gather(1, (d["off64"] // tpp)[:, None]).squeeze(1)
+        page = ids.long().gather(1, (d["off64"] // tpp)[:, None]).squeeze(1)
         row = d["off64"] % tpp
         keep = (d["slot64"] == d["scratch_slot"])[:, None, None]
         for half, x in ((0, key), (1, value)):
             view[page, :, half, row] = torch.where(keep, view[page, :, half, row], x[:B].to(view.dtype))
-        gather(view, ids, tail_k, tail_v, d["slot64"])
+        tails, paged = (view[:, :, 0], view[:, :, 1]), {"tail_tpp": tpp}
     else:
         tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
         tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
     out = kk.attention(query[:B], d["q_pos"], d["q_req"], kv_cache, block_table, d["n_sealed"], d["seq_end"],
-                       tail_k, tail_v, d["tail_slot"], scale, plan=d["plan"], precise=precise, **d.get("launch", {}))
+                       *tails, d["tail_slot"], scale, plan=d["plan"], precise=precise, **paged, **d.get("launch", {}))
     output[:B] = out.to(output.dtype)
+    if tail_pages is not None:     # only the rows whose block filled: the seal reads a copy (see forward_compressed)
+        gather_tail_blocks(tails[0], tails[1], ids, d["seal_flag"], tail_k, tail_v, d["tail_slot"])
     kk.seal_indirect(tail_k, tail_v, d["tail_slot"], kv_cache, d["seal_page"], d["seal_flag"], k_weight)
     return output

@@ -1,9 +1,10 @@
 """Exact tails kept in the request's own pages (issue 6's capacity goal; NOTES open problem 2) — geometry and copies.
 
-Served with KAKEYA_TAIL_STORAGE=pages (experimental, not yet run on a GPU): vLLM's scheduler allocates
-``num_tokens // 512 + pages`` pages per request (patches.tail_manager), the runner's block tables are ``pages``
-wider (patches.widen_block_tables), and each phase copies its requests' tails into one scratch shared by the
-layers (runtime.forward_compressed / forward_decode). The default (pool) gives every compressed layer a bf16 tail
+Served with KAKEYA_TAIL_STORAGE=pages: vLLM's scheduler allocates ``num_tokens // 512 + pages`` pages per request
+(patches.tail_manager), the runner's block tables are ``pages`` wider (patches.widen_block_tables), the attention
+kernel reads the tails from those pages (kakeya_triton._attn_kernel's TPP), and a block that fills is first copied
+into one scratch shared by the layers (kakeya_triton.gather_tail_blocks), because its seal writes the first of
+its tail pages (runtime.forward_compressed / forward_decode). The pool gives every compressed layer a bf16 tail
 row per --max-num-seqs slot outside vLLM's KV budget (12.7 % of the capacity, session 13, H100).
 
 The design: a request with ``nb`` sealed blocks owns the pages at block-table positions ``nb .. nb + pages - 1``
@@ -11,8 +12,9 @@ beyond its sealed ones; they hold its unsealed tokens in bf16. Within each page,
 region (``slot_bytes`` of the layer's sealed layout) as ``bf16 [2 (K, V), tokens_per_page, head_dim]``: tail token
 ``t`` sits in page ``t // tokens_per_page``, row ``t % tokens_per_page``. When block ``nb`` fills, position ``nb`` is
 where the seal writes it (block index = position, as now) and the new tail starts at ``nb + 1``: the shift is safe
-because a phase writes its new tokens straight into the pages and gathers its tails into the scratch before it
-attends and seals from the scratch.
+because the phases of a step never straddle a block (plan.plan_step): a phase writes its tokens into the pages,
+attends, copies a full block to the scratch and seals it from there; the next block's tokens come in a later
+phase, at positions nb + 1 ...
 No vLLM import: unit-tested on CPU.
 """
 from __future__ import annotations
@@ -67,15 +69,3 @@ def tail_view(kv_layer: torch.Tensor, geom: TailGeometry) -> torch.Tensor:
         raise ValueError("tail rows are bf16: slot_bytes must be even and the slot contiguous")
     n = geom.tokens_per_page * geom.token_bytes
     return kv_layer[..., :n].view(torch.bfloat16).view(nb, hkv, 2, geom.tokens_per_page, geom.head_dim)
-
-
-def gather(view: torch.Tensor, page_ids: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
-           rows: torch.Tensor) -> None:
-    """tail_k / tail_v [slots, Hkv, BLOCK_TOKENS, D] rows ``rows`` <- the tails in pages ``page_ids`` [R, pages]
-    (one row of tail page ids per request; fixed shapes, so a captured graph can replay it)."""
-    r, p = page_ids.shape
-    g = view[page_ids]                                          # [R, pages, Hkv, 2, tpp, D]
-    hkv, tpp, d = g.shape[2], g.shape[4], g.shape[5]
-    g = g.permute(0, 2, 3, 1, 4, 5).reshape(r, hkv, 2, p * tpp, d)[:, :, :, :BLOCK_TOKENS]
-    tail_k[rows] = g[:, :, 0]
-    tail_v[rows] = g[:, :, 1]
