@@ -244,7 +244,8 @@ def _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, max_seqs, **
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(backend, "_LOGGED", True)      # skip the start-up log (needs more of vLLM's config)
     vcfg = SimpleNamespace(
-        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: hkv * gqa, max_model_len=2048),
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: hkv * gqa, max_model_len=2048,
+                                     enforce_eager=True),
         parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=max_seqs),
         cache_config=SimpleNamespace(num_gpu_blocks=None, block_size=512))
     spec = spec_mod.layer_spec(bits, 512, hkv, d, d)
