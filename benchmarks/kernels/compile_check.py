@@ -29,6 +29,7 @@ from bench_kernels import SEAL_VARIANTS, SWEEP, short_sweep
 from kakeya_kernels import kakeya_triton as K
 from kakeya_kernels.variants import PREFILL_CANDIDATES, decode_variant, prefill_variant
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
+from kakeya_v1_3_ppl.tailpages import TailGeometry
 
 SMEM_LIMIT = 227 * 1024
 PREFILL_CASES = [(4, 3, 4, False), (3, 2, 4, False), (5, 4, 4, False), (3, 2, 1, False), (3, 2, 4, True)]
@@ -147,7 +148,7 @@ def jobs(quick: bool):
                 out.append((f"seal D={d} bits={bits} {sv}", seal,
                             (d, bits, sv.get("prec") or "tf32x3", sv.get("num_stages"), sv.get("maxnreg"))))
         # KAKEYA_TAIL_STORAGE=pages: the served launches reading tails from pages (k4v3: 119 / 123 tokens per page)
-        tpp = kakeya_layout(d, 4, 3).slot_bytes // (4 * d)
+        tpp = TailGeometry.of(kakeya_layout(d, 4, 3)).tokens_per_page
         for what, v in (("decode", decode_variant("tuned", d, True)), ("decode lloyd", decode_variant("tuned", d)),
                         ("prefill", prefill_variant("tuned", d))):
             out.append((f"tail pages {what} D={d} tpp={tpp}", _served, (d, v, tpp)))

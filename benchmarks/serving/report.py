@@ -104,7 +104,8 @@ def markdown(res: dict, kernels: dict | None = None, kernels_name: str = "kernel
              "Dummy weights for the 8B-like models (speed and memory only). Decode at context C: a shared prefix of "
              "C-512 tokens prefilled once (prefix cache), each request adds a unique 64-token suffix and decodes; "
              "tok/s = batch / median step time over lock-step decode steps (after a warm-up pass). Prefix pages are "
-             "physically shared, so max batch is computed from capacity (capacity // (C + the tail-page tokens each running request holds with KAKEYA_TAIL_STORAGE=pages, else 0), capped by max_num_seqs), "
+             "physically shared, so max batch is computed from capacity (capacity // (C + the tail-page tokens each "
+             "running request holds with KAKEYA_TAIL_STORAGE=pages, else 0), capped by max_num_seqs), "
              "not from memory actually filled.", "",
              "| model | config | tp | capacity tokens | × bf16 | max batch 32k | decode tok/s b16 32k | × | "
              "decode tok/s max batch 32k | × | decode tok/s b16 8k | max batch 8k | decode max 8k | prefill tok/s | "

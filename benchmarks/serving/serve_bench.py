@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from . import rows as R
-from .engine import capacity_tokens, make_llm, tail_page_tokens, measure_decode, model_info, prefix_probe, timed_generate
+from .engine import (capacity_tokens, make_llm, measure_decode, model_info, prefix_probe, tail_page_tokens,
+                     timed_generate)
 from .runner import (Deadline, emit, gpu_memory_used_mb, gpu_name, kill_group, parse_vllm_log, run_child,
                      wait_gpu_released, write_json)
 from .stats import median, summarize_rate

@@ -16,8 +16,8 @@ Writes benchmarks/results/soak.json's schema {"gpu","requests","errors","aborted
 details, from the start on: a placeholder at once, counts every 50 requests, the partial result on SIGINT/SIGTERM
 (`complete: false`, `cut_short`: why, end-state fields None), the full result before the server is stopped.
 "requests" counts requests actually sent and answered, never the planned number ("planned").
-Server mode (--mode auto): vLLM's default CUDA graphs (KAKEYA_CUDA_GRAPHS auto: full graphs for pure-decode steps), and --enforce-eager if that start or its warm-up
-fails (recorded as mode / graphs_start_failure).
+Server mode (--mode auto): vLLM's default CUDA graphs (KAKEYA_CUDA_GRAPHS auto: full graphs for pure-decode
+steps), and --enforce-eager if that start or its warm-up fails (recorded as mode / graphs_start_failure).
 Size (seed 0, computed): 1000 requests = 2.63 M prompt tokens (124 over 8k) + 63 k generated tokens, 145 planned
 aborts. Session 8 (H200, eager after the graphs warm-up hit the RoPE-table assert fixed since): 1000 requests in
 116 s, 0 errors, KV usage 0, nvidia-smi +798 MiB at the very end (flat for the first 900) - the reason the check now
@@ -301,7 +301,8 @@ def main(argv=None, exit_fn=os._exit) -> int:
     ap.add_argument("--reserve-s", type=float, default=75)
     ap.add_argument("--startup-s", type=float, default=240)
     ap.add_argument("--mode", choices=("auto", "graphs", "eager"), default="auto",
-                    help="graphs: vLLM's default CUDA graphs (full decode graphs with KAKEYA_CUDA_GRAPHS auto); eager: --enforce-eager; auto: graphs, and "
+                    help="graphs: vLLM's default CUDA graphs (full decode graphs with KAKEYA_CUDA_GRAPHS auto); "
+                         "eager: --enforce-eager; auto: graphs, and "
                          "eager if the graphs start fails")
     ap.add_argument("--graphs-startup-s", type=float, default=150, help="--mode auto: limit of the graphs start")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)")

@@ -23,10 +23,10 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
     pages after its sealed ones. A phase writes its tokens into those pages and the attention kernel reads the tails
     there (tail_tpp); tail_k / tail_v is then a scratch shared by the layers that only a seal uses: the block's
     tail is copied into it first, because the seal writes the block into the first of its tail pages."""
-    paged = {}
+    tails, paged = (tail_k, tail_v), {}
     if tail_pages is not None:
-        view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
-        pk, pv, paged = view[:, :, 0], view[:, :, 1], {"tail_tpp": tpp}
+        view, tails, paged = _paged(kv_cache, tail_pages)
+        tpp = tail_pages.tokens_per_page
     for ph in phases:
         if tail_pages is not None:
             if ph["n_write"]:
@@ -40,7 +40,6 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
             tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
         if ph["n_tok"]:
             bt = block_table[ph["rows"]]
-            tails = (tail_k, tail_v) if tail_pages is None else (pk, pv)
             for a in ph.get("attn", (ph,)):    # a mixed step's phase: decode rows and prefill chunks, own launches
                 out = kk.attention(query[a["tok"]], a["q_pos"], a["q_req"], kv_cache, bt, ph["n_sealed"],
                                    ph["seq_end"], *tails, ph["tail_slot"], scale, plan=a["plan"], precise=precise,
@@ -50,13 +49,20 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
             if tail_pages is not None:
                 ids = _tail_ids(block_table[ph["seal_row"]], ph["seal_blk"], tail_pages)
                 flag = torch.ones(ph["n_seal"], dtype=torch.int32, device=kv_cache.device)
-                gather_tail_blocks(pk, pv, ids, flag, tail_k, tail_v, ph["seal_slot"])
+                gather_tail_blocks(*tails, ids, flag, tail_k, tail_v, ph["seal_slot"])
             pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
             sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
                                  device=kv_cache.device)
             kk.seal(tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], sealed, k_weight=k_weight)
             kv_cache[pages] = sealed
     return output
+
+
+def _paged(kv_cache, geom):
+    """KAKEYA_TAIL_STORAGE=pages: the layer's tail view, its K / V halves (what the attention kernel reads as tails)
+    and the launch argument that says so."""
+    view = tail_view(kv_cache, geom)
+    return view, (view[:, :, 0], view[:, :, 1]), {"tail_tpp": geom.tokens_per_page}
 
 
 def _tail_ids(bt, first_block, geom):
@@ -95,14 +101,14 @@ def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, blo
     B = d["B"]
     tails, paged = (tail_k, tail_v), {}
     if tail_pages is not None:
-        view, tpp = tail_view(kv_cache, tail_pages), tail_pages.tokens_per_page
+        view, tails, paged = _paged(kv_cache, tail_pages)
+        tpp = tail_pages.tokens_per_page
         ids = _tail_ids(block_table[:B], d["q_pos"].long() // BLOCK_TOKENS, tail_pages)
         page = ids.long().gather(1, (d["off64"] // tpp)[:, None]).squeeze(1)
         row = d["off64"] % tpp
         keep = (d["slot64"] == d["scratch_slot"])[:, None, None]
         for half, x in ((0, key), (1, value)):
             view[page, :, half, row] = torch.where(keep, view[page, :, half, row], x[:B].to(view.dtype))
-        tails, paged = (view[:, :, 0], view[:, :, 1]), {"tail_tpp": tpp}
     else:
         tail_k[d["slot64"], :, d["off64"]] = key[:B].to(tail_k.dtype)
         tail_v[d["slot64"], :, d["off64"]] = value[:B].to(tail_v.dtype)
@@ -110,6 +116,6 @@ def forward_decode(kk, query, key, value, kv_cache, tail_k, tail_v, d: dict, blo
                        *tails, d["tail_slot"], scale, plan=d["plan"], precise=precise, **paged, **d.get("launch", {}))
     output[:B] = out.to(output.dtype)
     if tail_pages is not None:     # only the rows whose block filled: the seal reads a copy (see forward_compressed)
-        gather_tail_blocks(tails[0], tails[1], ids, d["seal_flag"], tail_k, tail_v, d["tail_slot"])
+        gather_tail_blocks(*tails, ids, d["seal_flag"], tail_k, tail_v, d["tail_slot"])
     kk.seal_indirect(tail_k, tail_v, d["tail_slot"], kv_cache, d["seal_page"], d["seal_flag"], k_weight)
     return output
