@@ -8,6 +8,9 @@ from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 from kakeya_kernels.kakeya_triton import gather_tail_blocks
 from kakeya_v1_3_ppl.tailpages import TailGeometry, group_pages, tail_view
 
+# The copy kernel runs where the pages live: the GPU when there is one, else the interpreter on CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.mark.parametrize("d,kb,vb", [(128, 4, 3), (64, 4, 3), (128, 3, 2), (64, 3, 2), (128, 4, 4)])
 def test_geometry_fits_a_full_block_per_head_slot(d, kb, vb):
@@ -38,7 +41,7 @@ def test_tokens_written_by_the_layout_copy_bit_exact_for_flagged_items_only(d, k
     flagged items only; the pages are not changed."""
     lay, hkv = kakeya_layout(d, kb, vb), 2
     g = TailGeometry.of(lay)
-    kv = _pages(40, hkv, lay, 0)
+    kv = _pages(40, hkv, lay, 0).to(DEV)
     view = tail_view(kv, g)
     slots, rows = 5, torch.tensor([3, 0, 4])
     gen = torch.Generator().manual_seed(1)
@@ -47,12 +50,15 @@ def test_tokens_written_by_the_layout_copy_bit_exact_for_flagged_items_only(d, k
     page_ids = torch.randperm(40, generator=gen)[:3 * g.pages].view(3, g.pages).to(torch.int32)  # distinct pages
     t = torch.arange(BLOCK_TOKENS)
     page, row = page_ids[:, t // g.tokens_per_page].long(), t % g.tokens_per_page   # [3, 512], [512]
-    view[page, :, 0, row] = tail_k[rows].transpose(1, 2)                             # [3, 512, Hkv, D]
-    view[page, :, 1, row] = tail_v[rows].transpose(1, 2)
+    page, row = page.to(DEV), row.to(DEV)
+    view[page, :, 0, row] = tail_k[rows].transpose(1, 2).to(DEV)                    # [3, 512, Hkv, D]
+    view[page, :, 1, row] = tail_v[rows].transpose(1, 2).to(DEV)
     before = kv.clone()
-    out_k, out_v = torch.zeros_like(tail_k), torch.zeros_like(tail_v)
-    flag = torch.tensor([1, 0, 1], dtype=torch.int32)
-    gather_tail_blocks(view[:, :, 0], view[:, :, 1], page_ids, flag, out_k, out_v, rows.to(torch.int32))
+    out_k, out_v = torch.zeros_like(tail_k, device=DEV), torch.zeros_like(tail_v, device=DEV)
+    flag = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEV)
+    gather_tail_blocks(view[:, :, 0], view[:, :, 1], page_ids.to(DEV), flag, out_k, out_v,
+                       rows.to(DEV, torch.int32))
+    out_k, out_v, kv, before, view = out_k.cpu(), out_v.cpu(), kv.cpu(), before.cpu(), tail_view(kv.cpu(), g)
     for i in (0, 2):
         assert torch.equal(out_k[rows[i]].view(torch.int16), tail_k[rows[i]].view(torch.int16))
         assert torch.equal(out_v[rows[i]].view(torch.int16), tail_v[rows[i]].view(torch.int16))

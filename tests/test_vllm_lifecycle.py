@@ -27,6 +27,7 @@ misses the default-block reference but matches this one, the difference is FA's 
 Request ids: vLLM 0.26 keys its scheduler by an internal id (the given id plus a random suffix): read scheduler
 state through Stepper.request / Stepper.computed, never sched.requests[given id].
 """
+import os
 import random
 
 import pytest
@@ -37,12 +38,42 @@ from tests.vllm_gpu_common import (MODEL, Stepper, assert_same_tokens, copy_prom
 pytestmark = pytest.mark.gpu
 require_vllm_gpu()
 
-PAGES = 40            # KV budget in 512-token pages (one is vLLM's null block): small enough to force preemption
+# Exact tails kept in the requests' own pages (KAKEYA_TAIL_STORAGE=pages exported for the run): each running
+# request then holds `TAIL` pages after its sealed ones; the exact engine has no tails and refuses that setting,
+# so it runs with the pool value (the patches installed from the env leave it alone: 0 tail pages).
+TAIL_PAGES_RUN = os.environ.get("KAKEYA_TAIL_STORAGE", "").strip().lower() == "pages"
+
+
+def _tail_pages() -> int:
+    if not TAIL_PAGES_RUN:
+        return 0
+    from kakeya_kv.config import KakeyaConfig
+    from kakeya_v1_3_ppl.pages import tail_pages
+    return tail_pages(KakeyaConfig.from_env({**os.environ, "KAKEYA_FORMAT": "default"}), 64)   # SmolLM2: head_dim 64
+
+
+TAIL = _tail_pages()
+
+
+def _held(tokens: int, tail: int) -> int:
+    """Pages vLLM holds for a request of ``tokens`` tokens: cdiv with the pool, full blocks + tail with pages."""
+    return tokens // 512 + tail if tail else -(-tokens // 512)
+
+
+def budget_pages(fmt_env: dict) -> int:
+    """KV budget in 512-token pages (one is vLLM's null block), small enough to force preemption: the six PRESSURE
+    prompts (3000-3060 tokens) are all admitted (6 x _held(3060) pages) but cannot all grow past 3072 tokens
+    (6 more pages): 40 with the pool or the exact format, 34 + 6 x TAIL with tails in pages."""
+    tail = 0 if fmt_env.get("KAKEYA_FORMAT") == "exact" else TAIL
+    return 6 * _held(3060, tail) + 4
+
+
 COMMON = dict(model=MODEL, enforce_eager=True, max_model_len=4096, max_num_batched_tokens=256, max_num_seqs=16,
               enable_prefix_caching=True, async_scheduling=False, disable_log_stats=False,
               gpu_memory_utilization=0.3, seed=0)
 # The lossy default first: if the job's time cap cuts the module short, the product's format has been tested.
-FORMATS = {"k4v3": {"KAKEYA_FORMAT": "default"}, "exact": {"KAKEYA_FORMAT": "exact"}}
+FORMATS = {"k4v3": {"KAKEYA_FORMAT": "default"},
+           "exact": {"KAKEYA_FORMAT": "exact", **({"KAKEYA_TAIL_STORAGE": "pool"} if TAIL_PAGES_RUN else {})}}
 # Exact layers through vLLM's FlashAttention: format -> (KAKEYA_* settings, layers that must be FA's).
 FLASH = {"exact_flash": ({"KAKEYA_FORMAT": "exact", "KAKEYA_EXACT_ATTENTION": "flash"}, set(range(30))),
          "k4v3_b_flash": ({"KAKEYA_FORMAT": "default", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,1,28,29",
@@ -104,12 +135,13 @@ def flash_parity(flash_refs):
 
 @pytest.fixture(scope="module", params=list(FORMATS))
 def kk(request, flash_parity):
-    with inproc_llm(FORMATS[request.param], attention_backend="KAKEYA", num_gpu_blocks_override=PAGES,
+    pages = budget_pages(FORMATS[request.param])
+    with inproc_llm(FORMATS[request.param], attention_backend="KAKEYA", num_gpu_blocks_override=pages,
                     **COMMON) as llm:
         s = Stepper(llm)
         s.format = request.param
         cc = llm.llm_engine.vllm_config.cache_config
-        assert cc.block_size == 512 and cc.num_gpu_blocks == PAGES
+        assert cc.block_size == 512 and cc.num_gpu_blocks == pages
         yield s
         s.release()
         del llm, cc
@@ -169,8 +201,9 @@ def test_flash_layers_are_flash_attention(kk):
     assert fa == want and ours == {i for i, _, _ in rows} - want, rows
 
 
-# Six prompts of 3000-3060 tokens need 6 pages each (36 of the 39 usable), so all are admitted; past 3072
-# tokens each needs a 7th page (42 > 39): the scheduler must preempt running requests to let them grow.
+# Six prompts of 3000-3060 tokens need 6 pages each with the pool (36 of the 39 usable), so all are admitted; past
+# 3072 tokens each needs a 7th page (42 > 39): the scheduler must preempt running requests to let them grow (with
+# tails in pages: 5 + TAIL each, then 6 + TAIL, same margins; see budget_pages).
 PRESSURE = _prompts(2, (3000, 3012, 3024, 3036, 3048, 3060))
 PRESSURE_TOKENS = 100      # every prompt crosses 3072 tokens
 
