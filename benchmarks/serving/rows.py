@@ -52,12 +52,17 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "turboquant_4bit_nc": ("turboquant", {"kv_cache_dtype": "turboquant_4bit_nc"}, {}),
     "turboquant_3bit_nc": ("turboquant", {"kv_cache_dtype": "turboquant_3bit_nc"}, {}),
 }
+# vLLM's own formats in the mode users get by default (no --enforce-eager: compiled + CUDA graphs), so that every
+# row of a one-run comparison runs in the same execution mode as flash_bf16_graphs and the Kakeya default.
+for _rival in ("fp8", "int4_per_token_head", "turboquant_4bit_nc", "turboquant_3bit_nc"):
+    _fam, _kw, _env = CONFIGS[_rival]
+    CONFIGS[_rival + "_graphs"] = (_fam, {**_kw, "enforce_eager": False}, dict(_env))
 BASELINE = "flash_bf16"
 # The bf16 reference of a row is the bf16 row run in the same execution mode: CUDA-graph rows against
 # flash_bf16_graphs (H200, Qwen3-8B-like, b16 32k: eager bf16 430 tok/s in session 8's call, graphs bf16 1039 in
 # session 9's, serving.json; an eager reference would flatter a graphs row).
-REFERENCE = {"kakeya_graphs": "flash_bf16_graphs", "kakeya_graphs_lloyd": "flash_bf16_graphs",
-             "kakeya_graphs_tailpages": "flash_bf16_graphs"}
+REFERENCE = {c: "flash_bf16_graphs" for c, (_, kw, _) in CONFIGS.items()
+             if kw.get("enforce_eager") is False and c != "flash_bf16_graphs"}
 BASELINES = (BASELINE, *sorted(set(REFERENCE.values())))
 
 
@@ -94,7 +99,16 @@ _MORE = ([("qwen3-8b-like", "kakeya_k3v2")]
          + [("llama3.1-8b-like", c) for c in ("flash_bf16", "kakeya")]
          + [("qwen3-8b-like", c) for c in ("flash_bf16_graphs", "kakeya_graphs")]
          + [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")])
+# Issue 6 in one run per card, every row in vLLM's default execution mode (CUDA graphs), 32k only (the schema's
+# contexts): Qwen3-8B-like bf16 / Kakeya default / tails in pages / fp8 / int4, Llama-3.1-8B-like and SmolLM2 bf16 /
+# Kakeya, v13 (eager: the seed format takes no graphs) with its eager bf16 reference, TurboQuant last (slow start).
+_ISSUE6 = ([("qwen3-8b-like", c) for c in ("flash_bf16_graphs", "kakeya_graphs", "kakeya_graphs_tailpages",
+                                           "fp8_graphs", "int4_per_token_head_graphs")]
+           + [(m, c) for m in ("llama3.1-8b-like", "smollm2-135m") for c in ("flash_bf16_graphs", "kakeya_graphs")]
+           + [("qwen3-8b-like", c) for c in ("flash_bf16", "kakeya_v13",
+                                             "turboquant_4bit_nc_graphs", "turboquant_3bit_nc_graphs")])
 PLANS = {
+    "issue6": _ISSUE6,
     "main": _QWEN + _MORE + _V13 + _TQ,  # every row; a deadline cuts the tail, `more`/`rest`/`tq` pick it up later
     "more": _QWEN[2:] + _MORE + _V13 + _TQ,   # all but main's two decisive rows (--rows to skip measured ones)
     # After session 8's main call (bf16, kakeya, fp8, int4 measured; TurboQuant 4bit_nc capacity only): the rows it
@@ -106,7 +120,7 @@ PLANS = {
 }
 # Per-config (row limit s, least time left to start the row s), overriding the call's --row-limit-s/--min-row-s:
 # TurboQuant needed more than 205 s before its first measurement in session 8, so a shorter slot is wasted.
-ROW_TIME = {c: (330.0, 240.0) for _, c in _TQ}
+ROW_TIME = {c: (330.0, 240.0) for c in CONFIGS if c.startswith("turboquant")}
 
 
 def row_time(config: str, limit_s: float, min_s: float) -> tuple[float, float]:

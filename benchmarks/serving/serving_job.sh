@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Device job for issue 6 (main ran once: session 8, benchmarks/results/vllm_s8/serving). One mode per device call:
+#   bash benchmarks/serving/serving_job.sh issue6       # issue 6's rows, all in CUDA-graph mode (rows.PLANS["issue6"]),
+#                                                       #   over several back-to-back calls on one warm machine (pass
+#                                                       #   --rows for the rows a previous call did not reach)
 #   bash benchmarks/serving/serving_job.sh main         # 1x H200: rows of plan "main" -> $OUT/serving_main.json
 #   bash benchmarks/serving/serving_job.sh more         # 1x H200: the rows "main" had no time for -> serving_more.json
 #   bash benchmarks/serving/serving_job.sh rest         # 1x H200: after session 8's main call: its unrun rows except
@@ -17,7 +20,7 @@
 #       serving_tp2.json] [--sweep serving_sweep.json] [--kernels kernels.json] --out benchmarks/results/serving.json
 set -u
 T0=$(date +%s)
-MODE=${1:?usage: serving_job.sh main|more|rest|tq|sweep|decode_step|tp2 [extra args]}; shift
+MODE=${1:?usage: serving_job.sh issue6|main|more|rest|tq|sweep|decode_step|tp2 [extra args]}; shift
 CALL_S=${CALL_S:-550}
 source .gpukit/setup.sh >/dev/null 2>&1 || { echo "gpu-kit setup failed (are the stage chunks in /tmp/stage?)"; exit 3; }
 source scripts/device_install.sh
@@ -30,7 +33,7 @@ LEFT=$(( CALL_S - ($(date +%s) - T0) - 30 ))
 echo "setup took $(( $(date +%s) - T0 ))s; ${LEFT}s left for $MODE"
 SB="python3 -m benchmarks.serving.serve_bench"
 case $MODE in
-  main|more|rest|tq) $SB run --rows "$MODE" --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
+  main|more|rest|tq|issue6) $SB run --rows "$MODE" --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
                --out "$OUT/serving_$MODE.json" "$@" ;;
   tp2)       $SB run --rows tp2 --tp 2 --contexts 32768,8192 --deadline-s $LEFT --log-dir "$OUT/logs" \
                --out "$OUT/serving_tp2.json" "$@" ;;
