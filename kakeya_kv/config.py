@@ -217,13 +217,20 @@ def cuda_graphs_for(cfg: "KakeyaConfig", enforce_eager: bool) -> bool:
 
 
 TAIL_STORAGES = ("pool", "pages")
+# The value when KAKEYA_TAIL_STORAGE is unset, for KAKEYA_FORMAT=kakeya (exact and v13 always use "pool"). Read by
+# the config and by the plugin's registration (patches.apply), which installs the scheduler's tail-page allocation
+# from the environment; switching it to "pages" needs the GPU suites (core, lifecycle incl. preemption, graphs).
+TAIL_STORAGE_DEFAULT = "pool"
 
 
 def _tail_storage(env, fmt: str) -> str:
-    """KAKEYA_TAIL_STORAGE: where a request's unsealed (exact bf16) tokens live. pool (default): one row per
-    --max-num-seqs slot in every compressed layer, allocated outside vLLM's KV budget. pages (experimental, not yet
-    run on a GPU): in the request's own pages after its sealed ones, allocated by vLLM's scheduler
-    (kakeya_v1_3_ppl.tailpages), so the reported capacity keeps the format's whole ratio."""
+    """KAKEYA_TAIL_STORAGE: where a request's unsealed (exact bf16) tokens live. pool: one row per --max-num-seqs
+    slot in every compressed layer, allocated outside vLLM's KV budget. pages: in the request's own pages after its
+    sealed ones, allocated by vLLM's scheduler (kakeya_v1_3_ppl.tailpages), so the reported capacity keeps the
+    format's whole ratio (session 15, H100: 4.29x bf16 vs 3.76x with the pool). Environment only: the scheduler's
+    allocation is patched when the plugin registers (checks.additional_env refuses it in --additional-config)."""
+    if not (env.get("KAKEYA_TAIL_STORAGE") or "").strip():
+        return TAIL_STORAGE_DEFAULT if fmt == "kakeya" else "pool"
     v = _choice_env(env, "KAKEYA_TAIL_STORAGE", "pool", TAIL_STORAGES)
     if v == "pages" and fmt != "kakeya":
         raise ConfigError(f"KAKEYA_TAIL_STORAGE=pages applies to KAKEYA_FORMAT=kakeya (got {fmt!r}): the exact "

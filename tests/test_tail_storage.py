@@ -1,4 +1,4 @@
-"""KAKEYA_TAIL_STORAGE=pages (experimental, GPU-unrun): the knob, the tail-page count the scheduler and the workers
+"""KAKEYA_TAIL_STORAGE=pages (GPU-run since session 14; not the default yet): the knob, the tail-page count the scheduler and the workers
 both derive from the config, and the vLLM glue (patches 6a / 6b) against stand-ins of vLLM's classes. The data path
 itself is tests/test_vllm_runtime.py (tails in pages == the pool, bit for bit)."""
 import types
@@ -23,6 +23,30 @@ def test_knob_and_page_count():
     for fmt in ("v13", "exact"):
         with pytest.raises(ConfigError, match="KAKEYA_FORMAT=kakeya"):
             KakeyaConfig.from_env({"KAKEYA_TAIL_STORAGE": "pages", "KAKEYA_FORMAT": fmt})
+
+
+def test_unset_knob_takes_the_default_for_kakeya_only(monkeypatch):
+    """KAKEYA_TAIL_STORAGE unset: config.TAIL_STORAGE_DEFAULT for the kakeya format; exact and v13 have no tails
+    in pages whatever the default (an explicit pages with them is still refused, above)."""
+    import kakeya_kv.config as config
+    monkeypatch.setattr(config, "TAIL_STORAGE_DEFAULT", "pages")
+    assert KakeyaConfig.from_env({}).tail_storage == "pages"
+    assert KakeyaConfig.from_env({"KAKEYA_TAIL_STORAGE": " "}).tail_storage == "pages"
+    assert KakeyaConfig.from_env({"KAKEYA_TAIL_STORAGE": "pool"}).tail_storage == "pool"
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "exact"}).tail_storage == "pool"
+    assert KakeyaConfig.from_env({"KAKEYA_FORMAT": "v13"}).tail_storage == "pool"
+    monkeypatch.setattr(config, "TAIL_STORAGE_DEFAULT", "pool")
+    assert KakeyaConfig.from_env({}).tail_storage == "pool"
+
+
+def test_tail_storage_is_refused_in_additional_config():
+    """The scheduler's allocation follows each process's environment (patched at registration): a value given
+    only through --additional-config could reach the layers but not the scheduler."""
+    from kakeya_v1_3_ppl.checks import additional_env
+    assert additional_env({"kakeya": {"k_bits": 3}}) == {"KAKEYA_K_BITS": "3"}
+    for key in ("tail_storage", "KAKEYA_TAIL_STORAGE"):
+        with pytest.raises(ConfigError, match="cannot be set in --additional-config"):
+            additional_env({"kakeya": {key: "pages"}})
 
 
 class FakeManager:
@@ -76,6 +100,28 @@ def test_coordinator_patch_picks_the_tail_manager_for_512_token_full_attention_o
                        "kakeya_tail_pages")
     assert not hasattr(get(kv_cache_spec=FakeSpec(), max_in_flight_tokens=1, max_model_len=2), "kakeya_tail_pages")
     assert made == ["vllm"] * 3
+
+
+def test_coordinator_patch_gives_tail_pages_to_kakeya_spec_types_only():
+    """Another backend's 512-token full-attention group in the same process (FLASH_ATTN at block size 512) keeps
+    vLLM's manager; a Kakeya group is recognised by either of its spec types (compressed, or the marked exact layer
+    that vLLM may pick as the group's representative)."""
+    class Full(FakeSpec):                 # vLLM's FullAttentionSpec
+        pass
+
+    class Compressed(Full):               # spec.KakeyaAttentionSpec
+        pass
+
+    class MarkedExact(Full):              # spec.KakeyaExactSpec
+        pass
+
+    mod = types.SimpleNamespace(get_manager_for_kv_cache_spec=lambda kv_cache_spec, max_in_flight_tokens,
+                                max_model_len, **kw: FakeManager(kv_cache_spec, **kw))
+    patches.apply_tail_pages(mod, (Compressed, MarkedExact), FakeManager, 512, lambda spec: 5)
+    get = mod.get_manager_for_kv_cache_spec
+    for spec, want in ((Compressed(), 5), (MarkedExact(), 5), (Full(), None)):
+        m = get(kv_cache_spec=spec, max_in_flight_tokens=1, max_model_len=2)
+        assert getattr(type(m), "kakeya_tail_pages", None) == want, type(spec).__name__
 
 
 def test_runner_block_tables_get_the_tail_columns():

@@ -151,6 +151,19 @@ def test_each_layer_gets_the_backend_class_and_page_of_its_widths(glue):
     assert spec.layer_spec((4, 3), 512, 3, 64, 64) != spec.layer_spec((3, 2), 512, 3, 64, 64)
 
 
+def test_exact_layers_of_a_tails_in_pages_engine_carry_the_kakeya_marker(glue):
+    """With tails in pages the scheduler must tell Kakeya's groups from another backend's (it sees one layer's
+    spec per group, often exact layer 0): exact layers then get KakeyaExactSpec, same pages as vLLM's class;
+    pool engines keep vLLM's own FullAttentionSpec."""
+    _, spec = glue
+    plain = spec.layer_spec(EXACT, 512, 3, 64, 64)
+    marked = spec.layer_spec(EXACT, 512, 3, 64, 64, tails_in_pages=True)
+    assert type(plain) is spec.FullAttentionSpec and type(marked) is spec.KakeyaExactSpec
+    assert isinstance(marked, spec.FullAttentionSpec) and marked.real_page_size_bytes == plain.real_page_size_bytes
+    assert isinstance(spec.layer_spec((4, 3), 512, 3, 64, 64), spec.KAKEYA_SPECS)
+    assert isinstance(marked, spec.KAKEYA_SPECS) and not isinstance(plain, spec.KAKEYA_SPECS)
+
+
 def test_impl_binds_the_layer_widths(glue):
     backend, _ = glue
     impl = backend.KakeyaImpl(num_heads=9, head_size=64, scale=0.125, num_kv_heads=3)

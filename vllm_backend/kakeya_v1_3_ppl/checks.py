@@ -71,6 +71,12 @@ def additional_env(additional_config) -> dict[str, str]:
             raise ConfigError(f"--additional-config kakeya.{key}={val!r}: expected a string, integer or list")
         out[name] = str(val)
     check_env_names(out)
+    if "KAKEYA_TAIL_STORAGE" in out:
+        # Each process's scheduler allocation is patched at plugin registration, before any config is read: a value
+        # that only some processes see would let layers address tail pages the scheduler never allocated.
+        raise ConfigError("KAKEYA_TAIL_STORAGE cannot be set in --additional-config: export it in the environment "
+                          "of the vLLM processes (the scheduler's page allocation is patched when the plugin "
+                          "registers)")
     return out
 
 

@@ -72,11 +72,16 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(out)
 
 
+def tails_in_pages(cfg: KakeyaConfig) -> bool:
+    """The config keeps exact tails in the requests' own pages (only the kakeya format has such tails)."""
+    return cfg.tail_storage == "pages" and cfg.format == "kakeya"
+
+
 def tail_pages(cfg: KakeyaConfig, head_dim: int) -> int:
     """Pages per running request that KAKEYA_TAIL_STORAGE=pages adds after its sealed ones (0 with the pool): the
     widest need of the compressed widths the config serves (tailpages.group_pages; exact layers need none). From
     the config and head_dim only, so the scheduler, which sees no layer plan, computes the same number."""
-    if cfg.tail_storage != "pages" or cfg.format != "kakeya":
+    if not tails_in_pages(cfg):
         return 0
     from .tailpages import group_pages
     widths = {(cfg.k_bits, cfg.v_bits)} | {(kb, vb) for _, kb, vb in cfg.layer_bits}

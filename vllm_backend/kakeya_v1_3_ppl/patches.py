@@ -13,10 +13,10 @@ layers whose impl is Kakeya's.
 5. ``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args``: with the KAKEYA backend and no explicit
    --max-num-seqs, vLLM's default (1024 rows on H100/H200) is lowered so the exact-tail pool fits
    KAKEYA_TAIL_POOL_PERCENT of the GPU (:func:`cap_default_max_num_seqs`), instead of a start-up refusal.
-6. KAKEYA_TAIL_STORAGE=pages only (experimental, not yet run on a GPU): the scheduler's managers of 512-token
+6. KAKEYA_TAIL_STORAGE=pages only (GPU-run since session 14): the scheduler's managers of Kakeya's 512-token
    full-attention groups allocate ``tail_pages`` pages per request beyond ``num_tokens // 512``
-   (:func:`tail_manager`; the scheduler sees one layer's spec of a mixed group, so the env, not the spec, decides),
-   and the V2 runner's block tables are that much wider (:func:`widen_block_tables`).
+   (:func:`tail_manager`; the scheduler sees one layer's spec of a group, so exact layers of such engines carry the
+   marker spec.KakeyaExactSpec), and the V2 runner's block tables are that much wider (:func:`widen_block_tables`).
 """
 from __future__ import annotations
 
@@ -97,15 +97,16 @@ def tail_manager(full_manager_cls, pages: int):
     return KakeyaTailManager
 
 
-def apply_tail_pages(coordinator_module, full_spec_cls, full_manager_cls, block_tokens: int, pages_for) -> None:
-    """Patch 6a (idempotent): ``pages_for(spec)`` = tail pages of a group spec (0 = leave it to vLLM)."""
+def apply_tail_pages(coordinator_module, spec_types, full_manager_cls, block_tokens: int, pages_for) -> None:
+    """Patch 6a (idempotent): ``pages_for(spec)`` = tail pages of a group spec of one of ``spec_types`` (Kakeya's
+    spec classes; 0 = leave it to vLLM)."""
     orig = coordinator_module.get_manager_for_kv_cache_spec
     if getattr(orig, "_kakeya", False):
         return
 
     @functools.wraps(orig)
     def get_manager(kv_cache_spec, *args, **kwargs):
-        n = pages_for(kv_cache_spec) if (isinstance(kv_cache_spec, full_spec_cls)
+        n = pages_for(kv_cache_spec) if (isinstance(kv_cache_spec, spec_types)
                                          and kv_cache_spec.block_size == block_tokens) else 0
         if not n:
             return orig(kv_cache_spec, *args, **kwargs)
@@ -156,14 +157,15 @@ def apply() -> None:
     from vllm.v1.worker.gpu.input_batch import InputBatch
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-    from kakeya_kv.config import EXACT
+    from kakeya_kv.config import EXACT, TAIL_STORAGE_DEFAULT
     from kakeya_kv.format import BLOCK_TOKENS
 
     from . import context
     from .backend import KakeyaExactBackend, KakeyaImpl, backend_for_layer
     from .checks import apply_additional_config, check_block_size
     from .flash import serve_with_flash
-    from .spec import layer_spec
+    from .pages import tails_in_pages
+    from .spec import KAKEYA_SPECS, layer_spec
 
     orig_spec = Attention.get_kv_cache_spec
 
@@ -171,7 +173,7 @@ def apply() -> None:
     def get_kv_cache_spec(self, vllm_config):
         if getattr(self, "_kakeya_exact_flash", False):   # swapped to FlashAttention by an earlier call
             return layer_spec(EXACT, vllm_config.cache_config.block_size, self.num_kv_heads, self.head_size,
-                              self.head_size_v)
+                              self.head_size_v, tails_in_pages=getattr(self, "_kakeya_tails_in_pages", False))
         if not isinstance(getattr(self, "impl", None), KakeyaImpl):
             return orig_spec(self, vllm_config)
         apply_additional_config(vllm_config.additional_config)     # also outside a model-building context
@@ -180,11 +182,13 @@ def apply() -> None:
         check_block_size(block_size, BLOCK_TOKENS)
         # The layer's backend class decides its kv-cache shape and attention group: exact, default or per width.
         bits, fmt = self.impl.bits, self.impl.cfg.format
+        self._kakeya_tails_in_pages = in_pages = tails_in_pages(self.impl.cfg)
         backend = backend_for_layer(bits, self.head_size)
         if bits == EXACT and backend is not KakeyaExactBackend:   # KAKEYA_EXACT_ATTENTION=flash: impl replaced
             serve_with_flash(self, backend, vllm_config)
         self.attn_backend = backend
-        return layer_spec(bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v, fmt)
+        return layer_spec(bits, block_size, self.num_kv_heads, self.head_size, self.head_size_v, fmt,
+                          tails_in_pages=in_pages)
 
     orig_pwal = Attention.process_weights_after_loading
 
@@ -214,17 +218,18 @@ def apply() -> None:
     import os
     # The env itself, not settings(): a bad KAKEYA_* value must not fail the plugin's registration in engines
     # that do not use this backend (the backend validates every knob when it is built).
-    if os.environ.get("KAKEYA_TAIL_STORAGE", "").strip().lower() == "pages":
+    if os.environ.get("KAKEYA_TAIL_STORAGE", TAIL_STORAGE_DEFAULT).strip().lower() == "pages":
         from kakeya_kv.format import SUPPORTED_HEAD_DIMS
 
         from .checks import settings
         import vllm.v1.core.kv_cache_coordinator as coordinator
         import vllm.v1.worker.gpu.model_runner as runner
         from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
 
         from .pages import tail_pages
-        apply_tail_pages(coordinator, FullAttentionSpec, FullAttentionManager, BLOCK_TOKENS,
+        # Kakeya's groups only (spec.KakeyaExactSpec marks their exact layers): another backend's 512-token
+        # full-attention group in the same process keeps vLLM's own manager.
+        apply_tail_pages(coordinator, KAKEYA_SPECS, FullAttentionManager, BLOCK_TOKENS,
                          lambda spec: tail_pages(settings(), spec.head_size))
         # The runner's groups are known only inside initialize_kv_cache; every 512-token group is ours here.
         widen_block_tables(runner, BLOCK_TOKENS, max(tail_pages(settings(), d) for d in SUPPORTED_HEAD_DIMS))

@@ -43,14 +43,27 @@ class KakeyaAttentionSpec(FullAttentionSpec):
         return replace(merged, kakeya_slot_bytes=specs[0].kakeya_slot_bytes, kakeya_format=specs[0].kakeya_format)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KakeyaExactSpec(FullAttentionSpec):
+    """An exact (bf16) layer of an engine that keeps its tails in the requests' pages (KAKEYA_TAIL_STORAGE=pages).
+    Same pages as FullAttentionSpec; the type only tells vLLM's scheduler that the group is Kakeya's: it sees ONE
+    layer's spec per group (the first, often exact boundary layer 0), and must give tail pages to Kakeya groups only,
+    never to another backend's 512-token full-attention group in the same process."""
+
+
+KAKEYA_SPECS = (KakeyaAttentionSpec, KakeyaExactSpec)   # the specs whose group gets tail pages (patch 6a)
+
+
 def layer_spec(bits, block_size: int, num_kv_heads: int, head_size: int, head_size_v: int,
-               fmt: str = "kakeya") -> FullAttentionSpec:
+               fmt: str = "kakeya", tails_in_pages: bool = False) -> FullAttentionSpec:
     """The spec of one layer: bf16 pages for EXACT, else a page of the layer's (k_bits, v_bits) layout in ``fmt``.
-    Layers of different widths have different page sizes; vLLM keeps them in one KV-cache group."""
+    Layers of different widths have different page sizes; vLLM keeps them in one KV-cache group.
+    ``tails_in_pages``: exact layers are marked KakeyaExactSpec (pool engines keep vLLM's own class)."""
     import torch
     if bits == EXACT:
-        return FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
-                                 head_size_v=head_size_v, dtype=torch.bfloat16)
+        cls = KakeyaExactSpec if tails_in_pages else FullAttentionSpec
+        return cls(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
+                   head_size_v=head_size_v, dtype=torch.bfloat16)
     return KakeyaAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
                                head_size_v=head_size_v, dtype=torch.uint8,
                                kakeya_slot_bytes=layer_layout(bits, head_size, fmt).slot_bytes,
