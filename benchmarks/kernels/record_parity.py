@@ -43,7 +43,10 @@ def main():
         xml = os.path.join(td, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels.py",
                "tests/test_decode_variants.py", "tests/test_decode_candidates.py", "tests/test_prefill_variants.py",
-               "tests/test_scratch_prefill.py", f"--junitxml={xml}"]
+               "tests/test_scratch_prefill.py",
+               # the default's K-score path (int8 MMAs on uniform-grid K), its grid, tails read from pages
+               "tests/test_ki8_decode.py", "tests/test_uniform_grid.py", "tests/test_linear_decode.py",
+               "tests/test_tailpages.py", f"--junitxml={xml}"]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             rc, text = p.returncode, p.stdout
