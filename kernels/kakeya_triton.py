@@ -926,20 +926,35 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
 
 
 @triton.jit
+def _tail_page(bt_ptr, bt_row, bt_w, item, first, t, TPP: tl.constexpr):
+    """Page id of tail token t of block-table row ``item`` whose tail starts at block-table position ``first``
+    (clamped into the table, as runtime._tail_ids does)."""
+    col = tl.minimum(first + t // TPP, bt_w - 1)
+    return tl.load(bt_ptr + item.to(tl.int64) * bt_row + col).to(tl.int64)
+
+
+@triton.jit
 def _tail_gather_kernel(src_k, src_v, s_page, s_head, s_tok, ids_ptr, ids_row, flag_ptr, dst_k, dst_v, d_item,
-                        d_head, d_tok, didx_ptr, TPP: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                        TT: tl.constexpr):
+                        d_head, d_tok, didx_ptr, bt_w, pos_ptr, TPP: tl.constexpr, D: tl.constexpr,
+                        N: tl.constexpr, TT: tl.constexpr, BT: tl.constexpr):
     """For flagged items: a whole block's tail (N tokens) from its tail pages (ids [items, pages]; token t = row
-    t % TPP of page ids[t // TPP]) into the scratch row didx[item]. Fixed grid (CUDA-graph friendly)."""
+    t % TPP of page ids[t // TPP]) into the scratch row didx[item]. Fixed grid (CUDA-graph friendly).
+    BT: ids is the block table itself (row = item, width bt_w) and the tail starts at position pos[item] // N, so a
+    decode step needs no per-layer page-id tensor."""
     item = tl.program_id(0)
     head = tl.program_id(1)
     if tl.load(flag_ptr + item) == 0:
         return
     d = tl.arange(0, D)
     drow = tl.load(didx_ptr + item).to(tl.int64) * d_item + head * d_head
+    if BT:
+        first = tl.load(pos_ptr + item) // N
     for t0 in range(0, N, TT):
         t = t0 + tl.arange(0, TT)
-        pg = tl.load(ids_ptr + item * ids_row + t // TPP).to(tl.int64)
+        if BT:
+            pg = _tail_page(ids_ptr, ids_row, bt_w, item, first, t, TPP)
+        else:
+            pg = tl.load(ids_ptr + item * ids_row + t // TPP).to(tl.int64)
         src = pg[:, None] * s_page + head * s_head + (t % TPP)[:, None] * s_tok + d[None, :]
         dst = drow + t[:, None] * d_tok + d[None, :]
         tl.store(dst_k + dst, tl.load(src_k + src))
@@ -947,24 +962,72 @@ def _tail_gather_kernel(src_k, src_v, s_page, s_head, s_tok, ids_ptr, ids_row, f
 
 
 def gather_tail_blocks(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, ids: torch.Tensor,
-                       flag: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, dst_idx: torch.Tensor) -> None:
+                       flag: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor, dst_idx: torch.Tensor,
+                       q_pos: torch.Tensor | None = None) -> None:
     """KAKEYA_TAIL_STORAGE=pages, before a seal: dst_k / dst_v [slots, Hkv, 512, D] rows dst_idx[i] <- the 512 tail
     tokens in pages ids[i] (tail_*_pages: bf16 [pages, Hkv, tokens_per_page, D] views, tailpages.tail_view) for
     every i with flag[i] != 0. One launch over all items, no host sync; the seal then reads the copy, because it
-    writes the block into the first of those pages."""
-    items, hkv, tpp, d = int(ids.shape[0]), tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
+    writes the block into the first of those pages.
+    ``q_pos`` given: ids is the block table (rows = items) and item i's tail pages start at position
+    q_pos[i] // 512 (a decode step: the page ids are looked up in the kernel, clamped into the table)."""
+    hkv, tpp, d = tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
+    items = int(ids.shape[0]) if q_pos is None else int(q_pos.shape[0])
     if items == 0:
         return
     if tail_k_pages.stride() != tail_v_pages.stride() or dst_k.stride() != dst_v.stride():
         raise ValueError("the K and V views (and the K and V scratch) must share strides")
     if ids.stride(1) != 1 or tail_k_pages.stride(3) != 1 or dst_k.stride(3) != 1:
         raise ValueError("ids rows, tail rows and scratch rows must be contiguous in their last dim")
-    if ids.shape[1] * tpp < BLOCK_TOKENS:
+    if q_pos is None and ids.shape[1] * tpp < BLOCK_TOKENS:
         raise ValueError(f"{ids.shape[1]} pages of {tpp} tokens cannot hold a {BLOCK_TOKENS}-token block")
+    if q_pos is not None and ids.shape[0] < items:
+        raise ValueError(f"block table of {ids.shape[0]} rows for {items} items")
     _tail_gather_kernel[(items, hkv)](
         tail_k_pages, tail_v_pages, tail_k_pages.stride(0), tail_k_pages.stride(1), tail_k_pages.stride(2), ids,
-        ids.stride(0), flag, dst_k, dst_v, dst_k.stride(0), dst_k.stride(1), dst_k.stride(2), dst_idx, TPP=tpp, D=d,
-        N=BLOCK_TOKENS, TT=64, num_warps=4)
+        ids.stride(0), flag, dst_k, dst_v, dst_k.stride(0), dst_k.stride(1), dst_k.stride(2), dst_idx,
+        int(ids.shape[1]), flag if q_pos is None else q_pos, TPP=tpp, D=d, N=BLOCK_TOKENS, TT=64,
+        BT=int(q_pos is not None), num_warps=4)
+
+
+@triton.jit
+def _tail_write_kernel(k_ptr, v_ptr, x_tok, x_head, dst_k, dst_v, s_page, s_head, s_tok, bt_ptr, bt_row, bt_w,
+                       pos_ptr, slot_ptr, skip_slot, TPP: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+    """Decode token of request row r (position pos[r]) -> its tail page, row (pos % N) % TPP, unless its slot is
+    ``skip_slot`` (padding and read-only rows write nothing)."""
+    r = tl.program_id(0)
+    head = tl.program_id(1)
+    if tl.load(slot_ptr + r) == skip_slot:
+        return
+    pos = tl.load(pos_ptr + r)
+    off = pos % N
+    pg = _tail_page(bt_ptr, bt_row, bt_w, r, pos // N, off, TPP)
+    d = tl.arange(0, D)
+    dst = pg * s_page + head * s_head + (off % TPP) * s_tok + d
+    src = r.to(tl.int64) * x_tok + head * x_head + d
+    tl.store(dst_k + dst, tl.load(k_ptr + src).to(dst_k.dtype.element_ty))
+    tl.store(dst_v + dst, tl.load(v_ptr + src).to(dst_v.dtype.element_ty))
+
+
+def write_tail_tokens(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      block_table: torch.Tensor, q_pos: torch.Tensor, slot: torch.Tensor, skip_slot: int) -> None:
+    """KAKEYA_TAIL_STORAGE=pages, a decode step: key / value [B, Hkv, D] (token r = request row r at position
+    q_pos[r]) into the tail pages of block-table row r — position q_pos // 512 + (q_pos % 512) // tokens_per_page,
+    row (q_pos % 512) % tokens_per_page — except rows whose slot[r] == skip_slot. One launch, fixed grid."""
+    B = int(q_pos.shape[0])
+    hkv, tpp, d = tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
+    if B == 0:
+        return
+    if tail_k_pages.stride() != tail_v_pages.stride() or key.stride() != value.stride():
+        raise ValueError("the K and V views (and key and value) must share strides")
+    if key.shape[0] < B or tuple(key.shape[1:]) != (hkv, d) or key.stride(2) != 1 or tail_k_pages.stride(3) != 1:
+        raise ValueError(f"key / value must be [>= {B}, {hkv}, {d}] with unit stride in the last dim, got "
+                         f"{tuple(key.shape)}")
+    if block_table.shape[0] < B or block_table.stride(1) != 1:
+        raise ValueError(f"block table of {block_table.shape[0]} rows for {B} requests (or not row-contiguous)")
+    _tail_write_kernel[(B, hkv)](
+        key, value, key.stride(0), key.stride(1), tail_k_pages, tail_v_pages, tail_k_pages.stride(0),
+        tail_k_pages.stride(1), tail_k_pages.stride(2), block_table, block_table.stride(0), int(block_table.shape[1]),
+        q_pos, slot, int(skip_slot), TPP=tpp, D=d, N=BLOCK_TOKENS, num_warps=1)
 
 
 @triton.jit

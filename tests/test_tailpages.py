@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
-from kakeya_kernels.kakeya_triton import gather_tail_blocks
+from kakeya_kernels.kakeya_triton import gather_tail_blocks, write_tail_tokens
 from kakeya_v1_3_ppl.tailpages import TailGeometry, group_pages, tail_view
 
 # The copy kernel runs where the pages live: the GPU when there is one, else the interpreter on CPU.
@@ -91,3 +91,45 @@ def test_view_refuses_other_shapes():
         tail_view(torch.zeros(2, 1, lay.slot_bytes + 2, dtype=torch.uint8), g)
     with pytest.raises(ValueError, match="uint8 pages"):
         tail_view(torch.zeros(2, 1, lay.slot_bytes, dtype=torch.int8), g)
+
+
+def test_decode_write_puts_each_token_in_its_tail_page_row_and_skips_flagged_slots():
+    """write_tail_tokens (a decode step, page ids looked up in the block table): token r at position p goes to
+    block-table position p // 512 + (p % 512) // tpp, row (p % 512) % tpp of row r; rows whose slot is the skip
+    slot write nothing; nothing else changes. gather_tail_blocks with q_pos then reads a full block back."""
+    lay, hkv, d = kakeya_layout(64, 4, 3), 2, 64
+    g = TailGeometry.of(lay)
+    kv = _pages(40, hkv, lay, 3).to(DEV)
+    gen = torch.Generator().manual_seed(5)
+    bt = torch.randperm(39, generator=gen)[:3 * 9].add(1).view(3, 9).to(torch.int32)
+    pos = torch.tensor([1023, 517, 130], dtype=torch.int32)         # block 1 last token, block 1 row 5, block 0
+    slot = torch.tensor([0, 7, 2], dtype=torch.int64)                # row 1: the skip slot
+    key = torch.randn(3, hkv, d, generator=gen).bfloat16()
+    val = torch.randn(3, hkv, d, generator=gen).bfloat16()
+    before = kv.clone()
+    view = tail_view(kv, g)
+    write_tail_tokens(view[:, :, 0], view[:, :, 1], key.to(DEV), val.to(DEV), bt.to(DEV), pos.to(DEV),
+                      slot.to(DEV), 7)
+    want = tail_view(before.clone().cpu(), g)
+    for r in (0, 2):
+        p = int(pos[r])
+        off = p % BLOCK_TOKENS
+        page = int(bt[r, p // BLOCK_TOKENS + off // g.tokens_per_page])
+        want[page, :, 0, off % g.tokens_per_page] = key[r]
+        want[page, :, 1, off % g.tokens_per_page] = val[r]
+    assert torch.equal(tail_view(kv.cpu(), g).view(torch.int16), want.view(torch.int16))
+    # the block of row 0 is complete in its pages iff all its other tokens are there: write them, then copy it out
+    for t in range(BLOCK_TOKENS - 1):
+        write_tail_tokens(view[:, :, 0], view[:, :, 1], key[:1].expand(1, hkv, d).contiguous().to(DEV),
+                          val[:1].contiguous().to(DEV), bt.to(DEV), torch.tensor([BLOCK_TOKENS + t],
+                          dtype=torch.int32, device=DEV), slot[:1].to(DEV), 7)
+    out_k = torch.zeros(1, hkv, BLOCK_TOKENS, d, dtype=torch.bfloat16, device=DEV)
+    out_v = torch.zeros_like(out_k)
+    gather_tail_blocks(view[:, :, 0], view[:, :, 1], bt.to(DEV), torch.tensor([1, 0, 0], dtype=torch.int32,
+                       device=DEV), out_k, out_v, torch.tensor([0, 0, 0], dtype=torch.int32, device=DEV),
+                       q_pos=pos.to(DEV))
+    assert torch.equal(out_k.cpu()[0].view(torch.int16), key[0][:, None].expand(hkv, BLOCK_TOKENS, d).view(torch.int16))
+    assert torch.equal(out_v.cpu()[0, :, -1], val[0])
+    with pytest.raises(ValueError, match="key / value must be"):
+        write_tail_tokens(view[:, :, 0], view[:, :, 1], key[:, :1].to(DEV), val[:, :1].to(DEV), bt.to(DEV),
+                          pos.to(DEV), slot.to(DEV), 7)

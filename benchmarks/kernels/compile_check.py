@@ -79,11 +79,19 @@ def combine(d, splits, gqa):
     return _compile(K._combine_kernel, const, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16"}, 4)
 
 
-def tail_gather(d, tpp):
-    """gather_tail_blocks' kernel (KAKEYA_TAIL_STORAGE=pages: a full block's tail copied out before its seal)."""
-    const = dict(TPP=tpp, D=d, N=BLOCK_TOKENS, TT=64)
+def tail_gather(d, tpp, bt=0):
+    """gather_tail_blocks' kernel (KAKEYA_TAIL_STORAGE=pages: a full block's tail copied out before its seal;
+    bt: page ids looked up in the block table, the decode step's form)."""
+    const = dict(TPP=tpp, D=d, N=BLOCK_TOKENS, TT=64, BT=bt)
     types = {"src_k": "*bf16", "src_v": "*bf16", "dst_k": "*bf16", "dst_v": "*bf16"}
     return _compile(K._tail_gather_kernel, const, types, 4)
+
+
+def tail_write(d, tpp):
+    """write_tail_tokens' kernel (a decode step's new tokens into their tail pages)."""
+    const = dict(TPP=tpp, D=d, N=BLOCK_TOKENS)
+    types = {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_k": "*bf16", "dst_v": "*bf16", "slot_ptr": "*i64"}
+    return _compile(K._tail_write_kernel, const, types, 1)
 
 
 def _served(d, v, tpp, gqa=4):
@@ -153,6 +161,8 @@ def jobs(quick: bool):
                         ("prefill", prefill_variant("tuned", d))):
             out.append((f"tail pages {what} D={d} tpp={tpp}", _served, (d, v, tpp)))
         out.append((f"tail gather D={d} tpp={tpp}", tail_gather, (d, tpp)))
+        out.append((f"tail gather (block table) D={d} tpp={tpp}", tail_gather, (d, tpp, 1)))
+        out.append((f"tail write D={d} tpp={tpp}", tail_write, (d, tpp)))
         for splits, gqa in (((3, 4),) if quick else ((1, 4), (3, 4), (33, 4), (8, 3), (8, 1))):
             out.append((f"combine D={d} splits={splits} gqa={gqa}", combine, (d, splits, gqa)))
     return out
