@@ -107,8 +107,8 @@ def _k_grid(env, fmt: str, k_bits: int, layer_bits, decode_variant: str, calibra
         grid = "uniform" if fmt == "kakeya" and widths == [4] and not calibration else "lloyd"
     elif grid != "lloyd" and fmt != "kakeya":
         raise ConfigError(f"KAKEYA_K_GRID={grid!r} applies to KAKEYA_FORMAT=kakeya only (got {fmt!r}); unset it")
-    if decode_variant == "candidate:ki8" and (grid != "uniform" or widths != [4]):
-        raise ConfigError("KAKEYA_DECODE_VARIANT=candidate:ki8 computes K scores from 4-bit codes on the uniform "
+    if decode_variant.startswith("candidate:ki8") and (grid != "uniform" or widths != [4]):
+        raise ConfigError(f"KAKEYA_DECODE_VARIANT={decode_variant} computes K scores from 4-bit codes on the uniform "
                           f"grid: it needs KAKEYA_K_GRID=uniform or auto (resolved here: {grid!r}) and 4-bit K in "
                           f"every layer (K widths here: {widths})")
     return grid

@@ -635,9 +635,12 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                  GATHER: tl.constexpr = 0, GQA: tl.constexpr = 1, ASM: tl.constexpr = 1,
                  SWAP: tl.constexpr = 0, PF: tl.constexpr = 0, PREFILL: tl.constexpr = 0,
                  KSTEP: tl.constexpr = 1.0, VSTEP: tl.constexpr = 1.0, KI8: tl.constexpr = 0,
-                 VI8: tl.constexpr = 0, TPP: tl.constexpr = 0):
+                 VI8: tl.constexpr = 0, TPP: tl.constexpr = 0, SUB: tl.constexpr = 1):
     """One program: BM query rows (token x head-of-group, one request) of one KV head, over the sealed
     blocks b = split, split + SPLITS, ... and, for split n_sealed % SPLITS, the exact tail.
+    SUB > 1 (small batches, where the blocks alone cannot fill the GPU): the work items are the SUB parts of N / SUB
+    tokens of each sealed block (item i = part i % SUB of block i // SUB), items split, split + SPLITS, ...; each
+    item rotates the query and undoes the V transform itself; the tail goes to split (n_sealed * SUB) % SPLITS.
     PREFILL (tiles of many tokens): the query rows are re-read per block instead of held in registers across the
     loops (a [BM, D] fp32 q would cost 32 registers/thread at BM 64, D 128, 8 warps), and the tail loop stops at the
     tile's last query position (later tail keys are causally masked for every row of the tile).
@@ -687,12 +690,24 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
     rsg = tl.load(sgn_ptr + d)                                # s / sqrt(D)
     krt = _rtab(krtab_ptr, ASM)                               # LUT 3/4 register tables (unused otherwise)
     vrt = _rtab(vrtab_ptr, ASM)
-    for b in range(split, n_sealed, SPLITS):
+    if SUB == 1:
+        n_items = n_sealed
+    else:
+        n_items = n_sealed * SUB
+    for item in range(split, n_items, SPLITS):
+        if SUB == 1:                             # compile-time: the loops keep their constant bounds
+            b = item
+            lo = 0
+            hi = N
+        else:
+            b = item // SUB
+            lo = (item % SUB) * (N // SUB)       # this item's tokens of block b: lo .. hi - 1
+            hi = lo + N // SUB
         page = tl.load(bt_ptr + req * bt_req + b).to(tl.int64)
         slot = cache_ptr + page * c_page + kvh * c_head
         if EXACT:
             # Exact (bf16) pages: K rows [N, D] then V rows at KV_OFF; positions past qp are masked.
-            for t0 in range(0, N, TT):
+            for t0 in range(lo, hi, TT):
                 t = t0 + tl.arange(0, TT)
                 live = (b * N + t) < seq_len      # rows past seq_len may hold a recycled page's bytes
                 kx = tl.load(slot.to(tl.pointer_type(tl.bfloat16)) + t[:, None] * D + d[None, :],
@@ -748,7 +763,10 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 # Register prefetch (LUT >= 2): tile t+1's code words and gains are loaded before tile t is
                 # decoded, so their latency hides behind this tile's work; the first tile's loads are issued here,
                 # ahead of the query rotation below.
-                t = tl.arange(0, TT)
+                if SUB == 1:
+                    t = tl.arange(0, TT)
+                else:
+                    t = lo + tl.arange(0, TT)
                 if KI8 and not PRECISE:
                     k_nxt = _kbytes(slot + K_CODES, t, t < N, D)
                 else:
@@ -756,12 +774,12 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 kg_nxt = tl.load((slot + K_GAIN).to(tl.pointer_type(tl.float16)) + t)
                 v_nxt = _raw16(slot + KV_OFF + V_CODES, t, t < N, D * VBITS // 8, D, VBITS, VG, VNB, TT, LUT)
                 vg_nxt = tl.load((slot + KV_OFF + V_GAIN).to(tl.pointer_type(tl.float16)) + t)
-            for t0 in tl.range(0, N, TT, num_stages=NS):
+            for t0 in tl.range(lo, hi, TT, num_stages=NS):
                 t = t0 + tl.arange(0, TT)
                 if PF:
                     k_raw, kg, v_raw, vg = k_nxt, kg_nxt, v_nxt, vg_nxt
                     tn = t + TT
-                    nm = tn < N
+                    nm = tn < hi
                     if KI8 and not PRECISE:
                         k_nxt = _kbytes(slot + K_CODES, tn, nm, D)
                     else:
@@ -879,7 +897,7 @@ def _attn_kernel(q_ptr, q_row, q_head, src_ptr, qpos_ptr, req_ptr, cache_ptr, c_
                 acc_rot = acc_rot - psum[:, None] * (1024.0 + (1 << VBITS))
             acc += (_hada(acc_rot, hd, BM, D, PRECISE, BF16DOT) * (rsg / vlam)[None, :]
                     + cmass[:, None] * vmean[None, :])
-    if (not EXACT) and (n_sealed % SPLITS == split):
+    if (not EXACT) and (n_items % SPLITS == split):
         tail_len = seq_len - n_sealed * N
         tail_end = tail_len
         if PREFILL:
@@ -1312,7 +1330,7 @@ class KakeyaKernels:
                   fused: bool | None = None, out: torch.Tensor | None = None,
                   maxnreg: int | None = None, swap: bool = False, pf: bool = False,
                   prefill: bool = False, scratch: bool | str = False, ki8: bool = False,
-                  vi8: bool = False, tail_tpp: int = 0) -> torch.Tensor:
+                  vi8: bool = False, tail_tpp: int = 0, sub: int = 1) -> torch.Tensor:
         """lut / fused / tt / num_warps / maxnreg: kernel variant (None: the constructor's). out: optional
         [T, Hq, D] destination (fused path: the combine kernel writes it in place, in its dtype). maxnreg: register
         cap per thread (more programs per SM). bm (query rows per tile) only applies when no plan is given.
@@ -1333,7 +1351,9 @@ class KakeyaKernels:
         kernel (PREFILL_CANDIDATES["scratch_fa"]; needs vLLM's FlashAttention).
         tail_tpp > 0 (KAKEYA_TAIL_STORAGE=pages): tail_k / tail_v are bf16 views [pages, Hkv, tail_tpp, D] of the
         tail rows of ``cache`` (tailpages.tail_view), the tails sit in each request's pages at block-table positions
-        n_sealed .. and tail_slot is not read (see _attn_kernel's TPP)."""
+        n_sealed .. and tail_slot is not read (see _attn_kernel's TPP).
+        sub (opt-in, 1 / 2 / 4): each sealed block is SUB work items of 512 / sub tokens, so a small batch can spread
+        over more programs (splits up to sub x blocks; see _attn_kernel's SUB); 512 / sub must be a multiple of tt."""
         pick = lambda v, default: default if v is None else v   # noqa: E731
         if scratch not in (True, False, 0, 1, "flash"):
             raise ValueError(f"scratch must be a bool or 'flash', got {scratch!r}")
@@ -1352,12 +1372,12 @@ class KakeyaKernels:
                             splits, bm, precise, out_dtype, plan, pick(tt, self.tt), pick(num_warps, self.num_warps),
                             diag, pick(lut, self.lut), num_stages, pick(fused, self.fused), out,
                             pick(maxnreg, self.maxnreg), swap=swap, pf=pf, prefill=prefill, ki8=ki8, vi8=vi8,
-                            tail_tpp=tail_tpp)
+                            tail_tpp=tail_tpp, sub=sub)
 
     def _launch(self, q, q_pos, q_req, cache, block_table, n_sealed, seq_lens, tail_k, tail_v, tail_slot, scale,
                 splits, bm, precise, out_dtype, plan, tt, num_warps, diag, lut, num_stages, fused, out,
                 maxnreg=None, exact_kv_off: int = 0, swap: bool = False, pf: bool = False, prefill: bool = False,
-                ki8: bool = False, vi8: bool = False, tail_tpp: int = 0):
+                ki8: bool = False, vi8: bool = False, tail_tpp: int = 0, sub: int = 1):
         """Causal attention of packed query tokens against sealed blocks + exact tail.
 
         q [T, Hq, D]; q_pos [T] absolute positions; q_req [T] request of each token (tokens of one request are
@@ -1397,6 +1417,8 @@ class KakeyaKernels:
         if tail_tpp and (tail_k.dim() != 4 or tail_k.shape[2] != tail_tpp or tail_k.stride() != tail_v.stride()):
             raise ValueError(f"tail_tpp={tail_tpp}: tail_k / tail_v must be page views [pages, Hkv, {tail_tpp}, D] "
                              f"with equal strides, got {tuple(tail_k.shape)}")
+        if sub not in (1, 2, 4) or (BLOCK_TOKENS // sub) % tt:
+            raise ValueError(f"sub must be 1, 2 or 4 with {BLOCK_TOKENS} / sub a multiple of tt={tt}, got sub={sub!r}")
         ki8 = bool(ki8) and not precise and not exact_kv_off   # precise / exact pages: the ordinary path
         if ki8:
             if self._ki8_step is None:
@@ -1449,7 +1471,7 @@ class KakeyaKernels:
             PRECISE=precise, DIAG=diag, LUT=lut,
             NS=num_stages, GATHER=int(fused), GQA=g_arg, ASM=int(not _INTERPRET),
             SWAP=int(bool(swap) and not precise), PF=int(bool(pf) and not diag), PREFILL=int(bool(prefill)),
-            KI8=int(ki8), VI8=int(bool(vi8)), TPP=int(tail_tpp), num_warps=num_warps, **steps,
+            KI8=int(ki8), VI8=int(bool(vi8)), TPP=int(tail_tpp), SUB=int(sub), num_warps=num_warps, **steps,
             **_regs(maxnreg))
         if fused:
             if out is None:

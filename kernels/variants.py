@@ -100,6 +100,16 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               # without pf 5.67 (0), 4 programs/SM each; D=64 TUNED 7.52 -> ki8 6.48). The decoded-K path without pf
               # (r168_fill3) was 6.66.
               "ki8": {d: dict(v, ki8=True, pf=False) for d, v in TUNED.items()}}
+# Session 15 (not yet timed): the default (ki8) with each sealed block split into 4 work items of 128 tokens
+# (_attn_kernel SUB), for small batches: the full grid on an H100 had batch 1 at 0.38-0.85x FA3 (16k, D=128: 74.1 vs
+# 33.6 us) because one request gives only 8 heads x blocks programs of one whole block each (a 512-token block is one
+# program's latency). Each item re-rotates the query and undoes the V transform, so large batches should lose: the
+# bench's full grid decides where (if anywhere) the default should take it. SUB 1 compiles to the same SASS as before
+# (compile_check --against, 184/184 identical).
+CANDIDATES["ki8_sub4"] = {d: dict(v, sub=4) for d, v in CANDIDATES["ki8"].items()}
+CANDIDATES["ki8_sub2"] = {d: dict(v, sub=2) for d, v in CANDIDATES["ki8"].items()}
+# Candidates for small batches, timed over the decode grid (bench --grid-variant), not in the batch-16 sweep.
+GRID_ONLY = ("ki8_sub2", "ki8_sub4")
 # Session 7's default (REG4, "reg4") left the sweep for "linear" (<= 8 variants per head_dim); TUNED vs REG4 is
 # measured in the session 8 numbers above.
 # Session 12: "r168_fill3" (D=128: no prefetch, cap 168, fill 3; spill-free) and "swap_r168_fill3" (the same with swap)
@@ -112,7 +122,7 @@ RETIRED = {"r168_fill3": {128: dict(REG4[128], maxnreg=168, waves=None, fill=3),
 # Relative difference allowed between two variants' outputs on the same inputs (the bench's acceptance bound and
 # the parity tests'): bf16 outputs of the same math differ by rounding (~2e-3 relative); more means broken.
 ACCEPT_REL = 1e-2
-KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch", "ki8", "vi8")   # swap, pf: not
+KERNEL_KEYS = ("lut", "fused", "tt", "num_warps", "maxnreg", "swap", "pf", "prefill", "scratch", "ki8", "vi8", "sub")   # swap, pf: not
 # in BASELINE (swap: no candidate since session 9, the kernel keeps it); prefill, scratch: only in PREFILL_CANDIDATES
 
 
@@ -152,11 +162,12 @@ def num_splits(v: dict, n_tiles: int, hkv: int, max_blocks: int, sms: int) -> in
     down: a grid of 4.85 programs per SM with 4 resident runs two waves); else ``waves``: about that many programs
     per SM (round up); else a fixed count."""
     tiles = max(1, n_tiles * hkv)
+    items = max_blocks * v.get("sub", 1) + 1          # "sub": each sealed block is that many work items
     if v.get("fill"):
-        return max(1, min(max_blocks + 1, v["fill"] * sms // tiles))
+        return max(1, min(items, v["fill"] * sms // tiles))
     if v.get("waves") is None:
         return FIXED_SPLITS
-    return max(1, min(max_blocks + 1, math.ceil(v["waves"] * sms / tiles)))
+    return max(1, min(items, math.ceil(v["waves"] * sms / tiles)))
 
 
 # Prefill / mixed-step launches (KAKEYA_PREFILL_VARIANT: "tuned" = PREFILL_TUNED below, the default, timed at kernel

@@ -164,3 +164,51 @@ def test_fast_recipe_is_the_uniform_k_codec_in_the_hf_harness():
     assert "K grid uniform" in f.notes
     g = from_recipe(str(root / "deploy" / "recipes" / "smollm2-135m-instruct-quality.env"), 30)
     assert g.codec.k_table is None
+
+
+@pytest.mark.parametrize("d,sub,splits", [(64, 4, (1, 7)), (128, 2, (3,))])
+def test_sub_block_items_give_the_same_attention(d, sub, splits):
+    """The small-batch split (attention sub: each sealed block = sub work items of 512 / sub tokens, candidate
+    ki8_sub4): on one cache, ragged lengths (a request with no sealed block, one ending exactly on a block), any split
+    count (the tail goes to split n_items % splits), within ACCEPT_REL of sub 1 and 5e-3 of float64."""
+    from kakeya_kernels.variants import kernel_args
+    lens, hkv, gqa = [1077, 1, 1024], 2, 4
+    kk, sc, refs = _build(lens, hkv, d, 3, True, seed=d + sub)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=torch.Generator().manual_seed(sub)).bfloat16().to(DEV)
+    pos = torch.tensor([n - 1 for n in lens], device=DEV)
+    req = torch.arange(len(lens), device=DEV)
+    v = CANDIDATES[f"ki8_sub{sub}"][d] if f"ki8_sub{sub}" in CANDIDATES else dict(CANDIDATES["ki8"][d], sub=sub)
+    assert v["sub"] == sub
+    plan = kk.plan(pos, req, len(lens), gqa, bm=v["bm"])
+    run = lambda w, n: kk.attention(q, pos, req, scale=d ** -0.5, plan=plan, out_dtype=torch.float32,  # noqa: E731
+                                    splits=n, **kernel_args(w), **sc).double().cpu()
+    ref = run(dict(v, sub=1), 5)
+    for n in splits:
+        out = run(v, n)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < ACCEPT_REL, n
+        for i in range(len(lens)):
+            assert rel_err(out[i], ref_attention(q[i], lens[i] - 1, refs[i], gqa)) < 5e-3, (n, i)
+
+
+def test_sub_is_validated_and_widens_the_split_bound():
+    from kakeya_kernels.variants import num_splits
+    kk, sc, _ = _build([600], 1, 64, 3, True, seed=1)
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16, device=DEV)
+    pos, req = torch.tensor([599], device=DEV), torch.tensor([0], device=DEV)
+    for bad in (3, 8, 0):
+        with pytest.raises(ValueError, match="sub must be"):
+            kk.attention(q, pos, req, scale=0.125, sub=bad, tt=64, **sc)
+    with pytest.raises(ValueError, match="sub must be"):
+        kk.attention(q, pos, req, scale=0.125, sub=4, tt=256, **sc)    # 128-token items, 256-token tiles
+    v = dict(CANDIDATES["ki8"][64])
+    assert num_splits(dict(v, sub=4), 1, 8, 32, 132) == min(32 * 4 + 1, v["fill"] * 132 // 8)
+    assert num_splits(v, 1, 8, 32, 132) == 33
+
+
+def test_sub_candidates_need_the_uniform_k_grid_too():
+    from kakeya_kv.config import ConfigError, KakeyaConfig
+    for name in ("candidate:ki8_sub4", "candidate:ki8_sub2"):
+        assert KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": name}).decode_variant == name     # auto -> uniform
+        with pytest.raises(ConfigError, match="uniform"):
+            KakeyaConfig.from_env({"KAKEYA_DECODE_VARIANT": name, "KAKEYA_K_GRID": "lloyd"})

@@ -24,8 +24,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from kakeya_kernels.kakeya_triton import LINEAR_LUTS, KakeyaKernels
 from kakeya_kv import lloyd_max
-from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, CANDIDATES, PREFILL_CANDIDATES, TUNED, kernel_args,
-                                     num_splits)
+from kakeya_kernels.variants import (ACCEPT_REL, BASELINE, CANDIDATES, GRID_ONLY, PREFILL_CANDIDATES, TUNED,
+                                     kernel_args, num_splits)
 
 HKV, GQA = 8, 4
 BASELINE_VARIANT = dict(lut=0, fused=False, tt=64, num_warps=8, maxnreg=None, bm=16, waves=2)   # sessions 2-5 path
@@ -50,7 +50,8 @@ def short_sweep(d: int) -> list[dict]:
     """Baseline, the backend's tuned default and the opt-in candidates (variants.CANDIDATES; earlier runners-up are
     in the session JSONs): <= 8 variants, ~3 s of compile each on the device. (Session 7 timed a 2-stage pipelining
     probe of the default: 2.1x / 2.9x slower at D=64 / 128, so it is no longer swept.)"""
-    return [BASELINE_VARIANT, TUNED[d]] + [c[d] for c in CANDIDATES.values() if c[d] != TUNED[d]]
+    return [BASELINE_VARIANT, TUNED[d]] + [c[d] for name, c in CANDIDATES.items()
+                                           if c[d] != TUNED[d] and name not in GRID_ONLY]
 
 
 # Seal: the default (tf32x3 rotation) and the exact-Hadamard bf16x3 rotation without token-loop pipelining
@@ -529,14 +530,15 @@ def main():
     ap.add_argument("--grid", choices=("full", "goal", "goal16k", "none"), default="full",
                     help="decode grid after the sweep: every row, only issue 3's goal rows (context >= 16k, batch "
                          ">= 16), those at 16k, or none (then no seal/v13 rows either: a quick sweep-only call)")
-    ap.add_argument("--grid-variant", choices=("tuned", "best", "ki8"), default="tuned",
+    ap.add_argument("--grid-variant", choices=("tuned", "best", "ki8", "ki8_sub2", "ki8_sub4"), default="tuned",
                     help="the grid's launch: the backend default (TUNED), the sweep's fastest agreeing variant per "
                          "head_dim, or the int8 K-score launch (CANDIDATES['ki8'], needs --k-grid uniform); the last "
-                         "two timed next to TUNED in every row (the evidence a promotion needs)")
+                         "two timed next to TUNED in every row (the evidence a promotion needs); ki8_sub2 / ki8_sub4: "
+                         "ki8 with each sealed block split into 2 / 4 work items (small batches), timed next to ki8")
     ap.add_argument("--k-grid", choices=("lloyd", "uniform"), default="lloyd",
                     help="the K centroid table of every cache (KAKEYA_K_GRID): uniform is what ki8 reads")
     a = ap.parse_args()
-    if a.grid_variant == "ki8" and not (a.k_grid == "uniform" and a.kbits == 4):
+    if a.grid_variant.startswith("ki8") and not (a.k_grid == "uniform" and a.kbits == 4):
         ap.error("--grid-variant ki8 reads 4-bit K on the uniform grid: add --k-grid uniform (and --kbits 4)")
     t_end = time.time() + a.deadline_s
     props = torch.cuda.get_device_properties(0)
@@ -606,8 +608,8 @@ def main():
         grid_v.update(sweep_best(res["tuning"]))
         res["grid_variant"] = ("the sweep's fastest agreeing variant per head_dim (tuned_us: the backend default "
                                "TUNED in the same row), agreement-checked per row")
-    elif a.grid_variant == "ki8":
-        grid_v.update({d: CANDIDATES["ki8"][d] for d in kks})
+    elif a.grid_variant.startswith("ki8"):
+        grid_v.update({d: CANDIDATES[a.grid_variant][d] for d in kks})
         res["grid_variant"] = ("the int8 K-score launch CANDIDATES['ki8'] on K uniform-grid caches (tuned_us: TUNED in "
                                "the same row, same cache), agreement-checked per row")
 
@@ -631,6 +633,8 @@ def main():
                "us_eager": eager, "rel_diff_vs_baseline": diff, **v}
         if v != TUNED[d]:
             out["tuned_us"] = graph_us(sc.fn(TUNED[d]))
+        if v.get("sub", 1) > 1:       # the small-batch split next to the launch it modifies, same cache
+            out["ki8_us"] = graph_us(sc.fn(CANDIDATES["ki8"][d]))
         del sc, fn
         _free_cuda()
         fa, fa_bytes, fa_name = fa_decode_fn(batch, ctx, d)

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 import sass_count as S
 from bench_kernels import SEAL_VARIANTS, SWEEP, short_sweep
 from kakeya_kernels import kakeya_triton as K
-from kakeya_kernels.variants import PREFILL_CANDIDATES, decode_variant, prefill_variant
+from kakeya_kernels.variants import CANDIDATES, PREFILL_CANDIDATES, decode_variant, prefill_variant
 from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 from kakeya_v1_3_ppl.tailpages import TailGeometry
 
@@ -98,7 +98,7 @@ def _served(d, v, tpp, gqa=4):
     """A served launch (variants.decode_variant / prefill_variant dict) with tails in pages of tpp tokens."""
     return _fits(S.compile_attn(d, 4, 3, v["lut"], v["tt"], v["num_warps"], bm=v["bm"], maxnreg=v["maxnreg"],
                                 fused=v["fused"], gqa=gqa, pf=v.get("pf", False), prefill=v.get("prefill", False),
-                                ki8=v.get("ki8", False), tpp=tpp))
+                                ki8=v.get("ki8", False), tpp=tpp, sub=v.get("sub", 1)))
 
 
 def jobs(quick: bool):
@@ -160,6 +160,8 @@ def jobs(quick: bool):
         for what, v in (("decode", decode_variant("tuned", d, True)), ("decode lloyd", decode_variant("tuned", d)),
                         ("prefill", prefill_variant("tuned", d))):
             out.append((f"tail pages {what} D={d} tpp={tpp}", _served, (d, v, tpp)))
+        for name in ("ki8_sub2", "ki8_sub4"):       # the small-batch split (candidates; SUB 1 = the default's SASS)
+            out.append((f"decode {name} D={d}", _served, (d, CANDIDATES[name][d], 0)))
         out.append((f"tail gather D={d} tpp={tpp}", tail_gather, (d, tpp)))
         out.append((f"tail gather (block table) D={d} tpp={tpp}", tail_gather, (d, tpp, 1)))
         out.append((f"tail write D={d} tpp={tpp}", tail_write, (d, tpp)))

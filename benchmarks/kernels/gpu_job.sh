@@ -27,7 +27,7 @@ python3 -c "import torch; p = torch.cuda.get_device_properties(0); print('SMs', 
 BUDGET=${KERNEL_BUDGET_S:-450}      # the whole job; the bench gets half of it (at most 230 s of new work)
 BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 [ "${KERNEL_PARITY:-1}" = 0 ] && BENCH_S=$(( BUDGET - 60 ))     # no parity after it: the bench gets the call
-# KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best|ki8 (the grid's launch: TUNED, the
+# KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best|ki8|ki8_sub2|ki8_sub4 (the grid's launch: TUNED, the
 # sweep's winner per head_dim or the int8 K-score launch, the last two timed next to TUNED in each row),
 # KERNEL_K_GRID=lloyd|uniform (every cache's K table; ki8 needs uniform), KERNEL_PARITY=0 skips the parity suite.
 # KERNEL_PREFILL=1: the prefill rows first (bench --prefill: each of variants.PREFILL_CANDIDATES vs the baseline launch

@@ -37,11 +37,12 @@ _ALIGNED_INTS = {"q_row", "q_head", "c_page", "c_head", "t_slot", "t_head", "t_t
 def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: int = 8, bm: int = 16, arch: int = 90,
                  maxnreg: int | None = None, mod=K, fused: bool = False, precise: bool = False, gqa: int = 4,
                  swap: bool = False, ns: int = 1, pf: bool = False, prefill: bool = False, exact: bool = False,
-                 ki8: bool = False, vi8: bool = False, tpp: int = 0):
+                 ki8: bool = False, vi8: bool = False, tpp: int = 0, sub: int = 1):
     """mod: the kernels module (another version can be loaded with load_kernels(path) to compare). ns: software
     pipeline stages of the block loops (KakeyaKernels.attention's num_stages). exact: the exact-page launch
     (attention_exact: boundary layers, the scratch prefill path). tpp: tokens per page of exact tails read from the
-    requests' pages (KAKEYA_TAIL_STORAGE=pages; 0 = per-request tail rows)."""
+    requests' pages (KAKEYA_TAIL_STORAGE=pages; 0 = per-request tail rows). sub: parts per sealed block (the
+    small-batch split, _attn_kernel's SUB)."""
     lay = kakeya_layout(d, kb, vb)
     kl, vl = lay.k, lay.v
     (kg, knb), (vg, vnb) = K._group(kb), K._group(vb)
@@ -53,7 +54,7 @@ def compile_attn(d: int, kb: int, vb: int, lut: int, tt: int = 64, num_warps: in
                  PREFILL=int(prefill),
                  ROT_PREC="tf32", SPLITS=8,   # these two: older versions
                  KSTEP=1.0, VSTEP=1.0,        # the kernel's defaults (a launch passes them only for lut 5-7)
-                 KI8=int(ki8), VI8=int(vi8), TPP=int(tpp))
+                 KI8=int(ki8), VI8=int(vi8), TPP=int(tpp), SUB=int(sub))
     # The steps of uniform-grid tables, as KakeyaKernels passes them: both for lut 5-7, K's for ki8, V's for vi8.
     linear = lut in getattr(mod, "LINEAR_LUTS", ())
     if linear or ki8 or vi8:
