@@ -1008,8 +1008,9 @@ def gather_tail_blocks(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, i
 
 
 @triton.jit
-def _tail_write_kernel(k_ptr, v_ptr, x_tok, x_head, dst_k, dst_v, s_page, s_head, s_tok, bt_ptr, bt_row, bt_w,
-                       pos_ptr, slot_ptr, skip_slot, TPP: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+def _tail_write_kernel(k_ptr, v_ptr, k_tok, k_head, v_tok, v_head, dst_k, dst_v, s_page, s_head, s_tok, bt_ptr,
+                       bt_row, bt_w, pos_ptr, slot_ptr, skip_slot, TPP: tl.constexpr, D: tl.constexpr,
+                       N: tl.constexpr):
     """Decode token of request row r (position pos[r]) -> its tail page, row (pos % N) % TPP, unless its slot is
     ``skip_slot`` (padding and read-only rows write nothing)."""
     r = tl.program_id(0)
@@ -1021,9 +1022,9 @@ def _tail_write_kernel(k_ptr, v_ptr, x_tok, x_head, dst_k, dst_v, s_page, s_head
     pg = _tail_page(bt_ptr, bt_row, bt_w, r, pos // N, off, TPP)
     d = tl.arange(0, D)
     dst = pg * s_page + head * s_head + (off % TPP) * s_tok + d
-    src = r.to(tl.int64) * x_tok + head * x_head + d
-    tl.store(dst_k + dst, tl.load(k_ptr + src).to(dst_k.dtype.element_ty))
-    tl.store(dst_v + dst, tl.load(v_ptr + src).to(dst_v.dtype.element_ty))
+    r64 = r.to(tl.int64)
+    tl.store(dst_k + dst, tl.load(k_ptr + r64 * k_tok + head * k_head + d).to(dst_k.dtype.element_ty))
+    tl.store(dst_v + dst, tl.load(v_ptr + r64 * v_tok + head * v_head + d).to(dst_v.dtype.element_ty))
 
 
 def write_tail_tokens(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -1035,15 +1036,18 @@ def write_tail_tokens(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, ke
     hkv, tpp, d = tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
     if B == 0:
         return
-    if tail_k_pages.stride() != tail_v_pages.stride() or key.stride() != value.stride():
-        raise ValueError("the K and V views (and key and value) must share strides")
-    if key.shape[0] < B or tuple(key.shape[1:]) != (hkv, d) or key.stride(2) != 1 or tail_k_pages.stride(3) != 1:
-        raise ValueError(f"key / value must be [>= {B}, {hkv}, {d}] with unit stride in the last dim, got "
-                         f"{tuple(key.shape)}")
+    if tail_k_pages.stride() != tail_v_pages.stride():
+        raise ValueError("the K and V views must share strides")
+    # key and value may differ in strides (e.g. K normalised into a new tensor, V still a view of the qkv output)
+    for x in (key, value):
+        if x.shape[0] < B or tuple(x.shape[1:]) != (hkv, d) or x.stride(2) != 1 or tail_k_pages.stride(3) != 1:
+            raise ValueError(f"key / value must be [>= {B}, {hkv}, {d}] with unit stride in the last dim, got "
+                             f"{tuple(x.shape)}")
     if block_table.shape[0] < B or block_table.stride(1) != 1:
         raise ValueError(f"block table of {block_table.shape[0]} rows for {B} requests (or not row-contiguous)")
     _tail_write_kernel[(B, hkv)](
-        key, value, key.stride(0), key.stride(1), tail_k_pages, tail_v_pages, tail_k_pages.stride(0),
+        key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1), tail_k_pages, tail_v_pages,
+        tail_k_pages.stride(0),
         tail_k_pages.stride(1), tail_k_pages.stride(2), block_table, block_table.stride(0), int(block_table.shape[1]),
         q_pos, slot, int(skip_slot), TPP=tpp, D=d, N=BLOCK_TOKENS, num_warps=1)
 

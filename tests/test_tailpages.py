@@ -108,8 +108,12 @@ def test_decode_write_puts_each_token_in_its_tail_page_row_and_skips_flagged_slo
     val = torch.randn(3, hkv, d, generator=gen).bfloat16()
     before = kv.clone()
     view = tail_view(kv, g)
-    write_tail_tokens(view[:, :, 0], view[:, :, 1], key.to(DEV), val.to(DEV), bt.to(DEV), pos.to(DEV),
-                      slot.to(DEV), 7)
+    # V as a view of a wider qkv-like buffer (other strides than K), as vLLM passes it after a K norm
+    qkv = torch.zeros(3, 3 * hkv * d, dtype=torch.bfloat16)
+    qkv[:, 2 * hkv * d:] = val.reshape(3, hkv * d)
+    v_view = qkv.to(DEV)[:, 2 * hkv * d:].view(3, hkv, d)
+    assert v_view.stride() != key.stride()
+    write_tail_tokens(view[:, :, 0], view[:, :, 1], key.to(DEV), v_view, bt.to(DEV), pos.to(DEV), slot.to(DEV), 7)
     want = tail_view(before.clone().cpu(), g)
     for r in (0, 2):
         p = int(pos[r])
