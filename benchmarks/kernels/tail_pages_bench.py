@@ -1,6 +1,7 @@
 """KAKEYA_TAIL_STORAGE=pages vs the pool, kernel level (GPU): the served decode launch reading each request's exact
 tail from per-request rows (pool) and from its own pages (tail_tpp), on the same sealed cache and the same tail
-values; and the masked block copy a seal needs (gather_tail_blocks), with every row / no row flagged.
+values; the masked block copy a seal needs (gather_tail_blocks), with every row / no row flagged and in the decode
+step's block-table form; and the decode step's token write (write_tail_tokens) vs the pool's index_put.
 
     python benchmarks/kernels/tail_pages_bench.py [--out tail_pages.json] [--batches 16,48,96] [--context 8192]
 
@@ -16,7 +17,7 @@ import json
 import torch
 import triton
 
-from kakeya_kernels.kakeya_triton import KakeyaKernels, gather_tail_blocks
+from kakeya_kernels.kakeya_triton import KakeyaKernels, gather_tail_blocks, write_tail_tokens
 from kakeya_kernels.variants import decode_variant, kernel_args, num_splits
 from kakeya_kv import lloyd_max
 from kakeya_kv.format import BLOCK_TOKENS
@@ -74,10 +75,31 @@ def run(d: int, batch: int, context: int, dev, bench=triton.testing.do_bench, sm
     def copy(which):
         return lambda: gather_tail_blocks(view[:, :, 0], view[:, :, 1], ids, flags[which], scratch_k, scratch_v, slot)
 
+    # The decode step's forms (runtime.forward_decode): page ids from the block table in the copy, and the write of
+    # the step's token into its tail page (slot -1 matches no row: every row writes; the pool path is one
+    # torch index_put per K and V).
+    def copy_bt():
+        return gather_tail_blocks(view[:, :, 0], view[:, :, 1], bt, flags["none"], scratch_k, scratch_v, slot,
+                                  q_pos=q_pos32)
+
+    q_pos32 = q_pos.to(torch.int32)
+    kd = torch.randn(batch, HKV, d, device=dev, generator=g).bfloat16()
+    vd = torch.randn(batch, HKV, d, device=dev, generator=g).bfloat16()
+    slot64 = slot.long()
+
+    def write():
+        return write_tail_tokens(view[:, :, 0], view[:, :, 1], kd, vd, bt, q_pos32, slot64, -1)
+
+    def write_pool():
+        off = q_pos % BLOCK_TOKENS
+        tk[slot64, :, off] = kd
+        tv[slot64, :, off] = vd
+
     row = {"head_dim": d, "batch": batch, "context": context, "tail_tokens": tail, "tokens_per_page": tpp,
            "outputs_identical": same}
     for name, fn in (("attn_pool_us", pool), ("attn_pages_us", pages), ("copy_all_rows_us", copy("all")),
-                     ("copy_no_row_us", copy("none"))):
+                     ("copy_no_row_us", copy("none")), ("copy_bt_no_row_us", copy_bt),
+                     ("write_pages_us", write), ("write_pool_us", write_pool)):
         row[name] = round(bench(fn, warmup=25, rep=100) * 1e3, 1)
     row["pages_vs_pool"] = round(row["attn_pages_us"] / row["attn_pool_us"], 3)
     return row
@@ -93,10 +115,12 @@ def main() -> int:
     dev = torch.device("cuda")
     rows = [run(d, b, a.context, dev) for d in map(int, a.head_dims.split(",")) for b in map(int, a.batches.split(","))]
     json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, open(a.out, "w"), indent=1)
-    print(f"{'D':>4} {'batch':>5} {'pool us':>9} {'pages us':>9} {'ratio':>6} {'copy all':>9} {'copy none':>9} same")
+    print(f"{'D':>4} {'batch':>5} {'pool us':>9} {'pages us':>9} {'ratio':>6} {'copy all':>9} {'copy none':>9} "
+          f"{'bt none':>8} {'write pg':>8} {'write pool':>10} same")
     for r in rows:
         print(f"{r['head_dim']:>4} {r['batch']:>5} {r['attn_pool_us']:>9} {r['attn_pages_us']:>9} "
-              f"{r['pages_vs_pool']:>6} {r['copy_all_rows_us']:>9} {r['copy_no_row_us']:>9} {r['outputs_identical']}")
+              f"{r['pages_vs_pool']:>6} {r['copy_all_rows_us']:>9} {r['copy_no_row_us']:>9} "
+              f"{r['copy_bt_no_row_us']:>8} {r['write_pages_us']:>8} {r['write_pool_us']:>10} {r['outputs_identical']}")
     return 0 if all(r["outputs_identical"] for r in rows) else 1
 
 
