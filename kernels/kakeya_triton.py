@@ -1036,11 +1036,11 @@ def write_tail_tokens(tail_k_pages: torch.Tensor, tail_v_pages: torch.Tensor, ke
     hkv, tpp, d = tail_k_pages.shape[1], tail_k_pages.shape[2], tail_k_pages.shape[3]
     if B == 0:
         return
-    if tail_k_pages.stride() != tail_v_pages.stride():
-        raise ValueError("the K and V views must share strides")
+    if tail_k_pages.stride() != tail_v_pages.stride() or tail_k_pages.stride(3) != 1:
+        raise ValueError("the K and V views must share strides, unit stride in the last dim")
     # key and value may differ in strides (e.g. K normalised into a new tensor, V still a view of the qkv output)
     for x in (key, value):
-        if x.shape[0] < B or tuple(x.shape[1:]) != (hkv, d) or x.stride(2) != 1 or tail_k_pages.stride(3) != 1:
+        if x.shape[0] < B or tuple(x.shape[1:]) != (hkv, d) or x.stride(2) != 1:
             raise ValueError(f"key / value must be [>= {B}, {hkv}, {d}] with unit stride in the last dim, got "
                              f"{tuple(x.shape)}")
     if block_table.shape[0] < B or block_table.stride(1) != 1:

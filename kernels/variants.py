@@ -102,8 +102,8 @@ CANDIDATES = {"t128_reg4": {d: dict(v, tt=128, maxnreg=128 if d == 128 else None
               "ki8": {d: dict(v, ki8=True, pf=False) for d, v in TUNED.items()}}
 # Session 15 (not yet timed): the default (ki8) with each sealed block split into 4 work items of 128 tokens
 # (_attn_kernel SUB), for small batches: the full grid on an H100 had batch 1 at 0.38-0.85x FA3 (16k, D=128: 74.1 vs
-# 33.6 us) because one request gives only 8 heads x blocks programs of one whole block each (a 512-token block is one
-# program's latency). Each item re-rotates the query and undoes the V transform, so large batches should lose: the
+# 33.6 us), likely (inferred from the launch shape, not profiled) because one request gives only 8 heads x blocks
+# programs of one whole block each (a 512-token block is one program's latency). Each item re-rotates the query and undoes the V transform, so large batches should lose: the
 # bench's full grid decides where (if anywhere) the default should take it. SUB 1 compiles to the same SASS as before
 # (compile_check --against, 184/184 identical).
 CANDIDATES["ki8_sub4"] = {d: dict(v, sub=4) for d, v in CANDIDATES["ki8"].items()}

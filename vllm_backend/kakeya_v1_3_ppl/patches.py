@@ -218,7 +218,8 @@ def apply() -> None:
     import os
     # The env itself, not settings(): a bad KAKEYA_* value must not fail the plugin's registration in engines
     # that do not use this backend (the backend validates every knob when it is built).
-    if os.environ.get("KAKEYA_TAIL_STORAGE", TAIL_STORAGE_DEFAULT).strip().lower() == "pages":
+    # Unset or blank means the default, as in kakeya_kv.config._tail_storage.
+    if ((os.environ.get("KAKEYA_TAIL_STORAGE") or "").strip().lower() or TAIL_STORAGE_DEFAULT) == "pages":
         from kakeya_kv.format import SUPPORTED_HEAD_DIMS
 
         from .checks import settings
