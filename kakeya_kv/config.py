@@ -238,6 +238,33 @@ def _tail_storage(env, fmt: str) -> str:
     return v
 
 
+PREFILL_ATTENDS = ("blocks", "chunk")
+
+
+def _prefill_attend(env, fmt: str, tail_storage: str, prefill_variant: str) -> str:
+    """KAKEYA_PREFILL_ATTEND: what a prefill chunk's queries read of the chunk's own earlier tokens. blocks (default):
+    every 512-token block before the query's own is read compressed, as a later decode step reads it (the chunk runs
+    in one phase per block it touches: write, attend, seal). chunk: the scheduled chunk's tokens (and the tail's
+    tokens before them) attend each other exact and only blocks sealed in earlier steps are read compressed, as
+    vLLM's TurboQuant continuation prefill does; one attention launch per step and one seal of all blocks the chunk
+    filled (runtime.forward_span). With 512-token chunks on block boundaries both give the same result. NOT yet
+    timed on a GPU; tails in the pool only, not with the scratch prefill candidates."""
+    v = _choice_env(env, "KAKEYA_PREFILL_ATTEND", "blocks", PREFILL_ATTENDS)
+    if v == "chunk":
+        if fmt != "kakeya":
+            raise ConfigError(f"KAKEYA_PREFILL_ATTEND=chunk applies to KAKEYA_FORMAT=kakeya (got {fmt!r}); unset it")
+        if tail_storage != "pool":
+            raise ConfigError("KAKEYA_PREFILL_ATTEND=chunk keeps tails in the pool only (KAKEYA_TAIL_STORAGE="
+                              f"{tail_storage!r}); set KAKEYA_TAIL_STORAGE=pool or unset KAKEYA_PREFILL_ATTEND")
+        from kakeya_kernels.variants import PREFILL_CANDIDATES
+        cand = prefill_variant.split(":", 1)[1] if prefill_variant.startswith("candidate:") else None
+        if cand is not None and any(v.get("scratch") for v in PREFILL_CANDIDATES[cand].values()):
+            raise ConfigError(f"KAKEYA_PREFILL_ATTEND=chunk does not run the scratch prefill launches "
+                              f"(KAKEYA_PREFILL_VARIANT={prefill_variant!r}: they read tails of at most 512 tokens); "
+                              "unset one of them")
+    return v
+
+
 def _memory_log(env) -> str | None:
     """KAKEYA_MEMORY_LOG: a file the engine worker appends its torch CUDA memory to (JSON lines, at most one per
     second); its directory must exist. Unset = no log."""
@@ -326,6 +353,7 @@ class KakeyaConfig:
     # percentage of GPU memory (an explicit --max-num-seqs is kept, up to checks.check_tail_pool's 25 % refusal).
     tail_pool_percent: int = 5
     tail_storage: str = "pool"    # exact tails: pool (per-slot rows, outside vLLM's budget) | pages (request's pages)
+    prefill_attend: str = "blocks"  # a prefill chunk's own earlier tokens: blocks (read compressed) | chunk (exact)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -350,6 +378,7 @@ class KakeyaConfig:
         k_bits = _int_env(env, "KAKEYA_K_BITS", 4 if fmt == "kakeya" else 3, ALLOWED_BITS[fmt]["k"])
         decode_variant = _decode_variant_env(env)
         calibration = env.get("KAKEYA_CALIBRATION") or None
+        prefill_variant, tail_storage = _prefill_variant_env(env, fmt), _tail_storage(env, fmt)
         return cls(
             format=fmt,
             k_bits=k_bits,
@@ -363,11 +392,12 @@ class KakeyaConfig:
             v13_attention=_v13_attention(env, fmt),
             decode_variant=decode_variant,
             k_grid=_k_grid(env, fmt, k_bits, layer_bits, decode_variant, calibration),
-            prefill_variant=_prefill_variant_env(env, fmt),
+            prefill_variant=prefill_variant,
             exact_attention=_exact_attention(env, fmt, boundary),
             memory_log=_memory_log(env),
             tail_pool_percent=_int_env(env, "KAKEYA_TAIL_POOL_PERCENT", 5, tuple(range(1, 26))),
-            tail_storage=_tail_storage(env, fmt),
+            tail_storage=tail_storage,
+            prefill_attend=_prefill_attend(env, fmt, tail_storage, prefill_variant),
         )
 
     @property

@@ -79,3 +79,18 @@ def test_env_file_reader(tmp_path):
     p.write_text("PATH=/bin\n")
     with pytest.raises(ConfigError, match="r.env:1"):
         read_env_file(p)
+
+
+def test_prefill_attend_knob():
+    assert KakeyaConfig.from_env({}).prefill_attend == "blocks"
+    assert KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "Chunk"}).prefill_attend == "chunk"
+    with pytest.raises(ConfigError, match="KAKEYA_PREFILL_ATTEND"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "all"})
+    with pytest.raises(ConfigError, match="KAKEYA_FORMAT=kakeya"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "chunk", "KAKEYA_FORMAT": "v13"})
+    with pytest.raises(ConfigError, match="KAKEYA_TAIL_STORAGE=pool"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "chunk", "KAKEYA_TAIL_STORAGE": "pages"})
+    with pytest.raises(ConfigError, match="scratch"):
+        KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "chunk", "KAKEYA_PREFILL_VARIANT": "candidate:scratch"})
+    cfg = KakeyaConfig.from_env({"KAKEYA_PREFILL_ATTEND": "chunk", "KAKEYA_PREFILL_VARIANT": "baseline"})
+    assert (cfg.prefill_attend, cfg.prefill_variant) == ("chunk", "baseline")

@@ -380,3 +380,70 @@ def test_prefill_candidates_compile_for_sm90_without_loop_spills(which, monkeypa
             if which == "device":
                 assert resident == v["waves"], f"{name} D={d}: sm_90 holds {resident} programs per SM, " \
                                                f"waves={v['waves']}"
+
+
+def test_chunk_exact_step_through_the_builder(glue, monkeypatch):  # noqa: F811 - fixture
+    """KAKEYA_PREFILL_ATTEND=chunk through the metadata builder (vLLM stand-ins) and forward_compressed, GQA 4, D 64:
+    a mixed step of a decode row (37 -> 38 tokens) and a chunk crossing a block (490 -> 1100: seals block 0 and 1
+    of its span), then a pure-decode step. The chunk is the step's span (one prefill launch, PREFILL_TUNED's tiles),
+    the decode row its only phase (the decode launch); the span seals the same pages as the block phases do, the
+    decode row's outputs are those of the block phases bit for bit, and the chunk's differ from them (it read its
+    own first block exact)."""
+    import threading
+    from types import SimpleNamespace
+
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl import context
+    from kakeya_v1_3_ppl.runtime import forward_compressed
+    monkeypatch.setattr(context, "_local", threading.local())
+    backend, spec_mod = glue
+    d, hkv, gqa, bits = 64, 1, 4, (3, 2)
+    ids, slots = ["a", "b"], np.array([1, 0])
+    start, step1, step2 = [37, 490], [38, 1100], [39, 1101]
+    bt = torch.tensor([[0, 5, 5], [1, 2, 3]], dtype=torch.int32, device=DEV)   # 5: never read
+    g = torch.Generator().manual_seed(11)
+    K = [(torch.randn(L, hkv, d, generator=g) + torch.randn(d, generator=g) * 3).bfloat16() for L in step2]
+    V = [torch.randn(L, hkv, d, generator=g).bfloat16() for L in step2]
+    Q = [torch.randn(L, hkv * gqa, d, generator=g).bfloat16() for L in step2]
+    kk = KakeyaKernels(d, *bits, DEV)
+    runs = {}
+    for mode in ("chunk", "blocks"):
+        b = _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, 2, KAKEYA_PREFILL_ATTEND=mode)
+        assert b.chunk_exact == (mode == "chunk")
+        cache = torch.zeros(6, hkv, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV)
+        tk = torch.zeros(2, hkv, 512, d, dtype=torch.bfloat16, device=DEV)
+        tv = torch.zeros_like(tk)
+        for r in range(2):
+            tk[slots[r], :, :start[r]] = K[r][:start[r]].transpose(0, 1).to(DEV)
+            tv[slots[r], :, :start[r]] = V[r][:start[r]].transpose(0, 1).to(DEV)
+            b.state.set(int(slots[r]), ids[r], 0, start[r])
+        outs, metas, prev = [], [], start
+        for seq in (step1, step2):
+            n = [seq[r] - prev[r] for r in range(2)]
+            qsl = np.concatenate([[0], np.cumsum(n)])
+            context.set_current(ids, slots, False)
+            qs, ss = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+            cam = SimpleNamespace(num_reqs=2, num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qs, seq_lens=ss,
+                                  seq_lens_cpu_upper_bound=None, max_query_len=max(n), block_table_tensor=bt,
+                                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+            meta = b.build(0, cam)
+            take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(2)]).to(DEV)   # noqa: E731
+            q = take(Q)
+            out = torch.zeros_like(q)
+            forward_compressed(kk, q, take(K), take(V), cache, tk, tv, meta.phases, bt, d ** -0.5, out, span=meta.span)
+            outs.append(out.float().cpu())
+            metas.append(meta)
+            prev = seq
+        runs[mode] = (outs, cache.cpu(), metas)
+    (oc, cc, (m1, m2)), (ob, cb, _) = runs["chunk"], runs["blocks"]
+    v = PREFILL_TUNED[d]
+    sp = m1.span
+    assert sp["tok"].tolist() == list(range(1, 611)) and sp["plan"]["bm"] == v["bm"] and sp["launch"]["prefill"]
+    assert sp["seal_blk"].tolist() == [0, 1] and sp["span_blocks"] == 3
+    (ph,) = m1.phases
+    assert ph["tok"].tolist() == [0] and ph["plan"]["bm"] == 4 and "prefill" not in ph["launch"]
+    assert m2.span is None and len(m2.phases) == 1
+    assert torch.equal(cc, cb) and cc[[1, 2]].flatten(1).any(1).all() and not cc[[3, 5]].any()
+    assert torch.equal(oc[0][0], ob[0][0]) and torch.equal(oc[1], ob[1])       # decode rows
+    assert torch.isfinite(oc[0]).all() and rel_err(oc[0][23:], ob[0][23:].double()) > ACCEPT_REL  # past block 0
+    assert torch.equal(oc[0][1:23], ob[0][1:23]) or rel_err(oc[0][1:23], ob[0][1:23].double()) < ACCEPT_REL

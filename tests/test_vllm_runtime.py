@@ -12,7 +12,7 @@ import torch
 from kakeya_kv.codecs.kakeya import KakeyaCodec
 from kakeya_kv.format import BLOCK_TOKENS as N
 from kakeya_kv.format import exact_layout
-from kakeya_v1_3_ppl.plan import TailState, plan_step, to_device
+from kakeya_v1_3_ppl.plan import TailState, plan_step, plan_step_chunked, span_to_device, to_device
 from kakeya_v1_3_ppl.runtime import forward_compressed, forward_exact
 
 D, HKV, GQA = 64, 1, 2
@@ -21,9 +21,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS = [[(0, 300)], [(0, 300), (1, 100)], [(0, 480), (1, 430)], [(0, 1), (1, 1)], [(0, 1), (1, 1)], [(0, 3)]]
 
 
-def _ref(q, pos, K, V, decoded):
-    """float64 attention of q [Hq, D] at pos over K/V [HKV, L, D]; blocks before pos // N from ``decoded``."""
-    nb = pos // N
+def _ref(q, pos, K, V, decoded, nb=None):
+    """float64 attention of q [Hq, D] at pos over K/V [HKV, L, D]; blocks before nb (default pos // N: the query's
+    own block) from ``decoded``."""
+    nb = pos // N if nb is None else nb
     k, v = K[:, :pos + 1].double().clone(), V[:, :pos + 1].double().clone()
     if nb and decoded is not None:
         k[:, :nb * N], v[:, :nb * N] = decoded[0][:, :nb * N].double(), decoded[1][:, :nb * N].double()
@@ -32,7 +33,9 @@ def _ref(q, pos, K, V, decoded):
     return torch.einsum("hl,hld->hd", torch.softmax(s, -1), v)
 
 
-def _run(exact: bool, bits=(4, 3), steps=STEPS):
+def _run(exact: bool, bits=(4, 3), steps=STEPS, chunk: bool = False, with_cache: bool = False):
+    """chunk: KAKEYA_PREFILL_ATTEND=chunk (plan_step_chunked + forward_span): a query reads compressed only the
+    blocks sealed before its step."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     g = torch.Generator().manual_seed(0)
     total = [sum(n for s in steps for r, n in s if r == i) for i in range(2)]
@@ -69,14 +72,17 @@ def _run(exact: bool, bits=(4, 3), steps=STEPS):
             forward_exact(kk, q.to(DEV), k.to(DEV), v.to(DEV), cache, to_device(ph, DEV, GQA, 16), btab,
                           torch.tensor(seq, device=DEV), sm, len(sm), D ** -0.5, out, precise=True)
         else:
-            phases = [to_device(ph, DEV, GQA, 16)
-                      for ph in plan_step(qsl, seq, req_slot, [f"r{r}" for r in rows], state)]
+            ids = [f"r{r}" for r in rows]
+            span, plan = (plan_step_chunked(qsl, seq, req_slot, ids, state) if chunk
+                          else (None, plan_step(qsl, seq, req_slot, ids, state)))
+            phases = [to_device(ph, DEV, GQA, 16) for ph in plan]
             forward_compressed(kk, q.to(DEV), k.to(DEV), v.to(DEV), cache, tail_k, tail_v, phases, btab,
-                               D ** -0.5, out, precise=True)
+                               D ** -0.5, out, precise=True,
+                               span=None if span is None else span_to_device(span, DEV, GQA, 16))
         t = 0
         for r, n in step:
             for p in range(done[r], done[r] + n):
-                seen.append((q[t], out[t].double().cpu(), r, p))
+                seen.append((q[t], out[t].double().cpu(), r, p, done[r] // N if chunk else p // N))
                 t += 1
             done[r] += n
     decoded = None
@@ -84,14 +90,44 @@ def _run(exact: bool, bits=(4, 3), steps=STEPS):
         decoded = [codec.decode(cache[bt[r, :done[r] // N].long()].cpu().transpose(0, 1), D) if done[r] >= N
                    else None for r in range(2)]
     worst = 0.0
-    for qt, ot, r, p in seen:
-        ref = _ref(qt, p, K[r], V[r], None if exact else decoded[r])
+    for qt, ot, r, p, nb in seen:
+        ref = _ref(qt, p, K[r], V[r], None if exact else decoded[r], nb)
         worst = max(worst, ((ot - ref).norm() / ref.norm()).item())
-    return worst
+    return (worst, cache.cpu()) if with_cache else worst
 
 
 def test_compressed_data_path_matches_reference_over_steps():
     assert _run(exact=False) < 8e-3   # bf16 output rounding (precise mode; sealed bytes may differ in 1e-3)
+
+
+# Chunks sealing several blocks at once, a mixed step (decode row + prefill row), a chunk ending on a block boundary.
+CHUNK_STEPS = [[(0, 300)], [(0, 300), (1, 1100)], [(0, 480), (1, 1)], [(0, 1), (1, 435)], [(0, 3), (1, 600)]]
+
+
+def test_chunk_exact_prefill_matches_its_reference_and_seals_the_same_pages():
+    """KAKEYA_PREFILL_ATTEND=chunk: each query reads exact everything after the blocks sealed before its step (so
+    not what block phases give: their reference differs by the compression error), and the pages it seals hold the
+    same bytes as the block phases' (same tokens, same blocks)."""
+    worst, cache = _run(exact=False, steps=CHUNK_STEPS, chunk=True, with_cache=True)
+    assert worst < 8e-3
+    worst_b, cache_b = _run(exact=False, steps=CHUNK_STEPS, with_cache=True)
+    assert worst_b < 8e-3
+    assert torch.equal(cache, cache_b)
+
+
+def test_chunked_plan_keeps_decode_rows_and_prefix_resumes_in_phases():
+    state = TailState()
+    # a: 1300-token prompt (span: seals blocks 0-1, tail = block 2 with 276); b: 1 decode token after 10 (phase)
+    state.set(1, "b", 0, 10)
+    span, phases = plan_step_chunked(np.array([0, 1300, 1301]), np.array([1300, 11]), np.array([0, 1]), ["a", "b"],
+                                     state)
+    assert list(span.rows) == [0] and list(span.n_full) == [2] and list(span.seal_blk) == [0, 1]
+    assert span.span_blocks == 3 and len(span.tok) == 1300
+    assert len(phases) == 1 and list(phases[0].rows) == [1] and list(phases[0].tok) == [1300]
+    assert state.holds(0, "a", 2, 1300 - 2 * N) and state.holds(1, "b", 0, 11)
+    # a prefix-cache resume (c's first 1024 tokens cached: its tail holds nothing) is not a span row
+    span, phases = plan_step_chunked(np.array([0, 300]), np.array([1324]), np.array([2]), ["c"], state)
+    assert span is None and [list(p.rows) for p in phases] == [[0]]
 
 
 def test_exact_pages_data_path_matches_reference_over_steps():

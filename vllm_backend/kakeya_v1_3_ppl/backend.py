@@ -35,7 +35,7 @@ from . import context
 from .checks import check_capacity, check_layer, check_selection, check_tail_pool, settings
 from .memlog import memory_log
 from .pages import describe, kv_cache_shape
-from .plan import DecodeBuffers, Launches, TailState, plan_step, read_only_rows, to_device
+from .plan import DecodeBuffers, Launches, TailState, plan_step, plan_step_chunked, read_only_rows, to_device
 from .runtime import forward_compressed, forward_decode, forward_exact
 
 logger = logging.getLogger("kakeya_kv.vllm")
@@ -187,6 +187,7 @@ class KakeyaMetadata:
     seq_lens: torch.Tensor
     slot_mapping: torch.Tensor
     phases: list[dict] = field(default_factory=list)   # compressed layers
+    span: dict | None = None                            # KAKEYA_PREFILL_ATTEND=chunk: prefill rows (plan.Span)
     exact: dict | None = None                           # exact layers: one phase over the pages
     decode: dict | None = None                          # pure-decode step planned on the GPU (DecodeBuffers)
     dummy: bool = False
@@ -223,6 +224,7 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
                                  scratch_mib=settings().scratch_mib,
                                  int8_k=self.compressed and settings().int8_k_scores)
         self.bm = self.launches.base["bm"]
+        self.chunk_exact = self.compressed and settings().prefill_attend == "chunk"
         self.state = TailState()
         self.dec = DecodeBuffers(vllm_config.scheduler_config.max_num_seqs, self.gqa, self.launches.decode["bm"],
                                  device)
@@ -256,7 +258,12 @@ class KakeyaMetadataBuilder(AttentionMetadataBuilder[KakeyaMetadata]):
         max_blocks = int(cam.block_table_tensor.shape[1])
         if self.compressed:
             # The CPU plan always runs: it keeps TailState current and checks consistency.
-            phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
+            if self.chunk_exact:
+                span, phases = plan_step_chunked(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
+                if span is not None:
+                    meta.span = self.launches.span(span, self.device, self.gqa, max_blocks)
+            else:
+                phases = plan_step(qsl, seq, ident.req_idx[:B], ident.req_ids[:B], self.state)
             if not decode:
                 meta.phases = [self.launches.phase(ph, self.device, self.gqa, max_blocks,
                                                    decode_step=cam.max_query_len == 1) for ph in phases]
@@ -413,7 +420,8 @@ class KakeyaImpl(AttentionImpl[KakeyaMetadata]):
             return forward_decode(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.decode,
                                   m.block_table, self.scale, output, self.k_weight, tail_pages=self.tail_geom)
         return forward_compressed(self.kk, query, key, value, kv_cache, self.tail_k, self.tail_v, m.phases,
-                                  m.block_table, self.scale, output, self.k_weight, tail_pages=self.tail_geom)
+                                  m.block_table, self.scale, output, self.k_weight, tail_pages=self.tail_geom,
+                                  span=m.span)
 
     def _forward_exact(self, query, key, value, kv_cache, m, output):
         if not hasattr(self, "kk"):

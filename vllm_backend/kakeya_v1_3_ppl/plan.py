@@ -56,11 +56,63 @@ class Phase:
     write_req: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
+@dataclass
+class Span:
+    """KAKEYA_PREFILL_ATTEND=chunk: the step's prefill rows, each attending its exact span — the tail's tokens before
+    the step and the chunk's own — in one launch, over the blocks sealed before the step read compressed; then every
+    block of the span that is full is sealed, and what is left becomes the tail (runtime.forward_span)."""
+    tok: np.ndarray          # [Ts] batch token indices of the span rows' new tokens
+    q_pos: np.ndarray        # [Ts] absolute positions
+    q_req: np.ndarray        # [Ts] index into the span's request arrays
+    rows: np.ndarray         # [Rs] batch rows
+    n_sealed: np.ndarray     # [Rs] blocks sealed before the step (the span starts at n_sealed * 512)
+    seq_end: np.ndarray      # [Rs] context length after the step
+    tail_slot: np.ndarray    # [Rs] tail slot (req_idx)
+    seal_req: np.ndarray     # [S] index into the span's request arrays of each block to seal
+    seal_local: np.ndarray   # [S] block index inside that request's span
+    seal_blk: np.ndarray     # [S] logical block index (n_sealed + local)
+    n_full: np.ndarray       # [Rs] blocks of the span sealed in this step (the new tail is block n_sealed + n_full)
+    span_blocks: int         # span buffer length in blocks (max over rows of n_full + 1)
+
+
 def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
               state: TailState | None) -> list[Phase]:
     """Split one step's batch into phases. qsl [B+1] query start offsets, seq_lens [B] context length
     including the new tokens, req_idx [B] tail slot per row, req_ids [B]. ``state`` None = no tail
     (exact pages: one phase, every block readable, nothing sealed)."""
+    return _plan(qsl, seq_lens, req_idx, req_ids, state, False)[1]
+
+
+def plan_step_chunked(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
+                      state: TailState) -> tuple[Span | None, list[Phase]]:
+    """KAKEYA_PREFILL_ATTEND=chunk: rows with several new tokens that continue their own tail (no prefix-cache
+    resume) form the step's Span, which runs before the phases; the other rows (decode tokens, resumes after a
+    prefix-cache hit) are planned in phases as plan_step does. The span seals before any phase runs, so a phase that
+    reads a block the span seals in this step reads it sealed."""
+    return _plan(qsl, seq_lens, req_idx, req_ids, state, True)
+
+
+def _span(qsl, seq_lens, req_idx, req_ids, state: TailState, rows: np.ndarray, start: np.ndarray) -> Span | None:
+    if not len(rows):
+        return None
+    q_len = (seq_lens[rows] - start[rows]).astype(np.int64)
+    ns = start[rows] // N
+    end = seq_lens[rows].astype(np.int64)
+    n_full = (end - ns * N) // N
+    tok = np.concatenate([np.arange(qsl[r], qsl[r] + n, dtype=np.int64) for r, n in zip(rows, q_len)])
+    q_req = np.repeat(np.arange(len(rows), dtype=np.int64), q_len)
+    q_pos = start[rows][q_req] + (tok - qsl[rows][q_req])
+    seal_req = np.repeat(np.arange(len(rows), dtype=np.int64), n_full)
+    seal_local = np.concatenate([np.arange(n, dtype=np.int64) for n in n_full]) if len(rows) else np.empty(0)
+    for i, r in enumerate(rows):
+        state.set(int(req_idx[r]), req_ids[r], int(end[i] // N), int(end[i] % N))
+    return Span(tok=tok, q_pos=q_pos, q_req=q_req, rows=rows.astype(np.int64), n_sealed=ns, seq_end=end,
+                tail_slot=req_idx[rows].astype(np.int64), seal_req=seal_req, seal_local=seal_local.astype(np.int64),
+                seal_blk=ns[seal_req] + seal_local, n_full=n_full, span_blocks=int(n_full.max()) + 1)
+
+
+def _plan(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
+          state: TailState | None, chunked: bool) -> tuple[Span | None, list[Phase]]:
     B = len(seq_lens)
     q_len = np.diff(qsl[:B + 1]).astype(np.int64)
     start = seq_lens[:B].astype(np.int64) - q_len
@@ -70,10 +122,9 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
         q_req = np.repeat(rows, q_len)
         q_pos = start[q_req] + (tok - qsl[q_req])
         e = np.empty(0, dtype=np.int64)
-        return [Phase(tok, q_pos, q_req, rows, (seq_lens[:B] + N - 1) // N, seq_lens[:B].astype(np.int64),
-                      np.zeros(B, dtype=np.int64), e, e, e, e, e, e)]
+        return None, [Phase(tok, q_pos, q_req, rows, (seq_lens[:B] + N - 1) // N, seq_lens[:B].astype(np.int64),
+                            np.zeros(B, dtype=np.int64), e, e, e, e, e, e)]
     b0 = start // N
-    b1 = np.where(q_len > 0, (seq_lens[:B].astype(np.int64) - 1) // N, b0 - 1)
     # First phase of each request: does its tail hold the block's earlier tokens?
     read_only_first = np.zeros(B, dtype=bool)
     hit = np.zeros(B, dtype=bool)      # starts after a prefix-cache hit (its sealed blocks are not its own seals)
@@ -92,6 +143,12 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                     f"does not hold the block's first {off} tokens and the block is not complete; refusing to "
                     "attend to missing KV")
             read_only_first[r] = True
+    span = None
+    if chunked:
+        in_span = (q_len > 1) & ~hit
+        span = _span(qsl, seq_lens[:B], req_idx, req_ids, state, np.nonzero(in_span)[0], start)
+        q_len = np.where(in_span, 0, q_len)     # the span rows get no phases
+    b1 = np.where(q_len > 0, (seq_lens[:B].astype(np.int64) - 1) // N, b0 - 1)
     shift = _hit_shifts(hit, q_len, b0, seq_lens[:B].astype(np.int64) // N - 1, read_only_first)
     n_phases = int((b1 - b0 + 1 + shift).max(initial=0))
     phases = []
@@ -131,7 +188,7 @@ def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_id
                 state.set(int(req_idx[r]), req_ids[r], int(blk[i]) + 1, 0)
             else:
                 state.set(int(req_idx[r]), req_ids[r], int(blk[i]), int(hi[i] - blk[i] * N))
-    return phases
+    return span, phases
 
 
 def read_only_rows(phases: list[Phase], B: int) -> np.ndarray:
@@ -199,6 +256,22 @@ def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
                           src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"], n_sealed_host=ns_host,
                           # host varlen metadata for FlashAttention over a scratch (kakeya_kernels.scratch.flash_meta)
                           q_count_host=np.bincount(q_req, minlength=len(ph.rows)), seq_end_host=ph.seq_end))
+
+
+def span_to_device(sp: Span, device, gqa: int, bm: int) -> dict:
+    """Tensors of the step's Span (one small H2D copy per field) and its one attention launch, tiles of bm rows."""
+    t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
+    pl = gqa_plan(sp.q_pos, sp.q_req, len(sp.rows), gqa, bm)
+    return dict(tok=t(sp.tok, torch.int64), q_pos=t(sp.q_pos), q_req=t(sp.q_req), n_tok=len(sp.tok),
+                rows=t(sp.rows, torch.int64), n_sealed=t(sp.n_sealed), seq_end=t(sp.seq_end),
+                tail_slot=t(sp.tail_slot, torch.int64), span_slot=t(np.arange(len(sp.rows))),
+                # where each new token goes in its row's span buffer
+                w_off=t(sp.q_pos - sp.n_sealed[sp.q_req] * N, torch.int64), w_req=t(sp.q_req, torch.int64),
+                seal_req=t(sp.seal_req, torch.int64), seal_local=t(sp.seal_local, torch.int64),
+                seal_blk=t(sp.seal_blk, torch.int64), n_seal=len(sp.seal_req), n_full=t(sp.n_full, torch.int64),
+                span_blocks=sp.span_blocks,
+                plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
+                          src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 
 
 class DecodeBuffers:
@@ -325,6 +398,13 @@ class Launches:
         self.fallbacks += 1
         STATS["scratch_fallbacks"] += 1
         return self.fallback
+
+    def span(self, sp: Span, device, gqa: int, max_blocks: int) -> dict:
+        """The step's Span (KAKEYA_PREFILL_ATTEND=chunk) with the prefill launch (tuned or baseline: the config
+        refuses the scratch candidates, whose launches read tails of at most 512 tokens)."""
+        if self.base.get("scratch"):
+            raise ValueError("KAKEYA_PREFILL_ATTEND=chunk needs the tuned or baseline prefill launch, not a scratch one")
+        return self.attach(span_to_device(sp, device, gqa, self.base["bm"]), self.base, max_blocks)
 
     def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
         """One phase of a host-planned step (decode_step: every request has one new token). In a mixed step the

@@ -4,8 +4,9 @@
 exact tail, attend (sealed pages read compressed + tail exact, causal), seal blocks that became full
 straight into their pages (a phase's optional ``launch`` dict = the variant's kernel knobs and split count, from the
 metadata builder, absent = the kernels' defaults; a phase with ``attn`` runs one launch per entry, over disjoint
-query tokens with their own tiles and knobs: Launches.phase). ``forward_exact``: write tokens into bf16 pages in
-place, attend over pages.
+query tokens with their own tiles and knobs: Launches.phase). ``forward_span`` (KAKEYA_PREFILL_ATTEND=chunk): prefill
+chunks attend their own tokens exact in one launch, before the phases. ``forward_exact``: write tokens into bf16 pages
+in place, attend over pages.
 """
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ from .tailpages import tail_view
 
 
 def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, block_table, scale: float,
-                       output, k_weight=None, precise: bool = False, tail_pages=None):
+                       output, k_weight=None, precise: bool = False, tail_pages=None, span: dict | None = None):
     """``tail_pages`` (tailpages.TailGeometry; KAKEYA_TAIL_STORAGE=pages): the exact tails live in each request's
     pages after its sealed ones. A phase writes its tokens into those pages and the attention kernel reads the tails
     there (tail_tpp); tail_k / tail_v is then a scratch shared by the layers that only a seal uses: the block's
     tail is copied into it first, because the seal writes the block into the first of its tail pages."""
+    if span is not None:   # KAKEYA_PREFILL_ATTEND=chunk: before the phases, which may read blocks it seals
+        if tail_pages is not None:
+            raise ValueError("KAKEYA_PREFILL_ATTEND=chunk keeps tails in the pool (config refuses it with pages)")
+        forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, span, block_table, scale, output, k_weight,
+                     precise)
     tails, paged = (tail_k, tail_v), {}
     if tail_pages is not None:
         view, tails, paged = _paged(kv_cache, tail_pages)
@@ -55,6 +61,40 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
                                  device=kv_cache.device)
             kk.seal(tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], sealed, k_weight=k_weight)
             kv_cache[pages] = sealed
+    return output
+
+
+def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, block_table, scale: float, output,
+                 k_weight=None, precise: bool = False):
+    """KAKEYA_PREFILL_ATTEND=chunk (plan.Span, tails in the pool): each span row's exact tokens from n_sealed * 512 on
+    — its tail's tokens before the step, then the chunk's — go into a span buffer [Rs, Hkv, span_blocks * 512, D]
+    that the attention kernel reads as the rows' tail (its tail loop takes any length), over the blocks sealed before
+    the step read compressed; then the span's full blocks are sealed in one launch and the block after them becomes
+    the row's tail. One attention launch and one seal per layer per step, where the block phases take one of each
+    per block the chunk touches."""
+    R, H, D = len(sp["rows"]), tail_k.shape[1], tail_k.shape[3]
+    L = sp["span_blocks"] * BLOCK_TOKENS
+    sk = torch.empty(R, H, L, D, dtype=tail_k.dtype, device=tail_k.device)
+    sv = torch.empty_like(sk)
+    # The tail rows first (positions past a row's old fill are overwritten or lie past its seq_end), then the chunk.
+    sk[:, :, :BLOCK_TOKENS] = tail_k[sp["tail_slot"]]
+    sv[:, :, :BLOCK_TOKENS] = tail_v[sp["tail_slot"]]
+    sk[sp["w_req"], :, sp["w_off"]] = key[sp["tok"]].to(sk.dtype)
+    sv[sp["w_req"], :, sp["w_off"]] = value[sp["tok"]].to(sv.dtype)
+    bt = block_table[sp["rows"]]
+    out = kk.attention(query[sp["tok"]], sp["q_pos"], sp["q_req"], kv_cache, bt, sp["n_sealed"], sp["seq_end"], sk, sv,
+                       sp["span_slot"], scale, plan=sp["plan"], precise=precise, **sp.get("launch", {}))
+    output[sp["tok"]] = out.to(output.dtype)
+    blocks_k, blocks_v = sk.view(R, H, sp["span_blocks"], BLOCK_TOKENS, D), sv.view(R, H, sp["span_blocks"], BLOCK_TOKENS, D)
+    if sp["n_seal"]:
+        sealed = torch.empty(sp["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
+                             device=kv_cache.device)
+        kk.seal(blocks_k[sp["seal_req"], :, sp["seal_local"]], blocks_v[sp["seal_req"], :, sp["seal_local"]], sealed,
+                k_weight=k_weight)
+        kv_cache[bt[sp["seal_req"], sp["seal_blk"]].long()] = sealed
+    rr = torch.arange(R, device=sk.device)
+    tail_k[sp["tail_slot"]] = blocks_k[rr, :, sp["n_full"]]
+    tail_v[sp["tail_slot"]] = blocks_v[rr, :, sp["n_full"]]
     return output
 
 
