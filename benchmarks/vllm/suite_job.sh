@@ -8,6 +8,7 @@
 #              KAKEYA_EXACT_ATTENTION=flash: exact through FA == FLASH_ATTN token for token (8 x 256), k4v3 with FA
 #              boundary layers 0,1,28,29 runs (session 6: 232 s without these; estimate ~330 s with them)
 #   pressure   only lifecycle's preemption tests (k4v3 and exact engines), e.g. with KAKEYA_TAIL_STORAGE=pages exported
+#   chunk      tests/test_vllm_chunk_gpu.py (KAKEYA_PREFILL_ATTEND=chunk: first token = FLASH_ATTN's, aligned = blocks)
 #   flash      only lifecycle's KAKEYA_EXACT_ATTENTION=flash engines (strict 8/8 vs FLASH_ATTN + FA boundary layers)
 #   soak       benchmarks/soak/soak.py -> $OUT/soak.json + soak.server.log (not yet run; its own call:
 #              SUITE_BUDGET_S=540, it uses all that is left; soak.json is written even when the cap cuts it)
@@ -69,6 +70,7 @@ for part in "${@:-core lifecycle}"; do
     case $p in
       core)      run_part core 200 $PYTEST tests/test_vllm_gpu.py ;;
       lifecycle) run_part lifecycle 450 $PYTEST tests/test_vllm_lifecycle.py ;;
+      chunk)     run_part chunk 240 $PYTEST tests/test_vllm_chunk_gpu.py ;;   # 5 SmolLM2 engines (not yet run)
       flash)     run_part flash 240 $PYTEST tests/test_vllm_lifecycle.py -k "exact_flash or k4v3_b_flash" ;;
       pressure)  run_part pressure 240 $PYTEST tests/test_vllm_lifecycle.py -k "preempt and (k4v3] or exact])" ;;
       tp)        run_part tp 300 $PYTEST tests/test_vllm_tp.py ;;
@@ -79,7 +81,7 @@ for part in "${@:-core lifecycle}"; do
       soak)      left=$(( DEADLINE - $(date +%s) ))
                  run_part soak $left python3 benchmarks/soak/soak.py --out "$OUT/soak.json" --deadline-s $(( left - 30 ))
                  [ -f "$OUT/soak.json" ] && RESULT[soak]="${RESULT[soak]} $(python3 -c "import json; r = json.load(open('$OUT/soak.json')); print({k: r.get(k) for k in ('requests', 'planned', 'errors', 'aborted', 'kv_usage_end', 'mem_growth_mb', 'passed', 'mode', 'cut_short')})")" ;;
-      *)         echo "unknown part $p (core lifecycle pressure flash soak tp perlayer graphs scratch v13)"; exit 2 ;;
+      *)         echo "unknown part $p (core lifecycle pressure chunk flash soak tp perlayer graphs scratch v13)"; exit 2 ;;
     esac
   done
 done
