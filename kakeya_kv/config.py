@@ -241,21 +241,18 @@ def _tail_storage(env, fmt: str) -> str:
 PREFILL_ATTENDS = ("blocks", "chunk")
 
 
-def _prefill_attend(env, fmt: str, tail_storage: str, prefill_variant: str) -> str:
+def _prefill_attend(env, fmt: str, prefill_variant: str) -> str:
     """KAKEYA_PREFILL_ATTEND: what a prefill chunk's queries read of the chunk's own earlier tokens. blocks (default):
     every 512-token block before the query's own is read compressed, as a later decode step reads it (the chunk runs
     in one phase per block it touches: write, attend, seal). chunk: the scheduled chunk's tokens (and the tail's
     tokens before them) attend each other exact and only blocks sealed in earlier steps are read compressed, as
     vLLM's TurboQuant continuation prefill does; one attention launch per step and one seal of all blocks the chunk
     filled (runtime.forward_span). With 512-token chunks on block boundaries both give the same result. NOT yet
-    timed on a GPU; tails in the pool only, not with the scratch prefill candidates."""
+    timed on a GPU; not with the scratch prefill candidates."""
     v = _choice_env(env, "KAKEYA_PREFILL_ATTEND", "blocks", PREFILL_ATTENDS)
     if v == "chunk":
         if fmt != "kakeya":
             raise ConfigError(f"KAKEYA_PREFILL_ATTEND=chunk applies to KAKEYA_FORMAT=kakeya (got {fmt!r}); unset it")
-        if tail_storage != "pool":
-            raise ConfigError("KAKEYA_PREFILL_ATTEND=chunk keeps tails in the pool only (KAKEYA_TAIL_STORAGE="
-                              f"{tail_storage!r}); set KAKEYA_TAIL_STORAGE=pool or unset KAKEYA_PREFILL_ATTEND")
         from kakeya_kernels.variants import PREFILL_CANDIDATES
         cand = prefill_variant.split(":", 1)[1] if prefill_variant.startswith("candidate:") else None
         if cand is not None and any(v.get("scratch") for v in PREFILL_CANDIDATES[cand].values()):
@@ -397,7 +394,7 @@ class KakeyaConfig:
             memory_log=_memory_log(env),
             tail_pool_percent=_int_env(env, "KAKEYA_TAIL_POOL_PERCENT", 5, tuple(range(1, 26))),
             tail_storage=tail_storage,
-            prefill_attend=_prefill_attend(env, fmt, tail_storage, prefill_variant),
+            prefill_attend=_prefill_attend(env, fmt, prefill_variant),
         )
 
     @property

@@ -101,7 +101,7 @@ def test_compressed_data_path_matches_reference_over_steps():
 
 
 # Chunks sealing several blocks at once, a mixed step (decode row + prefill row), a chunk ending on a block boundary.
-CHUNK_STEPS = [[(0, 300)], [(0, 300), (1, 1100)], [(0, 480), (1, 1)], [(0, 1), (1, 435)], [(0, 3), (1, 600)]]
+CHUNK_STEPS = [[(0, 300)], [(0, 300), (1, 1030)], [(0, 480), (1, 1)], [(0, 1), (1, 600)], [(0, 3), (1, 1)]]
 
 
 def test_chunk_exact_prefill_matches_its_reference_and_seals_the_same_pages():
@@ -354,3 +354,44 @@ def test_gpu_planned_decode_with_tails_in_pages_equals_the_general_path():
     assert torch.equal(gen[0], dec[0])
     sealed = bt[0, :1].long()                                       # request a sealed block 0 during the steps
     assert torch.equal(pool[0][sealed], dec[0][sealed]) and dec[0][sealed].any()
+
+
+def test_chunk_exact_prefill_with_tails_in_pages_gives_the_pool_path_bit_for_bit():
+    """KAKEYA_PREFILL_ATTEND=chunk with each request's tail in its own pages (gathered into the span before the seals
+    overwrite the first of them, the new tail's tokens written back after): the same outputs and sealed pages as with
+    the pool (two seals in one span, a mixed step, a decode step after). The pages start as random bytes."""
+    from kakeya_kernels.kakeya_triton import KakeyaKernels
+    from kakeya_v1_3_ppl.tailpages import TailGeometry
+    g = torch.Generator().manual_seed(5)
+    kk = KakeyaKernels(D, 4, 3, DEV)
+    geom = TailGeometry.of(kk.lay)
+    width, pages = 10, 20
+    bt = torch.randperm(pages, generator=g).view(2, width).to(torch.int32).to(DEV)
+    noise = torch.randint(0, 256, (pages, HKV, kk.lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
+    caches = {"pool": torch.zeros(pages, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV), "pages": noise.to(DEV)}
+    tails = {m: (torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV),
+                 torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV)) for m in caches}
+    states, done = {m: TailState() for m in caches}, [0, 0]
+    for step in [[(0, 300)], [(0, 300), (1, 1030)], [(0, 1), (1, 1)]]:
+        rows = [r for r, _ in step]
+        qsl = np.concatenate([[0], np.cumsum([n for _, n in step])])
+        seq = np.array([done[r] + n for r, n in step])
+        q = torch.randn(int(qsl[-1]), HKV * GQA, D, generator=g).bfloat16().to(DEV)
+        k = (torch.randn(int(qsl[-1]), HKV, D, generator=g) + 2).bfloat16().to(DEV)
+        v = torch.randn(int(qsl[-1]), HKV, D, generator=g).bfloat16().to(DEV)
+        btab = bt[torch.tensor(rows, device=DEV)]
+        outs = {}
+        for m, cache in caches.items():
+            span, plan = plan_step_chunked(qsl, seq, np.array([r + 1 for r in rows]), [f"r{r}" for r in rows],
+                                           states[m])
+            outs[m] = torch.zeros(q.shape, dtype=torch.bfloat16, device=DEV)
+            forward_compressed(kk, q, k, v, cache, *tails[m], [to_device(ph, DEV, GQA, 16) for ph in plan], btab,
+                               D ** -0.5, outs[m], precise=True, tail_pages=geom if m == "pages" else None,
+                               span=None if span is None else span_to_device(span, DEV, GQA, 16))
+        assert torch.equal(outs["pool"], outs["pages"]) and not outs["pages"].isnan().any(), step
+        for r, n in step:
+            done[r] += n
+    assert [d // N for d in done] == [1, 2]
+    for r in range(2):
+        sealed = bt[r, :done[r] // N].long()
+        assert torch.equal(caches["pool"][sealed], caches["pages"][sealed])

@@ -41,7 +41,7 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "kakeya_graphs_tailpages": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                                 {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_TAIL_STORAGE": "pages"}),
     # Prefill chunks attending their own tokens exact in one launch per step (KAKEYA_PREFILL_ATTEND=chunk, opt-in,
-    # session 16; tails in the pool): the prefill row (8192-token prompt) against kakeya_graphs.
+    # session 16): the prefill row (8192-token prompt) against kakeya_graphs.
     "kakeya_graphs_chunk": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                             {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_PREFILL_ATTEND": "chunk"}),
     "kakeya_lloyd": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default", "KAKEYA_K_GRID": "lloyd"}),

@@ -262,6 +262,8 @@ def span_to_device(sp: Span, device, gqa: int, bm: int) -> dict:
     """Tensors of the step's Span (one small H2D copy per field) and its one attention launch, tiles of bm rows."""
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     pl = gqa_plan(sp.q_pos, sp.q_req, len(sp.rows), gqa, bm)
+    rem = sp.seq_end - (sp.n_sealed + sp.n_full) * N          # tokens of each row's new tail (tails in pages)
+    rem_off = np.concatenate([np.arange(n, dtype=np.int64) for n in rem])
     return dict(tok=t(sp.tok, torch.int64), q_pos=t(sp.q_pos), q_req=t(sp.q_req), n_tok=len(sp.tok),
                 rows=t(sp.rows, torch.int64), n_sealed=t(sp.n_sealed), seq_end=t(sp.seq_end),
                 tail_slot=t(sp.tail_slot, torch.int64), span_slot=t(np.arange(len(sp.rows))),
@@ -269,7 +271,8 @@ def span_to_device(sp: Span, device, gqa: int, bm: int) -> dict:
                 w_off=t(sp.q_pos - sp.n_sealed[sp.q_req] * N, torch.int64), w_req=t(sp.q_req, torch.int64),
                 seal_req=t(sp.seal_req, torch.int64), seal_local=t(sp.seal_local, torch.int64),
                 seal_blk=t(sp.seal_blk, torch.int64), n_seal=len(sp.seal_req), n_full=t(sp.n_full, torch.int64),
-                span_blocks=sp.span_blocks,
+                span_blocks=sp.span_blocks, rem_req=t(np.repeat(np.arange(len(sp.rows)), rem), torch.int64),
+                rem_off=t(rem_off, torch.int64),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
                           src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 

@@ -25,10 +25,8 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
     there (tail_tpp); tail_k / tail_v is then a scratch shared by the layers that only a seal uses: the block's
     tail is copied into it first, because the seal writes the block into the first of its tail pages."""
     if span is not None:   # KAKEYA_PREFILL_ATTEND=chunk: before the phases, which may read blocks it seals
-        if tail_pages is not None:
-            raise ValueError("KAKEYA_PREFILL_ATTEND=chunk keeps tails in the pool (config refuses it with pages)")
         forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, span, block_table, scale, output, k_weight,
-                     precise)
+                     precise, tail_pages)
     tails, paged = (tail_k, tail_v), {}
     if tail_pages is not None:
         view, tails, paged = _paged(kv_cache, tail_pages)
@@ -65,8 +63,8 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
 
 
 def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, block_table, scale: float, output,
-                 k_weight=None, precise: bool = False):
-    """KAKEYA_PREFILL_ATTEND=chunk (plan.Span, tails in the pool): each span row's exact tokens from n_sealed * 512 on
+                 k_weight=None, precise: bool = False, tail_pages=None):
+    """KAKEYA_PREFILL_ATTEND=chunk (plan.Span): each span row's exact tokens from n_sealed * 512 on
     — its tail's tokens before the step, then the chunk's — go into a span buffer [Rs, Hkv, span_blocks * 512, D]
     that the attention kernel reads as the rows' tail (its tail loop takes any length), over the blocks sealed before
     the step read compressed; then the span's full blocks are sealed in one launch and the block after them becomes
@@ -76,12 +74,19 @@ def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, bloc
     L = sp["span_blocks"] * BLOCK_TOKENS
     sk = torch.empty(R, H, L, D, dtype=tail_k.dtype, device=tail_k.device)
     sv = torch.empty_like(sk)
+    bt = block_table[sp["rows"]]
     # The tail rows first (positions past a row's old fill are overwritten or lie past its seq_end), then the chunk.
-    sk[:, :, :BLOCK_TOKENS] = tail_k[sp["tail_slot"]]
-    sv[:, :, :BLOCK_TOKENS] = tail_v[sp["tail_slot"]]
+    # Tails in pages: gathered before the seals below overwrite the first of those pages.
+    if tail_pages is not None:
+        view, (pk, pv), _ = _paged(kv_cache, tail_pages)
+        ids = _tail_ids(bt, sp["n_sealed"], tail_pages)
+        gather_tail_blocks(pk, pv, ids, torch.ones(R, dtype=torch.int32, device=sk.device), sk, sv,
+                           torch.arange(R, dtype=torch.int64, device=sk.device))
+    else:
+        sk[:, :, :BLOCK_TOKENS] = tail_k[sp["tail_slot"]]
+        sv[:, :, :BLOCK_TOKENS] = tail_v[sp["tail_slot"]]
     sk[sp["w_req"], :, sp["w_off"]] = key[sp["tok"]].to(sk.dtype)
     sv[sp["w_req"], :, sp["w_off"]] = value[sp["tok"]].to(sv.dtype)
-    bt = block_table[sp["rows"]]
     out = kk.attention(query[sp["tok"]], sp["q_pos"], sp["q_req"], kv_cache, bt, sp["n_sealed"], sp["seq_end"], sk, sv,
                        sp["span_slot"], scale, plan=sp["plan"], precise=precise, **sp.get("launch", {}))
     output[sp["tok"]] = out.to(output.dtype)
@@ -92,9 +97,17 @@ def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, bloc
         kk.seal(blocks_k[sp["seal_req"], :, sp["seal_local"]], blocks_v[sp["seal_req"], :, sp["seal_local"]], sealed,
                 k_weight=k_weight)
         kv_cache[bt[sp["seal_req"], sp["seal_blk"]].long()] = sealed
-    rr = torch.arange(R, device=sk.device)
-    tail_k[sp["tail_slot"]] = blocks_k[rr, :, sp["n_full"]]
-    tail_v[sp["tail_slot"]] = blocks_v[rr, :, sp["n_full"]]
+    if tail_pages is not None:   # only the new tail's real tokens: its pages past them may not be allocated
+        req, off = sp["rem_req"], sp["rem_off"]
+        page = _tail_ids(bt, sp["n_sealed"] + sp["n_full"], tail_pages)[req, off // tail_pages.tokens_per_page]
+        row = off % tail_pages.tokens_per_page
+        blk = sp["n_full"][req]
+        view[page, :, 0, row] = blocks_k[req, :, blk, off]
+        view[page, :, 1, row] = blocks_v[req, :, blk, off]
+    else:
+        rr = torch.arange(R, device=sk.device)
+        tail_k[sp["tail_slot"]] = blocks_k[rr, :, sp["n_full"]]
+        tail_v[sp["tail_slot"]] = blocks_v[rr, :, sp["n_full"]]
     return output
 
 
