@@ -258,8 +258,26 @@ def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
                           q_count_host=np.bincount(q_req, minlength=len(ph.rows)), seq_end_host=ph.seq_end))
 
 
-def span_to_device(sp: Span, device, gqa: int, bm: int) -> dict:
-    """Tensors of the step's Span (one small H2D copy per field) and its one attention launch, tiles of bm rows."""
+def _span_flash(sp: Span, device, head_dim: int):
+    """FlashAttention varlen metadata of a span whose rows have no sealed block (fresh prompts), or None: other spans,
+    no CUDA, or no vLLM FlashAttention importable (the attention kernel then reads the span buffer)."""
+    if torch.device(device).type != "cuda" or len(sp.rows) == 0 or sp.n_sealed.any():
+        return None
+    from kakeya_kernels.scratch import flash_varlen
+    try:
+        fn = flash_varlen(head_dim)
+    except RuntimeError:
+        return None
+    cnt = np.bincount(sp.q_req, minlength=len(sp.rows))
+    t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
+    return dict(fn=fn, cu_q=t(np.concatenate([[0], np.cumsum(cnt)])), max_q=int(cnt.max()),
+                max_k=int(sp.seq_end.max()),
+                block_table=t(np.arange(len(sp.rows) * sp.span_blocks).reshape(len(sp.rows), sp.span_blocks)))
+
+
+def span_to_device(sp: Span, device, gqa: int, bm: int, head_dim: int | None = None) -> dict:
+    """Tensors of the step's Span (one small H2D copy per field) and its one attention launch, tiles of bm rows
+    (head_dim given: FlashAttention metadata for a span of fresh prompts where it runs, _span_flash)."""
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     pl = gqa_plan(sp.q_pos, sp.q_req, len(sp.rows), gqa, bm)
     rem = sp.seq_end - (sp.n_sealed + sp.n_full) * N          # tokens of each row's new tail (tails in pages)
@@ -272,7 +290,7 @@ def span_to_device(sp: Span, device, gqa: int, bm: int) -> dict:
                 seal_req=t(sp.seal_req, torch.int64), seal_local=t(sp.seal_local, torch.int64),
                 seal_blk=t(sp.seal_blk, torch.int64), n_seal=len(sp.seal_req), n_full=t(sp.n_full, torch.int64),
                 span_blocks=sp.span_blocks, rem_req=t(np.repeat(np.arange(len(sp.rows)), rem), torch.int64),
-                rem_off=t(rem_off, torch.int64),
+                rem_off=t(rem_off, torch.int64), flash=None if head_dim is None else _span_flash(sp, device, head_dim),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
                           src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 
@@ -368,7 +386,7 @@ class Launches:
         self.decode, self.base = decode_variant(name, head_dim, int8_k), prefill_variant(prefill, head_dim)
         # "baseline" is the fallback to the previous path: one base launch per phase, decode rows included.
         self.split = prefill != "baseline" and self.decode != self.base
-        self.hkv = num_kv_heads
+        self.hkv, self.head_dim = num_kv_heads, head_dim
         # A decode-then-attend prefill launch (kakeya_kernels.scratch) needs one bf16 page per attended sealed block
         # + one per request; a phase needing more than the KAKEYA_SCRATCH_MIB cap holds runs the tuned prefill launch
         # instead (same result up to bf16 rounding), so the cap bounds memory and never fails a request.
@@ -407,7 +425,7 @@ class Launches:
         refuses the scratch candidates, whose launches read tails of at most 512 tokens)."""
         if self.base.get("scratch"):
             raise ValueError("KAKEYA_PREFILL_ATTEND=chunk needs the tuned or baseline prefill launch, not a scratch one")
-        return self.attach(span_to_device(sp, device, gqa, self.base["bm"]), self.base, max_blocks)
+        return self.attach(span_to_device(sp, device, gqa, self.base["bm"], self.head_dim), self.base, max_blocks)
 
     def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
         """One phase of a host-planned step (decode_step: every request has one new token). In a mixed step the
