@@ -439,7 +439,7 @@ def test_chunk_exact_step_through_the_builder(glue, monkeypatch):  # noqa: F811 
     v = PREFILL_TUNED[d]
     sp = m1.span
     assert sp["tok"].tolist() == list(range(1, 611)) and sp["plan"]["bm"] == v["bm"] and sp["launch"]["prefill"]
-    assert sp["seal_blk"].tolist() == [0, 1] and sp["span_blocks"] == 3
+    assert sp["seal_blk"].tolist() == [0, 1] and sp["span_pages"] == 3
     (ph,) = m1.phases
     assert ph["tok"].tolist() == [0] and ph["plan"]["bm"] == 4 and "prefill" not in ph["launch"]
     assert m2.span is None and len(m2.phases) == 1

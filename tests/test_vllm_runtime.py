@@ -122,7 +122,7 @@ def test_chunked_plan_keeps_decode_rows_and_prefix_resumes_in_phases():
     span, phases = plan_step_chunked(np.array([0, 1300, 1301]), np.array([1300, 11]), np.array([0, 1]), ["a", "b"],
                                      state)
     assert list(span.rows) == [0] and list(span.n_full) == [2] and list(span.seal_blk) == [0, 1]
-    assert span.span_blocks == 3 and len(span.tok) == 1300
+    assert span.span_pages == 3 and list(span.first_page) == [0] and len(span.tok) == 1300
     assert len(phases) == 1 and list(phases[0].rows) == [1] and list(phases[0].tok) == [1300]
     assert state.holds(0, "a", 2, 1300 - 2 * N) and state.holds(1, "b", 0, 11)
     # a prefix-cache resume (c's first 1024 tokens cached: its tail holds nothing) is not a span row

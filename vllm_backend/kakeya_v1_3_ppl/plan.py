@@ -72,7 +72,8 @@ class Span:
     seal_local: np.ndarray   # [S] block index inside that request's span
     seal_blk: np.ndarray     # [S] logical block index (n_sealed + local)
     n_full: np.ndarray       # [Rs] blocks of the span sealed in this step (the new tail is block n_sealed + n_full)
-    span_blocks: int         # span buffer length in blocks (max over rows of n_full + 1)
+    first_page: np.ndarray   # [Rs] the row's first 512-token page in the packed span buffer (row i: n_full + 1 pages)
+    span_pages: int          # pages of the packed span buffer (sum over rows of n_full + 1)
 
 
 def plan_step(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
@@ -108,7 +109,9 @@ def _span(qsl, seq_lens, req_idx, req_ids, state: TailState, rows: np.ndarray, s
         state.set(int(req_idx[r]), req_ids[r], int(end[i] // N), int(end[i] % N))
     return Span(tok=tok, q_pos=q_pos, q_req=q_req, rows=rows.astype(np.int64), n_sealed=ns, seq_end=end,
                 tail_slot=req_idx[rows].astype(np.int64), seal_req=seal_req, seal_local=seal_local.astype(np.int64),
-                seal_blk=ns[seal_req] + seal_local, n_full=n_full, span_blocks=int(n_full.max()) + 1)
+                seal_blk=ns[seal_req] + seal_local, n_full=n_full,
+                first_page=np.concatenate([[0], np.cumsum(n_full + 1)[:-1]]).astype(np.int64),
+                span_pages=int((n_full + 1).sum()))
 
 
 def _plan(qsl: np.ndarray, seq_lens: np.ndarray, req_idx: np.ndarray, req_ids: list[str],
@@ -270,9 +273,10 @@ def _span_flash(sp: Span, device, head_dim: int):
         return None
     cnt = np.bincount(sp.q_req, minlength=len(sp.rows))
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
+    width = int(sp.n_full.max()) + 1
+    table = sp.first_page[:, None] + np.minimum(np.arange(width)[None, :], sp.n_full[:, None])   # past a row: its last
     return dict(fn=fn, cu_q=t(np.concatenate([[0], np.cumsum(cnt)])), max_q=int(cnt.max()),
-                max_k=int(sp.seq_end.max()),
-                block_table=t(np.arange(len(sp.rows) * sp.span_blocks).reshape(len(sp.rows), sp.span_blocks)))
+                max_k=int(sp.seq_end.max()), block_table=t(table))
 
 
 def span_to_device(sp: Span, device, gqa: int, bm: int, head_dim: int | None = None) -> dict:
@@ -281,16 +285,21 @@ def span_to_device(sp: Span, device, gqa: int, bm: int, head_dim: int | None = N
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     pl = gqa_plan(sp.q_pos, sp.q_req, len(sp.rows), gqa, bm)
     rem = sp.seq_end - (sp.n_sealed + sp.n_full) * N          # tokens of each row's new tail (tails in pages)
+    rem_req = np.repeat(np.arange(len(sp.rows)), rem)
     rem_off = np.concatenate([np.arange(n, dtype=np.int64) for n in rem])
+    tail_page = sp.first_page + sp.n_full
+    # Indices into the packed span buffer (token-major [span_pages * 512, Hkv, D]; row i from token first_page * 512)
     return dict(tok=t(sp.tok, torch.int64), q_pos=t(sp.q_pos), q_req=t(sp.q_req), n_tok=len(sp.tok),
                 rows=t(sp.rows, torch.int64), n_sealed=t(sp.n_sealed), seq_end=t(sp.seq_end),
-                tail_slot=t(sp.tail_slot, torch.int64), span_slot=t(np.arange(len(sp.rows))),
-                # where each new token goes in its row's span buffer
-                w_off=t(sp.q_pos - sp.n_sealed[sp.q_req] * N, torch.int64), w_req=t(sp.q_req, torch.int64),
-                seal_req=t(sp.seal_req, torch.int64), seal_local=t(sp.seal_local, torch.int64),
+                tail_slot=t(sp.tail_slot, torch.int64), first_page=t(sp.first_page, torch.int64),
+                span_slot=t(sp.first_page * N),       # the kernel's tail "slot" of row i: its first token
+                w_idx=t(sp.first_page[sp.q_req] * N + sp.q_pos - sp.n_sealed[sp.q_req] * N, torch.int64),
+                seal_page=t(sp.first_page[sp.seal_req] + sp.seal_local, torch.int64), seal_req=t(sp.seal_req, torch.int64),
                 seal_blk=t(sp.seal_blk, torch.int64), n_seal=len(sp.seal_req), n_full=t(sp.n_full, torch.int64),
-                span_blocks=sp.span_blocks, rem_req=t(np.repeat(np.arange(len(sp.rows)), rem), torch.int64),
-                rem_off=t(rem_off, torch.int64), flash=None if head_dim is None else _span_flash(sp, device, head_dim),
+                tail_page=t(tail_page, torch.int64), span_pages=sp.span_pages,
+                rem_req=t(rem_req, torch.int64), rem_off=t(rem_off, torch.int64),
+                rem_idx=t(tail_page[rem_req] * N + rem_off, torch.int64),
+                flash=None if head_dim is None else _span_flash(sp, device, head_dim),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
                           src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 

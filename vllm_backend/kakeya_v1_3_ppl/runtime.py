@@ -65,60 +65,61 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
 def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, block_table, scale: float, output,
                  k_weight=None, precise: bool = False, tail_pages=None):
     """KAKEYA_PREFILL_ATTEND=chunk (plan.Span): each span row's exact tokens from n_sealed * 512 on — its tail's tokens
-    before the step, then the chunk's — go into a span buffer, token-major [Rs, span_blocks * 512, Hkv, D], that the
-    attention kernel reads as the rows' tail (its tail loop takes any length and strides), over the blocks sealed
-    before the step read compressed; then the span's full blocks are sealed in one launch and the block after them
+    before the step, then the chunk's — go into a packed span buffer, token-major [span_pages * 512, Hkv, D] (row i:
+    n_full + 1 pages from first_page, so its size follows the step's tokens, not rows x the longest row), that the
+    attention kernel reads as the rows' tails (its tail loop takes any length and strides), over the blocks sealed
+    before the step read compressed; then the span's full blocks are sealed in one launch and the page after them
     becomes the row's tail. One attention launch and one seal per layer per step, where the block phases take one of
     each per block the chunk touches. A span whose rows have no sealed block yet (fresh prompts: the whole context is
     in the buffer) runs vLLM's FlashAttention over the buffer's 512-token pages instead where it is importable on
-    CUDA (``sp["flash"]``, set by the planner's span_to_device), as bf16 serving does."""
-    R, H, D, B = len(sp["rows"]), tail_k.shape[1], tail_k.shape[3], sp["span_blocks"]
-    buf_k = torch.empty(R, B * BLOCK_TOKENS, H, D, dtype=tail_k.dtype, device=tail_k.device)
+    CUDA (``sp["flash"]``, from plan.span_to_device), as bf16 serving does."""
+    R, H, D, P = len(sp["rows"]), tail_k.shape[1], tail_k.shape[3], sp["span_pages"]
+    buf_k = torch.empty(P * BLOCK_TOKENS, H, D, dtype=tail_k.dtype, device=tail_k.device)
     buf_v = torch.empty_like(buf_k)
-    sk, sv = buf_k.transpose(1, 2), buf_v.transpose(1, 2)          # [R, H, L, D] views: what the kernel reads
+    pages_k, pages_v = buf_k.view(P, BLOCK_TOKENS, H, D), buf_v.view(P, BLOCK_TOKENS, H, D)
     bt = block_table[sp["rows"]]
-    # The tail rows first (positions past a row's old fill are overwritten or lie past its seq_end), then the chunk.
-    # Tails in pages: gathered before the seals below overwrite the first of those pages.
+    # The tail's tokens into each row's first page (positions past its old fill are overwritten or lie past its
+    # seq_end), then the chunk. Tails in pages: gathered before the seals below overwrite the first of those pages.
     if tail_pages is not None:
         view, (pk, pv), _ = _paged(kv_cache, tail_pages)
-        ids = _tail_ids(bt, sp["n_sealed"], tail_pages)
-        gather_tail_blocks(pk, pv, ids, torch.ones(R, dtype=torch.int32, device=sk.device), sk, sv,
-                           torch.arange(R, dtype=torch.int64, device=sk.device))
+        gather_tail_blocks(pk, pv, _tail_ids(bt, sp["n_sealed"], tail_pages),
+                           torch.ones(R, dtype=torch.int32, device=buf_k.device), pages_k.transpose(1, 2),
+                           pages_v.transpose(1, 2), sp["first_page"])
     else:
-        sk[:, :, :BLOCK_TOKENS] = tail_k[sp["tail_slot"]]
-        sv[:, :, :BLOCK_TOKENS] = tail_v[sp["tail_slot"]]
-    buf_k[sp["w_req"], sp["w_off"]] = key[sp["tok"]].to(buf_k.dtype)
-    buf_v[sp["w_req"], sp["w_off"]] = value[sp["tok"]].to(buf_v.dtype)
+        pages_k[sp["first_page"]] = tail_k[sp["tail_slot"]].transpose(1, 2)
+        pages_v[sp["first_page"]] = tail_v[sp["tail_slot"]].transpose(1, 2)
+    buf_k[sp["w_idx"]] = key[sp["tok"]].to(buf_k.dtype)
+    buf_v[sp["w_idx"]] = value[sp["tok"]].to(buf_v.dtype)
     fa = sp.get("flash")
     if fa is not None and not precise:
         fn, version = fa["fn"]
-        pages_k = buf_k.view(R * B, BLOCK_TOKENS, H, D)
-        pages_v = buf_v.view(R * B, BLOCK_TOKENS, H, D)
         out = fn(query[sp["tok"]].to(torch.bfloat16), pages_k, pages_v, max_seqlen_q=fa["max_q"],
                  cu_seqlens_q=fa["cu_q"], max_seqlen_k=fa["max_k"], seqused_k=sp["seq_end"],
                  block_table=fa["block_table"], softmax_scale=scale, causal=True, fa_version=version)
     else:
+        # [1, Hkv, tokens, D] views whose "slot" stride is one token: row i's tail slot is its first token's index
+        # (span_slot = first_page * 512), so the kernel reads row i's span from there on.
+        n = P * BLOCK_TOKENS
+        sk = buf_k.as_strided((1, H, n, D), (H * D, D, H * D, 1))
+        sv = buf_v.as_strided((1, H, n, D), (H * D, D, H * D, 1))
         out = kk.attention(query[sp["tok"]], sp["q_pos"], sp["q_req"], kv_cache, bt, sp["n_sealed"], sp["seq_end"],
                            sk, sv, sp["span_slot"], scale, plan=sp["plan"], precise=precise, **sp.get("launch", {}))
     output[sp["tok"]] = out.to(output.dtype)
-    blocks_k, blocks_v = buf_k.view(R, B, BLOCK_TOKENS, H, D), buf_v.view(R, B, BLOCK_TOKENS, H, D)
     if sp["n_seal"]:
         sealed = torch.empty(sp["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
                              device=kv_cache.device)
-        kk.seal(blocks_k[sp["seal_req"], sp["seal_local"]].transpose(1, 2),
-                blocks_v[sp["seal_req"], sp["seal_local"]].transpose(1, 2), sealed, k_weight=k_weight)
+        kk.seal(pages_k[sp["seal_page"]].transpose(1, 2), pages_v[sp["seal_page"]].transpose(1, 2), sealed,
+                k_weight=k_weight)
         kv_cache[bt[sp["seal_req"], sp["seal_blk"]].long()] = sealed
     if tail_pages is not None:   # only the new tail's real tokens: its pages past them may not be allocated
         req, off = sp["rem_req"], sp["rem_off"]
         page = _tail_ids(bt, sp["n_sealed"] + sp["n_full"], tail_pages)[req, off // tail_pages.tokens_per_page]
         row = off % tail_pages.tokens_per_page
-        blk = sp["n_full"][req]
-        view[page, :, 0, row] = blocks_k[req, blk, off]
-        view[page, :, 1, row] = blocks_v[req, blk, off]
+        view[page, :, 0, row] = buf_k[sp["rem_idx"]]
+        view[page, :, 1, row] = buf_v[sp["rem_idx"]]
     else:
-        rr = torch.arange(R, device=sk.device)
-        tail_k[sp["tail_slot"]] = blocks_k[rr, sp["n_full"]].transpose(1, 2)
-        tail_v[sp["tail_slot"]] = blocks_v[rr, sp["n_full"]].transpose(1, 2)
+        tail_k[sp["tail_slot"]] = pages_k[sp["tail_page"]].transpose(1, 2)
+        tail_v[sp["tail_slot"]] = pages_v[sp["tail_page"]].transpose(1, 2)
     return output
 
 
