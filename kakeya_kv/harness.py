@@ -90,19 +90,24 @@ def codec_cache(model, fmt: ModelFormat, stats: SealStats) -> Cache:
 
 @torch.no_grad()
 def window_logprobs(model, ids: torch.Tensor, fmt: ModelFormat, chunk: int, score_from: int,
-                    stats: SealStats) -> torch.Tensor:
-    """Log-probs [len(ids) - score_from, V] predicting ids[score_from:], via chunked prefill."""
+                    stats: SealStats, prefill_chunk: int | None = None) -> torch.Tensor:
+    """Log-probs [len(ids) - score_from, V] predicting ids[score_from:], via chunked prefill. prefill_chunk: the
+    tokens before score_from go in chunks of that size instead (e.g. all in one: vLLM's KAKEYA_PREFILL_ATTEND=chunk
+    for a prompt prefilled in one chunk), the scored ones in chunks of ``chunk``."""
     from .query_quant import quantized_query
     cache = codec_cache(model, fmt, stats)
     outs = []
     with quantized_query(getattr(fmt.codec, "query_quant", None)):
-        _chunks(model, ids, cache, chunk, score_from, outs)
+        _chunks(model, ids, cache, chunk, score_from, outs, prefill_chunk)
     return torch.cat(outs, 0)
 
 
-def _chunks(model, ids, cache, chunk, score_from, outs):
-    for s in range(0, ids.shape[0], chunk):
-        piece = ids[s:s + chunk]
+def _chunks(model, ids, cache, chunk, score_from, outs, prefill_chunk=None):
+    n = ids.shape[0]
+    starts = (list(range(0, n, chunk)) if prefill_chunk is None
+              else list(range(0, score_from, prefill_chunk)) + list(range(score_from, n, chunk)))
+    for s, e in zip(starts, starts[1:] + [n]):
+        piece = ids[s:e]
         logits = model(input_ids=piece[None], past_key_values=cache, use_cache=True).logits[0]
         # logits at position p predict token p+1; keep p in [score_from-1, len-2]
         lo, hi = max(s, score_from - 1), min(s + piece.shape[0], ids.shape[0] - 1)

@@ -37,6 +37,20 @@ def test_chunked_prefill_reads_sealed_blocks(model):
     assert (ref[520:] - z[520:]).abs().amax(-1).min() > 1e-4
 
 
+def test_one_chunk_prefill_reads_its_own_blocks_exact(model):
+    """prefill_chunk (vLLM's KAKEYA_PREFILL_ATTEND=chunk, a prompt in one chunk): the first scored token attends the
+    whole prefix exact (its block zeroed by the Zero codec only for later chunks), then the 256-token scoring chunks
+    read the sealed prefix; with prefill_chunk=256 the first scored token already reads it sealed."""
+    ids = torch.randint(0, 97, (1536,), generator=torch.Generator().manual_seed(4))
+    ref = window_logprobs(model, ids, ModelFormat("bf16", "bf16", BF16()), 256, 1024, SealStats())
+    zero = ModelFormat("zero", "zero", Zero())
+    one = window_logprobs(model, ids, zero, 256, 1024, SealStats(), prefill_chunk=1024)
+    blocks = window_logprobs(model, ids, zero, 256, 1024, SealStats())
+    assert one.shape == blocks.shape == (512, 97)
+    assert torch.allclose(one[0], ref[0], atol=1e-5) and (blocks[0] - ref[0]).abs().max() > 1e-4
+    assert (one[10:] - ref[10:]).abs().amax(-1).min() > 1e-4     # later chunks read the zeroed sealed blocks
+
+
 def test_boundary_layers_stay_exact(model):
     fmt = ModelFormat("zero_all_exact", "zero", Zero(), exact_layers=(0, 1, 2))
     ids = torch.randint(0, 97, (1024,), generator=torch.Generator().manual_seed(3))
