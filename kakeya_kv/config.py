@@ -255,7 +255,7 @@ def _prefill_attend(env, fmt: str, prefill_variant: str) -> str:
             raise ConfigError(f"KAKEYA_PREFILL_ATTEND=chunk applies to KAKEYA_FORMAT=kakeya (got {fmt!r}); unset it")
         from kakeya_kernels.variants import PREFILL_CANDIDATES
         cand = prefill_variant.split(":", 1)[1] if prefill_variant.startswith("candidate:") else None
-        if cand is not None and any(v.get("scratch") for v in PREFILL_CANDIDATES[cand].values()):
+        if cand is not None and any(launch.get("scratch") for launch in PREFILL_CANDIDATES[cand].values()):
             raise ConfigError(f"KAKEYA_PREFILL_ATTEND=chunk does not run the scratch prefill launches "
                               f"(KAKEYA_PREFILL_VARIANT={prefill_variant!r}: they read tails of at most 512 tokens); "
                               "unset one of them")

@@ -252,6 +252,35 @@ def _builder_gqa(backend, spec_mod, monkeypatch, hkv, gqa, d, bits, max_seqs, **
     return backend.KakeyaMetadataBuilder(spec, ["model.layers.1.self_attn.attn"], vcfg, torch.device(DEV))
 
 
+def _build_and_run(b, kk, ids, slots, bt, start, steps, Q, K, V, cache, tk, tv):
+    """Steps through a metadata builder b (vLLM stand-ins) and runtime.forward_compressed: request r holds start[r]
+    tokens, then seq[r] after each step of ``steps``; Q / K / V [r] are its tokens' queries / keys / values. Returns
+    each step's outputs (float, CPU) and metadata."""
+    from types import SimpleNamespace
+
+    from kakeya_v1_3_ppl import context
+    from kakeya_v1_3_ppl.runtime import forward_compressed
+    R, d = len(ids), kk.D
+    outs, metas, prev = [], [], start
+    for seq in steps:
+        n = [seq[r] - prev[r] for r in range(R)]
+        qsl = np.concatenate([[0], np.cumsum(n)])
+        context.set_current(ids, slots, False)
+        qs, ss = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+        cam = SimpleNamespace(num_reqs=R, num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qs, seq_lens=ss,
+                              seq_lens_cpu_upper_bound=None, max_query_len=max(n), block_table_tensor=bt,
+                              slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+        meta = b.build(0, cam)
+        take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(R)]).to(DEV)   # noqa: E731
+        q = take(Q)
+        out = torch.zeros_like(q)
+        forward_compressed(kk, q, take(K), take(V), cache, tk, tv, meta.phases, bt, d ** -0.5, out, span=meta.span)
+        outs.append(out.float().cpu())
+        metas.append(meta)
+        prev = seq
+    return outs, metas
+
+
 def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, monkeypatch):  # noqa: F811 - fixture
     """Through the metadata builder (vLLM stand-ins) and the backend's data path (runtime.forward_compressed), GQA 4,
     D 64: a mixed step of three decode requests (ragged: 37, 1100 and 511 tokens, the last one filling its block) and
@@ -262,11 +291,9 @@ def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, mo
     ACCEPT_REL of KAKEYA_PREFILL_VARIANT=baseline (one baseline launch per phase, the previous path) at every token,
     the same sealed pages."""
     import threading
-    from types import SimpleNamespace
 
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     from kakeya_v1_3_ppl import context
-    from kakeya_v1_3_ppl.runtime import forward_compressed
     monkeypatch.setattr(context, "_local", threading.local())
     backend, spec_mod = glue
     d, hkv, gqa, bits = int(os.environ.get("MIXED_STEP_TEST_HEAD_DIM", 64)), 1, 4, (3, 2)   # D=128: run by hand
@@ -294,24 +321,8 @@ def test_mixed_step_runs_decode_rows_and_prefill_chunks_as_two_launches(glue, mo
             tk[slots[r], :, :start[r] - s0] = K[r][s0:start[r]].transpose(0, 1).to(DEV)
             tv[slots[r], :, :start[r] - s0] = V[r][s0:start[r]].transpose(0, 1).to(DEV)
             b.state.set(int(slots[r]), ids[r], start[r] // 512, start[r] - s0)
-        outs, metas, prev = [], [], start
-        for seq in (step1, step2):
-            n = [seq[r] - prev[r] for r in range(4)]
-            qsl = np.concatenate([[0], np.cumsum(n)])
-            context.set_current(ids, slots, False)
-            qs, ss = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
-            cam = SimpleNamespace(num_reqs=4, num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qs, seq_lens=ss,
-                                  seq_lens_cpu_upper_bound=None, max_query_len=max(n), block_table_tensor=bt,
-                                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
-            meta = b.build(0, cam)
-            take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(4)]).to(DEV)   # noqa: E731
-            q = take(Q)
-            out = torch.zeros_like(q)
-            forward_compressed(kk, q, take(K), take(V), cache, tk, tv, meta.phases, bt, d ** -0.5, out)
-            outs.append(out.float().cpu())
-            metas.append(meta.phases)
-            prev = seq
-        runs[pv] = (torch.cat(outs), cache, metas)
+        outs, metas = _build_and_run(b, kk, ids, slots, bt, start, (step1, step2), Q, K, V, cache, tk, tv)
+        runs[pv] = (torch.cat(outs), cache, [m.phases for m in metas])
     (ot, ct, (m1, m2)), (ob, cb, (b1, b2)) = runs["tuned"], runs["baseline"]
     launch = lambda v, nt: dict(kernel_args(v), splits=num_splits(v, nt, hkv, bt.shape[1], sms))   # noqa: E731
     # tuned: phase 0 = decode rows (tokens 0, 41, 42: one 4-row tile each) + the chunk's 22 tokens (88 rows: 2 tiles)
@@ -390,11 +401,9 @@ def test_chunk_exact_step_through_the_builder(glue, monkeypatch):  # noqa: F811 
     decode row's outputs are those of the block phases bit for bit, and the chunk's differ from them (it read its
     own first block exact)."""
     import threading
-    from types import SimpleNamespace
 
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     from kakeya_v1_3_ppl import context
-    from kakeya_v1_3_ppl.runtime import forward_compressed
     monkeypatch.setattr(context, "_local", threading.local())
     backend, spec_mod = glue
     d, hkv, gqa, bits = 64, 1, 4, (3, 2)
@@ -417,23 +426,7 @@ def test_chunk_exact_step_through_the_builder(glue, monkeypatch):  # noqa: F811 
             tk[slots[r], :, :start[r]] = K[r][:start[r]].transpose(0, 1).to(DEV)
             tv[slots[r], :, :start[r]] = V[r][:start[r]].transpose(0, 1).to(DEV)
             b.state.set(int(slots[r]), ids[r], 0, start[r])
-        outs, metas, prev = [], [], start
-        for seq in (step1, step2):
-            n = [seq[r] - prev[r] for r in range(2)]
-            qsl = np.concatenate([[0], np.cumsum(n)])
-            context.set_current(ids, slots, False)
-            qs, ss = torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
-            cam = SimpleNamespace(num_reqs=2, num_actual_tokens=int(qsl[-1]), query_start_loc_cpu=qs, seq_lens=ss,
-                                  seq_lens_cpu_upper_bound=None, max_query_len=max(n), block_table_tensor=bt,
-                                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
-            meta = b.build(0, cam)
-            take = lambda X: torch.cat([X[r][prev[r]:seq[r]] for r in range(2)]).to(DEV)   # noqa: E731
-            q = take(Q)
-            out = torch.zeros_like(q)
-            forward_compressed(kk, q, take(K), take(V), cache, tk, tv, meta.phases, bt, d ** -0.5, out, span=meta.span)
-            outs.append(out.float().cpu())
-            metas.append(meta)
-            prev = seq
+        outs, metas = _build_and_run(b, kk, ids, slots, bt, start, (step1, step2), Q, K, V, cache, tk, tv)
         runs[mode] = (outs, cache.cpu(), metas)
     (oc, cc, (m1, m2)), (ob, cb, _) = runs["chunk"], runs["blocks"]
     v = PREFILL_TUNED[d]

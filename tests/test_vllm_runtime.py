@@ -259,25 +259,24 @@ def test_gpu_planned_decode_prefix_hit_on_a_block_sealed_now_or_before():
     assert torch.equal(host[1][5], gpu[1][5]) and torch.equal(gpu[1][2], tail_k[2])
 
 
-def test_tails_kept_in_pages_give_the_pool_path_bit_for_bit():
-    """tailpages (not yet served): the same steps as above, once with tails in per-slot rows (the served pool) and
-    once with each request's tail in its own pages after its sealed ones (positions n_sealed .. n_sealed + 4, a
-    scratch shared by the layers): equal outputs and equal sealed pages. The pages start as random bytes (stale
-    sealed data: NaN / inf bit patterns included), so a read past a tail's filled rows would show."""
+def _pool_vs_pages(seed: int, steps, width: int, pages: int, chunk: bool = False):
+    """The same steps run twice from random inputs: tails in per-slot rows (the pool) and each request's tail in its
+    own pages after its sealed ones (the pages start as random bytes: stale sealed data, NaN / inf bit patterns
+    included, so a read past a tail's filled rows would show); chunk: KAKEYA_PREFILL_ATTEND=chunk planning. Asserts
+    equal outputs at every step and equal sealed pages at the end; returns the tokens each request holds."""
     from kakeya_kernels.kakeya_triton import KakeyaKernels
     from kakeya_v1_3_ppl.tailpages import TailGeometry
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     kk = KakeyaKernels(D, 4, 3, DEV)
     geom = TailGeometry.of(kk.lay)
     assert geom.pages == 5
-    width, pages = 8, 16
     bt = torch.randperm(pages, generator=g).view(2, width).to(torch.int32).to(DEV)
     noise = torch.randint(0, 256, (pages, HKV, kk.lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
     caches = {"pool": torch.zeros(pages, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV), "pages": noise.to(DEV)}
     tails = {m: (torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV),
                  torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV)) for m in caches}
     states, done = {m: TailState() for m in caches}, [0, 0]
-    for step in STEPS:
+    for step in steps:
         rows = [r for r, _ in step]
         qsl = np.concatenate([[0], np.cumsum([n for _, n in step])])
         seq = np.array([done[r] + n for r, n in step])
@@ -287,18 +286,27 @@ def test_tails_kept_in_pages_give_the_pool_path_bit_for_bit():
         btab = bt[torch.tensor(rows, device=DEV)]
         outs = {}
         for m, cache in caches.items():
-            phases = [to_device(ph, DEV, GQA, 16) for ph in
-                      plan_step(qsl, seq, np.array([r + 1 for r in rows]), [f"r{r}" for r in rows], states[m])]
+            args = (qsl, seq, np.array([r + 1 for r in rows]), [f"r{r}" for r in rows], states[m])
+            span, plan = plan_step_chunked(*args) if chunk else (None, plan_step(*args))
             outs[m] = torch.zeros(q.shape, dtype=torch.bfloat16, device=DEV)
-            forward_compressed(kk, q, k, v, cache, *tails[m], phases, btab, D ** -0.5, outs[m], precise=True,
-                               tail_pages=geom if m == "pages" else None)
+            forward_compressed(kk, q, k, v, cache, *tails[m], [to_device(ph, DEV, GQA, 16) for ph in plan], btab,
+                               D ** -0.5, outs[m], precise=True, tail_pages=geom if m == "pages" else None,
+                               span=None if span is None else span_to_device(span, DEV, GQA, 16))
         assert torch.equal(outs["pool"], outs["pages"]) and not outs["pages"].isnan().any(), step
         for r, n in step:
             done[r] += n
-    assert [d // N for d in done] == [2, 1]
     for r in range(2):
         sealed = bt[r, :done[r] // N].long()
         assert torch.equal(caches["pool"][sealed], caches["pages"][sealed])
+    return done
+
+
+def test_tails_kept_in_pages_give_the_pool_path_bit_for_bit():
+    """tailpages: the same steps as above, once with tails in per-slot rows (the served pool) and once with each
+    request's tail in its own pages after its sealed ones (positions n_sealed .. n_sealed + 4, a scratch shared by the
+    layers): equal outputs and equal sealed pages, the pages starting as random bytes."""
+    done = _pool_vs_pages(3, STEPS, width=8, pages=16)
+    assert [d // N for d in done] == [2, 1]
 
 
 def test_gpu_planned_decode_with_tails_in_pages_equals_the_general_path():
@@ -360,38 +368,5 @@ def test_chunk_exact_prefill_with_tails_in_pages_gives_the_pool_path_bit_for_bit
     """KAKEYA_PREFILL_ATTEND=chunk with each request's tail in its own pages (gathered into the span before the seals
     overwrite the first of them, the new tail's tokens written back after): the same outputs and sealed pages as with
     the pool (two seals in one span, a mixed step, a decode step after). The pages start as random bytes."""
-    from kakeya_kernels.kakeya_triton import KakeyaKernels
-    from kakeya_v1_3_ppl.tailpages import TailGeometry
-    g = torch.Generator().manual_seed(5)
-    kk = KakeyaKernels(D, 4, 3, DEV)
-    geom = TailGeometry.of(kk.lay)
-    width, pages = 10, 20
-    bt = torch.randperm(pages, generator=g).view(2, width).to(torch.int32).to(DEV)
-    noise = torch.randint(0, 256, (pages, HKV, kk.lay.slot_bytes), generator=g, dtype=torch.int32).to(torch.uint8)
-    caches = {"pool": torch.zeros(pages, HKV, kk.lay.slot_bytes, dtype=torch.uint8, device=DEV), "pages": noise.to(DEV)}
-    tails = {m: (torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV),
-                 torch.zeros(4, HKV, N, D, dtype=torch.bfloat16, device=DEV)) for m in caches}
-    states, done = {m: TailState() for m in caches}, [0, 0]
-    for step in [[(0, 300)], [(0, 300), (1, 1030)], [(0, 1), (1, 1)]]:
-        rows = [r for r, _ in step]
-        qsl = np.concatenate([[0], np.cumsum([n for _, n in step])])
-        seq = np.array([done[r] + n for r, n in step])
-        q = torch.randn(int(qsl[-1]), HKV * GQA, D, generator=g).bfloat16().to(DEV)
-        k = (torch.randn(int(qsl[-1]), HKV, D, generator=g) + 2).bfloat16().to(DEV)
-        v = torch.randn(int(qsl[-1]), HKV, D, generator=g).bfloat16().to(DEV)
-        btab = bt[torch.tensor(rows, device=DEV)]
-        outs = {}
-        for m, cache in caches.items():
-            span, plan = plan_step_chunked(qsl, seq, np.array([r + 1 for r in rows]), [f"r{r}" for r in rows],
-                                           states[m])
-            outs[m] = torch.zeros(q.shape, dtype=torch.bfloat16, device=DEV)
-            forward_compressed(kk, q, k, v, cache, *tails[m], [to_device(ph, DEV, GQA, 16) for ph in plan], btab,
-                               D ** -0.5, outs[m], precise=True, tail_pages=geom if m == "pages" else None,
-                               span=None if span is None else span_to_device(span, DEV, GQA, 16))
-        assert torch.equal(outs["pool"], outs["pages"]) and not outs["pages"].isnan().any(), step
-        for r, n in step:
-            done[r] += n
+    done = _pool_vs_pages(5, [[(0, 300)], [(0, 300), (1, 1030)], [(0, 1), (1, 1)]], width=10, pages=20, chunk=True)
     assert [d // N for d in done] == [1, 2]
-    for r in range(2):
-        sealed = bt[r, :done[r] // N].long()
-        assert torch.equal(caches["pool"][sealed], caches["pages"][sealed])

@@ -104,11 +104,11 @@ def _span(qsl, seq_lens, req_idx, req_ids, state: TailState, rows: np.ndarray, s
     q_req = np.repeat(np.arange(len(rows), dtype=np.int64), q_len)
     q_pos = start[rows][q_req] + (tok - qsl[rows][q_req])
     seal_req = np.repeat(np.arange(len(rows), dtype=np.int64), n_full)
-    seal_local = np.concatenate([np.arange(n, dtype=np.int64) for n in n_full]) if len(rows) else np.empty(0)
+    seal_local = np.concatenate([np.arange(n, dtype=np.int64) for n in n_full])
     for i, r in enumerate(rows):
         state.set(int(req_idx[r]), req_ids[r], int(end[i] // N), int(end[i] % N))
     return Span(tok=tok, q_pos=q_pos, q_req=q_req, rows=rows.astype(np.int64), n_sealed=ns, seq_end=end,
-                tail_slot=req_idx[rows].astype(np.int64), seal_req=seal_req, seal_local=seal_local.astype(np.int64),
+                tail_slot=req_idx[rows].astype(np.int64), seal_req=seal_req, seal_local=seal_local,
                 seal_blk=ns[seal_req] + seal_local, n_full=n_full,
                 first_page=np.concatenate([[0], np.cumsum(n_full + 1)[:-1]]).astype(np.int64),
                 span_pages=int((n_full + 1).sum()))
@@ -261,15 +261,22 @@ def _tokens(ph: Phase, sel: np.ndarray, device, gqa: int, bm: int) -> dict:
                           q_count_host=np.bincount(q_req, minlength=len(ph.rows)), seq_end_host=ph.seq_end))
 
 
-def _span_flash(sp: Span, device, head_dim: int):
-    """FlashAttention varlen metadata of a span whose rows have no sealed block (fresh prompts), or None: other spans,
-    no CUDA, or no vLLM FlashAttention importable (the attention kernel then reads the span buffer)."""
-    if torch.device(device).type != "cuda" or len(sp.rows) == 0 or sp.n_sealed.any():
+def span_flash_fn(device, head_dim: int):
+    """(vLLM's FlashAttention varlen function, version) for spans of fresh prompts, or None without CUDA or an
+    importable vLLM FlashAttention (the attention kernel then reads the span buffer). Resolve once per builder."""
+    if torch.device(device).type != "cuda":
         return None
     from kakeya_kernels.scratch import flash_varlen
     try:
-        fn = flash_varlen(head_dim)
+        return flash_varlen(head_dim)
     except RuntimeError:
+        return None
+
+
+def _span_flash(sp: Span, device, fn):
+    """FlashAttention varlen metadata of a span whose rows have no sealed block (fresh prompts), or None: other spans
+    or no FlashAttention (fn None, span_flash_fn)."""
+    if fn is None or sp.n_sealed.any():
         return None
     cnt = np.bincount(sp.q_req, minlength=len(sp.rows))
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
@@ -279,9 +286,9 @@ def _span_flash(sp: Span, device, head_dim: int):
                 max_k=int(sp.seq_end.max()), block_table=t(table))
 
 
-def span_to_device(sp: Span, device, gqa: int, bm: int, head_dim: int | None = None) -> dict:
+def span_to_device(sp: Span, device, gqa: int, bm: int, flash_fn=None) -> dict:
     """Tensors of the step's Span (one small H2D copy per field) and its one attention launch, tiles of bm rows
-    (head_dim given: FlashAttention metadata for a span of fresh prompts where it runs, _span_flash)."""
+    (flash_fn, from span_flash_fn: FlashAttention metadata for a span of fresh prompts, _span_flash)."""
     t = lambda a, dt=torch.int32: _h2d(a, device, dt)   # noqa: E731
     pl = gqa_plan(sp.q_pos, sp.q_req, len(sp.rows), gqa, bm)
     rem = sp.seq_end - (sp.n_sealed + sp.n_full) * N          # tokens of each row's new tail (tails in pages)
@@ -299,7 +306,7 @@ def span_to_device(sp: Span, device, gqa: int, bm: int, head_dim: int | None = N
                 tail_page=t(tail_page, torch.int64), span_pages=sp.span_pages,
                 rem_req=t(rem_req, torch.int64), rem_off=t(rem_off, torch.int64),
                 rem_idx=t(tail_page[rem_req] * N + rem_off, torch.int64),
-                flash=None if head_dim is None else _span_flash(sp, device, head_dim),
+                flash=_span_flash(sp, device, flash_fn),
                 plan=dict(dest=t(pl["dest"], torch.int64), qpos=t(pl["qpos"]), tile_req=t(pl["tile_req"]),
                           src=t(pl["src"]), nt=pl["nt"], bm=bm, gqa=gqa, T=pl["T"]))
 
@@ -396,6 +403,7 @@ class Launches:
         # "baseline" is the fallback to the previous path: one base launch per phase, decode rows included.
         self.split = prefill != "baseline" and self.decode != self.base
         self.hkv, self.head_dim = num_kv_heads, head_dim
+        self._span_fa = False     # span_flash_fn, resolved at the first span (chunk mode only)
         # A decode-then-attend prefill launch (kakeya_kernels.scratch) needs one bf16 page per attended sealed block
         # + one per request; a phase needing more than the KAKEYA_SCRATCH_MIB cap holds runs the tuned prefill launch
         # instead (same result up to bf16 rounding), so the cap bounds memory and never fails a request.
@@ -434,7 +442,9 @@ class Launches:
         refuses the scratch candidates, whose launches read tails of at most 512 tokens)."""
         if self.base.get("scratch"):
             raise ValueError("KAKEYA_PREFILL_ATTEND=chunk needs the tuned or baseline prefill launch, not a scratch one")
-        return self.attach(span_to_device(sp, device, gqa, self.base["bm"], self.head_dim), self.base, max_blocks)
+        if self._span_fa is False:
+            self._span_fa = span_flash_fn(device, self.head_dim)
+        return self.attach(span_to_device(sp, device, gqa, self.base["bm"], self._span_fa), self.base, max_blocks)
 
     def phase(self, ph: Phase, device, gqa: int, max_blocks: int, decode_step: bool = False) -> dict:
         """One phase of a host-planned step (decode_step: every request has one new token). In a mixed step the

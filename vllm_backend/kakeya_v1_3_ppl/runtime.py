@@ -34,11 +34,8 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
     for ph in phases:
         if tail_pages is not None:
             if ph["n_write"]:
-                ids = _tail_ids(block_table[ph["rows"]], ph["n_sealed"], tail_pages)
-                page = ids[ph["write_req"], ph["write_off"] // tpp]
-                row = ph["write_off"] % tpp
-                view[page, :, 0, row] = key[ph["write_tok"]].to(view.dtype)
-                view[page, :, 1, row] = value[ph["write_tok"]].to(view.dtype)
+                _write_tail_pages(view, _tail_ids(block_table[ph["rows"]], ph["n_sealed"], tail_pages), tpp,
+                                  ph["write_req"], ph["write_off"], key[ph["write_tok"]], value[ph["write_tok"]])
         elif ph["n_write"]:
             tail_k[ph["write_slot"], :, ph["write_off"]] = key[ph["write_tok"]].to(tail_k.dtype)
             tail_v[ph["write_slot"], :, ph["write_off"]] = value[ph["write_tok"]].to(tail_v.dtype)
@@ -54,11 +51,8 @@ def forward_compressed(kk, query, key, value, kv_cache, tail_k, tail_v, phases, 
                 ids = _tail_ids(block_table[ph["seal_row"]], ph["seal_blk"], tail_pages)
                 flag = torch.ones(ph["n_seal"], dtype=torch.int32, device=kv_cache.device)
                 gather_tail_blocks(*tails, ids, flag, tail_k, tail_v, ph["seal_slot"])
-            pages = block_table[ph["seal_row"], ph["seal_blk"]].long()
-            sealed = torch.empty(ph["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
-                                 device=kv_cache.device)
-            kk.seal(tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], sealed, k_weight=k_weight)
-            kv_cache[pages] = sealed
+            _seal_into(kk, tail_k[ph["seal_slot"]], tail_v[ph["seal_slot"]], kv_cache,
+                       block_table[ph["seal_row"], ph["seal_blk"]].long(), k_weight)
     return output
 
 
@@ -106,21 +100,30 @@ def forward_span(kk, query, key, value, kv_cache, tail_k, tail_v, sp: dict, bloc
                            sk, sv, sp["span_slot"], scale, plan=sp["plan"], precise=precise, **sp.get("launch", {}))
     output[sp["tok"]] = out.to(output.dtype)
     if sp["n_seal"]:
-        sealed = torch.empty(sp["n_seal"], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8,
-                             device=kv_cache.device)
-        kk.seal(pages_k[sp["seal_page"]].transpose(1, 2), pages_v[sp["seal_page"]].transpose(1, 2), sealed,
-                k_weight=k_weight)
-        kv_cache[bt[sp["seal_req"], sp["seal_blk"]].long()] = sealed
+        _seal_into(kk, pages_k[sp["seal_page"]].transpose(1, 2), pages_v[sp["seal_page"]].transpose(1, 2), kv_cache,
+                   bt[sp["seal_req"], sp["seal_blk"]].long(), k_weight)
     if tail_pages is not None:   # only the new tail's real tokens: its pages past them may not be allocated
-        req, off = sp["rem_req"], sp["rem_off"]
-        page = _tail_ids(bt, sp["n_sealed"] + sp["n_full"], tail_pages)[req, off // tail_pages.tokens_per_page]
-        row = off % tail_pages.tokens_per_page
-        view[page, :, 0, row] = buf_k[sp["rem_idx"]]
-        view[page, :, 1, row] = buf_v[sp["rem_idx"]]
+        _write_tail_pages(view, _tail_ids(bt, sp["n_sealed"] + sp["n_full"], tail_pages), tail_pages.tokens_per_page,
+                          sp["rem_req"], sp["rem_off"], buf_k[sp["rem_idx"]], buf_v[sp["rem_idx"]])
     else:
         tail_k[sp["tail_slot"]] = pages_k[sp["tail_page"]].transpose(1, 2)
         tail_v[sp["tail_slot"]] = pages_v[sp["tail_page"]].transpose(1, 2)
     return output
+
+
+def _seal_into(kk, k, v, kv_cache, pages, k_weight):
+    """Seal the blocks k / v [S, Hkv, 512, D] and store them in kv_cache's pages [S] (one seal launch)."""
+    sealed = torch.empty(k.shape[0], kv_cache.shape[1], kv_cache.shape[2], dtype=torch.uint8, device=kv_cache.device)
+    kk.seal(k, v, sealed, k_weight=k_weight)
+    kv_cache[pages] = sealed
+
+
+def _write_tail_pages(view, ids, tpp: int, req, off, k, v):
+    """Tokens k / v [W, Hkv, D] at tail offsets off [W] of requests req [W] (rows of ids, their tail page ids)
+    into the bf16 tail view (tails in pages: offset t is row t % tpp of page t // tpp)."""
+    page, row = ids[req, off // tpp], off % tpp
+    view[page, :, 0, row] = k.to(view.dtype)
+    view[page, :, 1, row] = v.to(view.dtype)
 
 
 def _paged(kv_cache, geom):
