@@ -71,7 +71,12 @@ def test_prefill_path_is_the_same_math():
     q = torch.randn(len(pos), hkv * gqa, d, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEV)
     v = PREFILL_CANDIDATES["q64"][d]
     for fused, precise in ((True, False), (False, True)):
-        a, b = (_run(kk, sc, q, pos, req, len(lens), gqa, hkv, dict(v, prefill=pf, fused=fused), precise=precise)
+        # On sm_90 the device's Triton 3.6 cannot compile the fused fast launch WITHOUT PREFILL at 64-row tiles
+        # (TritonGPUOptimizeDotOperands: "Illegal shared layout"; no served or candidate launch is that one, decode
+        # tiles are <= 16 rows): the GPU reference takes 32-row tiles there, the same math per query row.
+        ref_bm = 32 if DEV == "cuda" and fused and not precise else v["bm"]
+        a, b = (_run(kk, sc, q, pos, req, len(lens), gqa, hkv,
+                     dict(v, prefill=pf, fused=fused, bm=v["bm"] if pf else ref_bm), precise=precise)
                 for pf in (False, True))
         if DEV == "cpu":
             assert torch.equal(a, b), (fused, precise)

@@ -32,7 +32,8 @@ from kakeya_kv.format import BLOCK_TOKENS, kakeya_layout
 from kakeya_v1_3_ppl.tailpages import TailGeometry
 
 SMEM_LIMIT = 227 * 1024
-PREFILL_CASES = [(4, 3, 4, False), (3, 2, 4, False), (5, 4, 4, False), (3, 2, 1, False), (3, 2, 4, True)]
+PREFILL_CASES = [(4, 3, 4, False), (3, 2, 4, False), (5, 4, 4, False), (3, 2, 1, False), (3, 2, 4, True),
+                 (5, 2, 4, False), (5, 2, 4, True)]     # K5/V2: test_prefill_path_is_the_same_math's widths
 
 
 def _fits(ck):
@@ -148,6 +149,10 @@ def jobs(quick: bool):
                                                             prefill=not a[1].get("scratch"),
                                                             exact=bool(a[1].get("scratch")))),
                             (d, c[d], kb, vb, gqa, precise)))
+        # that test's no-PREFILL reference of the fused fast loop on the GPU (32-row tiles: 64 do not compile there)
+        if not quick:
+            out.append((f"prefill reference D={d} k5v2 bm=32", lambda a: _fits(S.compile_attn(
+                a, 5, 2, 4, 32, 4, bm=32, fused=True, gqa=4)), (d,)))
         for bits in (() if quick else (2, 3, 4, 5)):
             for precise in (False, True):
                 out.append((f"scratch decode D={d} bits={bits} precise={precise}", scratch_decode, (d, bits, precise)))
