@@ -42,6 +42,8 @@ require_vllm_gpu()
 # request then holds `TAIL` pages after its sealed ones; the exact engine has no tails and refuses that setting,
 # so it runs with the pool value (the patches installed from the env leave it alone: 0 tail pages).
 TAIL_PAGES_RUN = os.environ.get("KAKEYA_TAIL_STORAGE", "").strip().lower() == "pages"
+# The same for KAKEYA_PREFILL_ATTEND=chunk exported (kakeya format only): the exact engine runs block phases.
+CHUNK_RUN = os.environ.get("KAKEYA_PREFILL_ATTEND", "").strip().lower() == "chunk"
 
 
 def _tail_pages() -> int:
@@ -73,7 +75,8 @@ COMMON = dict(model=MODEL, enforce_eager=True, max_model_len=4096, max_num_batch
               gpu_memory_utilization=0.3, seed=0)
 # The lossy default first: if the job's time cap cuts the module short, the product's format has been tested.
 FORMATS = {"k4v3": {"KAKEYA_FORMAT": "default"},
-           "exact": {"KAKEYA_FORMAT": "exact", **({"KAKEYA_TAIL_STORAGE": "pool"} if TAIL_PAGES_RUN else {})}}
+           "exact": {"KAKEYA_FORMAT": "exact", **({"KAKEYA_TAIL_STORAGE": "pool"} if TAIL_PAGES_RUN else {}),
+                     **({"KAKEYA_PREFILL_ATTEND": "blocks"} if CHUNK_RUN else {})}}
 # Exact layers through vLLM's FlashAttention: format -> (KAKEYA_* settings, layers that must be FA's).
 FLASH = {"exact_flash": ({"KAKEYA_FORMAT": "exact", "KAKEYA_EXACT_ATTENTION": "flash"}, set(range(30))),
          "k4v3_b_flash": ({"KAKEYA_FORMAT": "default", "KAKEYA_BOUNDARY_SKIP_LAYERS": "0,1,28,29",

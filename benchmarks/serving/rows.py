@@ -44,6 +44,10 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # session 16): the prefill row (8192-token prompt) against kakeya_graphs.
     "kakeya_graphs_chunk": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                             {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_PREFILL_ATTEND": "chunk"}),
+    # Both candidates for the default together (session 17): tails in pages + chunk prefill.
+    "kakeya_graphs_pages_chunk": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
+                                  {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1",
+                                   "KAKEYA_TAIL_STORAGE": "pages", "KAKEYA_PREFILL_ATTEND": "chunk"}),
     "kakeya_lloyd": ("kakeya", {"attention_backend": "KAKEYA"}, {"KAKEYA_FORMAT": "default", "KAKEYA_K_GRID": "lloyd"}),
     "kakeya_graphs_lloyd": ("kakeya", {"attention_backend": "KAKEYA", "enforce_eager": False},
                             {"KAKEYA_FORMAT": "default", "KAKEYA_CUDA_GRAPHS": "1", "KAKEYA_K_GRID": "lloyd"}),
