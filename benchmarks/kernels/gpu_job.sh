@@ -30,7 +30,8 @@ BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 # KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best|ki8|ki8_sub2|ki8_sub4 (the grid's launch: TUNED, the
 # sweep's winner per head_dim or the int8 K-score launch, the last two timed next to TUNED in each row),
 # KERNEL_K_GRID=lloyd|uniform (every cache's K table; ki8 needs uniform), KERNEL_PARITY=0 skips the parity suite,
-# KERNEL_PARITY_FILES="tests/a.py tests/b.py" runs only those parity files (resume a cut run).
+# KERNEL_PARITY_FILES="tests/a.py tests/b.py" runs only those parity files (resume a cut run), KERNEL_PARITY_MERGE=
+# an earlier kernels_parity.json of the same card type whose other files' cases are kept (record_parity --merge).
 # KERNEL_PREFILL=1: the prefill rows first (bench --prefill: each of variants.PREFILL_CANDIDATES vs the baseline launch
 # and FA3 varlen, kernels.json "prefill"), for at most KERNEL_PREFILL_S (default 120) s; KERNEL_SWEEP=none skips the
 # decode sweep (a prefill-only call: KERNEL_PREFILL=1 KERNEL_SWEEP=none KERNEL_GRID=none KERNEL_PARITY=0).
@@ -57,6 +58,6 @@ fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "parity: ${LEFT}s left"
 [ "${KERNEL_PARITY:-1}" = 1 ] && [ "$LEFT" -gt 30 ] && python3 benchmarks/kernels/record_parity.py "$OUT/kernels_parity.json" --timeout "$LEFT" \
-  ${KERNEL_PARITY_FILES:+--files $KERNEL_PARITY_FILES} 2>&1 | tail -25
+  ${KERNEL_PARITY_FILES:+--files $KERNEL_PARITY_FILES} ${KERNEL_PARITY_MERGE:+--merge $KERNEL_PARITY_MERGE} 2>&1 | tail -25
 source scripts/triton_cache.sh save
 echo "total $(( $(date +%s) - T0 ))s"
