@@ -30,7 +30,7 @@ BENCH_S=$(( BUDGET / 2 < 230 ? BUDGET / 2 : 230 ))
 # KERNEL_GRID=full|goal|goal16k|none (bench --grid), KERNEL_GRID_VARIANT=tuned|best|ki8|ki8_sub2|ki8_sub4 (the grid's launch: TUNED, the
 # sweep's winner per head_dim or the int8 K-score launch, the last two timed next to TUNED in each row),
 # KERNEL_K_GRID=lloyd|uniform (every cache's K table; ki8 needs uniform), KERNEL_PARITY=0 skips the parity suite,
-# KERNEL_PARITY_FILES="tests/a.py tests/b.py" runs only those parity files (resume a cut run), KERNEL_PARITY_MERGE=
+# KERNEL_PARITY_FILES="tests/test_ki8_decode.py tests/test_tailpages.py" (e.g.) runs only those parity files (resume a cut run), KERNEL_PARITY_MERGE=
 # an earlier kernels_parity.json of the same card type whose other files' cases are kept (record_parity --merge).
 # KERNEL_PREFILL=1: the prefill rows first (bench --prefill: each of variants.PREFILL_CANDIDATES vs the baseline launch
 # and FA3 varlen, kernels.json "prefill"), for at most KERNEL_PREFILL_S (default 120) s; KERNEL_SWEEP=none skips the
