@@ -109,7 +109,8 @@ _MORE = ([("qwen3-8b-like", "kakeya_k3v2")]
          + [("smollm2-135m", c) for c in ("flash_bf16", "kakeya")])
 # Issue 6 in one run per card, every row in vLLM's default execution mode (CUDA graphs), 32k only (the schema's
 # contexts): Qwen3-8B-like bf16 / Kakeya default / tails in pages + chunk prefill (the default candidates) / fp8 /
-# int4, Llama-3.1-8B-like and SmolLM2 bf16 / Kakeya, v13 (eager: the seed format takes no graphs) with its eager bf16 reference, TurboQuant last (slow start).
+# int4, Llama-3.1-8B-like and SmolLM2 bf16 / Kakeya, v13 (eager: the seed format takes no graphs) with its eager bf16
+# reference, TurboQuant last (slow start).
 _ISSUE6 = ([("qwen3-8b-like", c) for c in ("flash_bf16_graphs", "kakeya_graphs", "kakeya_graphs_pages_chunk",
                                            "fp8_graphs", "int4_per_token_head_graphs")]
            + [(m, c) for m in ("llama3.1-8b-like", "smollm2-135m") for c in ("flash_bf16_graphs", "kakeya_graphs")]
